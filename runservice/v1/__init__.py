@@ -1,0 +1,1 @@
+"""Generated from protos/runservice/v1 by `make proto`; do not edit."""
