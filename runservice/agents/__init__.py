@@ -1,0 +1,5 @@
+"""Built-in agents."""
+
+from runservice.agents.builtin import BUILTINS, echo, ticker
+
+__all__ = ["BUILTINS", "echo", "ticker"]

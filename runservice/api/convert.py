@@ -1,0 +1,243 @@
+"""Proto ⇄ domain: the only place the generated messages meet the domain types.
+
+Validation of request fields happens here too, at the edge, so the runtime only ever sees
+well-formed values. Every refusal names the field and says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from runservice.domain.errors import InvalidArgumentError, InvalidInputError
+from runservice.domain.model import (
+    AgentInfo,
+    MultitaskStrategy,
+    Run,
+    RunChange,
+    RunEvent,
+    RunFailure,
+    RunFilter,
+    RunState,
+    StartRequest,
+    WatchUpdate,
+)
+from runservice.v1 import run_pb2, run_service_pb2
+
+DOMAIN = "runservice"
+MAX_INPUT_BYTES = 256 * 1024
+MAX_LABELS = 64
+MAX_TIMEOUT_S = 366 * 24 * 3600.0
+
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]*")
+
+STATE_TO_PROTO: dict[RunState, int] = {
+    s: run_pb2.RunState.Value(f"RUN_STATE_{s.value}") for s in RunState
+}
+STATE_FROM_PROTO: dict[int, RunState] = {v: k for k, v in STATE_TO_PROTO.items()}
+STRATEGY_TO_PROTO: dict[MultitaskStrategy, int] = {
+    s: run_pb2.MultitaskStrategy.Value(f"MULTITASK_STRATEGY_{s.value}") for s in MultitaskStrategy
+}
+STRATEGY_FROM_PROTO: dict[int, MultitaskStrategy] = {v: k for k, v in STRATEGY_TO_PROTO.items()}
+STRATEGY_FROM_PROTO[run_pb2.MULTITASK_STRATEGY_UNSPECIFIED] = MultitaskStrategy.REJECT
+CHANGE_TO_PROTO: dict[RunChange, int] = {
+    c: run_service_pb2.RunChange.Value(f"RUN_CHANGE_{c.value}") for c in RunChange
+}
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+def run_id_from_proto(value: str, field: str = "run_id") -> str:
+    """A canonical run id; INVALID_ARGUMENT for anything that is not a UUID."""
+    if not value:
+        raise InvalidArgumentError(field, "required; pass the run_id returned by StartRun")
+    try:
+        parsed = uuid.UUID(value) if len(value) == 36 else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise InvalidArgumentError(
+            field, "must be a run id in UUID text form, e.g. 0190f6e4-8c4e-7a1b-9c2d-3e4f5a6b7c8d"
+        )
+    return str(parsed)
+
+
+def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartRequest:
+    """The validated StartRun request."""
+    if not request.agent:
+        raise InvalidArgumentError("agent", "required; ListAgents shows the available agents")
+    if not _AGENT_NAME.fullmatch(request.agent):
+        raise InvalidArgumentError(
+            "agent", "must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    input_size = request.input.ByteSize()
+    if input_size > MAX_INPUT_BYTES:
+        raise InvalidInputError(
+            "input", f"is {input_size} bytes encoded; the limit is {MAX_INPUT_BYTES} bytes"
+        )
+    if request.multitask_strategy not in STRATEGY_FROM_PROTO:
+        raise InvalidArgumentError("multitask_strategy", "is not a known MultitaskStrategy value")
+    timeout: float | None = None
+    if request.HasField("timeout"):
+        timeout = request.timeout.ToTimedelta().total_seconds()
+        if timeout <= 0 or timeout > MAX_TIMEOUT_S:
+            raise InvalidArgumentError("timeout", "must be positive and at most 366 days")
+    return StartRequest(
+        agent=request.agent,
+        input=struct_to_dict(request.input),
+        thread_id=_text(request.thread_id, "thread_id", 256),
+        multitask_strategy=STRATEGY_FROM_PROTO[request.multitask_strategy],
+        request_id=_text(request.request_id, "request_id", 128),
+        labels=labels_from_proto(request.labels),
+        timeout=timeout,
+    )
+
+
+def filter_from_proto(
+    states: Any, agent: str, thread_id: str, labels: Mapping[str, str]
+) -> RunFilter:
+    """The validated filter of ListRuns or WatchRuns."""
+    chosen = set()
+    for value in states:
+        if value not in STATE_FROM_PROTO:
+            raise InvalidArgumentError("states", f"{value} is not a RunState value other than UNSPECIFIED")
+        chosen.add(STATE_FROM_PROTO[value])
+    if agent and not _AGENT_NAME.fullmatch(agent):
+        raise InvalidArgumentError("agent", "is not a valid agent name")
+    return RunFilter(
+        states=frozenset(chosen),
+        agent=agent,
+        thread_id=_text(thread_id, "thread_id", 256),
+        labels=labels_from_proto(labels),
+    )
+
+
+def labels_from_proto(labels: Mapping[str, str]) -> dict[str, str]:
+    """Validated labels: at most 64; keys like `team` or `app.example/tier`; values ≤ 256 chars."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgumentError("labels", f"at most {MAX_LABELS} labels are allowed")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            raise InvalidArgumentError(
+                "labels", f"key {key[:64]!r} must be 1-63 letters, digits, '_', '.', '-' or '/'"
+            )
+        _text(value, f"labels[{key}]", 256)
+    return dict(labels)
+
+
+def reason_from_proto(value: str) -> str:
+    """A validated StopRun reason."""
+    return _text(value, "reason", 1024)
+
+
+def _text(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgumentError(field, f"must be at most {limit} characters")
+    if not _PRINTABLE.fullmatch(value):
+        raise InvalidArgumentError(field, "must not contain control characters")
+    return value
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a plain dict (numbers are floats, as in JSON)."""
+    result: dict[str, Any] = json_format.MessageToDict(struct)
+    return result
+
+
+def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A plain JSON-like mapping as a Struct."""
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def failure_to_proto(failure: RunFailure) -> status_pb2.Status:
+    """A run's failure as a google.rpc.Status (with ErrorInfo carrying the error id)."""
+    status = status_pb2.Status(code=grpc.StatusCode[failure.code].value[0], message=failure.message)
+    if failure.error_id:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason="RUN_FAILED", domain=DOMAIN, metadata={"error_id": failure.error_id}
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+def run_to_proto(run: Run) -> run_pb2.Run:
+    """The proto form of a run."""
+    msg = run_pb2.Run(
+        run_id=run.run_id,
+        owner=run.owner,
+        agent=run.agent,
+        state=STATE_TO_PROTO[run.state],  # type: ignore[arg-type]
+        input=dict_to_struct(run.input),
+        thread_id=run.thread_id,
+        labels=dict(run.labels),
+        create_time=_timestamp(run.created_at),
+        last_seq=run.last_seq,
+        stop_reason=run.stop_reason,
+        request_id=run.request_id,
+        multitask_strategy=STRATEGY_TO_PROTO[run.multitask_strategy],  # type: ignore[arg-type]
+    )
+    if run.result is not None:
+        msg.result.CopyFrom(dict_to_struct(run.result))
+    if run.error is not None:
+        msg.error.CopyFrom(failure_to_proto(run.error))
+    if run.started_at is not None:
+        msg.start_time.CopyFrom(_timestamp(run.started_at))
+    if run.ended_at is not None:
+        msg.end_time.CopyFrom(_timestamp(run.ended_at))
+    if run.timeout is not None:
+        msg.timeout.CopyFrom(duration_pb2.Duration(seconds=int(run.timeout), nanos=int(run.timeout % 1 * 1e9)))
+    return msg
+
+
+def event_to_proto(event: RunEvent) -> run_pb2.RunEvent:
+    """The proto form of a log event."""
+    msg = run_pb2.RunEvent(run_id=event.run_id, seq=event.seq, type=event.type)
+    msg.time.FromDatetime(event.at)
+    if event.data is not None:
+        msg.data.update(event.data)
+    elif event.text is not None:
+        msg.text = event.text
+    elif event.binary is not None:
+        msg.binary = event.binary
+    if event.state is not None:
+        msg.state = STATE_TO_PROTO[event.state]  # type: ignore[assignment]
+    if event.error is not None:
+        msg.error.CopyFrom(failure_to_proto(event.error))
+    return msg
+
+
+def agent_to_proto(agent: AgentInfo) -> run_pb2.Agent:
+    """The proto form of an agent's description."""
+    return run_pb2.Agent(name=agent.name, description=agent.description)
+
+
+def watch_update_to_proto(update: WatchUpdate) -> run_service_pb2.WatchRunsResponse:
+    """The proto form of a WatchRuns change."""
+    msg = run_service_pb2.WatchRunsResponse(change=CHANGE_TO_PROTO[update.change])  # type: ignore[arg-type]
+    if update.run is not None:
+        msg.run.CopyFrom(run_to_proto(update.run))
+    return msg

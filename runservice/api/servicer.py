@@ -1,0 +1,106 @@
+"""The RunService servicer: parse the request, call the manager, convert the answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from runservice.api import convert
+from runservice.api.auth import current_principal
+from runservice.api.page_token import PageTokens
+from runservice.domain.errors import InvalidArgumentError
+from runservice.runtime.manager import RunManager
+from runservice.v1 import run_service_pb2 as pb
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class RunServiceServicer(pb_grpc.RunServiceServicer):
+    """gRPC edge of RunManager. No business logic here."""
+
+    def __init__(self, manager: RunManager, page_tokens: PageTokens) -> None:
+        self._manager = manager
+        self._tokens = page_tokens
+
+    async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
+        spec = convert.start_request_from_proto(request)
+        run = await self._manager.start_run(current_principal(), spec)
+        return pb.StartRunResponse(run=convert.run_to_proto(run))
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        run = await self._manager.get_run(current_principal(), run_id)
+        return pb.GetRunResponse(run=convert.run_to_proto(run))
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        if request.page_size < 0:
+            raise InvalidArgumentError("page_size", "must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        principal = current_principal()
+        run_filter = convert.filter_from_proto(
+            request.states, request.agent, request.thread_id, request.labels
+        )
+        scope = principal.scope(all_users=request.all_users)
+        before = (
+            self._tokens.decode(request.page_token, scope, run_filter)
+            if request.page_token
+            else None
+        )
+        runs = await self._manager.list_runs(
+            principal, run_filter, all_users=request.all_users, before_run_id=before,
+            limit=size + 1,
+        )
+        token = ""
+        if len(runs) > size:
+            runs = runs[:size]
+            token = self._tokens.encode(scope, run_filter, runs[-1].run_id)
+        return pb.ListRunsResponse(
+            runs=[convert.run_to_proto(r) for r in runs], next_page_token=token
+        )
+
+    async def StopRun(self, request: pb.StopRunRequest, context: Context) -> pb.StopRunResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        reason = convert.reason_from_proto(request.reason)
+        run = await self._manager.stop_run(current_principal(), run_id, reason)
+        return pb.StopRunResponse(run=convert.run_to_proto(run))
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Context
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        run_id = convert.run_id_from_proto(request.run_id)
+        if request.from_seq < 0:
+            raise InvalidArgumentError("from_seq", "must not be negative (0 or 1 = from the start)")
+        batches = await self._manager.subscribe(current_principal(), run_id, request.from_seq)
+        async for batch in batches:
+            yield pb.SubscribeResponse(events=[convert.event_to_proto(e) for e in batch])
+
+    async def DeleteRun(
+        self, request: pb.DeleteRunRequest, context: Context
+    ) -> pb.DeleteRunResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        await self._manager.delete_run(current_principal(), run_id)
+        return pb.DeleteRunResponse()
+
+    async def WatchRuns(
+        self, request: pb.WatchRunsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunsResponse]:
+        run_filter = convert.filter_from_proto(
+            request.states, request.agent, request.thread_id, request.labels
+        )
+        updates = await self._manager.watch(
+            current_principal(), run_filter, all_users=request.all_users
+        )
+        async for update in updates:
+            yield convert.watch_update_to_proto(update)
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        agents = self._manager.list_agents()
+        return pb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])

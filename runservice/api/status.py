@@ -1,0 +1,120 @@
+"""The one table from domain errors to gRPC statuses, and the wrapper that applies it.
+
+Handlers raise domain errors; the wrapper turns them into a status code, a message and a
+`google.rpc.ErrorInfo` detail (domain `runservice`). It catches inside streaming handlers
+too, where errors raised mid-stream would escape a wrapper that only awaits. Unknown
+exceptions become INTERNAL with an error id; their text goes to the log, never the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from runservice.domain import errors
+from runservice.runtime.feed import WatchLaggedError
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = "runservice"
+
+# Most specific class first: the first match wins.
+STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] = (
+    (errors.RunNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.UnknownAgentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidPageTokenError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.SeqOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.ThreadBusyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RunActiveError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RequestIdReusedError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.TooManyActiveRunsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.TooManyStreamsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ServerDrainingError, grpc.StatusCode.UNAVAILABLE),
+    (errors.AdminOnlyError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (WatchLaggedError, grpc.StatusCode.ABORTED),
+)
+
+
+def status_for(exc: errors.RunServiceError) -> grpc.StatusCode:
+    """The gRPC code for a domain error."""
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def rich_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
+) -> grpc.Status:
+    """A status whose details carry an ErrorInfo."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return rpc_status.to_status(proto)
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The status a client sees for `exc`."""
+    if isinstance(exc, errors.RunServiceError):
+        return rich_status(status_for(exc), exc.message, exc.reason, exc.metadata)
+    error_id = uuid.uuid4().hex[:16]
+    logger.error("internal error %s", error_id, exc_info=exc)
+    return rich_status(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (error id {error_id}); the server log has the details",
+        "INTERNAL_ERROR",
+        {"error_id": error_id},
+    )
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    """Ends the RPC with the status for `exc` (raises AbortError)."""
+    status = to_status(exc)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def wrap_unary(
+    behavior: Callable[..., Any], before: Callable[[], None]
+) -> Callable[..., Any]:
+    """A unary behaviour that runs `before`, then maps raised errors to statuses."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            before()
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return unary
+
+
+def wrap_stream(
+    behavior: Callable[..., AsyncIterator[Any]], before: Callable[[], None]
+) -> Callable[..., AsyncIterator[Any]]:
+    """A server-streaming behaviour that runs `before`, then maps raised errors to statuses."""
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            before()
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return stream
+
+

@@ -1,0 +1,151 @@
+"""Server settings: every option is a `runservice serve` flag and a RUNSERVICE_* variable.
+
+Parsed once, here. Durations are written like `30s`, `5m`, `7d`; sizes like `4MiB`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2,
+    "gb": 1000**3, None: 1,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `text` (`250ms`, `30s`, `5m`, `2h`, `7d`, or a bare number of seconds)."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 5m or 7d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text` (`4MiB`, `512KiB`, `1000`)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4MiB or 512KiB")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def default_data_dir() -> Path:
+    """RUNSERVICE_HOME, else ~/.local/share/runservice."""
+    home = os.environ.get("RUNSERVICE_HOME")
+    return Path(home) if home else Path.home() / ".local" / "share" / "runservice"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `runservice serve` was asked to do."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = field(default_factory=default_data_dir)
+    db: str = ""
+    tokens_file: Path | None = None
+    agents: tuple[str, ...] = ()
+    dev_token: bool = False
+    stop_grace: float = 5.0
+    drain_timeout: float = 30.0
+    memory_grace: float = 300.0
+    max_receive_message_size: int = 4 * 1024**2
+    max_send_message_size: int = 16 * 1024**2
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    keepalive_min_ping_interval: float = 10.0
+    max_concurrent_streams: int = 1000
+    log_level: str = "info"
+
+    @property
+    def db_url(self) -> str:
+        """The database URL: --db, else a SQLite file in the data directory."""
+        return self.db or f"sqlite+aiosqlite:///{self.data_dir / 'runservice.db'}"
+
+    @property
+    def tokens_path(self) -> Path:
+        """The tokens file: --tokens-file, else tokens.toml in the data directory."""
+        return self.tokens_file or self.data_dir / "tokens.toml"
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    help: str
+    type: Any = str
+    default_text: str = ""
+
+
+OPTIONS: tuple[_Option, ...] = (
+    _Option("listen", "address to listen on, HOST:PORT", str, "127.0.0.1:50051"),
+    _Option("data-dir", "directory for the SQLite file, tokens file and secrets", Path,
+            "$RUNSERVICE_HOME or ~/.local/share/runservice"),
+    _Option("db", "database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...)", str,
+            "a SQLite file in the data directory"),
+    _Option("tokens-file", "TOML file of hashed bearer tokens", Path, "DATA_DIR/tokens.toml"),
+    _Option("stop-grace", "how long a stopped agent may clean up", parse_duration, "5s"),
+    _Option("drain-timeout", "how long runs may finish at shutdown before interruption",
+            parse_duration, "30s"),
+    _Option("memory-grace", "how long finished runs stay in memory", parse_duration, "5m"),
+    _Option("max-receive-message-size", "largest request message accepted", parse_size, "4MiB"),
+    _Option("max-send-message-size", "largest response message sent", parse_size, "16MiB"),
+    _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),
+    _Option("keepalive-timeout", "how long to wait for a keepalive ack", parse_duration, "20s"),
+    _Option("keepalive-min-ping-interval", "the most frequent client pings tolerated",
+            parse_duration, "10s"),
+    _Option("max-concurrent-streams", "HTTP/2 streams per connection", int, "1000"),
+    _Option("log-level", "debug, info, warning or error", str, "info"),
+)
+
+
+def env_name(flag: str) -> str:
+    """The environment variable of a flag: --stop-grace → RUNSERVICE_STOP_GRACE."""
+    return "RUNSERVICE_" + flag.upper().replace("-", "_")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds every server option to `parser`, defaulting from the environment."""
+    for opt in OPTIONS:
+        env = env_name(opt.flag)
+        parser.add_argument(
+            f"--{opt.flag}",
+            type=opt.type,
+            default=None,
+            help=f"{opt.help} (env {env}; default {opt.default_text})",
+        )
+    parser.add_argument(
+        "--agent", action="append", default=None, metavar="NAME=module:attr",
+        help="register an extra agent; repeatable (env RUNSERVICE_AGENTS, comma-separated)",
+    )
+    parser.add_argument(
+        "--dev-token", action="store_true",
+        help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent",
+    )
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """Settings from parsed flags, then the environment, then the defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        attr = opt.flag.replace("-", "_")
+        value = getattr(args, attr, None)
+        if value is None and env_name(opt.flag) in env:
+            try:
+                value = opt.type(env[env_name(opt.flag)])
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise SystemExit(f"{env_name(opt.flag)}: {exc}") from None
+        if value is not None:
+            values[attr] = value
+    agents = args.agent or [a for a in env.get("RUNSERVICE_AGENTS", "").split(",") if a]
+    values["agents"] = tuple(agents)
+    values["dev_token"] = bool(args.dev_token)
+    return Settings(**values)

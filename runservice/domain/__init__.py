@@ -1,0 +1,1 @@
+"""The domain: runs, events and errors, with no knowledge of gRPC, protobuf or SQL."""

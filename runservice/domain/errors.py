@@ -1,0 +1,174 @@
+"""Domain errors. Each carries a stable `reason` from the proto's ErrorReason vocabulary.
+
+Code below `api/` raises these; `api/status.py` is the one table that turns them into gRPC
+statuses. Messages are written for the person reading them: they say what was wrong and,
+where there is one, what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class RunServiceError(Exception):
+    """Base of every error a client may see; `metadata` becomes ErrorInfo metadata."""
+
+    reason: str = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class RunNotFoundError(RunServiceError):
+    """The run does not exist or belongs to someone else (indistinguishable on purpose)."""
+
+    reason = "RUN_NOT_FOUND"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} not found", run_id=run_id)
+
+
+class UnknownAgentError(RunServiceError):
+    """No agent of that name is registered."""
+
+    reason = "UNKNOWN_AGENT"
+
+    def __init__(self, agent: str, known: list[str]) -> None:
+        listing = ", ".join(known) or "none"
+        super().__init__(
+            f"unknown agent {agent!r}; this server runs: {listing} (see ListAgents)", agent=agent
+        )
+
+
+class InvalidArgumentError(RunServiceError):
+    """A request field is malformed; `field` names it."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+
+
+class InvalidInputError(InvalidArgumentError):
+    """The run's input was refused (too large, or not what the agent takes)."""
+
+    reason = "INVALID_INPUT"
+
+
+class InvalidPageTokenError(RunServiceError):
+    """The page token is malformed, tampered with, or from a different query."""
+
+    reason = "INVALID_PAGE_TOKEN"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "page_token is not valid for this query; pass the next_page_token of a previous "
+            "ListRuns call with the same filters, or omit it to start from the first page",
+            field="page_token",
+        )
+
+
+class SeqOutOfRangeError(RunServiceError):
+    """A cursor points past the end of a run's log."""
+
+    reason = "SEQ_OUT_OF_RANGE"
+
+    def __init__(self, run_id: str, from_seq: int, last_seq: int) -> None:
+        super().__init__(
+            f"from_seq {from_seq} is past the end of run {run_id!r}, whose log ends at seq "
+            f"{last_seq}; resume from at most {last_seq + 1}",
+            run_id=run_id,
+            last_seq=str(last_seq),
+        )
+
+
+class ThreadBusyError(RunServiceError):
+    """The thread has an active run and the strategy is REJECT."""
+
+    reason = "THREAD_BUSY"
+
+    def __init__(self, thread_id: str, active_run_id: str) -> None:
+        super().__init__(
+            f"thread {thread_id!r} already has an active run ({active_run_id}); wait for it, "
+            "stop it, or start with multitask_strategy INTERRUPT or ENQUEUE",
+            thread_id=thread_id,
+            active_run_id=active_run_id,
+        )
+
+
+class RunActiveError(RunServiceError):
+    """The operation needs a finished run."""
+
+    reason = "RUN_ACTIVE"
+
+    def __init__(self, run_id: str, action: str) -> None:
+        super().__init__(
+            f"run {run_id!r} is still active; stop it or wait for it to finish before {action}",
+            run_id=run_id,
+        )
+
+
+class RequestIdReusedError(RunServiceError):
+    """The idempotency key was already used for a different request."""
+
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str, run_id: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was already used for a different request (run "
+            f"{run_id}); use a new request_id for a new run",
+            request_id=request_id,
+            run_id=run_id,
+        )
+
+
+class TooManyActiveRunsError(RunServiceError):
+    """A per-user or global cap on active runs is reached."""
+
+    reason = "TOO_MANY_ACTIVE_RUNS"
+
+
+class TooManyStreamsError(RunServiceError):
+    """The caller has too many open streams."""
+
+    reason = "TOO_MANY_STREAMS"
+
+
+class ServerDrainingError(RunServiceError):
+    """The server is shutting down and takes no new work."""
+
+    reason = "SERVER_DRAINING"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry after it restarts")
+
+
+class AdminOnlyError(RunServiceError):
+    """The request needs the admin role."""
+
+    reason = "ADMIN_ONLY"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} needs the admin role")
+
+
+class AuthenticationError(RunServiceError):
+    """The caller could not be authenticated."""
+
+    reason = "CREDENTIALS_INVALID"
+
+
+class CredentialsMissingError(AuthenticationError):
+    """No credentials were sent."""
+
+    reason = "CREDENTIALS_MISSING"
+
+
+class TokenExpiredError(AuthenticationError):
+    """The credentials have expired."""
+
+    reason = "TOKEN_EXPIRED"
+
+
+class StoreUnavailableError(Exception):
+    """The store failed in a way retries did not cure. Never shown to clients verbatim."""

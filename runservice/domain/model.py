@@ -1,0 +1,225 @@
+"""Runs, their events and their lifecycle: plain data, shared by every layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+STATE_EVENT = "run.state"
+"""The `type` of lifecycle events in a run's log."""
+
+
+class RunState(enum.StrEnum):
+    """Where a run is in its lifecycle; values match the proto names without `RUN_STATE_`."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    INTERRUPTED = "INTERRUPTED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a run never leaves."""
+        return self not in _ACTIVE
+
+
+_ACTIVE = frozenset({RunState.PENDING, RunState.RUNNING})
+ACTIVE_STATES: frozenset[RunState] = _ACTIVE
+
+
+class MultitaskStrategy(enum.StrEnum):
+    """What StartRun does with a run already active on the same thread."""
+
+    REJECT = "REJECT"
+    INTERRUPT = "INTERRUPT"
+    ENQUEUE = "ENQUEUE"
+
+
+class RunChange(enum.StrEnum):
+    """The kinds of change WatchRuns reports."""
+
+    EXISTING = "EXISTING"
+    SNAPSHOT_END = "SNAPSHOT_END"
+    CREATED = "CREATED"
+    STATE_CHANGED = "STATE_CHANGED"
+    DELETED = "DELETED"
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailure:
+    """Why a run did not succeed, safe to show to its owner.
+
+    `code` is a canonical gRPC status code name (e.g. "CANCELLED"), kept as text so that
+    this layer does not depend on gRPC. `error_id` points at the server log entry that
+    holds the details of an unexpected failure.
+    """
+
+    code: str
+    message: str
+    error_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as its owner sees it. Times are aware UTC datetimes."""
+
+    run_id: str
+    owner: str
+    agent: str
+    state: RunState
+    created_at: datetime
+    input: Mapping[str, Any] = field(default_factory=dict)
+    result: Mapping[str, Any] | None = None
+    error: RunFailure | None = None
+    thread_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    last_seq: int = 0
+    stop_reason: str = ""
+    request_id: str = ""
+    multitask_strategy: MultitaskStrategy = MultitaskStrategy.REJECT
+    timeout: float | None = None
+
+    def replace(self, **changes: Any) -> Run:
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One entry of a run's log.
+
+    At most one of `data`, `text` and `binary` is set. `state` is set only on lifecycle
+    events (type `run.state`), `error` only on the terminal event of a run that did not
+    succeed.
+    """
+
+    run_id: str
+    seq: int
+    at: datetime
+    type: str
+    data: Mapping[str, Any] | None = None
+    text: str | None = None
+    binary: bytes | None = None
+    state: RunState | None = None
+    error: RunFailure | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """True for the last event of a finished run."""
+        return self.state is not None and self.state.terminal
+
+    def size_hint(self) -> int:
+        """A cheap estimate of the event's encoded size, for batching by bytes."""
+        size = 64 + len(self.type)
+        if self.text is not None:
+            size += len(self.text)
+        elif self.binary is not None:
+            size += len(self.binary)
+        elif self.data is not None:
+            size += 32 * len(self.data) + sum(len(str(v)) for v in self.data.values())
+        return size
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """Which runs a listing or a watch selects; empty fields select everything."""
+
+    states: frozenset[RunState] = frozenset()
+    agent: str = ""
+    thread_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def matches(self, run: Run) -> bool:
+        """True when `run` passes every part of the filter."""
+        return (
+            (not self.states or run.state in self.states)
+            and (not self.agent or run.agent == self.agent)
+            and (not self.thread_id or run.thread_id == self.thread_id)
+            and all(run.labels.get(k) == v for k, v in self.labels.items())
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose runs a query may see: one user's, or (for admins) everyone's.
+
+    Every store query takes one; there is no default that means "all users".
+    """
+
+    user: str
+    everyone: bool = False
+
+    def allows(self, owner: str) -> bool:
+        """True when a run owned by `owner` is visible in this scope."""
+        return self.everyone or owner == self.user
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    user: str
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def is_admin(self) -> bool:
+        """True for callers with the `admin` role."""
+        return "admin" in self.roles
+
+    def scope(self, *, all_users: bool = False) -> Scope:
+        """The scope of this caller's queries; `all_users` is honoured for admins only."""
+        return Scope(self.user, everyone=all_users and self.is_admin)
+
+    def own_scope(self) -> Scope:
+        """The scope for looking up a single run: admins see every run."""
+        return Scope(self.user, everyone=self.is_admin)
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """What a caller asks StartRun for, after validation."""
+
+    agent: str
+    input: Mapping[str, Any]
+    thread_id: str = ""
+    multitask_strategy: MultitaskStrategy = MultitaskStrategy.REJECT
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunUpdate:
+    """A change to a run row committed together with the lifecycle event that causes it."""
+
+    run: Run
+
+
+@dataclass(frozen=True, slots=True)
+class WatchUpdate:
+    """One change reported by WatchRuns."""
+
+    change: RunChange
+    run: Run | None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    """An agent this server can run."""
+
+    name: str
+    description: str
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)

@@ -1,0 +1,63 @@
+"""What the runtime needs from the world: a store for runs and events, and a clock."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from runservice.domain.model import Run, RunEvent, RunFilter, Scope
+
+
+class Clock(Protocol):
+    """Tells the time; tests move a fake one instead of sleeping."""
+
+    def now(self) -> datetime:
+        """The current time, an aware UTC datetime."""
+        ...
+
+
+class RunStore(Protocol):
+    """Durable runs and event logs. Every run query is scoped to an owner."""
+
+    async def migrate(self) -> None:
+        """Brings the schema up to date; safe to call on every start."""
+        ...
+
+    async def commit(
+        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+    ) -> None:
+        """Commits new runs, appended events and updated run rows in one transaction.
+
+        Each run's `last_seq` is raised to the highest `seq` among `events`.
+        """
+        ...
+
+    async def get_run(self, scope: Scope, run_id: str) -> Run | None:
+        """The run, or None when it does not exist or `scope` may not see it."""
+        ...
+
+    async def list_runs(
+        self, scope: Scope, run_filter: RunFilter, before_run_id: str | None, limit: int
+    ) -> list[Run]:
+        """Up to `limit` runs newest first, with ids below `before_run_id` when given."""
+        ...
+
+    async def read_events(self, run_id: str, from_seq: int, limit: int) -> list[RunEvent]:
+        """Up to `limit` events of the run with `seq >= from_seq`, in order.
+
+        Callers have checked the run's visibility already.
+        """
+        ...
+
+    async def delete_run(self, scope: Scope, run_id: str) -> bool:
+        """Deletes a run and its events; False when it is not there for `scope`."""
+        ...
+
+    async def unfinished_runs(self) -> list[Run]:
+        """Every run not in a terminal state, for reconciliation at start (all owners)."""
+        ...
+
+    async def close(self) -> None:
+        """Releases connections."""
+        ...

@@ -1,0 +1,133 @@
+"""The agent API: `agent(ctx, input) -> result`, and where agents come from.
+
+An agent is an async callable. It reads its input (a JSON object), reports progress with
+`await ctx.emit(...)`, and returns its result (a JSON object, or None). Cancellation (a
+stop, a timeout, a shutdown) arrives as `asyncio.CancelledError`; an agent may catch it to
+emit a last event and return a partial result, within the server's grace period. Raising
+`RunError` fails the run with a message the client sees; any other exception fails it
+with a sanitized error whose details go to the server log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from runservice.domain.errors import UnknownAgentError
+from runservice.domain.model import AgentInfo
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "runservice.agents"
+
+
+class RunError(Exception):
+    """Raised by an agent to fail its run with a message meant for the client."""
+
+
+class RunClosedError(RuntimeError):
+    """The run has ended; an abandoned agent can emit nothing more."""
+
+
+class AgentContext(Protocol):
+    """What a running agent can see and do."""
+
+    @property
+    def run_id(self) -> str:
+        """The run's identifier."""
+        ...
+
+    @property
+    def owner(self) -> str:
+        """The user who started the run."""
+        ...
+
+    @property
+    def thread_id(self) -> str:
+        """The run's thread, or an empty string."""
+        ...
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        """The run's labels."""
+        ...
+
+    async def emit(
+        self,
+        type: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        text: str | None = None,
+        binary: bytes | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Appends an event to the run's log and returns its `seq`.
+
+        At most one payload is given. Waits when the log's writer is behind (backpressure).
+        Raises RunClosedError once the run has ended.
+        """
+        ...
+
+    def save_partial(self, result: Mapping[str, Any]) -> None:
+        """Records output to keep if the run is stopped, interrupted or times out."""
+        ...
+
+
+Agent = Callable[[AgentContext, Mapping[str, Any]], Awaitable[Mapping[str, Any] | None]]
+
+
+class AgentRegistry:
+    """The agents a server can run, by name."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, tuple[Agent, str]] = {}
+
+    def register(self, name: str, agent: Agent, description: str | None = None) -> None:
+        """Adds (or replaces) the agent called `name`."""
+        if not inspect.iscoroutinefunction(agent) and not inspect.iscoroutinefunction(
+            getattr(agent, "__call__", None)  # noqa: B004 - callable objects with async __call__
+        ):
+            raise TypeError(f"agent {name!r} must be an async callable")
+        doc = description if description is not None else _first_paragraph(agent.__doc__)
+        self._agents[name] = (agent, doc)
+
+    def load_entry_points(self) -> None:
+        """Registers every agent installed under the `runservice.agents` entry-point group."""
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            self.register(ep.name, ep.load())
+
+    def load_spec(self, spec: str) -> None:
+        """Registers `NAME=module:attr`."""
+        name, sep, target = spec.partition("=")
+        module_name, colon, attr = target.partition(":")
+        if not sep or not colon or not name or not module_name or not attr:
+            raise ValueError(f"agent spec {spec!r} is not NAME=module:attr")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        self.register(name, obj)
+
+    def get(self, name: str) -> Agent:
+        """The agent called `name`; UnknownAgentError when there is none."""
+        try:
+            return self._agents[name][0]
+        except KeyError:
+            raise UnknownAgentError(name, sorted(self._agents)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._agents
+
+    def infos(self) -> list[AgentInfo]:
+        """Every agent's name and description, sorted by name."""
+        return [AgentInfo(n, d) for n, (_, d) in sorted(self._agents.items())]
+
+
+def _first_paragraph(doc: str | None) -> str:
+    if not doc:
+        return ""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())

@@ -1,0 +1,284 @@
+"""The run supervisor: the only code that writes a run's lifecycle states.
+
+`drive_run` moves one run from PENDING through RUNNING to exactly one terminal state. The
+agent runs in a task of its own, so a stop, a timeout or a shutdown can cancel it, give
+it a bounded grace period for cleanup, and still record the outcome if it never returns.
+Why a run is being ended is recorded on the LiveRun before anything is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from runservice.domain.model import (
+    STATE_EVENT,
+    Run,
+    RunEvent,
+    RunFailure,
+    RunState,
+)
+from runservice.domain.ports import Clock
+from runservice.runtime.agent import Agent, RunClosedError, RunError
+from runservice.runtime.runlog import RunLog
+from runservice.runtime.writer import Writer
+
+logger = logging.getLogger(__name__)
+
+_FAILURE_CODES = {
+    RunState.STOPPED: "CANCELLED",
+    RunState.INTERRUPTED: "UNAVAILABLE",
+    RunState.TIMED_OUT: "DEADLINE_EXCEEDED",
+}
+
+
+@dataclass(frozen=True)
+class EndRequest:
+    """Why a run is being ended from outside: the state it will end in and the reason."""
+
+    state: RunState
+    reason: str
+
+
+class LiveRun:
+    """A run this process owns: its committed view, its log, its tasks and its end request."""
+
+    def __init__(self, run: Run, log: RunLog) -> None:
+        self.run = run
+        self.log = log
+        self.task: asyncio.Task[None] | None = None
+        self.end_request: EndRequest | None = None
+        self.ended = asyncio.Event()
+        self.partial: Mapping[str, Any] | None = None
+        self.closed = False
+        self.subscribers = 0
+        self.idle_since: datetime | None = None
+        self._end_signal = asyncio.Event()
+
+    @property
+    def run_id(self) -> str:
+        """The run's identifier."""
+        return self.run.run_id
+
+    def request_end(self, state: RunState, reason: str) -> bool:
+        """Asks the supervisor to end the run; the first request wins. False if already asked."""
+        if self.end_request is not None or self.ended.is_set():
+            return False
+        self.end_request = EndRequest(state, reason)
+        self._end_signal.set()
+        return True
+
+    async def wait_end_request(self) -> None:
+        """Returns once someone asked the run to end."""
+        await self._end_signal.wait()
+
+
+class RunContext:
+    """The AgentContext handed to an agent."""
+
+    def __init__(self, live: LiveRun, writer: Writer, clock: Clock) -> None:
+        self._live = live
+        self._writer = writer
+        self._clock = clock
+
+    @property
+    def run_id(self) -> str:
+        """The run's identifier."""
+        return self._live.run.run_id
+
+    @property
+    def owner(self) -> str:
+        """The user who started the run."""
+        return self._live.run.owner
+
+    @property
+    def thread_id(self) -> str:
+        """The run's thread, or an empty string."""
+        return self._live.run.thread_id
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        """The run's labels."""
+        return self._live.run.labels
+
+    async def emit(
+        self,
+        type: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        text: str | None = None,
+        binary: bytes | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Appends an event to the run's log and returns its seq."""
+        if self._live.closed:
+            raise RunClosedError(f"run {self.run_id} has ended")
+        if type == STATE_EVENT:
+            raise ValueError(f"event type {STATE_EVENT!r} is reserved for lifecycle events")
+        if sum(p is not None for p in (data, text, binary)) > 1:
+            raise ValueError("an event carries at most one of data, text and binary")
+        log = self._live.log
+        event = RunEvent(
+            run_id=self.run_id,
+            seq=log.assign_seq(),
+            at=at or self._clock.now(),
+            type=type,
+            data=data,
+            text=text,
+            binary=binary,
+        )
+        await self._writer.append(log, event)
+        return event.seq
+
+    def save_partial(self, result: Mapping[str, Any]) -> None:
+        """Records output to keep if the run does not finish."""
+        self._live.partial = dict(result)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: RunState
+    result: Mapping[str, Any] | None = None
+    failure: RunFailure | None = None
+    reason: str = ""
+
+
+async def drive_run(
+    live: LiveRun, agent: Agent, writer: Writer, clock: Clock, *, grace: float
+) -> None:
+    """Runs the agent and records exactly one terminal state for the run."""
+    try:
+        await _transition(live, writer, clock, RunState.RUNNING)
+        outcome = await _execute(live, agent, writer, clock, grace)
+    except asyncio.CancelledError:
+        # Only a shutdown that gave up on the grace period cancels the supervisor itself.
+        outcome = _Outcome(
+            RunState.INTERRUPTED,
+            result=live.partial,
+            failure=RunFailure("UNAVAILABLE", "interrupted: server shutdown"),
+            reason="server shutdown",
+        )
+    await asyncio.shield(_finish(live, writer, clock, outcome))
+
+
+async def _execute(
+    live: LiveRun, agent: Agent, writer: Writer, clock: Clock, grace: float
+) -> _Outcome:
+    ctx = RunContext(live, writer, clock)
+    agent_task = asyncio.create_task(
+        agent(ctx, live.run.input), name=f"agent:{live.run_id}"
+    )
+    end_task = asyncio.create_task(live.wait_end_request(), name=f"end:{live.run_id}")
+    try:
+        done, _ = await asyncio.wait(
+            {agent_task, end_task}, timeout=live.run.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    except asyncio.CancelledError:
+        live.request_end(RunState.INTERRUPTED, "server shutdown")
+        raise
+    finally:
+        end_task.cancel()
+    if agent_task in done:
+        return _outcome_of(live, agent_task)
+    if live.end_request is None:
+        assert live.run.timeout is not None
+        live.request_end(RunState.TIMED_OUT, f"timed out after {live.run.timeout:g}s")
+    request = live.end_request
+    assert request is not None
+    return await _cancel_agent(live, agent_task, request, grace)
+
+
+async def _cancel_agent(
+    live: LiveRun, agent_task: asyncio.Task[Any], request: EndRequest, grace: float
+) -> _Outcome:
+    agent_task.cancel(request.reason)
+    done, _ = await asyncio.wait({agent_task}, timeout=grace)
+    result: Mapping[str, Any] | None = live.partial
+    if agent_task in done and not agent_task.cancelled() and agent_task.exception() is None:
+        returned = agent_task.result()
+        if returned is not None:
+            result = returned
+    elif agent_task not in done:
+        logger.warning(
+            "run %s: agent ignored cancellation for %.1fs; abandoned", live.run_id, grace
+        )
+        agent_task.add_done_callback(_consume_result)
+    elif not agent_task.cancelled() and agent_task.exception() is not None:
+        logger.info("run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception())
+    live.closed = True
+    word = request.state.value.lower().replace("_", " ")
+    failure = RunFailure(_FAILURE_CODES[request.state], f"{word}: {request.reason}")
+    return _Outcome(request.state, result=result, failure=failure, reason=request.reason)
+
+
+def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any]) -> _Outcome:
+    if agent_task.cancelled():  # the agent cancelled itself: treat it as a failure
+        return _failed(live, RuntimeError("agent task was cancelled"))
+    exc = agent_task.exception()
+    if exc is not None:
+        return _failed(live, exc)
+    result = agent_task.result()
+    if result is not None and not isinstance(result, Mapping):
+        return _failed(live, TypeError(f"agent returned {type(result).__name__}, not a mapping"))
+    return _Outcome(RunState.SUCCEEDED, result=dict(result) if result is not None else {})
+
+
+def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
+    error_id = uuid.uuid4().hex[:16]
+    if isinstance(exc, RunError):
+        logger.info("run %s failed (error id %s): %s", live.run_id, error_id, exc)
+        failure = RunFailure("UNKNOWN", str(exc) or "the agent reported a failure", error_id)
+    else:
+        logger.error(
+            "run %s failed (error id %s)", live.run_id, error_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        failure = RunFailure(
+            "INTERNAL", f"the agent failed unexpectedly (error id {error_id})", error_id
+        )
+    return _Outcome(RunState.FAILED, result=live.partial, failure=failure)
+
+
+def _consume_result(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(BaseException):
+        task.exception()
+
+
+async def _transition(live: LiveRun, writer: Writer, clock: Clock, state: RunState) -> None:
+    now = clock.now()
+    event = RunEvent(
+        run_id=live.run_id, seq=live.log.assign_seq(), at=now, type=STATE_EVENT, state=state
+    )
+    updated = live.run.replace(state=state, started_at=now)
+    await writer.commit_run(event=(live.log, event), updated=updated)
+
+
+async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
+    live.closed = True
+    now = clock.now()
+    result = dict(outcome.result) if outcome.result is not None else None
+    event = RunEvent(
+        run_id=live.run_id,
+        seq=live.log.assign_seq(),
+        at=now,
+        type=STATE_EVENT,
+        state=outcome.state,
+        data=result,
+        error=outcome.failure,
+    )
+    updated = live.run.replace(
+        state=outcome.state,
+        result=result,
+        error=outcome.failure,
+        ended_at=now,
+        stop_reason=outcome.reason,
+    )
+    await writer.commit_run(event=(live.log, event), updated=updated)
+    live.ended.set()
+    logger.info("run %s ended %s", live.run_id, outcome.state.value)

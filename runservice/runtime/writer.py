@@ -1,0 +1,154 @@
+"""The group-commit writer: one task commits the pending work of every run in batches.
+
+Agents enqueue events without waiting for disk; the writer takes everything pending (up to
+a bound) and commits it in one transaction, then publishes it to the runs' logs. While a
+commit is in flight new work accumulates, so batches grow with load and a quiet server
+commits each event on its own. When too much is pending, `append` waits: backpressure
+lands on the producing agent, not on memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runservice.domain.errors import StoreUnavailableError
+from runservice.domain.model import Run, RunEvent
+from runservice.domain.ports import RunStore
+from runservice.runtime.runlog import RunLog
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS = 2000
+MAX_PENDING_EVENTS = 20000
+RETRY_BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class _Batch:
+    new_runs: list[Run] = field(default_factory=list)
+    events: list[tuple[RunLog, RunEvent]] = field(default_factory=list)
+    updated_runs: list[Run] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_runs or self.events or self.updated_runs or self.waiters)
+
+
+RunCommitted = Callable[[Run, bool], None]
+"""Called after a run row is committed: (run, created)."""
+
+
+class Writer:
+    """Commits runs and events in batches; publishes only what is committed."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        on_run_committed: RunCommitted,
+        *,
+        max_batch_events: int = MAX_BATCH_EVENTS,
+        max_pending_events: int = MAX_PENDING_EVENTS,
+    ) -> None:
+        self._store = store
+        self._on_run_committed = on_run_committed
+        self._max_batch = max_batch_events
+        self._max_pending = max_pending_events
+        self._pending = _Batch()
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Starts the writer task."""
+        self._task = asyncio.create_task(self._loop(), name="runservice-writer")
+
+    async def append(self, log: RunLog, event: RunEvent) -> None:
+        """Queues an event; waits while the writer is too far behind."""
+        while len(self._pending.events) >= self._max_pending:
+            self._space.clear()
+            await self._space.wait()
+        self._pending.events.append((log, event))
+        self._wake.set()
+
+    def commit_run(
+        self, new: Run | None = None, event: tuple[RunLog, RunEvent] | None = None,
+        updated: Run | None = None,
+    ) -> asyncio.Future[None]:
+        """Queues a run row (new or updated) with its lifecycle event; the future resolves on commit."""
+        if new is not None:
+            self._pending.new_runs.append(new)
+        if event is not None:
+            self._pending.events.append(event)
+        if updated is not None:
+            self._pending.updated_runs.append(updated)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append(waiter)
+        self._wake.set()
+        return waiter
+
+    async def flush(self) -> None:
+        """Returns once everything queued so far is committed."""
+        await self.commit_run()
+
+    async def close(self) -> None:
+        """Commits what is pending, then stops the writer task."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._take()
+                await self._commit(batch)
+            if self._closing:
+                return
+
+    def _take(self) -> _Batch:
+        pending = self._pending
+        if len(pending.events) <= self._max_batch:
+            self._pending = _Batch()
+        else:
+            # Split at an event boundary; run rows and waiters queued so far ride along
+            # only if their events are in this batch, so keep them for the last slice.
+            batch = _Batch(events=pending.events[: self._max_batch])
+            pending.events = pending.events[self._max_batch :]
+            return batch
+        return pending
+
+    async def _commit(self, batch: _Batch) -> None:
+        events = [event for _, event in batch.events]
+        delay = 0.05
+        while True:
+            try:
+                await self._store.commit(batch.new_runs, events, batch.updated_runs)
+                break
+            except StoreUnavailableError:
+                logger.exception("commit of %d events failed; retrying", len(events))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        self._publish(batch)
+        if len(self._pending.events) < self._max_pending:
+            self._space.set()
+
+    def _publish(self, batch: _Batch) -> None:
+        for run in batch.new_runs:
+            self._on_run_committed(run, True)
+        by_log: dict[int, tuple[RunLog, list[RunEvent]]] = {}
+        for log, event in batch.events:
+            by_log.setdefault(id(log), (log, []))[1].append(event)
+        for log, events in by_log.values():
+            log.publish(events)
+        for run in batch.updated_runs:
+            self._on_run_committed(run, False)
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -1,0 +1,64 @@
+"""The tokens file: bearer tokens stored as SHA-256 digests, never in clear."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+def new_token() -> str:
+    """A fresh random bearer token."""
+    return "rs_" + secrets.token_urlsafe(32)
+
+
+def add_token(path: Path, user: str, roles: list[str], token: str | None = None) -> str:
+    """Adds a token for `user` to the tokens file (created mode 600) and returns the token."""
+    token = token or new_token()
+    doc: dict[str, Any] = {"tokens": []}
+    if path.exists():
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+        doc.setdefault("tokens", [])
+    entry: dict[str, Any] = {"user": user, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    if roles:
+        entry["roles"] = roles
+    doc["tokens"].append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        tomli_w.dump(doc, f)
+    os.replace(tmp, path)
+    return token
+
+
+def has_token(path: Path, token: str) -> bool:
+    """True when the tokens file holds `token`'s digest."""
+    if not path.exists():
+        return False
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with path.open("rb") as f:
+        doc = tomllib.load(f)
+    return any(item.get("sha256", "").lower() == digest for item in doc.get("tokens", []))
+
+
+def ensure_dev_token(data_dir: Path, tokens_file: Path) -> str:
+    """The development token in DATA_DIR/dev-token (mode 600), registered as admin `dev`."""
+    token_path = data_dir / "dev-token"
+    if token_path.exists():
+        token = token_path.read_text().strip()
+    else:
+        token = new_token()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    if not has_token(tokens_file, token):
+        add_token(tokens_file, "dev", ["admin"], token)
+    return token
