@@ -1,0 +1,101 @@
+"""Fixtures: a real grpc.aio server on a loopback port over a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from runservice.app import App, build
+from runservice.config import Settings
+from runservice.tokens import add_token
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
+from tests.fakes import GATES, FakeClock
+
+USERS = {"alice": [], "bob": [], "root": ["admin"]}
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Polls `condition` (sync or async) until it is truthy; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+class Caller:
+    """A RunService stub that sends one user's bearer token on every call."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None) -> None:
+        self._stub = pb_grpc.RunServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __getattr__(self, name: str) -> Any:
+        return partial(getattr(self._stub, name), metadata=self.metadata)
+
+
+@dataclass
+class Harness:
+    """A running server and callers for each test user."""
+
+    app: App
+    address: str
+    clock: FakeClock
+    channel: grpc.aio.Channel
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def caller(self, user: str | None) -> Caller:
+        """A stub authenticated as `user` (None: no credentials)."""
+        return Caller(self.channel, self.tokens[user] if user else None)
+
+    def raw(self, token: str | None) -> Caller:
+        """A stub that sends `token` as is."""
+        return Caller(self.channel, token)
+
+
+async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> Harness:
+    """Starts a server on 127.0.0.1:0 with tokens for alice, bob and root (admin)."""
+    tokens = {u: add_token(data_dir / "tokens.toml", u, roles) for u, roles in USERS.items()}
+    settings = Settings(
+        listen="127.0.0.1:0",
+        data_dir=data_dir,
+        agents=("gated=tests.fakes:gated", "refusing=tests.fakes:refusing"),
+        **overrides,
+    )
+    app = await build(settings, clock=clock)
+    address = f"127.0.0.1:{app.port}"
+    channel = grpc.aio.insecure_channel(address)
+    return Harness(app, address, clock, channel, tokens)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test moves."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Harness]:
+    """A live server for one test; stopped (runs drained briefly) afterwards."""
+    GATES.clear()
+    harness = await start_harness(tmp_path, clock, stop_grace=2.0, drain_timeout=0.5)
+    try:
+        yield harness
+    finally:
+        for event in GATES.values():
+            event.set()
+        await harness.channel.close()
+        await harness.app.stop()

@@ -1,0 +1,57 @@
+"""Small, named fakes: a clock you move and agents a test can steer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from runservice.runtime.agent import AgentContext, RunError
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        """The fake current time."""
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Moves the clock forward."""
+        self._now += timedelta(seconds=seconds)
+
+
+GATES: dict[str, asyncio.Event] = {}
+"""Gates that `gated` agents wait on, keyed by the `gate` input; tests open them."""
+
+
+def gate(name: str) -> asyncio.Event:
+    """The gate called `name` (created on first use)."""
+    return GATES.setdefault(name, asyncio.Event())
+
+
+async def gated(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits `before` events, waits for its gate, emits `after` events, returns.
+
+    On cancellation it emits a `cleanup` event and returns a partial result.
+    """
+    before, after = int(input.get("before", 0)), int(input.get("after", 0))
+    try:
+        for i in range(before):
+            await ctx.emit("step", data={"i": i + 1})
+        await gate(str(input["gate"])).wait()
+        for i in range(after):
+            await ctx.emit("step", data={"i": before + i + 1})
+    except asyncio.CancelledError:
+        await ctx.emit("cleanup", text="saving partial output")
+        return {"partial": True}
+    return {"done": True}
+
+
+async def refusing(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Fails deliberately with a message meant for the client."""
+    raise RunError("the input names no such document")

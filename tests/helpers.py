@@ -1,0 +1,69 @@
+"""Shared helpers for RPC tests: reading streams and decoding error details."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from runservice.v1 import run_pb2
+from runservice.v1 import run_service_pb2 as pb
+
+TERMINAL = {
+    run_pb2.RUN_STATE_SUCCEEDED,
+    run_pb2.RUN_STATE_FAILED,
+    run_pb2.RUN_STATE_STOPPED,
+    run_pb2.RUN_STATE_INTERRUPTED,
+    run_pb2.RUN_STATE_TIMED_OUT,
+}
+
+
+def struct(**values: Any) -> struct_pb2.Struct:
+    """A Struct of `values`."""
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+async def start(caller: Any, agent: str, **input: Any) -> run_pb2.Run:
+    """Starts a run of `agent` with `input`; returns it."""
+    response = await caller.StartRun(pb.StartRunRequest(agent=agent, input=struct(**input)))
+    return response.run
+
+
+async def read_all(caller: Any, run_id: str, from_seq: int = 0) -> list[run_pb2.RunEvent]:
+    """Every event Subscribe delivers until the stream ends."""
+    events: list[run_pb2.RunEvent] = []
+    async for response in caller.Subscribe(pb.SubscribeRequest(run_id=run_id, from_seq=from_seq)):
+        events.extend(response.events)
+    return events
+
+
+async def read_until(caller: Any, run_id: str, from_seq: int, last: int) -> list[run_pb2.RunEvent]:
+    """Events from `from_seq` until one with seq >= `last` arrives; then closes the stream."""
+    events: list[run_pb2.RunEvent] = []
+    call = caller.Subscribe(pb.SubscribeRequest(run_id=run_id, from_seq=from_seq))
+    async for response in call:
+        events.extend(response.events)
+        if events and events[-1].seq >= last:
+            break
+    call.cancel()
+    return events
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, if it has one."""
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def seqs(events: list[run_pb2.RunEvent]) -> list[int]:
+    """The seqs of `events`."""
+    return [e.seq for e in events]
