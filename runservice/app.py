@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
 from runservice.agents import BUILTINS
-from runservice.api.auth import AuthInterceptor, Authenticator, TokensFileAuthenticator
+from runservice.api.auth import Authenticator, AuthInterceptor, TokensFileAuthenticator
 from runservice.api.page_token import PageTokens
 from runservice.api.servicer import RunServiceServicer
 from runservice.config import Settings
@@ -45,7 +46,7 @@ class App:
     _stopped: bool = False
 
     async def stop(self) -> None:
-        """Stops in order: refuse new work, drain runs, end streams, stop the server, close the store."""
+        """Stops in order: refuse work, drain runs, end streams, stop serving, close the store."""
         if self._stopped:
             return
         self._stopped = True
@@ -75,8 +76,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms",
-         int(settings.keepalive_min_ping_interval * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.keepalive_min_ping_interval * 1000),
+        ),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.server.max_pending_requests", 20_000),
@@ -120,7 +123,9 @@ async def build(
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auths)], options=server_options(settings)
     )
-    servicer = RunServiceServicer(manager, PageTokens(load_secret(settings.data_dir / "secret.key")))
+    servicer = RunServiceServicer(
+        manager, PageTokens(load_secret(settings.data_dir / "secret.key"))
+    )
     run_service_pb2_grpc.add_RunServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -131,14 +136,14 @@ async def build(
     )
     port = server.add_insecure_port(settings.listen)
     await server.start()
-    logger.info("listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url))
+    logger.info(
+        "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
+    )
     return App(server, manager, store, health_servicer, port)
 
 
 def _safe_url(url: str) -> str:
     """The database URL without its password."""
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 

@@ -54,9 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--role", action="append", default=[], help="a role, e.g. admin; repeatable")
     add.set_defaults(handler=_tokens_add)
 
-    def client_command(name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]) -> argparse.ArgumentParser:
+    def client_command(
+        name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]
+    ) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--addr", default=None, help=f"server address (env RUNSERVICE_ADDR; default {DEFAULT_ADDR})")
+        cmd.add_argument(
+            "--addr",
+            default=None,
+            help=f"server address (env RUNSERVICE_ADDR; default {DEFAULT_ADDR})",
+        )
         cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
         cmd.set_defaults(handler=lambda args: _client(args, run))
         return cmd
@@ -65,15 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("agent", help="the agent to run (see `runservice agents`)")
     start.add_argument("--input", default="{}", help="the input, a JSON object")
     start.add_argument("--thread", default="", help="thread id")
-    start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label; repeatable")
-    start.add_argument("--timeout", type=config.parse_duration, default=None, help="time limit, e.g. 10m")
-    start.add_argument("--follow", "-f", action="store_true", help="then print its events until it ends")
+    start.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label; repeatable"
+    )
+    start.add_argument(
+        "--timeout", type=config.parse_duration, default=None, help="time limit, e.g. 10m"
+    )
+    start.add_argument(
+        "--follow", "-f", action="store_true", help="then print its events until it ends"
+    )
 
     get = client_command("get", "show a run", _get)
     get.add_argument("run_id")
 
     ls = client_command("ls", "list runs, newest first", _ls)
-    ls.add_argument("--state", action="append", default=[], help="only runs in this state; repeatable")
+    ls.add_argument(
+        "--state", action="append", default=[], help="only runs in this state; repeatable"
+    )
     ls.add_argument("--agent", default="", help="only runs of this agent")
     ls.add_argument("--thread", default="", help="only runs of this thread")
     ls.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
@@ -219,7 +233,9 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
         err.print("[red]error:[/] --input must be a JSON object")
         return 2
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
-    run = await client.start_run(args.agent, data, thread_id=args.thread, labels=labels, timeout=args.timeout)
+    run = await client.start_run(
+        args.agent, data, thread_id=args.thread, labels=labels, timeout=args.timeout
+    )
     if not args.follow:
         if args.json:
             _print_run(run, True)
@@ -249,13 +265,20 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
     try:
         states = [run_pb2.RunState.Value("RUN_STATE_" + s.upper()) for s in args.state]
     except ValueError:
-        err.print("[red]error:[/] --state takes PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED or TIMED_OUT")
+        err.print(
+            "[red]error:[/] --state takes PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, "
+            "INTERRUPTED or TIMED_OUT"
+        )
         return 2
     runs = [
         run
         async for run in client.list_runs(
-            limit=args.limit, page_size=min(args.limit, 1000), states=states, agent=args.agent,
-            thread_id=args.thread, all_users=args.all_users,
+            limit=args.limit,
+            page_size=min(args.limit, 1000),
+            states=states,
+            agent=args.agent,
+            thread_id=args.thread,
+            all_users=args.all_users,
         )
     ]
     if args.json:
@@ -266,8 +289,12 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
         table.add_column(column)
     for run in runs:
         table.add_row(
-            run.run_id, _state(run), run.agent, run.owner,
-            run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z", str(run.last_seq),
+            run.run_id,
+            _state(run),
+            run.agent,
+            run.owner,
+            run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
+            str(run.last_seq),
         )
     out.print(table)
     return 0

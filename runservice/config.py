@@ -16,8 +16,14 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.IGNORECASE)
 _SIZE_UNITS = {
-    "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2,
-    "gb": 1000**3, None: 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    None: 1,
 }
 
 
@@ -86,21 +92,37 @@ class _Option:
 
 OPTIONS: tuple[_Option, ...] = (
     _Option("listen", "address to listen on, HOST:PORT", str, "127.0.0.1:50051"),
-    _Option("data-dir", "directory for the SQLite file, tokens file and secrets", Path,
-            "$RUNSERVICE_HOME or ~/.local/share/runservice"),
-    _Option("db", "database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...)", str,
-            "a SQLite file in the data directory"),
+    _Option(
+        "data-dir",
+        "directory for the SQLite file, tokens file and secrets",
+        Path,
+        "$RUNSERVICE_HOME or ~/.local/share/runservice",
+    ),
+    _Option(
+        "db",
+        "database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...)",
+        str,
+        "a SQLite file in the data directory",
+    ),
     _Option("tokens-file", "TOML file of hashed bearer tokens", Path, "DATA_DIR/tokens.toml"),
     _Option("stop-grace", "how long a stopped agent may clean up", parse_duration, "5s"),
-    _Option("drain-timeout", "how long runs may finish at shutdown before interruption",
-            parse_duration, "30s"),
+    _Option(
+        "drain-timeout",
+        "how long runs may finish at shutdown before interruption",
+        parse_duration,
+        "30s",
+    ),
     _Option("memory-grace", "how long finished runs stay in memory", parse_duration, "5m"),
     _Option("max-receive-message-size", "largest request message accepted", parse_size, "4MiB"),
     _Option("max-send-message-size", "largest response message sent", parse_size, "16MiB"),
     _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),
     _Option("keepalive-timeout", "how long to wait for a keepalive ack", parse_duration, "20s"),
-    _Option("keepalive-min-ping-interval", "the most frequent client pings tolerated",
-            parse_duration, "10s"),
+    _Option(
+        "keepalive-min-ping-interval",
+        "the most frequent client pings tolerated",
+        parse_duration,
+        "10s",
+    ),
     _Option("max-concurrent-streams", "HTTP/2 streams per connection", int, "1000"),
     _Option("log-level", "debug, info, warning or error", str, "info"),
 )
@@ -122,11 +144,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"{opt.help} (env {env}; default {opt.default_text})",
         )
     parser.add_argument(
-        "--agent", action="append", default=None, metavar="NAME=module:attr",
+        "--agent",
+        action="append",
+        default=None,
+        metavar="NAME=module:attr",
         help="register an extra agent; repeatable (env RUNSERVICE_AGENTS, comma-separated)",
     )
     parser.add_argument(
-        "--dev-token", action="store_true",
+        "--dev-token",
+        action="store_true",
         help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent",
     )
 

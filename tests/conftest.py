@@ -22,9 +22,11 @@ from tests.fakes import GATES, FakeClock
 USERS = {"alice": [], "bob": [], "root": ["admin"]}
 
 
-async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Polls `condition` (sync or async) until it is truthy; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_for(
+    condition: Callable[[], Any], limit: float = 10.0, interval: float = 0.01
+) -> Any:
+    """Polls `condition` (sync or async) until it is truthy; fails after `limit` seconds."""
+    deadline = time.monotonic() + limit
     while True:
         value = condition()
         if asyncio.iscoroutine(value):
@@ -32,7 +34,7 @@ async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {limit}s")
         await asyncio.sleep(interval)
 
 

@@ -12,12 +12,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
 from tests.conftest import Harness
 from tests.fakes import gate
 from tests.helpers import error_info, read_all, start, struct
 
 
-async def _fails(call: Any, code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+async def _fails(
+    call: Any, code: grpc.StatusCode, reason: str | None = None
+) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         result = call
         if hasattr(result, "__aiter__"):
@@ -53,7 +56,9 @@ async def test_another_users_run_is_indistinguishable_from_a_missing_one(server:
     gate("iso").set()
 
 
-async def test_list_and_watch_show_only_the_callers_runs_and_admins_see_all(server: Harness) -> None:
+async def test_list_and_watch_show_only_the_callers_runs_and_admins_see_all(
+    server: Harness,
+) -> None:
     """Bob never sees Alice's runs in ListRuns or WatchRuns; an admin sees both users' runs."""
     alice, bob, root = server.caller("alice"), server.caller("bob"), server.caller("root")
     a_active = await start(alice, "gated", gate="lw")
@@ -82,7 +87,11 @@ async def test_list_and_watch_show_only_the_callers_runs_and_admins_see_all(serv
     everyone = {r.run_id for r in (await root.ListRuns(pb.ListRunsRequest(all_users=True))).runs}
     assert everyone == {a_active.run_id, a_new.run_id, b_new.run_id}
     assert (await root.GetRun(pb.GetRunRequest(run_id=a_new.run_id))).run.owner == "alice"
-    await _fails(bob.ListRuns(pb.ListRunsRequest(all_users=True)), grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ONLY")
+    await _fails(
+        bob.ListRuns(pb.ListRunsRequest(all_users=True)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADMIN_ONLY",
+    )
     gate("lw").set()
 
 
@@ -99,10 +108,12 @@ async def test_missing_or_bad_credentials_are_unauthenticated(
     server: Harness, metadata: tuple[tuple[str, str], ...], reason: str
 ) -> None:
     """Calls without a valid bearer token get UNAUTHENTICATED, unary and streaming alike."""
-    from runservice.v1 import run_service_pb2_grpc as pb_grpc
-
     stub = pb_grpc.RunServiceStub(server.channel)
-    await _fails(stub.ListAgents(pb.ListAgentsRequest(), metadata=metadata), grpc.StatusCode.UNAUTHENTICATED, reason)
+    await _fails(
+        stub.ListAgents(pb.ListAgentsRequest(), metadata=metadata),
+        grpc.StatusCode.UNAUTHENTICATED,
+        reason,
+    )
     await _fails(
         stub.Subscribe(pb.SubscribeRequest(run_id=str(uuid.uuid4())), metadata=metadata),
         grpc.StatusCode.UNAUTHENTICATED,
@@ -116,7 +127,9 @@ async def test_health_and_reflection_need_no_token(server: Harness) -> None:
     response = await health.Check(health_pb2.HealthCheckRequest(service="runservice.v1.RunService"))
     assert response.status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
-    call = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    call = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     async for answer in call:
         names = {s.name for s in answer.list_services_response.service}
         assert "runservice.v1.RunService" in names
@@ -125,7 +138,7 @@ async def test_health_and_reflection_need_no_token(server: Harness) -> None:
 
 
 async def test_each_bad_input_gets_its_status_and_creates_nothing(server: Harness) -> None:
-    """Unknown agent, malformed ids, cursors past the end, oversize input, bad pages: precise codes."""
+    """Unknown agent, bad ids, cursors past the end, oversize input, bad pages: precise codes."""
     alice, bob = server.caller("alice"), server.caller("bob")
     done = await start(alice, "echo", text="one two")
     await read_all(alice, done.run_id)
@@ -137,14 +150,18 @@ async def test_each_bad_input_gets_its_status_and_creates_nothing(server: Harnes
     await _fails(alice.StartRun(pb.StartRunRequest(agent="")), bad, "INVALID_ARGUMENT")
     await _fails(alice.StartRun(pb.StartRunRequest(agent="bad name!")), bad, "INVALID_ARGUMENT")
     huge = struct(text="x" * 300_000)
-    exc = await _fails(alice.StartRun(pb.StartRunRequest(agent="echo", input=huge)), bad, "INVALID_INPUT")
+    exc = await _fails(
+        alice.StartRun(pb.StartRunRequest(agent="echo", input=huge)), bad, "INVALID_INPUT"
+    )
     assert "limit" in exc.details()
     await _fails(
         alice.StartRun(pb.StartRunRequest(agent="echo", input=struct(text="x" * 5_000_000))),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
     await _fails(
-        alice.StartRun(pb.StartRunRequest(agent="echo", labels={"bad key!": "v"})), bad, "INVALID_ARGUMENT"
+        alice.StartRun(pb.StartRunRequest(agent="echo", labels={"bad key!": "v"})),
+        bad,
+        "INVALID_ARGUMENT",
     )
     for run_id in ("", "garbage", "../../etc", "x" * 36, str(uuid.uuid4()) + "0"):
         await _fails(alice.GetRun(pb.GetRunRequest(run_id=run_id)), bad, "INVALID_ARGUMENT")
@@ -154,22 +171,42 @@ async def test_each_bad_input_gets_its_status_and_creates_nothing(server: Harnes
         grpc.StatusCode.OUT_OF_RANGE,
         "SEQ_OUT_OF_RANGE",
     )
-    await _fails(alice.Subscribe(pb.SubscribeRequest(run_id=done.run_id, from_seq=-1)), bad, "INVALID_ARGUMENT")
+    await _fails(
+        alice.Subscribe(pb.SubscribeRequest(run_id=done.run_id, from_seq=-1)),
+        bad,
+        "INVALID_ARGUMENT",
+    )
     await _fails(alice.ListRuns(pb.ListRunsRequest(page_size=-1)), bad, "INVALID_ARGUMENT")
-    await _fails(alice.ListRuns(pb.ListRunsRequest(page_token="not-a-token")), bad, "INVALID_PAGE_TOKEN")
+    await _fails(
+        alice.ListRuns(pb.ListRunsRequest(page_token="not-a-token")), bad, "INVALID_PAGE_TOKEN"
+    )
 
     for _ in range(2):
         await start(alice, "echo", text="more")
     page = await alice.ListRuns(pb.ListRunsRequest(page_size=1))
     assert page.next_page_token
-    await _fails(bob.ListRuns(pb.ListRunsRequest(page_size=1, page_token=page.next_page_token)), bad, "INVALID_PAGE_TOKEN")
     await _fails(
-        alice.ListRuns(pb.ListRunsRequest(page_size=1, page_token=page.next_page_token, agent="ticker")),
+        bob.ListRuns(pb.ListRunsRequest(page_size=1, page_token=page.next_page_token)),
         bad,
         "INVALID_PAGE_TOKEN",
     )
-    tampered = page.next_page_token[:-2] + ("A" if page.next_page_token[-2] != "A" else "B") + page.next_page_token[-1]
-    await _fails(alice.ListRuns(pb.ListRunsRequest(page_size=1, page_token=tampered)), bad, "INVALID_PAGE_TOKEN")
+    await _fails(
+        alice.ListRuns(
+            pb.ListRunsRequest(page_size=1, page_token=page.next_page_token, agent="ticker")
+        ),
+        bad,
+        "INVALID_PAGE_TOKEN",
+    )
+    tampered = (
+        page.next_page_token[:-2]
+        + ("A" if page.next_page_token[-2] != "A" else "B")
+        + page.next_page_token[-1]
+    )
+    await _fails(
+        alice.ListRuns(pb.ListRunsRequest(page_size=1, page_token=tampered)),
+        bad,
+        "INVALID_PAGE_TOKEN",
+    )
     after = len((await alice.ListRuns(pb.ListRunsRequest())).runs)
     assert after == before + 2  # only the two valid StartRun calls created runs
 

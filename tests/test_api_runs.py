@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness, wait_for
 from tests.fakes import gate
-from tests.helpers import TERMINAL, read_all, read_until, seqs, start, struct
+from tests.helpers import TERMINAL, error_info, read_all, read_until, seqs, start, struct
 
 
 async def _state(caller: object, run_id: str) -> int:
@@ -39,6 +41,7 @@ async def test_closing_every_subscriber_does_not_stop_the_run(server: Harness) -
 
     async def succeeded() -> bool:
         return await _state(alice, run.run_id) == run_pb2.RUN_STATE_SUCCEEDED
+
     await wait_for(succeeded)
     events = await read_all(alice, run.run_id)
     assert [e.type for e in events].count("tick") == 40
@@ -73,10 +76,12 @@ async def test_from_seq_one_replays_everything_then_follows_live(server: Harness
     assert seqs(events) == list(range(1, 13))
     assert [e.data["i"] for e in events if e.type == "step"] == list(range(1, 11))
     assert events[-1].state == run_pb2.RUN_STATE_SUCCEEDED
-    assert await call.code() == __import__("grpc").StatusCode.OK
+    assert await call.code() == grpc.StatusCode.OK
 
 
-async def test_twenty_concurrent_subscribers_receive_the_identical_sequence(server: Harness) -> None:
+async def test_twenty_concurrent_subscribers_receive_the_identical_sequence(
+    server: Harness,
+) -> None:
     """Twenty subscribers of one run, joining at different moments, all see the same log."""
     alice = server.caller("alice")
     run = await start(alice, "ticker", count=400, interval=0.001, size=64)
@@ -181,10 +186,6 @@ async def test_a_run_past_its_timeout_ends_timed_out(server: Harness) -> None:
 
 async def test_delete_removes_a_finished_run_and_refuses_an_active_one(server: Harness) -> None:
     """DeleteRun is FAILED_PRECONDITION while active; afterwards the run is gone."""
-    import grpc
-
-    from tests.helpers import error_info
-
     alice = server.caller("alice")
     run = await start(alice, "gated", gate="del", before=1)
     try:
@@ -221,8 +222,16 @@ async def test_list_runs_pages_newest_first_without_repeats(server: Harness) -> 
 async def test_list_runs_filters_by_state_agent_and_label(server: Harness) -> None:
     """ListRuns filters combine: states, agent and labels."""
     alice = server.caller("alice")
-    a = (await alice.StartRun(pb.StartRunRequest(agent="echo", input=struct(text="x"), labels={"team": "red"}))).run
-    b = (await alice.StartRun(pb.StartRunRequest(agent="echo", input=struct(text="y"), labels={"team": "blue"}))).run
+    a = (
+        await alice.StartRun(
+            pb.StartRunRequest(agent="echo", input=struct(text="x"), labels={"team": "red"})
+        )
+    ).run
+    b = (
+        await alice.StartRun(
+            pb.StartRunRequest(agent="echo", input=struct(text="y"), labels={"team": "blue"})
+        )
+    ).run
     c = await start(alice, "gated", gate="filter")
     await read_all(alice, a.run_id)
     await read_all(alice, b.run_id)

@@ -9,8 +9,23 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent / "runservice"
 FORBIDDEN = {
-    "domain": ("grpc", "sqlalchemy", "google", "runservice.api", "runservice.store", "runservice.runtime", "runservice.v1"),
-    "runtime": ("grpc", "sqlalchemy", "google", "runservice.api", "runservice.store", "runservice.v1"),
+    "domain": (
+        "grpc",
+        "sqlalchemy",
+        "google",
+        "runservice.api",
+        "runservice.store",
+        "runservice.runtime",
+        "runservice.v1",
+    ),
+    "runtime": (
+        "grpc",
+        "sqlalchemy",
+        "google",
+        "runservice.api",
+        "runservice.store",
+        "runservice.v1",
+    ),
     "store": ("grpc", "google", "runservice.api", "runservice.runtime", "runservice.v1"),
     "agents": ("grpc", "sqlalchemy", "runservice.api", "runservice.store", "runservice.v1"),
 }

@@ -11,7 +11,10 @@ from runservice.domain import errors
 from runservice.domain.model import RunState
 from runservice.v1 import error_reason_pb2, run_pb2
 
-REASONS = {name.removeprefix("ERROR_REASON_") for name in error_reason_pb2.ErrorReason.keys()}
+REASONS = {
+    name.removeprefix("ERROR_REASON_")
+    for name in error_reason_pb2.ErrorReason.keys()  # noqa: SIM118 - an enum wrapper, not a dict
+}
 
 
 def _all_error_classes() -> list[type[errors.RunServiceError]]:
@@ -50,13 +53,17 @@ def test_every_error_reason_is_declared_in_the_proto(cls: type[errors.RunService
         (errors.TokenExpiredError("x"), grpc.StatusCode.UNAUTHENTICATED),
     ],
 )
-def test_each_domain_error_maps_to_its_status_code(error: errors.RunServiceError, code: grpc.StatusCode) -> None:
+def test_each_domain_error_maps_to_its_status_code(
+    error: errors.RunServiceError, code: grpc.StatusCode
+) -> None:
     """The one table gives each domain error the code DESIGN §2 names."""
     assert status.status_for(error) == code
     assert status.to_status(error).code == code
 
 
-def test_unknown_exceptions_become_internal_without_their_text(caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_exceptions_become_internal_without_their_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An unexpected exception is INTERNAL with an error id; its text stays in the log."""
     result = status.to_status(ValueError("secret detail /etc/passwd"))
     assert result.code == grpc.StatusCode.INTERNAL

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
@@ -27,6 +27,9 @@ from runservice.domain.model import Principal
 logger = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/runservice.v1.RunService/"
+SHA256_HEX_LEN = 64
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("runservice_principal")
 
@@ -98,7 +101,7 @@ def load_tokens(path: Path) -> dict[str, _Entry]:
         user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
         if not isinstance(user, str) or not user:
             raise ValueError(f"{path}: tokens[{i}] needs a non-empty user")
-        if not isinstance(digest, str) or len(digest) != 64:
+        if not isinstance(digest, str) or len(digest) != SHA256_HEX_LEN:
             raise ValueError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise ValueError(f"{path}: tokens[{i}].roles must be a list of strings")
@@ -113,9 +116,7 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str:
             text = value.decode() if isinstance(value, bytes) else str(value)
             scheme, _, token = text.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise AuthenticationError(
-                    "the authorization metadata must read 'Bearer <token>'"
-                )
+                raise AuthenticationError("the authorization metadata must read 'Bearer <token>'")
             return token.strip()
     raise CredentialsMissingError(
         "this call needs credentials: send metadata 'authorization: Bearer <token>'"
@@ -130,15 +131,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         try:
-            principal = self._authenticate(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+            principal = self._authenticate(handler_call_details.invocation_metadata)
         except AuthenticationError as exc:
             return _deny(handler, exc)
 
@@ -158,7 +159,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         raise failure or AuthenticationError("no authentication backend is configured")
 
 
-def _wrap(handler: Any, before: Callable[[], None]) -> grpc.RpcMethodHandler:
+def _wrap(handler: Any, before: Callable[[], None]) -> Handler:
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             status.wrap_unary(handler.unary_unary, before),
@@ -171,10 +172,11 @@ def _wrap(handler: Any, before: Callable[[], None]) -> grpc.RpcMethodHandler:
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-    return handler  # RunService has no client-streaming methods
+    wrapped: Handler = handler  # RunService has no client-streaming methods
+    return wrapped
 
 
-def _deny(handler: Any, exc: AuthenticationError) -> grpc.RpcMethodHandler:
+def _deny(handler: Any, exc: AuthenticationError) -> Handler:
     def refuse() -> None:
         raise exc
 

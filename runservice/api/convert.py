@@ -34,6 +34,7 @@ from runservice.v1 import run_pb2, run_service_pb2
 DOMAIN = "runservice"
 MAX_INPUT_BYTES = 256 * 1024
 MAX_LABELS = 64
+UUID_TEXT_LEN = 36
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
 
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -62,7 +63,7 @@ def run_id_from_proto(value: str, field: str = "run_id") -> str:
     if not value:
         raise InvalidArgumentError(field, "required; pass the run_id returned by StartRun")
     try:
-        parsed = uuid.UUID(value) if len(value) == 36 else None
+        parsed = uuid.UUID(value) if len(value) == UUID_TEXT_LEN else None
     except ValueError:
         parsed = None
     if parsed is None:
@@ -78,7 +79,8 @@ def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartR
         raise InvalidArgumentError("agent", "required; ListAgents shows the available agents")
     if not _AGENT_NAME.fullmatch(request.agent):
         raise InvalidArgumentError(
-            "agent", "must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "agent",
+            "must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit",
         )
     input_size = request.input.ByteSize()
     if input_size > MAX_INPUT_BYTES:
@@ -110,7 +112,9 @@ def filter_from_proto(
     chosen = set()
     for value in states:
         if value not in STATE_FROM_PROTO:
-            raise InvalidArgumentError("states", f"{value} is not a RunState value other than UNSPECIFIED")
+            raise InvalidArgumentError(
+                "states", f"{value} is not a RunState value other than UNSPECIFIED"
+            )
         chosen.add(STATE_FROM_PROTO[value])
     if agent and not _AGENT_NAME.fullmatch(agent):
         raise InvalidArgumentError("agent", "is not a valid agent name")
@@ -209,7 +213,9 @@ def run_to_proto(run: Run) -> run_pb2.Run:
     if run.ended_at is not None:
         msg.end_time.CopyFrom(_timestamp(run.ended_at))
     if run.timeout is not None:
-        msg.timeout.CopyFrom(duration_pb2.Duration(seconds=int(run.timeout), nanos=int(run.timeout % 1 * 1e9)))
+        msg.timeout.CopyFrom(
+            duration_pb2.Duration(seconds=int(run.timeout), nanos=int(run.timeout % 1 * 1e9))
+        )
     return msg
 
 

@@ -16,6 +16,7 @@ from runservice.domain.errors import InvalidPageTokenError
 from runservice.domain.model import RunFilter, Scope
 
 _SIG_BYTES = 16
+MAX_TOKEN_LEN = 1024
 
 
 def _query_digest(scope: Scope, run_filter: RunFilter) -> str:
@@ -51,7 +52,7 @@ class PageTokens:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             sig, body = raw[:_SIG_BYTES], raw[_SIG_BYTES:]
             expected = hmac.new(self._secret, body, hashlib.sha256).digest()[:_SIG_BYTES]
-            if len(token) > 1024 or not hmac.compare_digest(sig, expected):
+            if len(token) > MAX_TOKEN_LEN or not hmac.compare_digest(sig, expected):
                 raise InvalidPageTokenError()
             data = json.loads(body)
             if data["q"] != _query_digest(scope, run_filter) or not isinstance(data["b"], str):

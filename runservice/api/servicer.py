@@ -53,7 +53,10 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             else None
         )
         runs = await self._manager.list_runs(
-            principal, run_filter, all_users=request.all_users, before_run_id=before,
+            principal,
+            run_filter,
+            all_users=request.all_users,
+            before_run_id=before,
             limit=size + 1,
         )
         token = ""

@@ -83,9 +83,7 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def wrap_unary(
-    behavior: Callable[..., Any], before: Callable[[], None]
-) -> Callable[..., Any]:
+def wrap_unary(behavior: Callable[..., Any], before: Callable[[], None]) -> Callable[..., Any]:
     """A unary behaviour that runs `before`, then maps raised errors to statuses."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -105,7 +103,9 @@ def wrap_stream(
 ) -> Callable[..., AsyncIterator[Any]]:
     """A server-streaming behaviour that runs `before`, then maps raised errors to statuses."""
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             before()
             async for item in behavior(request, context):
@@ -116,5 +116,3 @@ def wrap_stream(
             await abort(context, exc)
 
     return stream
-
-

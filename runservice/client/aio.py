@@ -67,18 +67,24 @@ class AsyncRunClient:
         thread_id: str = "",
         request_id: str = "",
         labels: Mapping[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the run's time limit, not this call's
         multitask_strategy: int = run_pb2.MULTITASK_STRATEGY_UNSPECIFIED,
     ) -> run_pb2.Run:
         """Starts a run and returns it."""
         struct = struct_pb2.Struct()
         struct.update(dict(input or {}))
         request = pb.StartRunRequest(
-            agent=agent, input=struct, thread_id=thread_id, request_id=request_id,
-            labels=dict(labels or {}), multitask_strategy=multitask_strategy,  # type: ignore[arg-type]
+            agent=agent,
+            input=struct,
+            thread_id=thread_id,
+            request_id=request_id,
+            labels=dict(labels or {}),
+            multitask_strategy=multitask_strategy,  # type: ignore[arg-type]
         )
         if timeout is not None:
-            request.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout), nanos=int(timeout % 1 * 1e9)))
+            request.timeout.CopyFrom(
+                duration_pb2.Duration(seconds=int(timeout), nanos=int(timeout % 1 * 1e9))
+            )
         response = await self._call(self._stub.StartRun, request)
         return response.run  # type: ignore[no-any-return]
 

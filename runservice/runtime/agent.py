@@ -14,7 +14,7 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -78,7 +78,7 @@ class AgentContext(Protocol):
         ...
 
 
-Agent = Callable[[AgentContext, Mapping[str, Any]], Awaitable[Mapping[str, Any] | None]]
+Agent = Callable[[AgentContext, Mapping[str, Any]], Coroutine[Any, Any, Mapping[str, Any] | None]]
 
 
 class AgentRegistry:

@@ -171,9 +171,7 @@ async def _execute(
     live: LiveRun, agent: Agent, writer: Writer, clock: Clock, grace: float
 ) -> _Outcome:
     ctx = RunContext(live, writer, clock)
-    agent_task = asyncio.create_task(
-        agent(ctx, live.run.input), name=f"agent:{live.run_id}"
-    )
+    agent_task = asyncio.create_task(agent(ctx, live.run.input), name=f"agent:{live.run_id}")
     end_task = asyncio.create_task(live.wait_end_request(), name=f"end:{live.run_id}")
     try:
         done, _ = await asyncio.wait(
@@ -210,7 +208,9 @@ async def _cancel_agent(
         )
         agent_task.add_done_callback(_consume_result)
     elif not agent_task.cancelled() and agent_task.exception() is not None:
-        logger.info("run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception())
+        logger.info(
+            "run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception()
+        )
     live.closed = True
     word = request.state.value.lower().replace("_", " ")
     failure = RunFailure(_FAILURE_CODES[request.state], f"{word}: {request.reason}")
@@ -236,7 +236,9 @@ def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
         failure = RunFailure("UNKNOWN", str(exc) or "the agent reported a failure", error_id)
     else:
         logger.error(
-            "run %s failed (error id %s)", live.run_id, error_id,
+            "run %s failed (error id %s)",
+            live.run_id,
+            error_id,
             exc_info=(type(exc), exc, exc.__traceback__),
         )
         failure = RunFailure(

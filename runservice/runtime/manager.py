@@ -114,13 +114,13 @@ class RunManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._closed.set()
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, limit: float) -> None:
         live = [r for r in self._live.values() if not r.ended.is_set()]
         if not live:
             return
-        logger.info("draining %d active runs for up to %.1fs", len(live), timeout)
+        logger.info("draining %d active runs for up to %.1fs", len(live), limit)
         waits = [asyncio.ensure_future(r.ended.wait()) for r in live]
-        _, pending = await asyncio.wait(waits, timeout=timeout)
+        _, pending = await asyncio.wait(waits, timeout=limit)
         for waiter in pending:
             waiter.cancel()
         for run in live:
@@ -139,18 +139,26 @@ class RunManager:
         if not orphans:
             return
         now = self._clock.now()
-        failure = RunFailure("UNAVAILABLE", "interrupted: the server stopped while the run was active")
+        failure = RunFailure(
+            "UNAVAILABLE", "interrupted: the server stopped while the run was active"
+        )
         events, updated = [], []
         for run in orphans:
             events.append(
                 RunEvent(
-                    run_id=run.run_id, seq=run.last_seq + 1, at=now, type=STATE_EVENT,
-                    state=RunState.INTERRUPTED, error=failure,
+                    run_id=run.run_id,
+                    seq=run.last_seq + 1,
+                    at=now,
+                    type=STATE_EVENT,
+                    state=RunState.INTERRUPTED,
+                    error=failure,
                 )
             )
             updated.append(
                 run.replace(
-                    state=RunState.INTERRUPTED, error=failure, ended_at=now,
+                    state=RunState.INTERRUPTED,
+                    error=failure,
+                    ended_at=now,
                     stop_reason="server restarted",
                 )
             )
@@ -307,7 +315,9 @@ class RunManager:
             if not run_filter.states:
                 snapshot_filter = RunFilter(
                     frozenset({RunState.PENDING, RunState.RUNNING}),
-                    run_filter.agent, run_filter.thread_id, run_filter.labels,
+                    run_filter.agent,
+                    run_filter.thread_id,
+                    run_filter.labels,
                 )
             runs = await self._store.list_runs(scope, snapshot_filter, None, SNAPSHOT_LIMIT)
         except BaseException:
@@ -385,5 +395,3 @@ def _bounded(events: list[RunEvent], max_events: int, max_bytes: int) -> list[Ru
             break
         out.append(event)
     return out
-
-

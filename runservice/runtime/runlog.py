@@ -65,7 +65,7 @@ class RunLog:
         signal.set()
 
     def read(self, cursor: int, max_events: int, max_bytes: int) -> list[RunEvent] | None:
-        """Committed events from `cursor` on, bounded; None when `cursor` is older than the window."""
+        """Committed events from `cursor` on, bounded; None if `cursor` is older than the window."""
         if cursor > self.committed_seq:
             return []
         if not self._window or cursor < self._window[0].seq:

@@ -76,10 +76,12 @@ class Writer:
         self._wake.set()
 
     def commit_run(
-        self, new: Run | None = None, event: tuple[RunLog, RunEvent] | None = None,
+        self,
+        new: Run | None = None,
+        event: tuple[RunLog, RunEvent] | None = None,
         updated: Run | None = None,
     ) -> asyncio.Future[None]:
-        """Queues a run row (new or updated) with its lifecycle event; the future resolves on commit."""
+        """Queues a run row (new or updated) with its lifecycle event; resolves on commit."""
         if new is not None:
             self._pending.new_runs.append(new)
         if event is not None:

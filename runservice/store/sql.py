@@ -169,9 +169,7 @@ class SqlRunStore:
             labels = await self._labels(conn, [row.run_id for row in rows])
         return [_run_from_row(row, labels.get(row.run_id, {})) for row in rows]
 
-    async def _labels(
-        self, conn: AsyncConnection, run_ids: list[str]
-    ) -> dict[str, dict[str, str]]:
+    async def _labels(self, conn: AsyncConnection, run_ids: list[str]) -> dict[str, dict[str, str]]:
         if not run_ids:
             return {}
         lab = tables.run_labels.c
