@@ -41,8 +41,8 @@ from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.lifecycle import LiveRun, drive_run
-from runservice.runtime.runlog import RunLog
-from runservice.runtime.writer import Writer
+from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
+from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class RuntimeSettings:
     sweep_interval: float = 1.0
     batch_max_events: int = 500
     batch_max_bytes: int = 1024 * 1024
+    window_events: int = WINDOW_EVENTS
+    window_bytes: int = WINDOW_BYTES
+    writer_max_batch: int = MAX_BATCH_EVENTS
+    writer_max_pending: int = MAX_PENDING_EVENTS
 
 
 class RunManager:
@@ -79,7 +83,12 @@ class RunManager:
         self._live: dict[str, LiveRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._feed = ChangeFeed()
-        self._writer = Writer(store, self._on_run_committed)
+        self._writer = Writer(
+            store,
+            self._on_run_committed,
+            max_batch_events=self._settings.writer_max_batch,
+            max_pending_events=self._settings.writer_max_pending,
+        )
         self._draining = False
         self._closed = asyncio.Event()
 
@@ -185,7 +194,12 @@ class RunManager:
             multitask_strategy=request.multitask_strategy,
             timeout=request.timeout,
         )
-        live = LiveRun(run, RunLog(run.run_id))
+        log = RunLog(
+            run.run_id,
+            window_events=self._settings.window_events,
+            window_bytes=self._settings.window_bytes,
+        )
+        live = LiveRun(run, log)
         self._live[run.run_id] = live
         try:
             await self._writer.commit_run(new=run)

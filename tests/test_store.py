@@ -1,0 +1,97 @@
+"""The SQLite store: migrations, scoping, label filters, and waiting out a locked database."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from runservice.domain.model import Run, RunEvent, RunFilter, RunState, Scope
+from runservice.store import open_store
+from runservice.store.migrations import MIGRATIONS
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _run(run_id: str, owner: str, **kw: object) -> Run:
+    return Run(
+        run_id=run_id, owner=owner, agent="echo", state=RunState.PENDING, created_at=T0, **kw
+    )  # type: ignore[arg-type]
+
+
+def _url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def test_migrations_apply_once_and_data_survives_reopening(tmp_path: Path) -> None:
+    """Opening a store twice applies each migration once and keeps the rows."""
+    db = tmp_path / "s.db"
+    store = await open_store(_url(db))
+    await store.commit([_run("r1", "alice", labels={"k": "v"})], [], [])
+    await store.close()
+    store = await open_store(_url(db))
+    got = await store.get_run(Scope("alice"), "r1")
+    assert got is not None and got.labels == {"k": "v"}
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM runservice_schema")]
+    assert versions == [m.version for m in MIGRATIONS]
+
+
+async def test_every_query_is_scoped_to_its_owner(tmp_path: Path) -> None:
+    """A user's scope finds only their runs; the everyone scope finds all."""
+    store = await open_store(_url(tmp_path / "s.db"))
+    await store.commit([_run("a1", "alice"), _run("b1", "bob")], [], [])
+    assert await store.get_run(Scope("bob"), "a1") is None
+    assert not await store.delete_run(Scope("bob"), "a1")
+    assert [r.run_id for r in await store.list_runs(Scope("bob"), RunFilter(), None, 10)] == ["b1"]
+    everyone = await store.list_runs(Scope("root", everyone=True), RunFilter(), None, 10)
+    assert [r.run_id for r in everyone] == ["b1", "a1"]
+    await store.close()
+
+
+async def test_events_round_trip_every_payload_kind(tmp_path: Path) -> None:
+    """Data, text, binary and empty payloads come back as written, and last_seq follows."""
+    store = await open_store(_url(tmp_path / "s.db"))
+    await store.commit([_run("r", "alice")], [], [])
+    events = [
+        RunEvent("r", 1, T0, "d", data={"x": [1, "y", None]}),
+        RunEvent("r", 2, T0, "t", text="héllo"),
+        RunEvent("r", 3, T0, "b", binary=b"\x00\xff"),
+        RunEvent("r", 4, T0, "n"),
+    ]
+    await store.commit([], events, [])
+    assert await store.read_events("r", 1, 10) == events
+    assert await store.read_events("r", 3, 1) == events[2:3]
+    run = await store.get_run(Scope("alice"), "r")
+    assert run is not None and run.last_seq == 4
+    await store.close()
+
+
+async def test_a_write_waits_out_a_locked_database(tmp_path: Path) -> None:
+    """A commit while another connection holds the write lock succeeds once it is released."""
+    db = tmp_path / "s.db"
+    store = await open_store(_url(db))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    await asyncio.to_thread(locked.wait, 10)
+    commit = asyncio.create_task(store.commit([_run("r", "alice")], [], []))
+    await asyncio.sleep(0.2)  # the commit is now blocked on the lock (nothing to poll)
+    assert not commit.done()
+    release.set()
+    await commit
+    holder.join()
+    assert await store.get_run(Scope("alice"), "r") is not None
+    await store.close()
