@@ -169,9 +169,9 @@ def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
 
 
 def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(at)
-    return ts
+    # Cheaper than Timestamp.FromDatetime, which matters on the replay path.
+    micros = round(at.timestamp() * 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
 def failure_to_proto(failure: RunFailure) -> status_pb2.Status:
@@ -221,8 +221,9 @@ def run_to_proto(run: Run) -> run_pb2.Run:
 
 def event_to_proto(event: RunEvent) -> run_pb2.RunEvent:
     """The proto form of a log event."""
-    msg = run_pb2.RunEvent(run_id=event.run_id, seq=event.seq, type=event.type)
-    msg.time.FromDatetime(event.at)
+    msg = run_pb2.RunEvent(
+        run_id=event.run_id, seq=event.seq, type=event.type, time=_timestamp(event.at)
+    )
     if event.data is not None:
         msg.data.update(event.data)
     elif event.text is not None:
