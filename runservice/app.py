@@ -24,6 +24,7 @@ from runservice.domain.ports import Clock
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
 from runservice.runtime.manager import RunManager, RuntimeSettings
+from runservice.runtime.policies import Limits
 from runservice.store import SqlRunStore, open_store
 from runservice.tokens import ensure_dev_token
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
@@ -116,6 +117,16 @@ async def build(
             stop_grace=settings.stop_grace,
             drain_timeout=settings.drain_timeout,
             memory_grace=settings.memory_grace,
+            retention=settings.retention,
+            purge_interval=settings.purge_interval,
+            default_timeout=settings.default_timeout,
+            max_timeout=settings.max_timeout,
+            limits=Limits(
+                max_active=settings.max_active,
+                max_active_per_user=settings.max_active_per_user,
+                max_queued=settings.max_queued,
+                max_queued_per_user=settings.max_queued_per_user,
+            ),
         ),
     )
     await manager.start()

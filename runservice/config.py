@@ -63,6 +63,14 @@ class Settings:
     stop_grace: float = 5.0
     drain_timeout: float = 30.0
     memory_grace: float = 300.0
+    retention: float = 7 * 86400.0
+    purge_interval: float = 60.0
+    max_active: int = 1000
+    max_active_per_user: int = 100
+    max_queued: int = 10_000
+    max_queued_per_user: int = 1000
+    default_timeout: float = 0.0
+    max_timeout: float = 0.0
     max_receive_message_size: int = 4 * 1024**2
     max_send_message_size: int = 16 * 1024**2
     keepalive_time: float = 60.0
@@ -112,7 +120,24 @@ OPTIONS: tuple[_Option, ...] = (
         parse_duration,
         "30s",
     ),
-    _Option("memory-grace", "how long finished runs stay in memory", parse_duration, "5m"),
+    _Option(
+        "memory-grace",
+        "how long finished runs stay in memory after their last reader",
+        parse_duration,
+        "5m",
+    ),
+    _Option("retention", "how long finished runs and their logs are kept", parse_duration, "7d"),
+    _Option("purge-interval", "how often expired runs are purged", parse_duration, "1m"),
+    _Option("max-active", "active runs on the server; 0 = no cap", int, "1000"),
+    _Option("max-active-per-user", "active runs per user; 0 = no cap", int, "100"),
+    _Option(
+        "max-queued", "runs queued on threads (ENQUEUE), server-wide; 0 = no cap", int, "10000"
+    ),
+    _Option("max-queued-per-user", "runs queued on threads per user; 0 = no cap", int, "1000"),
+    _Option("default-timeout", "time limit of runs that set none; 0 = none", parse_duration, "0"),
+    _Option(
+        "max-timeout", "the largest time limit a run may ask for; 0 = none", parse_duration, "0"
+    ),
     _Option("max-receive-message-size", "largest request message accepted", parse_size, "4MiB"),
     _Option("max-send-message-size", "largest response message sent", parse_size, "16MiB"),
     _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,7 +17,7 @@ from runservice.app import App, build
 from runservice.config import Settings
 from runservice.tokens import add_token
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
-from tests.fakes import GATES, FakeClock
+from tests.fakes import GATES, TIMELINE, FakeClock
 
 USERS = {"alice": [], "bob": [], "root": ["admin"]}
 
@@ -74,7 +74,11 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
     settings = Settings(
         listen="127.0.0.1:0",
         data_dir=data_dir,
-        agents=("gated=tests.fakes:gated", "refusing=tests.fakes:refusing"),
+        agents=(
+            "gated=tests.fakes:gated",
+            "refusing=tests.fakes:refusing",
+            "recorder=tests.fakes:recorder",
+        ),
         **overrides,
     )
     app = await build(settings, clock=clock)
@@ -90,14 +94,33 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Harness]:
-    """A live server for one test; stopped (runs drained briefly) afterwards."""
+async def make_server(
+    tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """Starts servers with settings overrides; stops them (runs drained briefly) afterwards."""
     GATES.clear()
-    harness = await start_harness(tmp_path, clock, stop_grace=2.0, drain_timeout=0.5)
+    TIMELINE.clear()
+    started: list[Harness] = []
+
+    async def make(**overrides: Any) -> Harness:
+        settings = {"stop_grace": 2.0, "drain_timeout": 0.5, **overrides}
+        data_dir = tmp_path / f"server{len(started)}"
+        data_dir.mkdir()
+        harness = await start_harness(data_dir, clock, **settings)
+        started.append(harness)
+        return harness
+
     try:
-        yield harness
+        yield make
     finally:
         for event in GATES.values():
             event.set()
-        await harness.channel.close()
-        await harness.app.stop()
+        for harness in started:
+            await harness.channel.close()
+            await harness.app.stop()
+
+
+@pytest.fixture
+async def server(make_server: Callable[..., Awaitable[Harness]]) -> Harness:
+    """A live server with the default settings."""
+    return await make_server()

@@ -55,3 +55,17 @@ async def gated(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any
 async def refusing(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
     """Fails deliberately with a message meant for the client."""
     raise RunError("the input names no such document")
+
+
+TIMELINE: list[tuple[str, str]] = []
+"""(what, run_id) pairs appended by `recorder` agents: ("start", id) and ("end", id)."""
+
+
+async def recorder(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Records when it starts and ends in TIMELINE, yielding to the loop in between."""
+    TIMELINE.append(("start", ctx.run_id))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await ctx.emit("work", text="done")
+    TIMELINE.append(("end", ctx.run_id))
+    return {}

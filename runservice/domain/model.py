@@ -87,6 +87,7 @@ class Run:
     request_id: str = ""
     multitask_strategy: MultitaskStrategy = MultitaskStrategy.REJECT
     timeout: float | None = None
+    request_hash: str = ""  # digest of the StartRun request, to tell a retry from a reuse
 
     def replace(self, **changes: Any) -> Run:
         """A copy with `changes` applied."""

@@ -54,6 +54,14 @@ class RunStore(Protocol):
         """Deletes a run and its events; False when it is not there for `scope`."""
         ...
 
+    async def find_by_request_id(self, scope: Scope, request_id: str) -> Run | None:
+        """The scope's user's run started with `request_id`, if any."""
+        ...
+
+    async def purge_ended_before(self, cutoff: datetime, limit: int) -> list[str]:
+        """Deletes up to `limit` finished runs that ended before `cutoff`; returns their ids."""
+        ...
+
     async def unfinished_runs(self) -> list[Run]:
         """Every run not in a terminal state, for reconciliation at start (all owners)."""
         ...

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -59,6 +59,11 @@ class LiveRun:
         self.closed = False
         self.subscribers = 0
         self.idle_since: datetime | None = None
+        # Runs of the same thread this one waits for (ENQUEUE, INTERRUPT); empty otherwise.
+        self.predecessors: list[LiveRun] = []
+        self.queued = False  # counted as queued (waiting on its thread), not active
+        self.started = False
+        self.committed: asyncio.Future[None] | None = None
         self._end_signal = asyncio.Event()
 
     @property
@@ -150,10 +155,23 @@ class _Outcome:
 
 
 async def drive_run(
-    live: LiveRun, agent: Agent, writer: Writer, clock: Clock, *, grace: float
+    live: LiveRun,
+    agent: Agent,
+    writer: Writer,
+    clock: Clock,
+    *,
+    grace: float,
+    on_start: Callable[[LiveRun], None],
 ) -> None:
-    """Runs the agent and records exactly one terminal state for the run."""
+    """Waits for the run's turn on its thread, runs the agent, records one terminal state."""
     try:
+        if not await _wait_turn(live, writer, clock):
+            request = live.end_request
+            assert request is not None
+            await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
+            return
+        live.started = True
+        on_start(live)
         await _transition(live, writer, clock, RunState.RUNNING)
         outcome = await _execute(live, agent, writer, clock, grace)
     except asyncio.CancelledError:
@@ -165,6 +183,40 @@ async def drive_run(
             reason="server shutdown",
         )
     await asyncio.shield(_finish(live, writer, clock, outcome))
+
+
+async def _wait_turn(live: LiveRun, writer: Writer, clock: Clock) -> bool:
+    """Waits until every predecessor on the thread has ended; False if ended meanwhile."""
+    waiting = [p for p in live.predecessors if not p.ended.is_set()]
+    if not waiting:
+        return live.end_request is None
+    event = RunEvent(
+        run_id=live.run_id,
+        seq=live.log.assign_seq(),
+        at=clock.now(),
+        type=STATE_EVENT,
+        state=RunState.PENDING,
+    )
+    await writer.commit_run(event=(live.log, event))
+    end = asyncio.ensure_future(live.wait_end_request())
+    try:
+        for predecessor in waiting:
+            turn = asyncio.ensure_future(predecessor.ended.wait())
+            done, _ = await asyncio.wait({turn, end}, return_when=asyncio.FIRST_COMPLETED)
+            turn.cancel()
+            if end in done:
+                return False
+    finally:
+        end.cancel()
+    return live.end_request is None
+
+
+def _ended_while_queued(request: EndRequest) -> _Outcome:
+    word = request.state.value.lower().replace("_", " ")
+    failure = RunFailure(
+        _FAILURE_CODES[request.state], f"{word} before it started: {request.reason}"
+    )
+    return _Outcome(request.state, failure=failure, reason=request.reason)
 
 
 async def _execute(

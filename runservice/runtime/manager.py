@@ -8,6 +8,7 @@ and from the store afterwards, transparently.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -18,14 +19,19 @@ from uuid6 import uuid7
 
 from runservice.domain.errors import (
     AdminOnlyError,
+    InvalidArgumentError,
+    RequestIdReusedError,
     RunActiveError,
     RunNotFoundError,
     SeqOutOfRangeError,
     ServerDrainingError,
+    StoreUnavailableError,
+    ThreadBusyError,
 )
 from runservice.domain.model import (
     STATE_EVENT,
     AgentInfo,
+    MultitaskStrategy,
     Principal,
     Run,
     RunChange,
@@ -41,6 +47,7 @@ from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.lifecycle import LiveRun, drive_run
+from runservice.runtime.policies import Admission, Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
@@ -64,6 +71,12 @@ class RuntimeSettings:
     window_bytes: int = WINDOW_BYTES
     writer_max_batch: int = MAX_BATCH_EVENTS
     writer_max_pending: int = MAX_PENDING_EVENTS
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    default_timeout: float = 0.0  # 0: runs have no time limit unless they ask for one
+    max_timeout: float = 0.0  # 0: no maximum
+    retention: float = 7 * 86400.0
+    purge_interval: float = 60.0
+    purge_batch: int = 500
 
 
 class RunManager:
@@ -91,6 +104,9 @@ class RunManager:
         )
         self._draining = False
         self._closed = asyncio.Event()
+        self._admission = Admission(self._settings.limits)
+        self._threads: dict[tuple[str, str], list[LiveRun]] = {}
+        self._requests: dict[tuple[str, str], LiveRun] = {}
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -99,6 +115,7 @@ class RunManager:
         await self._reconcile_orphans()
         self._writer.start()
         self._spawn(self._sweep_loop(), name="runservice-sweeper")
+        self._spawn(self._purge_loop(), name="runservice-purger")
 
     @property
     def draining(self) -> bool:
@@ -127,6 +144,9 @@ class RunManager:
         live = [r for r in self._live.values() if not r.ended.is_set()]
         if not live:
             return
+        for run in live:
+            if not run.started:  # queued runs do not start during a drain
+                run.request_end(RunState.INTERRUPTED, "server shutdown")
         logger.info("draining %d active runs for up to %.1fs", len(live), limit)
         waits = [asyncio.ensure_future(r.ended.wait()) for r in live]
         _, pending = await asyncio.wait(waits, timeout=limit)
@@ -177,10 +197,86 @@ class RunManager:
     # -- use cases ----------------------------------------------------------------------
 
     async def start_run(self, principal: Principal, request: StartRequest) -> Run:
-        """Creates a run, commits its row, and starts it; returns it PENDING."""
+        """Admits a run (idempotency, thread strategy, caps), commits its row, starts it.
+
+        Returns the run PENDING; for a repeated request_id, the run the first call created.
+        """
         if self._draining:
             raise ServerDrainingError()
         agent = self._agents.get(request.agent)
+        request = self._with_timeout(request)
+        fingerprint = request_fingerprint(request)
+        if request.request_id:
+            existing = await self._find_request(principal, request.request_id, fingerprint)
+            if existing is not None:
+                return existing
+        # From here to the registration there is no await: the decision is atomic.
+        if request.request_id:
+            twin = self._requests.get((principal.user, request.request_id))
+            if twin is not None:
+                return await self._same_request(twin, request.request_id, fingerprint)
+        live = self._admit(principal, request, fingerprint)
+        try:
+            live.committed = self._writer.commit_run(new=live.run)
+            await asyncio.shield(live.committed)
+        except BaseException:
+            self._forget(live)
+            raise
+        for predecessor in live.predecessors if self._interrupts(live) else ():
+            predecessor.request_end(RunState.STOPPED, f"interrupted by run {live.run_id}")
+        live.task = self._spawn(
+            drive_run(
+                live,
+                agent,
+                self._writer,
+                self._clock,
+                grace=self._settings.stop_grace,
+                on_start=self._on_start,
+            ),
+            name=f"run:{live.run_id}",
+        )
+        return live.run
+
+    def _with_timeout(self, request: StartRequest) -> StartRequest:
+        s = self._settings
+        timeout = request.timeout or s.default_timeout or None
+        if timeout is not None and s.max_timeout and timeout > s.max_timeout:
+            raise InvalidArgumentError(
+                "timeout", f"must be at most {s.max_timeout:g}s on this server (--max-timeout)"
+            )
+        return dataclasses.replace(request, timeout=timeout)
+
+    async def _find_request(
+        self, principal: Principal, request_id: str, fingerprint: str
+    ) -> Run | None:
+        twin = self._requests.get((principal.user, request_id))
+        if twin is not None:
+            return await self._same_request(twin, request_id, fingerprint)
+        run = await self._store.find_by_request_id(Scope(principal.user), request_id)
+        if run is None:
+            return None
+        if run.request_hash != fingerprint:
+            raise RequestIdReusedError(request_id, run.run_id)
+        live = self._live.get(run.run_id)
+        return self._view(live) if live is not None else run
+
+    async def _same_request(self, twin: LiveRun, request_id: str, fingerprint: str) -> Run:
+        if twin.run.request_hash != fingerprint:
+            raise RequestIdReusedError(request_id, twin.run_id)
+        if twin.committed is not None:
+            await asyncio.shield(twin.committed)
+        return self._view(twin)
+
+    def _admit(self, principal: Principal, request: StartRequest, fingerprint: str) -> LiveRun:
+        """Checks the thread strategy and caps and registers the run; never awaits."""
+        key = (principal.user, request.thread_id)
+        line = self._threads.get(key, []) if request.thread_id else []
+        active = [r for r in line if not r.ended.is_set()]
+        strategy = request.multitask_strategy
+        if active and strategy is MultitaskStrategy.REJECT:
+            raise ThreadBusyError(request.thread_id, active[0].run_id)
+        queued = bool(active)
+        self._admission.check(principal.user, queued=queued)
         run = Run(
             run_id=str(uuid7()),
             owner=principal.user,
@@ -191,8 +287,9 @@ class RunManager:
             thread_id=request.thread_id,
             labels=dict(request.labels),
             request_id=request.request_id,
-            multitask_strategy=request.multitask_strategy,
+            multitask_strategy=strategy,
             timeout=request.timeout,
+            request_hash=fingerprint if request.request_id else "",
         )
         log = RunLog(
             run.run_id,
@@ -200,17 +297,40 @@ class RunManager:
             window_bytes=self._settings.window_bytes,
         )
         live = LiveRun(run, log)
+        live.predecessors = active
+        live.queued = queued
+        self._admission.add(principal.user, queued=queued)
         self._live[run.run_id] = live
-        try:
-            await self._writer.commit_run(new=run)
-        except BaseException:
-            self._live.pop(run.run_id, None)
-            raise
-        live.task = self._spawn(
-            drive_run(live, agent, self._writer, self._clock, grace=self._settings.stop_grace),
-            name=f"run:{run.run_id}",
-        )
-        return run
+        if request.thread_id:
+            self._threads.setdefault(key, []).append(live)
+        if request.request_id:
+            self._requests[(principal.user, request.request_id)] = live
+        return live
+
+    def _interrupts(self, live: LiveRun) -> bool:
+        return live.run.multitask_strategy is MultitaskStrategy.INTERRUPT
+
+    def _forget(self, live: LiveRun) -> None:
+        """Undoes _admit for a run whose row could not be committed."""
+        self._live.pop(live.run_id, None)
+        self._release(live)
+        if live.run.request_id:
+            self._requests.pop((live.run.owner, live.run.request_id), None)
+
+    def _on_start(self, live: LiveRun) -> None:
+        if live.queued:
+            live.queued = False
+            self._admission.promote(live.run.owner)
+
+    def _release(self, live: LiveRun) -> None:
+        """A run ended (or was never committed): free its cap slot and its thread place."""
+        self._admission.remove(live.run.owner, queued=live.queued)
+        key = (live.run.owner, live.run.thread_id)
+        line = self._threads.get(key)
+        if line is not None:
+            line[:] = [r for r in line if r is not live]
+            if not line:
+                del self._threads[key]
 
     async def get_run(self, principal: Principal, run_id: str) -> Run:
         """The run, from memory while live, else from the store."""
@@ -364,6 +484,7 @@ class RunManager:
             live.run = run
             if run.state.terminal:
                 live.idle_since = run.ended_at
+                self._release(live)
         change = RunChange.CREATED if created else RunChange.STATE_CHANGED
         view = self._view(live) if live is not None else run
         self._feed.publish(WatchUpdate(change, view))
@@ -392,8 +513,36 @@ class RunManager:
             and now - live.idle_since >= grace
         ]
         for run_id in gone:
-            del self._live[run_id]
+            self._evict(run_id)
         return len(gone)
+
+    def _evict(self, run_id: str) -> None:
+        live = self._live.pop(run_id, None)
+        if live is not None and live.run.request_id:
+            self._requests.pop((live.run.owner, live.run.request_id), None)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.purge_interval)
+            try:
+                await self.purge()
+            except StoreUnavailableError:
+                logger.exception("purging expired runs failed; will retry")
+
+    async def purge(self) -> int:
+        """Deletes runs that ended more than the retention period ago, in bounded batches."""
+        cutoff = self._clock.now() - timedelta(seconds=self._settings.retention)
+        total = 0
+        while True:
+            purged = await self._store.purge_ended_before(cutoff, self._settings.purge_batch)
+            total += len(purged)
+            for run_id in purged:  # retention outranks the memory grace period
+                self._evict(run_id)
+            if len(purged) < self._settings.purge_batch:
+                break
+        if total:
+            logger.info("purged %d runs that ended before %s", total, cutoff.isoformat())
+        return total
 
     def in_memory(self, run_id: str) -> bool:
         """True while the run is held in memory (for tests and metrics)."""

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Column, Connection, Index, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runservice.store import tables
@@ -25,12 +25,37 @@ class Migration:
 
 
 def _initial_schema(conn: Connection) -> None:
-    for table in (tables.runs, tables.run_labels, tables.events):
+    # The tables as they were at version 1; later columns come from later migrations.
+    runs_v1 = Table(
+        "runs",
+        MetaData(),
+        *(
+            Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+            for c in tables.runs.columns
+            if c.name != "request_hash"
+        ),
+        *(Index(i.name, *(c.name for c in i.columns)) for i in tables.runs.indexes),
+    )
+    for table in (runs_v1, tables.run_labels, tables.events):
         table.create(conn)
+
+
+def _request_ids(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE runs ADD COLUMN request_hash VARCHAR(64) NOT NULL DEFAULT ''"))
+    # Partial unique index (SQLite and PostgreSQL both have them): one run per owner and
+    # idempotency key, for runs that have a key.
+    conn.execute(
+        text(
+            "CREATE UNIQUE INDEX ux_runs_owner_request_id ON runs (owner, request_id) "
+            "WHERE request_id <> ''"
+        )
+    )
+    conn.execute(text("CREATE INDEX ix_runs_state_ended ON runs (state, ended_us)"))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
+    Migration(2, "idempotency keys and the retention index", _request_ids),
 )
 
 

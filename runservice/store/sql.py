@@ -156,6 +156,43 @@ class SqlRunStore:
         await self._write(work)
         return deleted
 
+    async def find_by_request_id(self, scope: Scope, request_id: str) -> Run | None:
+        """The scope's user's run started with `request_id`, if any."""
+        r = tables.runs.c
+        query = select(tables.runs).where(r.owner == scope.user, r.request_id == request_id)
+        async with self._engine.connect() as conn:
+            row = (await self._read(conn, query)).first()
+            if row is None:
+                return None
+            labels = await self._labels(conn, [row.run_id])
+        return _run_from_row(row, labels.get(row.run_id, {}))
+
+    async def purge_ended_before(self, cutoff: datetime, limit: int) -> list[str]:
+        """Deletes up to `limit` finished runs that ended before `cutoff`, with their logs."""
+        r = tables.runs.c
+        terminal = [s.value for s in RunState if s.terminal]
+        query = (
+            select(r.run_id)
+            .where(r.state.in_(terminal), r.ended_us < _us(cutoff))
+            .order_by(r.ended_us)
+            .limit(limit)
+        )
+        purged: list[str] = []
+
+        async def work(conn: AsyncConnection) -> None:
+            nonlocal purged
+            run_ids = list((await conn.execute(query)).scalars())
+            if run_ids:
+                await conn.execute(delete(tables.events).where(tables.events.c.run_id.in_(run_ids)))
+                await conn.execute(
+                    delete(tables.run_labels).where(tables.run_labels.c.run_id.in_(run_ids))
+                )
+                await conn.execute(delete(tables.runs).where(r.run_id.in_(run_ids)))
+            purged = run_ids
+
+        await self._write(work)
+        return purged
+
     async def unfinished_runs(self) -> list[Run]:
         """Every run left PENDING or RUNNING, across owners (for reconciliation)."""
         active = [RunState.PENDING.value, RunState.RUNNING.value]
@@ -282,6 +319,7 @@ def _run_row(run: Run) -> dict[str, Any]:
         "request_id": run.request_id,
         "multitask_strategy": run.multitask_strategy.value,
         "timeout_s": run.timeout,
+        "request_hash": run.request_hash,
     }
 
 
@@ -318,6 +356,7 @@ def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
         request_id=row.request_id,
         multitask_strategy=MultitaskStrategy(row.multitask_strategy),
         timeout=row.timeout_s,
+        request_hash=row.request_hash,
     )
 
 

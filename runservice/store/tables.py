@@ -46,6 +46,8 @@ runs = Table(
     Column("request_id", String(255), nullable=False, default=""),
     Column("multitask_strategy", String(16), nullable=False),
     Column("timeout_s", Float, nullable=True),
+    # Added by migration 2: a digest of the StartRun request, to tell a retry from a reuse.
+    Column("request_hash", String(64), nullable=False, default="", server_default=""),
     Index("ix_runs_owner_run_id", "owner", "run_id"),
     Index("ix_runs_owner_thread", "owner", "thread_id"),
     Index("ix_runs_state", "state"),

@@ -1,0 +1,102 @@
+"""Admission policies: caps on active and queued runs, threads, and idempotency keys.
+
+Decisions are made synchronously (no await between the check and the registration), so
+on one event loop two concurrent StartRun calls can never both pass a check that only
+one of them should.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from runservice.domain.errors import TooManyActiveRunsError
+from runservice.domain.model import StartRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on runs; 0 means no cap."""
+
+    max_active: int = 0
+    max_active_per_user: int = 0
+    max_queued: int = 0
+    max_queued_per_user: int = 0
+
+
+class Admission:
+    """Counts each user's active and queued runs and refuses past the caps."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._active: Counter[str] = Counter()
+        self._queued: Counter[str] = Counter()
+
+    def check(self, owner: str, *, queued: bool) -> None:
+        """Raises TooManyActiveRunsError if one more run for `owner` would pass a cap."""
+        lim = self._limits
+        if queued:
+            _cap(
+                self._queued[owner],
+                lim.max_queued_per_user,
+                "queued runs per user",
+                "--max-queued-per-user",
+            )
+            _cap(self._queued.total(), lim.max_queued, "queued runs on this server", "--max-queued")
+        else:
+            _cap(
+                self._active[owner],
+                lim.max_active_per_user,
+                "active runs per user",
+                "--max-active-per-user",
+            )
+            _cap(self._active.total(), lim.max_active, "active runs on this server", "--max-active")
+
+    def add(self, owner: str, *, queued: bool) -> None:
+        """Counts a new run."""
+        (self._queued if queued else self._active)[owner] += 1
+
+    def promote(self, owner: str) -> None:
+        """A queued run starts: it now counts as active."""
+        self._queued[owner] -= 1
+        self._active[owner] += 1
+
+    def remove(self, owner: str, *, queued: bool) -> None:
+        """A run ended."""
+        counter = self._queued if queued else self._active
+        counter[owner] -= 1
+        if counter[owner] <= 0:
+            del counter[owner]
+
+    def active(self, owner: str | None = None) -> int:
+        """Active runs of `owner`, or of everyone."""
+        return self._active.total() if owner is None else self._active[owner]
+
+
+def _cap(current: int, cap: int, what: str, flag: str) -> None:
+    if cap and current >= cap:
+        raise TooManyActiveRunsError(
+            f"the limit of {cap} {what} is reached; wait for a run to end or stop one "
+            f"(operators can raise it with {flag})",
+            limit=flag.removeprefix("--"),
+            cap=str(cap),
+        )
+
+
+def request_fingerprint(request: StartRequest) -> str:
+    """A digest of everything a StartRun request asks for except its idempotency key."""
+    canonical = json.dumps(
+        {
+            "agent": request.agent,
+            "input": request.input,
+            "thread_id": request.thread_id,
+            "strategy": request.multitask_strategy.value,
+            "labels": dict(request.labels),
+            "timeout": request.timeout,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
