@@ -26,6 +26,7 @@ from runservice.runtime.clock import SystemClock
 from runservice.runtime.manager import RunManager, RuntimeSettings
 from runservice.runtime.policies import Limits
 from runservice.store import SqlRunStore, open_store
+from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
 from runservice.tokens import ensure_dev_token
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 
@@ -44,6 +45,7 @@ class App:
     store: SqlRunStore
     health: health.aio.HealthServicer
     port: int
+    lock: FileLock | None = None
     _stopped: bool = False
 
     async def stop(self) -> None:
@@ -55,6 +57,8 @@ class App:
         await self.manager.shutdown()
         await self.server.stop(SERVER_STOP_GRACE_S)
         await self.store.close()
+        if self.lock is not None:
+            self.lock.release()
         logger.info("stopped")
 
 
@@ -108,6 +112,25 @@ async def build(
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.dev_token:
         ensure_dev_token(settings.data_dir, settings.tokens_path)
+    # Reconciliation marks every unfinished run INTERRUPTED: that is only right when no
+    # other live server owns them, so a SQLite file serves one process at a time.
+    lock = lock_for(settings.db_url)
+    if lock is not None:
+        lock.acquire()
+    try:
+        return await _build_locked(settings, clock, authenticators, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+async def _build_locked(
+    settings: Settings,
+    clock: Clock | None,
+    authenticators: list[Authenticator] | None,
+    lock: FileLock | None,
+) -> App:
     store = await open_store(settings.db_url)
     manager = RunManager(
         store,
@@ -150,7 +173,7 @@ async def build(
     logger.info(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
-    return App(server, manager, store, health_servicer, port)
+    return App(server, manager, store, health_servicer, port, lock)
 
 
 def _safe_url(url: str) -> str:
@@ -160,7 +183,11 @@ def _safe_url(url: str) -> str:
 
 async def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
-    app = await build(settings)
+    try:
+        app = await build(settings)
+    except DatabaseInUseError as exc:
+        logger.error("%s", exc)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

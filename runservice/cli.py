@@ -170,8 +170,21 @@ def _client(args: argparse.Namespace, run: Callable[..., Coroutine[Any, Any, int
 def _as_dict(message: Any) -> dict[str, Any]:
     from google.protobuf import json_format
 
-    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    result: dict[str, Any] = _whole_numbers(
+        json_format.MessageToDict(message, preserving_proto_field_name=True)
+    )
     return result
+
+
+def _whole_numbers(value: Any) -> Any:
+    """JSON numbers arrive as floats (google.protobuf.Value); show 2.0 as 2."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def _state(run: Any) -> str:
@@ -284,11 +297,9 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_as_dict(r) for r in runs], indent=2))
         return 0
-    table = Table()
-    for column in ("run_id", "state", "agent", "owner", "created", "last_seq"):
-        table.add_column(column)
-    for run in runs:
-        table.add_row(
+    columns = ("run_id", "state", "agent", "owner", "created", "last_seq")
+    rows = [
+        (
             run.run_id,
             _state(run),
             run.agent,
@@ -296,6 +307,18 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
             str(run.last_seq),
         )
+        for run in runs
+    ]
+    if not out.is_terminal:  # piped: whole values, one run per line, tab-separated
+        for row in (columns, *rows):
+            print("\t".join(row))
+        return 0
+    table = Table()
+    for column in columns:
+        # Run ids are copied into other commands: never shorten them.
+        table.add_column(column, no_wrap=column in ("run_id", "state", "created"))
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
     return 0
 
