@@ -69,8 +69,15 @@ def build_agents(settings: Settings) -> AgentRegistry:
         agents.register(name, agent)
     agents.load_entry_points()
     for spec in settings.agents:
-        agents.load_spec(spec)
+        try:
+            agents.load_spec(spec)
+        except (ValueError, TypeError, ImportError, AttributeError) as exc:
+            raise AgentLoadError(f"--agent {spec}: {exc}") from exc
     return agents
+
+
+class AgentLoadError(RuntimeError):
+    """An --agent spec could not be loaded."""
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -185,13 +192,21 @@ async def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
     try:
         app = await build(settings)
-    except DatabaseInUseError as exc:
+    except (DatabaseInUseError, AgentLoadError) as exc:
         logger.error("%s", exc)
         return 1
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        logger.warning("second signal: interrupting the remaining runs now")
+        app.manager.hurry()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     logger.info("shutting down: draining runs for up to %.0fs", settings.drain_timeout)
     await app.stop()

@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=config.parse_duration, default=None, help="time limit, e.g. 10m"
     )
     start.add_argument(
+        "--strategy",
+        choices=("reject", "interrupt", "enqueue"),
+        default="reject",
+        help="what to do when the thread has an active run (default reject)",
+    )
+    start.add_argument("--request-id", default="", help="idempotency key: a retry returns the run")
+    start.add_argument(
         "--follow", "-f", action="store_true", help="then print its events until it ends"
     )
 
@@ -237,6 +244,8 @@ def _print_event(event: Any, as_json: bool) -> None:
 
 
 async def _start(client: Any, args: argparse.Namespace) -> int:
+    from runservice.v1 import run_pb2
+
     try:
         data = json.loads(args.input)
     except json.JSONDecodeError as exc:
@@ -246,8 +255,15 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
         err.print("[red]error:[/] --input must be a JSON object")
         return 2
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    strategy = run_pb2.MultitaskStrategy.Value("MULTITASK_STRATEGY_" + args.strategy.upper())
     run = await client.start_run(
-        args.agent, data, thread_id=args.thread, labels=labels, timeout=args.timeout
+        args.agent,
+        data,
+        thread_id=args.thread,
+        labels=labels,
+        timeout=args.timeout,
+        request_id=args.request_id,
+        multitask_strategy=strategy,
     )
     if not args.follow:
         if args.json:

@@ -44,6 +44,15 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
+    return value.lower()
+
+
 def default_data_dir() -> Path:
     """RUNSERVICE_HOME, else ~/.local/share/runservice."""
     home = os.environ.get("RUNSERVICE_HOME")
@@ -108,7 +117,7 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "db",
-        "database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...)",
+        "database URL, sqlite+aiosqlite:///FILE",
         str,
         "a SQLite file in the data directory",
     ),
@@ -131,9 +140,17 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("max-active", "active runs on the server; 0 = no cap", int, "1000"),
     _Option("max-active-per-user", "active runs per user; 0 = no cap", int, "100"),
     _Option(
-        "max-queued", "runs queued on threads (ENQUEUE), server-wide; 0 = no cap", int, "10000"
+        "max-queued",
+        "runs waiting for their turn on a thread, server-wide; 0 = no cap",
+        int,
+        "10000",
     ),
-    _Option("max-queued-per-user", "runs queued on threads per user; 0 = no cap", int, "1000"),
+    _Option(
+        "max-queued-per-user",
+        "runs waiting for their turn on a thread, per user; 0 = no cap",
+        int,
+        "1000",
+    ),
     _Option("default-timeout", "time limit of runs that set none; 0 = none", parse_duration, "0"),
     _Option(
         "max-timeout", "the largest time limit a run may ask for; 0 = none", parse_duration, "0"
@@ -149,7 +166,7 @@ OPTIONS: tuple[_Option, ...] = (
         "10s",
     ),
     _Option("max-concurrent-streams", "HTTP/2 streams per connection", int, "1000"),
-    _Option("log-level", "debug, info, warning or error", str, "info"),
+    _Option("log-level", "debug, info, warning or error", lambda v: _choice(v, LOG_LEVELS), "info"),
 )
 
 
@@ -173,12 +190,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="NAME=module:attr",
-        help="register an extra agent; repeatable (env RUNSERVICE_AGENTS, comma-separated)",
+        help="register an extra agent; repeatable (env RUNSERVICE_AGENT, comma-separated)",
     )
     parser.add_argument(
         "--dev-token",
         action="store_true",
-        help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent",
+        help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent "
+        "(env RUNSERVICE_DEV_TOKEN=1)",
     )
 
 
@@ -196,7 +214,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
                 raise SystemExit(f"{env_name(opt.flag)}: {exc}") from None
         if value is not None:
             values[attr] = value
-    agents = args.agent or [a for a in env.get("RUNSERVICE_AGENTS", "").split(",") if a]
+    agents = args.agent or [a.strip() for a in env.get("RUNSERVICE_AGENT", "").split(",") if a]
     values["agents"] = tuple(agents)
-    values["dev_token"] = bool(args.dev_token)
+    truthy = ("1", "true", "yes")
+    values["dev_token"] = args.dev_token or env.get("RUNSERVICE_DEV_TOKEN", "").lower() in truthy
     return Settings(**values)

@@ -68,6 +68,7 @@ class TokensFileAuthenticator:
         self._path = path
         self._stamp: tuple[float, int] | None = None
         self._by_hash: dict[str, _Entry] = {}
+        self._warned = False
         self._reload()
 
     def authenticate(self, token: str) -> Principal:
@@ -82,13 +83,22 @@ class TokensFileAuthenticator:
         try:
             st = os.stat(self._path)
         except FileNotFoundError:
+            if self._stamp is not None or not self._warned:
+                logger.warning("tokens file %s does not exist: no token is accepted", self._path)
+                self._warned = True
             self._by_hash, self._stamp = {}, None
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp:
             return
-        self._by_hash = load_tokens(self._path)
         self._stamp = stamp
+        try:
+            self._by_hash = load_tokens(self._path)
+        except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+            logger.error(
+                "tokens file %s not reloaded, keeping the previous tokens: %s", self._path, exc
+            )
+            return
         logger.info("loaded %d tokens from %s", len(self._by_hash), self._path)
 
 

@@ -122,6 +122,17 @@ class AsyncRunClient:
         """The agents the server runs."""
         return list((await self._call(self._stub.ListAgents, pb.ListAgentsRequest())).agents)
 
+    async def watch_runs(self, **filters: Any) -> AsyncIterator[pb.WatchRunsResponse]:
+        """The snapshot, the RUN_CHANGE_SNAPSHOT_END marker, then every change."""
+        call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=self._metadata)
+        try:
+            async for update in call:
+                yield update
+        except grpc.aio.AioRpcError as exc:
+            raise RunServiceClientError(exc) from None
+        finally:
+            call.cancel()
+
     async def wait(self, run_id: str) -> run_pb2.Run:
         """The run once it is terminal."""
         async for _ in self.subscribe(run_id, from_seq=(await self.get_run(run_id)).last_seq + 1):

@@ -170,5 +170,9 @@ class TokenExpiredError(AuthenticationError):
     reason = "TOKEN_EXPIRED"
 
 
-class StoreUnavailableError(Exception):
-    """The store failed in a way retries did not cure. Never shown to clients verbatim."""
+class StoreError(Exception):
+    """The store refused an operation for good (a constraint, a bug). Never shown verbatim."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or stayed locked; the same operation may succeed later."""

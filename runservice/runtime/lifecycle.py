@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from runservice.domain.errors import StoreError
 from runservice.domain.model import (
     STATE_EVENT,
     Run,
@@ -162,8 +163,31 @@ async def drive_run(
     *,
     grace: float,
     on_start: Callable[[LiveRun], None],
+    on_lost: Callable[[LiveRun], None],
 ) -> None:
-    """Waits for the run's turn on its thread, runs the agent, records one terminal state."""
+    """Waits for the run's turn on its thread, runs the agent, records one terminal state.
+
+    If the store refuses the run's log for good, the run is abandoned in memory (`on_lost`)
+    and its row stays unfinished until the next start reconciles it to INTERRUPTED.
+    """
+    try:
+        await _drive(live, agent, writer, clock, grace=grace, on_start=on_start)
+    except StoreError:
+        live.closed = True
+        live.ended.set()
+        logger.error("run %s abandoned: its log could not be stored", live.run_id)
+        on_lost(live)
+
+
+async def _drive(
+    live: LiveRun,
+    agent: Agent,
+    writer: Writer,
+    clock: Clock,
+    *,
+    grace: float,
+    on_start: Callable[[LiveRun], None],
+) -> None:
     try:
         if not await _wait_turn(live, writer, clock):
             request = live.end_request
@@ -238,7 +262,7 @@ async def _execute(
         return _outcome_of(live, agent_task)
     if live.end_request is None:
         assert live.run.timeout is not None
-        live.request_end(RunState.TIMED_OUT, f"timed out after {live.run.timeout:g}s")
+        live.request_end(RunState.TIMED_OUT, f"time limit of {live.run.timeout:g}s exceeded")
     request = live.end_request
     assert request is not None
     return await _cancel_agent(live, agent_task, request, grace)

@@ -25,6 +25,7 @@ from runservice.domain.errors import (
     RunNotFoundError,
     SeqOutOfRangeError,
     ServerDrainingError,
+    StoreError,
     StoreUnavailableError,
     ThreadBusyError,
 )
@@ -103,6 +104,7 @@ class RunManager:
             max_pending_events=self._settings.writer_max_pending,
         )
         self._draining = False
+        self._hurry = asyncio.Event()
         self._closed = asyncio.Event()
         self._admission = Admission(self._settings.limits)
         self._threads: dict[tuple[str, str], list[LiveRun]] = {}
@@ -140,6 +142,10 @@ class RunManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._closed.set()
 
+    def hurry(self) -> None:
+        """Cuts the drain short: runs still active are interrupted now."""
+        self._hurry.set()
+
     async def _drain(self, limit: float) -> None:
         live = [r for r in self._live.values() if not r.ended.is_set()]
         if not live:
@@ -148,10 +154,13 @@ class RunManager:
             if not run.started:  # queued runs do not start during a drain
                 run.request_end(RunState.INTERRUPTED, "server shutdown")
         logger.info("draining %d active runs for up to %.1fs", len(live), limit)
-        waits = [asyncio.ensure_future(r.ended.wait()) for r in live]
-        _, pending = await asyncio.wait(waits, timeout=limit)
-        for waiter in pending:
-            waiter.cancel()
+        all_ended: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(r.ended.wait() for r in live))
+        )
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({all_ended, hurry}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        all_ended.cancel()
+        hurry.cancel()
         for run in live:
             run.request_end(RunState.INTERRUPTED, "server shutdown")
         grace = self._settings.stop_grace + 1.0
@@ -232,6 +241,7 @@ class RunManager:
                 self._clock,
                 grace=self._settings.stop_grace,
                 on_start=self._on_start,
+                on_lost=self._on_lost,
             ),
             name=f"run:{live.run_id}",
         )
@@ -322,6 +332,12 @@ class RunManager:
             live.queued = False
             self._admission.promote(live.run.owner)
 
+    def _on_lost(self, live: LiveRun) -> None:
+        failure = RunFailure("INTERNAL", "the run's log could not be stored; it was abandoned")
+        live.run = live.run.replace(state=RunState.INTERRUPTED, error=failure)
+        live.idle_since = self._clock.now()
+        self._release(live)
+
     def _release(self, live: LiveRun) -> None:
         """A run ended (or was never committed): free its cap slot and its thread place."""
         self._admission.remove(live.run.owner, queued=live.queued)
@@ -374,9 +390,10 @@ class RunManager:
         run = await self.get_run(principal, run_id)
         if not run.state.terminal:
             raise RunActiveError(run_id, "deleting it")
-        live = self._live.pop(run_id, None)
         if not await self._store.delete_run(principal.own_scope(), run_id):
             raise RunNotFoundError(run_id)
+        live = self._live.get(run_id)
+        self._evict(run_id)  # its request_id is free again, too
         if live is not None:
             live.log.finished = True
         self._feed.publish(WatchUpdate(RunChange.DELETED, run))
@@ -421,6 +438,8 @@ class RunManager:
     ) -> list[RunEvent] | None:
         s = self._settings
         while True:
+            if live is not None and live.log.broken is not None:
+                raise StoreError("the run's log could not be stored")
             if live is not None:
                 window = live.log.read(cursor, s.batch_max_events, s.batch_max_bytes)
                 if window:

@@ -31,6 +31,7 @@ class RunLog:
         self.run_id = run_id
         self.committed_seq = last_seq
         self.finished = False
+        self.broken: BaseException | None = None
         self._next_seq = last_seq + 1
         self._window: deque[RunEvent] = deque()
         self._window_bytes = 0
@@ -81,7 +82,13 @@ class RunLog:
             out.append(event)
         return out
 
+    def fail(self, exc: BaseException) -> None:
+        """Marks the log broken: its events can no longer be stored; wakes every reader."""
+        self.broken = exc
+        signal, self._signal = self._signal, asyncio.Event()
+        signal.set()
+
     async def wait_beyond(self, seq: int) -> None:
-        """Returns once an event after `seq` is committed, or the log is finished."""
-        while self.committed_seq <= seq and not self.finished:
+        """Returns once an event after `seq` is committed, or the log is finished or broken."""
+        while self.committed_seq <= seq and not self.finished and self.broken is None:
             await self._signal.wait()

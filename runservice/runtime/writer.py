@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runservice.domain.errors import StoreUnavailableError
+from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent
 from runservice.domain.ports import RunStore
 from runservice.runtime.runlog import RunLog
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_EVENTS = 2000
 MAX_PENDING_EVENTS = 20000
 RETRY_BACKOFF_MAX_S = 5.0
+RETRY_ATTEMPTS = 8  # about 11 s of backoff before a batch is given up
 
 
 @dataclass
@@ -31,7 +32,21 @@ class _Batch:
     new_runs: list[Run] = field(default_factory=list)
     events: list[tuple[RunLog, RunEvent]] = field(default_factory=list)
     updated_runs: list[Run] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    # (run_id or None for a flush, future resolved once the work before it is committed)
+    waiters: list[tuple[str | None, asyncio.Future[None]]] = field(default_factory=list)
+
+    def split_by_run(self) -> list[_Batch]:
+        """One batch per run, so that one run's bad data cannot sink another's."""
+        parts: dict[str | None, _Batch] = {}
+        for run in self.new_runs:
+            parts.setdefault(run.run_id, _Batch()).new_runs.append(run)
+        for log, event in self.events:
+            parts.setdefault(event.run_id, _Batch()).events.append((log, event))
+        for run in self.updated_runs:
+            parts.setdefault(run.run_id, _Batch()).updated_runs.append(run)
+        for run_id, waiter in self.waiters:
+            parts.setdefault(run_id, _Batch()).waiters.append((run_id, waiter))
+        return list(parts.values())
 
     def __bool__(self) -> bool:
         return bool(self.new_runs or self.events or self.updated_runs or self.waiters)
@@ -68,7 +83,12 @@ class Writer:
         self._task = asyncio.create_task(self._loop(), name="runservice-writer")
 
     async def append(self, log: RunLog, event: RunEvent) -> None:
-        """Queues an event; waits while the writer is too far behind."""
+        """Queues an event; waits while the writer is too far behind.
+
+        Raises StoreError once the run's log has failed to commit.
+        """
+        if log.broken is not None:
+            raise StoreError("this run's log could not be stored")
         while len(self._pending.events) >= self._max_pending:
             self._space.clear()
             await self._space.wait()
@@ -81,15 +101,24 @@ class Writer:
         event: tuple[RunLog, RunEvent] | None = None,
         updated: Run | None = None,
     ) -> asyncio.Future[None]:
-        """Queues a run row (new or updated) with its lifecycle event; resolves on commit."""
+        """Queues a run row (new or updated) with its lifecycle event; resolves on commit.
+
+        The future fails with StoreError if the store refuses the work for good.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        run_id = next((r.run_id for r in (new, updated) if r is not None), None)
+        if event is not None:
+            run_id = event[1].run_id
+            if event[0].broken is not None:
+                waiter.set_exception(StoreError("this run's log could not be stored"))
+                return waiter
         if new is not None:
             self._pending.new_runs.append(new)
         if event is not None:
             self._pending.events.append(event)
         if updated is not None:
             self._pending.updated_runs.append(updated)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.waiters.append(waiter)
+        self._pending.waiters.append((run_id, waiter))
         self._wake.set()
         return waiter
 
@@ -127,19 +156,63 @@ class Writer:
         return pending
 
     async def _commit(self, batch: _Batch) -> None:
-        events = [event for _, event in batch.events]
-        delay = 0.05
-        while True:
-            try:
-                await self._store.commit(batch.new_runs, events, batch.updated_runs)
-                break
-            except StoreUnavailableError:
-                logger.exception("commit of %d events failed; retrying", len(events))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
-        self._publish(batch)
+        failure = await self._try_commit(batch)
+        if isinstance(failure, StoreError) and not isinstance(failure, StoreUnavailableError):
+            parts = batch.split_by_run()
+            if len(parts) > 1:  # find the run whose data the store refuses; commit the rest
+                for part in parts:
+                    await self._commit(part)
+                return
+        if failure is None:
+            self._publish(batch)
+        else:
+            self._fail(batch, failure)
         if len(self._pending.events) < self._max_pending:
             self._space.set()
+
+    async def _try_commit(self, batch: _Batch) -> StoreError | None:
+        events = [event for _, event in batch.events]
+        delay = 0.05
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                await self._store.commit(batch.new_runs, events, batch.updated_runs)
+                return None
+            except StoreUnavailableError as exc:
+                if attempt == RETRY_ATTEMPTS:
+                    return exc
+                logger.warning(
+                    "commit of %d events failed (attempt %d); retrying",
+                    len(events),
+                    attempt,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+            except StoreError as exc:
+                return exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fail(self, batch: _Batch, exc: StoreError) -> None:
+        """Gives up on a batch: its runs' logs are broken, their waiters fail."""
+        run_ids = sorted(
+            {e.run_id for _, e in batch.events}
+            | {r.run_id for r in batch.new_runs}
+            | {r.run_id for r in batch.updated_runs}
+        )
+        logger.error(
+            "the store refused a commit for runs %s; they are abandoned",
+            ", ".join(run_ids),
+            exc_info=exc,
+        )
+        for log, _ in batch.events:
+            log.fail(exc)
+        for run_id, waiter in batch.waiters:
+            if waiter.done():
+                continue
+            if run_id is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(StoreError("the run could not be stored"))
 
     def _publish(self, batch: _Batch) -> None:
         for run in batch.new_runs:
@@ -151,6 +224,6 @@ class Writer:
             log.publish(events)
         for run in batch.updated_runs:
             self._on_run_committed(run, False)
-        for waiter in batch.waiters:
+        for _, waiter in batch.waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -1,7 +1,8 @@
 """SqlRunStore: runs and event logs in any SQLAlchemy async database (SQLite, PostgreSQL).
 
 Writes only SQL both accept. Driver errors stay here: "database is locked" is retried a
-bounded number of times, anything else surfaces as StoreUnavailableError.
+bounded number of times; a database that stays locked or cannot be reached surfaces as
+StoreUnavailableError (worth retrying later), any other driver error as StoreError.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, delete, exists, insert, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runservice.domain.errors import StoreUnavailableError
+from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import (
     MultitaskStrategy,
     Run,
@@ -237,8 +238,10 @@ async def _retry_locked(attempt: Callable[[], Awaitable[T]]) -> T:
                 raise StoreUnavailableError("database operation failed") from exc
             logger.warning("database is locked; retry %d of %d", n + 1, LOCK_RETRIES - 1)
             await asyncio.sleep(LOCK_BACKOFF_S * (2**n))
+        except InterfaceError as exc:
+            raise StoreUnavailableError("database connection failed") from exc
         except DBAPIError as exc:
-            raise StoreUnavailableError("database operation failed") from exc
+            raise StoreError("database refused the operation") from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
 
