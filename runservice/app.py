@@ -80,6 +80,10 @@ class AgentLoadError(RuntimeError):
     """An --agent spec could not be loaded."""
 
 
+class ListenError(RuntimeError):
+    """The server could not bind its listen address."""
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The transport limits, all explicit."""
     return [
@@ -175,7 +179,14 @@ async def _build_locked(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.listen)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        await manager.shutdown(0)
+        await store.close()
+        raise ListenError(
+            f"cannot listen on {settings.listen} (is another process using it?)"
+        ) from exc
     await server.start()
     logger.info(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
@@ -192,7 +203,7 @@ async def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
     try:
         app = await build(settings)
-    except (DatabaseInUseError, AgentLoadError) as exc:
+    except (DatabaseInUseError, AgentLoadError, ListenError) as exc:
         logger.error("%s", exc)
         return 1
     stop = asyncio.Event()

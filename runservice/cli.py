@@ -21,7 +21,7 @@ from runservice import config
 DEFAULT_ADDR = "127.0.0.1:50051"
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,6 @@ from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writ
 
 logger = logging.getLogger(__name__)
 
-REPLAY_PAGE = 1000
 SNAPSHOT_LIMIT = 1000
 
 
@@ -419,23 +418,26 @@ class RunManager:
         live = self._live.get(run_id)
         if live is not None:
             live.subscribers += 1
+        s = self._settings
         try:
             while True:
-                batch = await self._next_batch(run_id, live, cursor)
-                if batch is None:
+                events = await self._next_events(run_id, live, cursor)
+                if events is None:
                     return
-                yield batch
-                cursor = batch[-1].seq + 1
-                if batch[-1].terminal:
-                    return
+                for batch in _batches(events, s.batch_max_events, s.batch_max_bytes):
+                    yield batch
+                    if batch[-1].terminal:
+                        return
+                cursor = events[-1].seq + 1
         finally:
             if live is not None:
                 live.subscribers -= 1
                 live.idle_since = self._clock.now()
 
-    async def _next_batch(
+    async def _next_events(
         self, run_id: str, live: LiveRun | None, cursor: int
     ) -> list[RunEvent] | None:
+        """The next events from `cursor` (waiting for them if live); None at the end."""
         s = self._settings
         while True:
             if live is not None and live.log.broken is not None:
@@ -449,9 +451,10 @@ class RunManager:
                 if window == []:
                     await live.log.wait_beyond(cursor - 1)
                     continue
-            events = await self._store.read_events(run_id, cursor, REPLAY_PAGE)
+            # One batch per read: a slow subscriber holds at most one batch in memory.
+            events = await self._store.read_events(run_id, cursor, s.batch_max_events)
             if events:
-                return _bounded(events, s.batch_max_events, s.batch_max_bytes)
+                return events
             if live is None:
                 return None  # finished and evicted: the store holds the whole log
 
@@ -568,12 +571,18 @@ class RunManager:
         return run_id in self._live
 
 
-def _bounded(events: list[RunEvent], max_events: int, max_bytes: int) -> list[RunEvent]:
-    out: list[RunEvent] = []
+def _batches(events: list[RunEvent], max_events: int, max_bytes: int) -> list[list[RunEvent]]:
+    """Consecutive slices of `events`, each within the count and byte bounds (never empty)."""
+    out: list[list[RunEvent]] = []
+    current: list[RunEvent] = []
     size = 0
-    for event in events[:max_events]:
-        size += event.size_hint()
-        if out and size > max_bytes:
-            break
-        out.append(event)
+    for event in events:
+        event_size = event.size_hint()
+        if current and (len(current) >= max_events or size + event_size > max_bytes):
+            out.append(current)
+            current, size = [], 0
+        current.append(event)
+        size += event_size
+    if current:
+        out.append(current)
     return out
