@@ -6,7 +6,7 @@
 #   make proto-check  fail if the committed generated code is stale
 #   make buf          install the pinned buf CLI into protos/node_modules
 #   make lint         buf lint, ruff check, ruff format --check, mypy --strict
-#   make test         proto-check, then pytest (extra args: PYTEST_ARGS=...)
+#   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
 #   make run          start a development server
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
@@ -102,6 +102,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	$(VENV_PY) -m mypy --strict runservice
 
 test: $(VENV_STAMP) $(BUF_STAMP)
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	rc=0; $(VENV_PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ] && [ -n "$(ALLOW_NO_TESTS)" ]; then \
