@@ -123,10 +123,30 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(serve(settings))
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+        return loop.run_until_complete(serve(settings))
+    finally:
+        _close_loop(loop)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, limit: float = 2.0) -> None:
+    """Closes the loop without waiting forever for agents that ignore cancellation.
+
+    asyncio.run() would wait for every task, so one abandoned agent could keep the
+    process from exiting after a clean shutdown.
+    """
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=limit))
+        if stuck:
+            logging.getLogger("runservice").warning(
+                "exiting with %d abandoned agent tasks that ignored cancellation", len(stuck)
+            )
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
 
 
 def _tokens_add(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "gated=tests.fakes:gated",
             "refusing=tests.fakes:refusing",
             "recorder=tests.fakes:recorder",
+            "stubborn=tests.fakes:stubborn",
         ),
         **overrides,
     )

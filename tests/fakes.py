@@ -69,3 +69,16 @@ async def recorder(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, 
     await ctx.emit("work", text="done")
     TIMELINE.append(("end", ctx.run_id))
     return {}
+
+
+async def stubborn(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Ignores the first cancellation and keeps going: the server must abandon it.
+
+    It gives in to the second one, so the test's event loop can still close.
+    """
+    await ctx.emit("started", text="not stopping")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await asyncio.sleep(3600)
+    return {}

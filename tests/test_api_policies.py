@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from runservice.domain.model import Principal
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness, wait_for
@@ -282,3 +283,87 @@ async def test_watch_sees_every_transition_of_a_hundred_runs_in_order(server: Ha
             (pb.RUN_CHANGE_STATE_CHANGED, run_pb2.RUN_STATE_RUNNING),
             (pb.RUN_CHANGE_STATE_CHANGED, run_pb2.RUN_STATE_SUCCEEDED),
         ]
+
+
+async def test_an_agent_that_ignores_cancellation_is_abandoned_after_the_grace(
+    make_server: MakeServer,
+) -> None:
+    """StopRun returns STOPPED once --stop-grace has passed, even if the agent never yields."""
+    server = await make_server(stop_grace=0.3)
+    alice = server.caller("alice")
+    run = await start(alice, "stubborn")
+    await read_until_type(alice, run.run_id, "started")
+    stopped = (await alice.StopRun(pb.StopRunRequest(run_id=run.run_id))).run
+    assert stopped.state == run_pb2.RUN_STATE_STOPPED
+    events = await read_all(alice, run.run_id)
+    assert [e.type for e in events] == ["run.state", "started", "run.state"]
+
+
+async def read_until_type(caller: Any, run_id: str, event_type: str) -> None:
+    """Reads the run's log until an event of `event_type` arrives."""
+    call = caller.Subscribe(pb.SubscribeRequest(run_id=run_id))
+    async for response in call:
+        if any(e.type == event_type for e in response.events):
+            break
+    call.cancel()
+
+
+async def test_memory_grace_is_rearmed_while_someone_is_subscribed(server: Harness) -> None:
+    """A finished run stays in memory while subscribed, and for the grace period after."""
+    alice = server.caller("alice")
+    manager = server.app.manager
+    run = await start(alice, "ticker", count=3)
+    await read_all(alice, run.run_id)
+    principal = Principal("alice")
+    batches = await manager.subscribe(principal, run.run_id, 1)
+    await anext(batches)  # a subscriber is now attached, mid-log
+    server.clock.advance(3600)
+    assert manager.sweep() == 0 and manager.in_memory(run.run_id)
+    await batches.aclose()  # the subscriber leaves: the grace period starts again
+    server.clock.advance(299)
+    assert manager.sweep() == 0
+    server.clock.advance(2)
+    assert manager.sweep() == 1 and not manager.in_memory(run.run_id)
+
+
+async def test_watch_streams_end_cleanly_at_shutdown(make_server: MakeServer) -> None:
+    """An open WatchRuns stream ends with OK when the server shuts down."""
+    server = await make_server()
+    call = server.caller("alice").WatchRuns(pb.WatchRunsRequest())
+    async for update in call:
+        if update.change == pb.RUN_CHANGE_SNAPSHOT_END:
+            break
+    stopping = asyncio.create_task(server.app.stop())
+    async for _ in call:
+        pass
+    assert await call.code() == grpc.StatusCode.OK
+    await stopping
+
+
+async def test_a_failed_runs_traceback_is_logged_under_its_error_id(
+    server: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's error id finds the agent's traceback in the server log."""
+    alice = server.caller("alice")
+    run = await start(alice, "ticker", count=3, fail_at=1)
+    events = await read_all(alice, run.run_id)
+    error_id = events[-1].error.message.split("error id ")[1].rstrip(")")
+    records = [r for r in caplog.records if error_id in r.getMessage()]
+    assert records and records[0].exc_info is not None
+    assert "fail_at" in str(records[0].exc_info[1])
+
+
+async def test_stop_and_enqueue_racing_on_a_thread_never_overlap(server: Harness) -> None:
+    """StopRun of the active run and an ENQUEUE StartRun at once: the new run starts after."""
+    alice = server.caller("alice")
+    first = (await alice.StartRun(_thread_request(run_pb2.MULTITASK_STRATEGY_REJECT, gate="x"))).run
+    request = _thread_request(run_pb2.MULTITASK_STRATEGY_ENQUEUE, agent="recorder")
+    stopped, second = await asyncio.gather(
+        alice.StopRun(pb.StopRunRequest(run_id=first.run_id)), alice.StartRun(request)
+    )
+    assert stopped.run.state == run_pb2.RUN_STATE_STOPPED
+    events = await read_all(alice, second.run.run_id)
+    assert events[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+    first_end = (await alice.GetRun(pb.GetRunRequest(run_id=first.run_id))).run.end_time
+    second_start = (await alice.GetRun(pb.GetRunRequest(run_id=second.run.run_id))).run.start_time
+    assert second_start.ToNanoseconds() >= first_end.ToNanoseconds()

@@ -141,6 +141,24 @@ class RunManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._closed.set()
 
+    async def _wait_ended(self, live: list[LiveRun], limit: float) -> None:
+        """Waits until every run in `live` ended, `limit` passed, or hurry() was called."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(r.ended.wait()) for r in live}
+        try:
+            while pending and not hurry.done() and loop.time() < deadline:
+                _, pending = await asyncio.wait(
+                    pending | {hurry},
+                    timeout=deadline - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                pending.discard(hurry)
+        finally:
+            for waiter in (*pending, hurry):
+                waiter.cancel()
+
     def hurry(self) -> None:
         """Cuts the drain short: runs still active are interrupted now."""
         self._hurry.set()
@@ -153,13 +171,7 @@ class RunManager:
             if not run.started:  # queued runs do not start during a drain
                 run.request_end(RunState.INTERRUPTED, "server shutdown")
         logger.info("draining %d active runs for up to %.1fs", len(live), limit)
-        all_ended: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(*(r.ended.wait() for r in live))
-        )
-        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
-        await asyncio.wait({all_ended, hurry}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-        all_ended.cancel()
-        hurry.cancel()
+        await self._wait_ended(live, limit)
         for run in live:
             run.request_end(RunState.INTERRUPTED, "server shutdown")
         grace = self._settings.stop_grace + 1.0
