@@ -177,17 +177,17 @@ def _token(addr: str) -> str | None:
 
 
 def _client(args: argparse.Namespace, run: Callable[..., Coroutine[Any, Any, int]]) -> int:
-    from runservice.client import AsyncRunClient, RunServiceClientError
+    from runservice.client import AsyncRunClient, RunServiceError
 
     addr = args.addr or os.environ.get("RUNSERVICE_ADDR") or DEFAULT_ADDR
 
     async def go() -> int:
-        async with AsyncRunClient(addr, _token(addr)) as client:
+        async with AsyncRunClient(addr, token=_token(addr)) as client:
             return await run(client, args)
 
     try:
         return asyncio.run(go())
-    except RunServiceClientError as exc:
+    except RunServiceError as exc:
         err.print(f"[red]error:[/] {exc.code.name}: {exc.message}")
         return 1
     except KeyboardInterrupt:

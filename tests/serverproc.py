@@ -199,20 +199,23 @@ async def start_server(
     via_env: bool = False,
     log_path: Path | None = None,
     limit: float = STARTUP_TIMEOUT_S,
+    port: int | None = None,
 ) -> ServerProcess:
     """Starts `runservice serve` on a free loopback port with `data_dir`; returns once healthy.
 
     `args` are extra flags (e.g. ["--drain-timeout", "1s"]); `env` extra environment. With
     `via_env`, the listen address and data directory are passed as RUNSERVICE_LISTEN and
     RUNSERVICE_DATA_DIR instead of flags. The log (stderr and stdout) is appended to
-    `log_path`, by default DATA_DIR.log beside the data directory.
+    `log_path`, by default DATA_DIR.log beside the data directory. `port` pins the port
+    (to restart a server where its clients expect it).
     """
     data_dir = Path(data_dir)
     log_path = log_path or data_dir.with_name(data_dir.name + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     last: Exception | None = None
-    for _ in range(PORT_ATTEMPTS):
-        port = free_port()
+    fixed = port
+    for _ in range(PORT_ATTEMPTS if fixed is None else 1):
+        port = fixed or free_port()
         listen = f"127.0.0.1:{port}"
         extra_env = dict(env or {})
         cmd = [sys.executable, "-m", "runservice", "serve"]

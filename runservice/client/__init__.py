@@ -1,5 +1,40 @@
-"""The Python client of runservice."""
+"""The Python client of runservice: AsyncRunClient and its blocking twin RunClient."""
 
-from runservice.client.aio import AsyncRunClient, RunServiceClientError
+from runservice.client.aio import TERMINAL_STATES, AsyncRunClient, RetryPolicy, TLSConfig
+from runservice.client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RunServiceError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from runservice.client.sync import RunClient
 
-__all__ = ["AsyncRunClient", "RunServiceClientError"]
+__all__ = [
+    "TERMINAL_STATES",
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncRunClient",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "RunClient",
+    "RunServiceError",
+    "TLSConfig",
+    "UnauthenticatedError",
+    "UnavailableError",
+]

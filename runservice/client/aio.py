@@ -1,47 +1,121 @@
-"""AsyncRunClient: every RunService call, with pagination and a resuming Subscribe."""
+"""AsyncRunClient: every RunService call, pagination, and a Subscribe that resumes itself.
+
+`subscribe()` is the promise of gap-free resume made for the caller: when the stream
+breaks for a transient reason (the server restarts, a proxy cuts the connection, a
+per-attempt deadline passes) it reconnects from `last_seen + 1` with jittered
+exponential backoff, and drops anything it has already delivered, so the caller sees
+each seq exactly once, in order, until the run's terminal event.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from runservice.client.errors import RunServiceError, UnavailableError, from_rpc_error, is_transient
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+T = TypeVar("T")
+
+TokenProvider = Callable[[], "str | Awaitable[str]"]
+"""Returns the bearer token to send; called before every call and every reconnect."""
+
+TERMINAL_STATES = frozenset(
+    {
+        run_pb2.RUN_STATE_SUCCEEDED,
+        run_pb2.RUN_STATE_FAILED,
+        run_pb2.RUN_STATE_STOPPED,
+        run_pb2.RUN_STATE_INTERRUPTED,
+        run_pb2.RUN_STATE_TIMED_OUT,
+    }
+)
+
+# Reconnect quickly after a server restart: grpc's default backoff grows to 120 s.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
 
 
-class RunServiceClientError(Exception):
-    """A call failed; `code`, `reason` (ErrorInfo) and `metadata` say how."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried: jittered exponential backoff, bounded.
 
-    def __init__(self, error: grpc.aio.AioRpcError) -> None:
-        self.code = error.code()
-        self.message = error.details() or ""
-        self.reason = ""
-        self.metadata: dict[str, str] = {}
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-        for detail in status.details if status is not None else ():
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                self.reason, self.metadata = info.reason, dict(info.metadata)
-        super().__init__(f"{self.code.name}: {self.message}")
+    A resumed stream gives up when `give_up_after` seconds pass without progress (an
+    event received) or after `max_attempts` consecutive failures (0: no count limit).
+    """
+
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    give_up_after: float = 60.0
+    max_attempts: int = 0
+
+    def backoff(self, attempt: int) -> float:
+        """The delay before retry number `attempt` (1-based): full jitter."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS for the channel; with `private_key` and `certificate_chain`, a client certificate."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
 
 
 class AsyncRunClient:
-    """A connection to a runservice server, authenticated with a bearer token."""
+    """A connection to a runservice server.
 
-    def __init__(self, address: str, token: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    Credentials are a fixed `token` or a `token_provider` (sync or async) called before
+    every call and every reconnect, so a refreshed JWT is picked up. `call_timeout` is the
+    deadline of unary calls; `stream_timeout`, if set, of each attempt of a stream.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        tls: TLSConfig | None = None,
+        retry: RetryPolicy | None = None,
+        call_timeout: float | None = 30.0,
+        stream_timeout: float | None = None,
+        channel_options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        options = [*CHANNEL_OPTIONS, *channel_options]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            creds = grpc.ssl_channel_credentials(
+                tls.root_certificates, tls.private_key, tls.certificate_chain
+            )
+            self._channel = grpc.aio.secure_channel(address, creds, options=options)
         self._stub = pb_grpc.RunServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._token = token
+        self._token_provider = token_provider
+        self.retry = retry or RetryPolicy()
+        self._call_timeout = call_timeout
+        self._stream_timeout = stream_timeout
 
     async def __aenter__(self) -> AsyncRunClient:
         return self
@@ -53,11 +127,29 @@ class AsyncRunClient:
         """Closes the channel."""
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise RunServiceClientError(exc) from None
+    async def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token
+        if self._token_provider is not None:
+            value = self._token_provider()
+            token = await value if inspect.isawaitable(value) else value
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def _unary(self, method: Any, request: Any, *, retry: bool = False) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await method(
+                    request, metadata=await self._metadata(), timeout=self._call_timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                if not (retry and exc.code() == grpc.StatusCode.UNAVAILABLE) or (
+                    attempt >= max(self.retry.max_attempts, 10)
+                ):
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(self.retry.backoff(attempt))
+
+    # -- calls ---------------------------------------------------------------------------
 
     async def start_run(
         self,
@@ -70,7 +162,7 @@ class AsyncRunClient:
         timeout: float | None = None,  # noqa: ASYNC109 - the run's time limit, not this call's
         multitask_strategy: int = run_pb2.MULTITASK_STRATEGY_UNSPECIFIED,
     ) -> run_pb2.Run:
-        """Starts a run and returns it."""
+        """Starts a run and returns it; retried on UNAVAILABLE only when `request_id` is set."""
         struct = struct_pb2.Struct()
         struct.update(dict(input or {}))
         request = pb.StartRunRequest(
@@ -82,24 +174,26 @@ class AsyncRunClient:
             multitask_strategy=multitask_strategy,  # type: ignore[arg-type]
         )
         if timeout is not None:
-            request.timeout.CopyFrom(
-                duration_pb2.Duration(seconds=int(timeout), nanos=int(timeout % 1 * 1e9))
-            )
-        response = await self._call(self._stub.StartRun, request)
+            request.timeout.CopyFrom(_duration(timeout))
+        response = await self._unary(self._stub.StartRun, request, retry=bool(request_id))
         return response.run  # type: ignore[no-any-return]
 
     async def get_run(self, run_id: str) -> run_pb2.Run:
-        """The run."""
-        return (await self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id))).run  # type: ignore[no-any-return]
+        """The run (retried on UNAVAILABLE)."""
+        response = await self._unary(self._stub.GetRun, pb.GetRunRequest(run_id=run_id), retry=True)
+        return response.run  # type: ignore[no-any-return]
 
     async def list_runs(
         self, *, page_size: int = 100, limit: int | None = None, **filters: Any
     ) -> AsyncIterator[run_pb2.Run]:
-        """Every matching run, newest first, fetching pages as needed."""
+        """Every matching run, newest first, fetching pages as needed.
+
+        `filters` are ListRunsRequest fields: states, agent, thread_id, labels, all_users.
+        """
         token, seen = "", 0
         while True:
             request = pb.ListRunsRequest(page_size=page_size, page_token=token, **filters)
-            page = await self._call(self._stub.ListRuns, request)
+            page = await self._unary(self._stub.ListRuns, request, retry=True)
             for run in page.runs:
                 yield run
                 seen += 1
@@ -110,57 +204,91 @@ class AsyncRunClient:
                 return
 
     async def stop_run(self, run_id: str, reason: str = "") -> run_pb2.Run:
-        """Stops the run; returns it terminal."""
+        """Stops the run; returns it terminal (idempotent, so retried on UNAVAILABLE)."""
         request = pb.StopRunRequest(run_id=run_id, reason=reason)
-        return (await self._call(self._stub.StopRun, request)).run  # type: ignore[no-any-return]
+        return (await self._unary(self._stub.StopRun, request, retry=True)).run  # type: ignore[no-any-return]
 
     async def delete_run(self, run_id: str) -> None:
-        """Deletes a finished run."""
-        await self._call(self._stub.DeleteRun, pb.DeleteRunRequest(run_id=run_id))
+        """Deletes a finished run and its log."""
+        await self._unary(self._stub.DeleteRun, pb.DeleteRunRequest(run_id=run_id))
 
     async def list_agents(self) -> list[run_pb2.Agent]:
         """The agents the server runs."""
-        return list((await self._call(self._stub.ListAgents, pb.ListAgentsRequest())).agents)
+        response = await self._unary(self._stub.ListAgents, pb.ListAgentsRequest(), retry=True)
+        return list(response.agents)
 
     async def watch_runs(self, **filters: Any) -> AsyncIterator[pb.WatchRunsResponse]:
         """The snapshot, the RUN_CHANGE_SNAPSHOT_END marker, then every change."""
-        call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=self._metadata)
+        call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=await self._metadata())
         try:
             async for update in call:
                 yield update
         except grpc.aio.AioRpcError as exc:
-            raise RunServiceClientError(exc) from None
+            raise from_rpc_error(exc) from None
         finally:
             call.cancel()
 
     async def wait(self, run_id: str) -> run_pb2.Run:
-        """The run once it is terminal."""
-        async for _ in self.subscribe(run_id, from_seq=(await self.get_run(run_id)).last_seq + 1):
-            pass
+        """The run once it is terminal (follows its log, resuming as needed)."""
+        run = await self.get_run(run_id)
+        if run.state not in TERMINAL_STATES:
+            async for _ in self.subscribe(run_id, from_seq=run.last_seq + 1):
+                pass
         return await self.get_run(run_id)
 
-    async def subscribe(
-        self, run_id: str, from_seq: int = 1, *, max_retries: int = 10
-    ) -> AsyncIterator[run_pb2.RunEvent]:
-        """The run's events from `from_seq`, resuming after transient failures without gaps."""
-        cursor, failures = max(from_seq, 1), 0
+    async def subscribe(self, run_id: str, from_seq: int = 1) -> AsyncIterator[run_pb2.RunEvent]:
+        """The run's events from `from_seq`, each exactly once, resuming after transient failures.
+
+        Ends after the terminal event. Raises the typed error of a permanent failure, or
+        UnavailableError once the retry policy gives up.
+        """
+        cursor = max(from_seq, 1)
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        last_progress = loop.time()
         while True:
             call = self._stub.Subscribe(
-                pb.SubscribeRequest(run_id=run_id, from_seq=cursor), metadata=self._metadata
+                pb.SubscribeRequest(run_id=run_id, from_seq=cursor),
+                metadata=await self._metadata(),
+                timeout=self._stream_timeout,
             )
             try:
                 async for response in call:
-                    failures = 0
                     for event in response.events:
                         if event.seq < cursor:
-                            continue
+                            continue  # already delivered before the reconnect
                         cursor = event.seq + 1
+                        attempt, last_progress = 0, loop.time()
                         yield event
-                return
+                        if event.state in TERMINAL_STATES:
+                            return
+                return  # ended OK: the log has nothing after `cursor`
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or failures >= max_retries:
-                    raise RunServiceClientError(exc) from None
-                failures += 1
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
+                if not is_transient(exc):
+                    raise from_rpc_error(exc) from None
+                attempt += 1
+                self._check_give_up(attempt, loop.time() - last_progress, exc)
+                await asyncio.sleep(self.retry.backoff(attempt))
             finally:
                 call.cancel()
+
+    def _check_give_up(self, attempt: int, idle: float, exc: grpc.aio.AioRpcError) -> None:
+        policy = self.retry
+        if idle > policy.give_up_after or (policy.max_attempts and attempt > policy.max_attempts):
+            error = from_rpc_error(exc)
+            raise UnavailableError(
+                f"gave up resuming after {attempt} attempts and {idle:.1f}s without progress: "
+                f"{error.message}",
+                code=error.code,
+                reason=error.reason,
+                metadata=error.metadata,
+            ) from None
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+__all__ = ["AsyncRunClient", "RetryPolicy", "RunServiceError", "TLSConfig", "TokenProvider"]
