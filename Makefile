@@ -7,6 +7,7 @@
 #   make buf          install the pinned buf CLI into protos/node_modules
 #   make lint         buf lint, ruff check, ruff format --check, mypy --strict
 #   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
+#   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
 #   make run          start a development server
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
@@ -42,7 +43,24 @@ PROTOC_PY = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 #   go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 #   $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) --plugin=protoc-gen-go=... --go_out=...
 # ---------------------------------------------------------------------------
-PROTO_LANGS := python
+PROTO_LANGS := python go
+
+# Go generation into clients/go/runservice/v1 (package runservicev1). The
+# plugins are pinned here and installed into clients/go/.bin, so nothing
+# depends on the machine's GOPATH; google.rpc.Status comes from
+# google.golang.org/genproto/googleapis/rpc via status.proto's go_package.
+GO_DIR := clients/go
+GO_MODULE := github.com/runservice/runservice/clients/go
+GO_GEN_DIR := $(GO_DIR)/runservice/v1
+GO_BIN := $(abspath $(GO_DIR)/.bin)
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+GO_PLUGINS_STAMP := $(GO_BIN)/.installed-$(PROTOC_GEN_GO_VERSION)-$(PROTOC_GEN_GO_GRPC_VERSION)
+PROTOC_GO = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+	--plugin=protoc-gen-go=$(GO_BIN)/protoc-gen-go \
+	--plugin=protoc-gen-go-grpc=$(GO_BIN)/protoc-gen-go-grpc \
+	--go_out=$(1) --go_opt=module=$(GO_MODULE) \
+	--go-grpc_out=$(1) --go-grpc_opt=module=$(GO_MODULE) $(PROTO_FILES)
 
 PYTEST_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests collected") as success.
@@ -93,6 +111,25 @@ proto-check-python: $(VENV_STAMP)
 	fi; \
 	echo "generated Python code is up to date"
 
+$(GO_PLUGINS_STAMP):
+	rm -f $(GO_BIN)/.installed-*
+	GOBIN=$(GO_BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(GO_BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	touch $@
+
+proto-go: $(VENV_STAMP) $(GO_PLUGINS_STAMP)
+	rm -f $(GO_GEN_DIR)/*.pb.go
+	$(call PROTOC_GO,$(GO_DIR))
+
+proto-check-go: $(VENV_STAMP) $(GO_PLUGINS_STAMP)
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call PROTOC_GO,$$tmp); \
+	if ! diff -r "$$tmp/runservice/v1" $(GO_GEN_DIR); then \
+		echo "generated Go code is stale: run make proto" >&2; \
+		exit 1; \
+	fi; \
+	echo "generated Go code is up to date"
+
 # --- Checks -----------------------------------------------------------------
 
 lint: $(VENV_STAMP) $(BUF_STAMP)
@@ -104,12 +141,17 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 test: $(VENV_STAMP) $(BUF_STAMP)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
+	$(MAKE) --no-print-directory test-go
 	rc=0; $(VENV_PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ] && [ -n "$(ALLOW_NO_TESTS)" ]; then \
 		echo "pytest collected no tests (exit 5): accepted because ALLOW_NO_TESTS is set"; \
 		rc=0; \
 	fi; \
 	exit "$$rc"
+
+.PHONY: test-go
+test-go:
+	cd $(GO_DIR) && go vet ./... && go test ./...
 
 # --- Running ----------------------------------------------------------------
 
