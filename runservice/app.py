@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -16,7 +17,15 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from runservice.agents import BUILTINS
-from runservice.api.auth import Authenticator, AuthInterceptor, TokensFileAuthenticator
+from runservice.api.auth import (
+    Authentication,
+    Authenticator,
+    AuthInterceptor,
+    MtlsIdentity,
+    TokensFileAuthenticator,
+)
+from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
+from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
 from runservice.api.servicer import RunServiceServicer
 from runservice.config import Settings
@@ -76,6 +85,89 @@ def build_agents(settings: Settings) -> AgentRegistry:
     return agents
 
 
+class ConfigError(RuntimeError):
+    """The server's options do not fit together."""
+
+
+def build_authentication(settings: Settings) -> Authentication:
+    """The authentication backends the options ask for (tokens file, JWT, mTLS)."""
+    bearer: list[Authenticator] = []
+    if settings.jwt_issuer or settings.jwt_audience:
+        bearer.append(JwtAuthenticator(_jwt_settings(settings)))
+    mtls = MtlsIdentity(settings.mtls_identity) if settings.tls_client_ca else None
+    explicit = settings.tokens_file is not None or settings.dev_token
+    if explicit or settings.tokens_path.exists() or not (bearer or mtls):
+        bearer.append(TokensFileAuthenticator(settings.tokens_path))
+    if settings.insecure_no_auth:
+        if not is_loopback(settings.listen):
+            raise ConfigError(
+                "--insecure-no-auth is refused unless --listen is a loopback address "
+                f"(got {settings.listen})"
+            )
+        logger.warning(
+            "--insecure-no-auth: calls without credentials are accepted as user 'anonymous'"
+        )
+    return Authentication(
+        bearer, mtls, admins=frozenset(settings.admins), anonymous=settings.insecure_no_auth
+    )
+
+
+def _jwt_settings(settings: Settings) -> JwtSettings:
+    if not (settings.jwt_issuer and settings.jwt_audience):
+        raise ConfigError("JWT auth needs both --jwt-issuer and --jwt-audience")
+    try:
+        return JwtSettings(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=parse_algorithms(settings.jwt_algorithms),
+            secret=_read(settings.jwt_secret_file, strip=True),
+            public_key_pem=_read(settings.jwt_public_key),
+            jwks_file=settings.jwks_file,
+            leeway=settings.jwt_leeway,
+            user_claim=settings.jwt_user_claim,
+            roles_claim=settings.jwt_roles_claim,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"JWT: {exc}") from exc
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mTLS), or None."""
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if not settings.tls_cert:
+        return None
+    if not settings.tls_key:
+        raise ConfigError("--tls-cert needs --tls-key")
+    cert, key = _read(settings.tls_cert), _read(settings.tls_key)
+    assert cert is not None and key is not None
+    client_ca = _read(settings.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _read(path: Path | None, *, strip: bool = False) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return data.strip() if strip else data
+
+
+def is_loopback(listen: str) -> bool:
+    """True when HOST:PORT names a loopback host."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return bool(ipaddress.ip_address(host).is_loopback)
+    except ValueError:
+        return False
+
+
 class AgentLoadError(RuntimeError):
     """An --agent spec could not be loaded."""
 
@@ -98,9 +190,20 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_metadata_size", settings.max_metadata_size),
+        *_connection_age(settings),
         ("grpc.server.max_pending_requests", 20_000),
         ("grpc.server.max_pending_requests_hard_limit", 20_000),
         ("grpc.so_reuseport", 0),
+    ]
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    if not settings.max_connection_age:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
     ]
 
 
@@ -113,13 +216,10 @@ def load_secret(path: Path) -> bytes:
     return path.read_bytes()
 
 
-async def build(
-    settings: Settings,
-    *,
-    clock: Clock | None = None,
-    authenticators: list[Authenticator] | None = None,
-) -> App:
+async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     """Opens the store, reconciles orphans, and starts a server listening on settings.listen."""
+    authentication = build_authentication(settings)
+    credentials = server_credentials(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.dev_token:
         ensure_dev_token(settings.data_dir, settings.tokens_path)
@@ -129,7 +229,7 @@ async def build(
     if lock is not None:
         lock.acquire()
     try:
-        return await _build_locked(settings, clock, authenticators, lock)
+        return await _build_locked(settings, clock, authentication, credentials, lock)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -139,7 +239,8 @@ async def build(
 async def _build_locked(
     settings: Settings,
     clock: Clock | None,
-    authenticators: list[Authenticator] | None,
+    authentication: Authentication,
+    credentials: grpc.ServerCredentials | None,
     lock: FileLock | None,
 ) -> App:
     store = await open_store(settings.db_url)
@@ -164,10 +265,8 @@ async def _build_locked(
         ),
     )
     await manager.start()
-    auths = authenticators or [TokensFileAuthenticator(settings.tokens_path)]
-    server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auths)], options=server_options(settings)
-    )
+    interceptor = AuthInterceptor(authentication, StreamLimiter(settings.max_streams_per_user))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     servicer = RunServiceServicer(
         manager, PageTokens(load_secret(settings.data_dir / "secret.key"))
     )
@@ -180,7 +279,10 @@ async def _build_locked(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(settings.listen)
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
     except RuntimeError as exc:
         await manager.shutdown(0)
         await store.close()
@@ -203,7 +305,7 @@ async def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
     try:
         app = await build(settings)
-    except (DatabaseInUseError, AgentLoadError, ListenError) as exc:
+    except (DatabaseInUseError, AgentLoadError, ListenError, ConfigError) as exc:
         logger.error("%s", exc)
         return 1
     stop = asyncio.Event()

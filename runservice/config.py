@@ -86,6 +86,25 @@ class Settings:
     keepalive_timeout: float = 20.0
     keepalive_min_ping_interval: float = 10.0
     max_concurrent_streams: int = 1000
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 30.0
+    max_metadata_size: int = 16 * 1024
+    max_streams_per_user: int = 100
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    mtls_identity: str = "cn"
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_algorithms: str = "RS256,ES256"
+    jwt_secret_file: Path | None = None
+    jwt_public_key: Path | None = None
+    jwks_file: Path | None = None
+    jwt_leeway: float = 30.0
+    jwt_user_claim: str = "sub"
+    jwt_roles_claim: str = "roles"
+    admins: tuple[str, ...] = ()
+    insecure_no_auth: bool = False
     log_level: str = "info"
 
     @property
@@ -166,6 +185,41 @@ OPTIONS: tuple[_Option, ...] = (
         "10s",
     ),
     _Option("max-concurrent-streams", "HTTP/2 streams per connection", int, "1000"),
+    _Option(
+        "max-connection-age", "close connections after this long; 0 = never", parse_duration, "0"
+    ),
+    _Option(
+        "max-connection-age-grace",
+        "time for calls to finish when a connection is aged out",
+        parse_duration,
+        "30s",
+    ),
+    _Option(
+        "max-metadata-size", "largest request metadata (headers) accepted", parse_size, "16KiB"
+    ),
+    _Option(
+        "max-streams-per-user", "open Subscribe/WatchRuns streams per user; 0 = no cap", int, "100"
+    ),
+    _Option("tls-cert", "PEM certificate chain: serve TLS", Path, "none (plaintext)"),
+    _Option("tls-key", "PEM private key of --tls-cert", Path, "none"),
+    _Option(
+        "tls-client-ca", "PEM CA bundle: require client certificates it signed (mTLS)", Path, "none"
+    ),
+    _Option(
+        "mtls-identity",
+        "the client certificate field naming the user: cn or san",
+        lambda v: _choice(v, ("cn", "san")),
+        "cn",
+    ),
+    _Option("jwt-issuer", "accept JWTs from this issuer (iss); enables JWT auth", str, "none"),
+    _Option("jwt-audience", "the audience (aud) JWTs must name", str, "none"),
+    _Option("jwt-algorithms", "allowed JWT algorithms, comma-separated", str, "RS256,ES256"),
+    _Option("jwt-secret-file", "file holding the HS256 secret", Path, "none"),
+    _Option("jwt-public-key", "PEM public key for RS256/ES256 JWTs", Path, "none"),
+    _Option("jwks-file", "JWKS file of public keys by kid, re-read when it changes", Path, "none"),
+    _Option("jwt-leeway", "clock skew tolerated on exp and nbf", parse_duration, "30s"),
+    _Option("jwt-user-claim", "the JWT claim naming the user", str, "sub"),
+    _Option("jwt-roles-claim", "the JWT claim listing roles", str, "roles"),
     _Option("log-level", "debug, info, warning or error", lambda v: _choice(v, LOG_LEVELS), "info"),
 )
 
@@ -193,6 +247,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="register an extra agent; repeatable (env RUNSERVICE_AGENT, comma-separated)",
     )
     parser.add_argument(
+        "--admin",
+        action="append",
+        default=None,
+        metavar="USER",
+        help="give USER the admin role whatever authenticated them; repeatable "
+        "(env RUNSERVICE_ADMIN, comma-separated)",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="accept calls without credentials as user 'anonymous'; only on a loopback "
+        "address (env RUNSERVICE_INSECURE_NO_AUTH=1)",
+    )
+    parser.add_argument(
         "--dev-token",
         action="store_true",
         help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent "
@@ -217,5 +285,10 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     agents = args.agent or [a.strip() for a in env.get("RUNSERVICE_AGENT", "").split(",") if a]
     values["agents"] = tuple(agents)
     truthy = ("1", "true", "yes")
+    admins = args.admin or [a.strip() for a in env.get("RUNSERVICE_ADMIN", "").split(",") if a]
+    values["admins"] = tuple(admins)
+    values["insecure_no_auth"] = (
+        args.insecure_no_auth or env.get("RUNSERVICE_INSECURE_NO_AUTH", "").lower() in truthy
+    )
     values["dev_token"] = args.dev_token or env.get("RUNSERVICE_DEV_TOKEN", "").lower() in truthy
     return Settings(**values)

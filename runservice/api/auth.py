@@ -13,14 +13,15 @@ import hashlib
 import logging
 import os
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
 import grpc
 
 from runservice.api import status
+from runservice.api.limits import StreamLimiter
 from runservice.domain.errors import AuthenticationError, CredentialsMissingError
 from runservice.domain.model import Principal
 
@@ -133,11 +134,99 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str:
     )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every RunService call and maps its errors to statuses."""
+class MtlsIdentity:
+    """The verified client certificate's identity (its CN, or its first SAN) as the user.
 
-    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
-        self._authenticators = list(authenticators)
+    Only meaningful on a server that requires client certificates from a trusted CA:
+    gRPC has verified the chain during the handshake.
+    """
+
+    def __init__(self, field: str = "cn") -> None:
+        if field not in ("cn", "san"):
+            raise ValueError("the mTLS identity is taken from 'cn' or 'san'")
+        self._key = "x509_common_name" if field == "cn" else "x509_subject_alternative_name"
+
+    def identify(self, auth_context: Mapping[str, Sequence[bytes]]) -> Principal | None:
+        """The principal of the peer's certificate, or None without one."""
+        values = auth_context.get(self._key) or ()
+        for value in values:
+            user = value.decode(errors="replace").strip()
+            if user:
+                return Principal(user)
+        return None
+
+
+class Authentication:
+    """Who the caller of one RPC is: bearer backends first, then the client certificate.
+
+    The first backend that authenticates wins. With `anonymous` (--insecure-no-auth), a
+    call with no credentials is the user `anonymous`.
+    """
+
+    def __init__(
+        self,
+        bearer: Sequence[Authenticator],
+        mtls: MtlsIdentity | None = None,
+        *,
+        admins: frozenset[str] = frozenset(),
+        anonymous: bool = False,
+    ) -> None:
+        self._bearer = list(bearer)
+        self._mtls = mtls
+        self._admins = admins
+        self._anonymous = anonymous
+
+    def principal(
+        self, metadata: Sequence[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
+    ) -> Principal:
+        """The caller; AuthenticationError (saying what failed) when there is none."""
+        principal = self._identify(metadata, auth_context)
+        if principal.user in self._admins and not principal.is_admin:
+            principal = replace(principal, roles=principal.roles | {"admin"})
+        return principal
+
+    def _identify(
+        self, metadata: Sequence[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
+    ) -> Principal:
+        if _has_authorization(metadata):
+            return self._from_token(bearer_token(metadata))
+        if self._mtls is not None:
+            found = self._mtls.identify(auth_context)
+            if found is not None:
+                return found
+        if self._anonymous:
+            return Principal("anonymous")
+        return self._from_token(bearer_token(metadata))  # raises CredentialsMissingError
+
+    def _from_token(self, token: str) -> Principal:
+        failure: AuthenticationError | None = None
+        for authenticator in sorted(self._bearer, key=lambda a: not _recognizes(a, token)):
+            try:
+                return authenticator.authenticate(token)
+            except AuthenticationError as exc:
+                failure = failure or exc
+        raise failure or AuthenticationError("no token authentication is configured")
+
+
+def _recognizes(authenticator: Authenticator, token: str) -> bool:
+    recognizes = getattr(authenticator, "recognizes", None)
+    return bool(recognizes(token)) if recognizes is not None else False
+
+
+def _has_authorization(metadata: Sequence[tuple[str, Any]] | None) -> bool:
+    return any(key == "authorization" for key, _ in metadata or ())
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every RunService call and maps its errors to statuses.
+
+    The check runs inside the wrapped handler, where the peer's TLS identity is known,
+    so it covers bearer tokens and client certificates alike.
+    """
+
+    def __init__(self, authentication: Authentication, streams: StreamLimiter) -> None:
+        self._authentication = authentication
+        self._streams = streams
 
     async def intercept_service(
         self,
@@ -148,46 +237,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        try:
-            principal = self._authenticate(handler_call_details.invocation_metadata)
-        except AuthenticationError as exc:
-            return _deny(handler, exc)
+        metadata = handler_call_details.invocation_metadata
+        authentication = self._authentication
 
-        def set_principal() -> None:
+        def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            principal = authentication.principal(metadata, context.auth_context())
             _principal.set(principal)
+            return principal
 
-        return _wrap(handler, set_principal)
-
-    def _authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
-        token = bearer_token(metadata)
-        failure: AuthenticationError | None = None
-        for authenticator in self._authenticators:
-            try:
-                return authenticator.authenticate(token)
-            except AuthenticationError as exc:
-                failure = failure or exc
-        raise failure or AuthenticationError("no authentication backend is configured")
+        return _wrap(handler, prepare, self._streams)
 
 
-def _wrap(handler: Any, before: Callable[[], None]) -> Handler:
+def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Handler:
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            status.wrap_unary(handler.unary_unary, before),
+            status.wrap_unary(handler.unary_unary, prepare),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            status.wrap_stream(handler.unary_stream, before),
+            status.wrap_stream(handler.unary_stream, prepare, streams),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     wrapped: Handler = handler  # RunService has no client-streaming methods
     return wrapped
-
-
-def _deny(handler: Any, exc: AuthenticationError) -> Handler:
-    def refuse() -> None:
-        raise exc
-
-    return _wrap(handler, refuse)

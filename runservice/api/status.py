@@ -8,9 +8,11 @@ exceptions become INTERNAL with an error id; their text goes to the log, never t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -18,7 +20,9 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from runservice.api.limits import StreamLimiter
 from runservice.domain import errors
+from runservice.domain.model import Principal
 from runservice.runtime.feed import WatchLaggedError
 
 logger = logging.getLogger(__name__)
@@ -83,12 +87,16 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def wrap_unary(behavior: Callable[..., Any], before: Callable[[], None]) -> Callable[..., Any]:
-    """A unary behaviour that runs `before`, then maps raised errors to statuses."""
+Prepare = Callable[[grpc.aio.ServicerContext[Any, Any]], Principal]
+"""Authenticates the call (raising AuthenticationError) and returns its principal."""
+
+
+def wrap_unary(behavior: Callable[..., Any], prepare: Prepare) -> Callable[..., Any]:
+    """A unary behaviour that authenticates first, then maps raised errors to statuses."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            before()
+            prepare(context)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -99,20 +107,50 @@ def wrap_unary(behavior: Callable[..., Any], before: Callable[[], None]) -> Call
 
 
 def wrap_stream(
-    behavior: Callable[..., AsyncIterator[Any]], before: Callable[[], None]
+    behavior: Callable[..., AsyncIterator[Any]], prepare: Prepare, streams: StreamLimiter
 ) -> Callable[..., AsyncIterator[Any]]:
-    """A server-streaming behaviour that runs `before`, then maps raised errors to statuses."""
+    """A server-streaming behaviour: authenticated, capped per user, ended when the
+    credentials expire (UNAUTHENTICATED, TOKEN_EXPIRED), errors mapped to statuses."""
 
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            before()
-            async for item in behavior(request, context):
-                yield item
+            principal = prepare(context)
+            with streams.hold(principal.user):
+                async for item in _until_expiry(behavior(request, context), principal):
+                    yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await abort(context, exc)
 
     return stream
+
+
+async def _until_expiry(items: AsyncIterator[Any], principal: Principal) -> AsyncIterator[Any]:
+    if principal.expires_at is None:
+        async for item in items:
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    left = (principal.expires_at - datetime.now(UTC)).total_seconds()
+    deadline = loop.time() + left
+    iterator = aiter(items)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise errors.TokenExpiredError(
+                    "the credentials of this stream have expired; refresh them and resume "
+                    "from your last seq + 1"
+                ) from None
+            yield item
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -166,10 +166,11 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller."""
+    """An authenticated caller; `expires_at` is when its credentials stop being valid."""
 
     user: str
     roles: frozenset[str] = frozenset()
+    expires_at: datetime | None = None
 
     @property
     def is_admin(self) -> bool:
