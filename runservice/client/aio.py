@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from runservice.client.errors import RunServiceError, UnavailableError, from_rpc_error, is_transient
+from runservice.client.errors import (
+    RunServiceError,
+    UnavailableError,
+    error_info,
+    from_rpc_error,
+    is_transient,
+)
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
@@ -264,13 +270,20 @@ class AsyncRunClient:
                             return
                 return  # ended OK: the log has nothing after `cursor`
             except grpc.aio.AioRpcError as exc:
-                if not is_transient(exc):
+                if not (is_transient(exc) or self._refreshable(exc)):
                     raise from_rpc_error(exc) from None
                 attempt += 1
                 self._check_give_up(attempt, loop.time() - last_progress, exc)
                 await asyncio.sleep(self.retry.backoff(attempt))
             finally:
                 call.cancel()
+
+    def _refreshable(self, exc: grpc.aio.AioRpcError) -> bool:
+        """An expired token ends a stream; with a provider, the next attempt gets a new one."""
+        if self._token_provider is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        info = error_info(exc)
+        return info is not None and info.reason == "TOKEN_EXPIRED"
 
     def _check_give_up(self, attempt: int, idle: float, exc: grpc.aio.AioRpcError) -> None:
         policy = self.retry
