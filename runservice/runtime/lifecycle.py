@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -129,6 +130,11 @@ class RunContext:
             raise ValueError(f"event type {STATE_EVENT!r} is reserved for lifecycle events")
         if sum(p is not None for p in (data, text, binary)) > 1:
             raise ValueError("an event carries at most one of data, text and binary")
+        size = _payload_size(data, text, binary)
+        if size > MAX_EVENT_BYTES:
+            raise ValueError(
+                f"event payload of about {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit"
+            )
         log = self._live.log
         event = RunEvent(
             run_id=self.run_id,
@@ -145,6 +151,20 @@ class RunContext:
     def save_partial(self, result: Mapping[str, Any]) -> None:
         """Records output to keep if the run does not finish."""
         self._live.partial = dict(result)
+
+
+MAX_EVENT_BYTES = 1024 * 1024
+"""The largest event payload an agent may emit (a Subscribe batch must fit in a message)."""
+
+
+def _payload_size(data: Mapping[str, Any] | None, text: str | None, binary: bytes | None) -> int:
+    if text is not None:
+        return len(text.encode())
+    if binary is not None:
+        return len(binary)
+    if data is not None:
+        return len(json.dumps(data, separators=(",", ":"), default=str))
+    return 0
 
 
 @dataclass(frozen=True)
