@@ -8,6 +8,7 @@
 #   make lint         buf lint, ruff check, ruff format --check, mypy --strict
 #   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
 #   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
+#   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
 #   make run          start a development server
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
@@ -43,7 +44,7 @@ PROTOC_PY = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 #   go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 #   $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) --plugin=protoc-gen-go=... --go_out=...
 # ---------------------------------------------------------------------------
-PROTO_LANGS := python go
+PROTO_LANGS := python go typescript
 
 # Go generation into clients/go/runservice/v1 (package runservicev1). The
 # plugins are pinned here and installed into clients/go/.bin, so nothing
@@ -61,6 +62,18 @@ PROTOC_GO = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 	--plugin=protoc-gen-go-grpc=$(GO_BIN)/protoc-gen-go-grpc \
 	--go_out=$(1) --go_opt=module=$(GO_MODULE) \
 	--go-grpc_out=$(1) --go-grpc_opt=module=$(GO_MODULE) $(PROTO_FILES)
+
+# TypeScript generation into clients/typescript/src/gen with ts-proto (pinned exactly
+# in clients/typescript/package.json, locked in its package-lock.json). It also emits
+# the google/protobuf and google/rpc types the client needs (ErrorInfo for errors).
+TS_DIR := clients/typescript
+TS_GEN_DIR := $(TS_DIR)/src/gen
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+TS_PROTO_OPTS := outputServices=grpc-js,esModuleInterop=true,forceLong=bigint,env=node
+TS_PROTO_FILES := $(PROTO_FILES) $(PROTO_DIR)/google/rpc/status.proto $(PROTO_DIR)/google/rpc/error_details.proto
+PROTOC_TS = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+	--plugin=protoc-gen-ts_proto=$(TS_DIR)/node_modules/.bin/protoc-gen-ts_proto \
+	--ts_proto_out=$(1) --ts_proto_opt=$(TS_PROTO_OPTS) $(TS_PROTO_FILES)
 
 PYTEST_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests collected") as success.
@@ -130,6 +143,24 @@ proto-check-go: $(VENV_STAMP) $(GO_PLUGINS_STAMP)
 	fi; \
 	echo "generated Go code is up to date"
 
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+proto-typescript: $(VENV_STAMP) $(TS_STAMP)
+	rm -rf $(TS_GEN_DIR)
+	mkdir -p $(TS_GEN_DIR)
+	$(call PROTOC_TS,$(TS_GEN_DIR))
+
+proto-check-typescript: $(VENV_STAMP) $(TS_STAMP)
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call PROTOC_TS,$$tmp); \
+	if ! diff -r "$$tmp" $(TS_GEN_DIR); then \
+		echo "generated TypeScript code is stale: run make proto" >&2; \
+		exit 1; \
+	fi; \
+	echo "generated TypeScript code is up to date"
+
 # --- Checks -----------------------------------------------------------------
 
 lint: $(VENV_STAMP) $(BUF_STAMP)
@@ -142,6 +173,7 @@ test: $(VENV_STAMP) $(BUF_STAMP)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory test-go
+	$(MAKE) --no-print-directory test-typescript
 	rc=0; $(VENV_PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ] && [ -n "$(ALLOW_NO_TESTS)" ]; then \
 		echo "pytest collected no tests (exit 5): accepted because ALLOW_NO_TESTS is set"; \
@@ -152,6 +184,10 @@ test: $(VENV_STAMP) $(BUF_STAMP)
 .PHONY: test-go
 test-go:
 	cd $(GO_DIR) && go vet ./... && go test ./...
+
+.PHONY: test-typescript
+test-typescript:
+	cd $(TS_DIR) && npm ci --no-audit --no-fund && npm run build && npm test
 
 # --- Running ----------------------------------------------------------------
 
@@ -164,6 +200,8 @@ clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
 	find . -path ./$(VENV) -prune -o -path ./$(PROTO_DIR)/node_modules -prune -o \
 		-type d -name __pycache__ -exec rm -rf {} +
+	rm -rf $(TS_DIR)/dist
 
 distclean: clean
 	rm -rf $(VENV) $(PROTO_DIR)/node_modules
+	rm -rf $(TS_DIR)/node_modules

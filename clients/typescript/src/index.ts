@@ -1,0 +1,71 @@
+/**
+ * @runservice/client: the TypeScript (Node.js) client of runservice.
+ *
+ * `RunClient` wraps every RunService call, pages through ListRuns, follows a run with a
+ * Subscribe that resumes itself, and turns failures into typed `RunServiceError`s. The
+ * generated messages are re-exported; int64 fields (`seq`, `lastSeq`, `fromSeq`) are
+ * `bigint`s.
+ */
+export {
+  RunClient,
+  TERMINAL_STATES,
+  RUN_STATE_EVENT,
+  isTerminalEvent,
+  isLoopbackAddress,
+  stateName,
+  type ListAllRunsOptions,
+  type ListRunsOptions,
+  type RunClientOptions,
+  type RetryInfo,
+  type RunFilter,
+  type StartRunOptions,
+  type SubscribeOptions,
+  type TlsOptions,
+  type TokenProvider,
+  type WatchRunsOptions,
+} from "./client";
+export {
+  AbortedError,
+  AlreadyExistsError,
+  CancelledError,
+  DeadlineExceededError,
+  DOMAIN,
+  FailedPreconditionError,
+  InternalError,
+  InvalidArgumentError,
+  NotFoundError,
+  OutOfRangeError,
+  PermissionDeniedError,
+  ResourceExhaustedError,
+  RunServiceError,
+  UnauthenticatedError,
+  UnavailableError,
+  errorInfo,
+  fromServiceError,
+  isTransient,
+  statusDetails,
+  type RunServiceErrorInit,
+} from "./errors";
+export { DEFAULT_RETRY_POLICY, backoffMs, type RetryPolicy } from "./retry";
+export {
+  Agent,
+  MultitaskStrategy,
+  Run,
+  RunEvent,
+  RunState,
+  multitaskStrategyToJSON,
+  runStateToJSON,
+} from "./gen/runservice/v1/run";
+export { ErrorReason, errorReasonToJSON } from "./gen/runservice/v1/error_reason";
+export {
+  ListRunsResponse,
+  RunChange,
+  RunServiceClient,
+  RunServiceService,
+  SubscribeRequest,
+  SubscribeResponse,
+  WatchRunsResponse,
+  runChangeToJSON,
+  type RunServiceServer,
+} from "./gen/runservice/v1/run_service";
+export { status } from "@grpc/grpc-js";
