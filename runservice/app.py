@@ -24,6 +24,7 @@ from runservice.api.auth import (
     MtlsIdentity,
     TokensFileAuthenticator,
 )
+from runservice.api.convert import encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
@@ -243,7 +244,7 @@ async def _build_locked(
     credentials: grpc.ServerCredentials | None,
     lock: FileLock | None,
 ) -> App:
-    store = await open_store(settings.db_url)
+    store = await open_store(settings.db_url, encode_event)
     manager = RunManager(
         store,
         build_agents(settings),
@@ -263,6 +264,7 @@ async def _build_locked(
                 max_queued_per_user=settings.max_queued_per_user,
             ),
         ),
+        encoder=encode_event,
     )
     await manager.start()
     interceptor = AuthInterceptor(authentication, StreamLimiter(settings.max_streams_per_user))

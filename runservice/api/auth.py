@@ -259,7 +259,16 @@ def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Hand
         return grpc.unary_stream_rpc_method_handler(
             status.wrap_stream(handler.unary_stream, prepare, streams),
             request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            response_serializer=_bytes_or(handler.response_serializer),
         )
     wrapped: Handler = handler  # RunService has no client-streaming methods
     return wrapped
+
+
+def _bytes_or(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A serializer that passes already-serialized responses (bytes) through."""
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serializer(message)
+
+    return serialize

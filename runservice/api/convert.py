@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from runservice.domain.errors import InvalidArgumentError, InvalidInputError
 from runservice.domain.model import (
     AgentInfo,
+    EncodedEvent,
     MultitaskStrategy,
     Run,
     RunChange,
@@ -235,6 +236,40 @@ def event_to_proto(event: RunEvent) -> run_pb2.RunEvent:
     if event.error is not None:
         msg.error.CopyFrom(failure_to_proto(event.error))
     return msg
+
+
+def encode_event(event: RunEvent) -> bytes:
+    """The event's wire form (a serialized RunEvent), made once and stored with it."""
+    wire: bytes = event_to_proto(event).SerializeToString()
+    return wire
+
+
+_EVENTS_TAG = b"\x0a"  # SubscribeResponse.events: field 1, length-delimited
+
+
+_SEVEN_BITS = 0x7F
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > _SEVEN_BITS:
+        out.append((value & _SEVEN_BITS) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def subscribe_response_bytes(batch: Sequence[RunEvent | EncodedEvent]) -> bytes:
+    """A serialized SubscribeResponse holding `batch`, built from each event's wire form.
+
+    Equivalent to SubscribeResponse(events=[...]).SerializeToString(), built without
+    decoding or re-encoding a single event.
+    """
+    parts = []
+    for event in batch:
+        wire = event.wire if event.wire is not None else encode_event(event)
+        parts.append(_EVENTS_TAG + _varint(len(wire)) + wire)
+    return b"".join(parts)
 
 
 def agent_to_proto(agent: AgentInfo) -> run_pb2.Agent:

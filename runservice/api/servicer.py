@@ -73,15 +73,16 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         run = await self._manager.stop_run(current_principal(), run_id, reason)
         return pb.StopRunResponse(run=convert.run_to_proto(run))
 
-    async def Subscribe(
+    async def Subscribe(  # yields pre-serialized responses (see convert.py)
         self, request: pb.SubscribeRequest, context: Context
-    ) -> AsyncIterator[pb.SubscribeResponse]:
+    ) -> AsyncIterator[bytes]:
         run_id = convert.run_id_from_proto(request.run_id)
         if request.from_seq < 0:
             raise InvalidArgumentError("from_seq", "must not be negative (0 or 1 = from the start)")
         batches = await self._manager.subscribe(current_principal(), run_id, request.from_seq)
         async for batch in batches:
-            yield pb.SubscribeResponse(events=[convert.event_to_proto(e) for e in batch])
+            # Events carry their wire form, encoded once at commit: concatenate, don't convert.
+            yield convert.subscribe_response_bytes(batch)
 
     async def DeleteRun(
         self, request: pb.DeleteRunRequest, context: Context

@@ -112,6 +112,9 @@ class RunEvent:
     binary: bytes | None = None
     state: RunState | None = None
     error: RunFailure | None = None
+    # The event's encoded (wire) form, made once by the writer with the server's encoder
+    # and shared by every subscriber. Opaque to the domain.
+    wire: bytes | None = None
 
     @property
     def terminal(self) -> bool:
@@ -119,7 +122,9 @@ class RunEvent:
         return self.state is not None and self.state.terminal
 
     def size_hint(self) -> int:
-        """A cheap estimate of the event's encoded size, for batching by bytes."""
+        """The event's encoded size, or a cheap estimate before it is encoded."""
+        if self.wire is not None:
+            return len(self.wire)
         size = 64 + len(self.type)
         if self.text is not None:
             size += len(self.text)
@@ -128,6 +133,19 @@ class RunEvent:
         elif self.data is not None:
             size += 32 * len(self.data) + sum(len(str(v)) for v in self.data.values())
         return size
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event as stored on the wire: what replay needs, without decoding it."""
+
+    seq: int
+    wire: bytes
+    terminal: bool
+
+    def size_hint(self) -> int:
+        """The encoded size."""
+        return len(self.wire)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from runservice.domain.model import Run, RunEvent, RunFilter, Scope
+from runservice.domain.model import EncodedEvent, Run, RunEvent, RunFilter, Scope
+
+EventEncoder = Callable[[RunEvent], bytes]
+"""Encodes an event for the wire (the API layer supplies it; the rest treat it as bytes)."""
 
 
 class Clock(Protocol):
@@ -48,6 +51,10 @@ class RunStore(Protocol):
 
         Callers have checked the run's visibility already.
         """
+        ...
+
+    async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
+        """Like read_events, but only each event's seq, wire form and terminal flag."""
         ...
 
     async def delete_run(self, scope: Scope, run_id: str) -> bool:

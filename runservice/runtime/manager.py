@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -32,6 +32,7 @@ from runservice.domain.errors import (
 from runservice.domain.model import (
     STATE_EVENT,
     AgentInfo,
+    EncodedEvent,
     MultitaskStrategy,
     Principal,
     Run,
@@ -44,7 +45,7 @@ from runservice.domain.model import (
     StartRequest,
     WatchUpdate,
 )
-from runservice.domain.ports import Clock, RunStore
+from runservice.domain.ports import Clock, EventEncoder, RunStore
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.lifecycle import LiveRun, drive_run
@@ -53,6 +54,9 @@ from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
 logger = logging.getLogger(__name__)
+
+LogEntry = RunEvent | EncodedEvent
+"""What Subscribe delivers: events from memory, or (with an encoder) wire forms from the store."""
 
 SNAPSHOT_LIMIT = 1000
 
@@ -65,7 +69,7 @@ class RuntimeSettings:
     drain_timeout: float = 30.0
     memory_grace: float = 300.0
     sweep_interval: float = 1.0
-    batch_max_events: int = 500
+    batch_max_events: int = 2000
     batch_max_bytes: int = 1024 * 1024
     window_events: int = WINDOW_EVENTS
     window_bytes: int = WINDOW_BYTES
@@ -88,8 +92,10 @@ class RunManager:
         agents: AgentRegistry,
         clock: Clock,
         settings: RuntimeSettings | None = None,
+        encoder: EventEncoder | None = None,
     ) -> None:
         self._store = store
+        self._encoded = encoder is not None
         self._agents = agents
         self._clock = clock
         self._settings = settings or RuntimeSettings()
@@ -101,6 +107,7 @@ class RunManager:
             self._on_run_committed,
             max_batch_events=self._settings.writer_max_batch,
             max_pending_events=self._settings.writer_max_pending,
+            encoder=encoder,
         )
         self._draining = False
         self._hurry = asyncio.Event()
@@ -415,7 +422,7 @@ class RunManager:
 
     async def subscribe(
         self, principal: Principal, run_id: str, from_seq: int
-    ) -> AsyncIterator[list[RunEvent]]:
+    ) -> AsyncIterator[Sequence[LogEntry]]:
         """Batches of the run's events with `seq >= from_seq`, ending after the terminal event.
 
         Raises RunNotFoundError or SeqOutOfRangeError before yielding anything.
@@ -426,16 +433,18 @@ class RunManager:
             raise SeqOutOfRangeError(run_id, from_seq, run.last_seq)
         return self._follow(run_id, cursor)
 
-    async def _follow(self, run_id: str, cursor: int) -> AsyncIterator[list[RunEvent]]:
+    async def _follow(self, run_id: str, cursor: int) -> AsyncIterator[Sequence[LogEntry]]:
         live = self._live.get(run_id)
         if live is not None:
             live.subscribers += 1
         s = self._settings
+        page = MIN_PAGE
         try:
             while True:
-                events = await self._next_events(run_id, live, cursor)
+                events = await self._next_events(run_id, live, cursor, page)
                 if events is None:
                     return
+                page = _next_page(events, s.batch_max_bytes, s.batch_max_events)
                 for batch in _batches(events, s.batch_max_events, s.batch_max_bytes):
                     yield batch
                     if batch[-1].terminal:
@@ -447,9 +456,13 @@ class RunManager:
                 live.idle_since = self._clock.now()
 
     async def _next_events(
-        self, run_id: str, live: LiveRun | None, cursor: int
-    ) -> list[RunEvent] | None:
-        """The next events from `cursor` (waiting for them if live); None at the end."""
+        self, run_id: str, live: LiveRun | None, cursor: int, page: int
+    ) -> Sequence[LogEntry] | None:
+        """The next events from `cursor` (waiting for them if live); None at the end.
+
+        A store read fetches `page` events: sized from the previous page to about one
+        batch's bytes, so a slow subscriber holds about one batch in memory.
+        """
         s = self._settings
         while True:
             if live is not None and live.log.broken is not None:
@@ -463,8 +476,11 @@ class RunManager:
                 if window == []:
                     await live.log.wait_beyond(cursor - 1)
                     continue
-            # One batch per read: a slow subscriber holds at most one batch in memory.
-            events = await self._store.read_events(run_id, cursor, s.batch_max_events)
+            events: Sequence[LogEntry]
+            if self._encoded:
+                events = await self._store.read_encoded(run_id, cursor, page)
+            else:
+                events = await self._store.read_events(run_id, cursor, page)
             if events:
                 return events
             if live is None:
@@ -583,10 +599,19 @@ class RunManager:
         return run_id in self._live
 
 
-def _batches(events: list[RunEvent], max_events: int, max_bytes: int) -> list[list[RunEvent]]:
+MIN_PAGE = 64
+
+
+def _next_page(events: Sequence[LogEntry], max_bytes: int, max_events: int) -> int:
+    """How many events to read next: about `max_bytes` worth, judging by these events."""
+    average = max(1, sum(e.size_hint() for e in events) // len(events))
+    return max(MIN_PAGE, min(max_events, max_bytes // average))
+
+
+def _batches(events: Sequence[LogEntry], max_events: int, max_bytes: int) -> list[list[LogEntry]]:
     """Consecutive slices of `events`, each within the count and byte bounds (never empty)."""
-    out: list[list[RunEvent]] = []
-    current: list[RunEvent] = []
+    out: list[list[LogEntry]] = []
+    current: list[LogEntry] = []
     size = 0
     for event in events:
         event_size = event.size_hint()

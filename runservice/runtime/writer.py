@@ -10,13 +10,14 @@ lands on the producing agent, not on memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent
-from runservice.domain.ports import RunStore
+from runservice.domain.ports import EventEncoder, RunStore
 from runservice.runtime.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class Writer:
         *,
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_pending_events: int = MAX_PENDING_EVENTS,
+        encoder: EventEncoder | None = None,
     ) -> None:
         self._store = store
+        self._encoder = encoder
         self._on_run_committed = on_run_committed
         self._max_batch = max_batch_events
         self._max_pending = max_pending_events
@@ -156,6 +159,12 @@ class Writer:
         return pending
 
     async def _commit(self, batch: _Batch) -> None:
+        if self._encoder is not None:  # encode once; every subscriber shares the bytes
+            encode = self._encoder
+            batch.events = [
+                (log, e if e.wire is not None else dataclasses.replace(e, wire=encode(e)))
+                for log, e in batch.events
+            ]
         failure = await self._try_commit(batch)
         if isinstance(failure, StoreError) and not isinstance(failure, StoreUnavailableError):
             parts = batch.split_by_run()

@@ -36,7 +36,16 @@ def _initial_schema(conn: Connection) -> None:
         ),
         *(Index(i.name, *(c.name for c in i.columns)) for i in tables.runs.indexes),
     )
-    for table in (runs_v1, tables.run_labels, tables.events):
+    events_v1 = Table(
+        "run_events",
+        MetaData(),
+        *(
+            Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+            for c in tables.events.columns
+            if c.name != "wire"
+        ),
+    )
+    for table in (runs_v1, tables.run_labels, events_v1):
         table.create(conn)
 
 
@@ -53,9 +62,15 @@ def _request_ids(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_runs_state_ended ON runs (state, ended_us)"))
 
 
+def _add_wire(conn: Connection) -> None:
+    blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
+    conn.execute(text(f"ALTER TABLE run_events ADD COLUMN wire {blob}"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
     Migration(2, "idempotency keys and the retention index", _request_ids),
+    Migration(3, "encoded events for replay", _add_wire),
 )
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import (
+    EncodedEvent,
     MultitaskStrategy,
     Run,
     RunEvent,
@@ -28,6 +29,7 @@ from runservice.domain.model import (
     RunState,
     Scope,
 )
+from runservice.domain.ports import EventEncoder
 from runservice.store import migrations, tables
 from runservice.store.engine import make_engine
 
@@ -39,11 +41,12 @@ LOCK_RETRIES = 8
 LOCK_BACKOFF_S = 0.05
 
 _PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
+_TERMINAL = frozenset(s.value for s in RunState if s.terminal)
 
 
-async def open_store(url: str) -> SqlRunStore:
-    """A store on `url`, schema migrated."""
-    store = SqlRunStore(make_engine(url))
+async def open_store(url: str, encoder: EventEncoder | None = None) -> SqlRunStore:
+    """A store on `url`, schema migrated; `encoder` encodes events stored without a wire form."""
+    store = SqlRunStore(make_engine(url), encoder)
     await store.migrate()
     return store
 
@@ -51,8 +54,9 @@ async def open_store(url: str) -> SqlRunStore:
 class SqlRunStore:
     """The RunStore port over SQLAlchemy Core."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, encoder: EventEncoder | None = None) -> None:
         self._engine = engine
+        self._encoder = encoder
 
     async def migrate(self) -> None:
         """Brings the schema up to date."""
@@ -136,6 +140,31 @@ class SqlRunStore:
         async with self._engine.connect() as conn:
             rows = (await self._read(conn, query)).all()
         return [_event_from_row(row) for row in rows]
+
+    async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
+        """A page of the run's log in wire form; rows stored before encoding are encoded now."""
+        e = tables.events.c
+        query = (
+            select(e.seq, e.wire, e.state)
+            .where(e.run_id == run_id, e.seq >= from_seq)
+            .order_by(e.seq)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await self._read(conn, query)).all()
+        if any(wire is None for _, wire, _ in rows):
+            return [
+                self._encode(event) for event in await self.read_events(run_id, from_seq, limit)
+            ]
+        return [
+            EncodedEvent(seq, wire, state is not None and state in _TERMINAL)
+            for seq, wire, state in rows
+        ]
+
+    def _encode(self, event: RunEvent) -> EncodedEvent:
+        if self._encoder is None:
+            raise StoreError("this store has no event encoder")
+        return EncodedEvent(event.seq, self._encoder(event), event.terminal)
 
     async def delete_run(self, scope: Scope, run_id: str) -> bool:
         """Deletes the run, its labels and its events in one transaction."""
@@ -380,6 +409,7 @@ def _event_row(event: RunEvent) -> dict[str, Any]:
         "payload": payload,
         "state": None if event.state is None else event.state.value,
         "error": _failure_json(event.error),
+        "wire": event.wire,
     }
 
 

@@ -74,4 +74,6 @@ events = Table(
     Column("payload", LargeBinary, nullable=True),
     Column("state", String(16), nullable=True),
     Column("error", Text, nullable=True),
+    # Added by migration 3: the encoded RunEvent, served as is on replay.
+    Column("wire", LargeBinary, nullable=True),
 )
