@@ -75,6 +75,10 @@ PROTOC_TS = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 	--plugin=protoc-gen-ts_proto=$(TS_DIR)/node_modules/.bin/protoc-gen-ts_proto \
 	--ts_proto_out=$(1) --ts_proto_opt=$(TS_PROTO_OPTS) $(TS_PROTO_FILES)
 
+# grpcurl, pinned, installed project-locally: the tests run every README recipe with it.
+GRPCURL_VERSION := v1.9.4
+GRPCURL := .tools/bin/grpcurl
+
 PYTEST_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests collected") as success.
 ALLOW_NO_TESTS ?=
@@ -169,7 +173,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	$(VENV_PY) -m ruff format --check .
 	$(VENV_PY) -m mypy --strict runservice
 
-test: $(VENV_STAMP) $(BUF_STAMP)
+test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory test-go
@@ -193,6 +197,12 @@ test-typescript:
 
 run: $(VENV_STAMP)
 	$(VENV)/bin/runservice serve --dev-token
+
+.PHONY: grpcurl
+grpcurl: $(GRPCURL)
+
+$(GRPCURL):
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 # --- Cleaning ---------------------------------------------------------------
 
