@@ -135,3 +135,65 @@ async def test_the_python_client_example_runs(tmp_path: Path) -> None:
     assert "RUN_STATE_SUCCEEDED {'text': 'one two three'}" in text
     assert "NOT_FOUND RUN_NOT_FOUND" in text
     assert "[1, 2, 3, 4, 5]" in text
+
+
+def _snippet(heading: str, language: str) -> list[str]:
+    section = (ROOT / "docs" / "clients.md").read_text().split(heading, 1)[1].split("\n## ")[0]
+    block = re.findall(rf"```{language}\n(.*?)```", section, re.S)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("heading", "language", "source"),
+    [
+        ("## The Go client", "go", "clients/go/cmd/quickstart/main.go"),
+        ("## The TypeScript client", "ts", "clients/typescript/examples/quickstart.ts"),
+    ],
+)
+def test_each_docs_snippet_is_part_of_a_program_the_tests_run(
+    heading: str, language: str, source: str
+) -> None:
+    """The Go and TypeScript snippets in docs/clients.md are excerpts of runnable programs."""
+    program = {line.strip() for line in (ROOT / source).read_text().splitlines()}
+    missing = [line for line in _snippet(heading, language) if line not in program]
+    assert not missing, f"{source} lacks snippet lines: {missing}"
+
+
+async def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_the_go_and_typescript_quickstarts_run(tmp_path: Path) -> None:
+    """Both quickstart programs run against a live server and print the run's log."""
+    go = shutil.which("go")
+    ts_example = ROOT / "clients" / "typescript" / "dist" / "examples" / "quickstart.js"
+    if go is None or not ts_example.exists():
+        if os.environ.get("CI"):
+            pytest.fail("go or the built TypeScript examples are missing; `make test` builds them")
+        pytest.skip("go or the built TypeScript examples are missing")
+    binary = tmp_path / "quickstart"
+    await _run(
+        [go, "build", "-o", str(binary), "./cmd/quickstart"],
+        ROOT / "clients" / "go",
+        dict(os.environ),
+    )
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    token = add_token(data_dir / "tokens.toml", "alice", [])
+    async with running_server(data_dir) as server:
+        env = {**os.environ, "RUNSERVICE_ADDR": server.addr, "RUNSERVICE_TOKEN": token}
+        go_out = await _run([str(binary)], ROOT, env)
+        ts_out = await _run(["node", str(ts_example)], ROOT / "clients" / "typescript", env)
+    assert "1 run.state RUNNING" in go_out and "7 run.state SUCCEEDED" in go_out
+    assert "not found:" in go_out
+    assert "4 token three" in ts_out and "5 run.state SUCCEEDED" in ts_out
+    assert "NOT_FOUND RUN_NOT_FOUND" in ts_out
