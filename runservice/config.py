@@ -224,6 +224,11 @@ OPTIONS: tuple[_Option, ...] = (
 )
 
 
+def _list(text: str) -> list[str]:
+    """A comma-separated list, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def env_name(flag: str) -> str:
     """The environment variable of a flag: --stop-grace → RUNSERVICE_STOP_GRACE."""
     return "RUNSERVICE_" + flag.upper().replace("-", "_")
@@ -282,10 +287,10 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
                 raise SystemExit(f"{env_name(opt.flag)}: {exc}") from None
         if value is not None:
             values[attr] = value
-    agents = args.agent or [a.strip() for a in env.get("RUNSERVICE_AGENT", "").split(",") if a]
+    agents = args.agent or _list(env.get("RUNSERVICE_AGENT", ""))
     values["agents"] = tuple(agents)
     truthy = ("1", "true", "yes")
-    admins = args.admin or [a.strip() for a in env.get("RUNSERVICE_ADMIN", "").split(",") if a]
+    admins = args.admin or _list(env.get("RUNSERVICE_ADMIN", ""))
     values["admins"] = tuple(admins)
     values["insecure_no_auth"] = (
         args.insecure_no_auth or env.get("RUNSERVICE_INSECURE_NO_AUTH", "").lower() in truthy

@@ -29,7 +29,7 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
     if roles:
         entry["roles"] = roles
     doc["tokens"].append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -217,3 +217,49 @@ async def test_page_size_above_the_maximum_is_lowered(server: Harness) -> None:
     await start(alice, "echo", text="x")
     page = await alice.ListRuns(pb.ListRunsRequest(page_size=100_000))
     assert len(page.runs) == 1 and page.next_page_token == ""
+
+
+async def test_undecodable_messages_are_refused_after_authentication(server: Harness) -> None:
+    """Garbage bytes, NaN inputs and absurd nesting get INVALID_ARGUMENT, never UNKNOWN."""
+    token = server.tokens["alice"]
+    get_run = server.channel.unary_unary("/runservice.v1.RunService/GetRun")
+    subscribe = server.channel.unary_stream("/runservice.v1.RunService/Subscribe")
+    for payload in (b"\xff\xff\xff", b"\x0a\x05\xff\xfe\xfd\xfc\xfb"):  # garbage, bad UTF-8
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await get_run(payload)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED  # who asks comes first
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await get_run(payload, metadata=(("authorization", f"Bearer {token}"),))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in subscribe(payload, metadata=(("authorization", f"Bearer {token}"),)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    alice = server.caller("alice")
+    nan = pb.StartRunRequest(agent="echo")
+    nan.input.fields["x"].number_value = float("nan")
+    await _fails(alice.StartRun(nan), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    start_run = server.channel.unary_unary("/runservice.v1.RunService/StartRun")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await start_run(_deep_start_request(200), metadata=alice.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    length, out = len(payload), bytearray()
+    while length > 0x7F:
+        out.append((length & 0x7F) | 0x80)
+        length >>= 7
+    out.append(length)
+    return bytes([number << 3 | 2]) + bytes(out) + payload
+
+
+def _deep_start_request(depth: int) -> bytes:
+    """StartRunRequest{agent: "echo", input: {"n": {"n": ... }}} nested `depth` levels."""
+    struct_bytes = b""
+    for _ in range(depth):
+        value = _field(5, struct_bytes)  # Value.struct_value
+        entry = _field(1, b"n") + _field(2, value)  # map entry: key, value
+        struct_bytes = _field(1, entry)  # Struct.fields
+    return _field(1, b"echo") + _field(2, struct_bytes)

@@ -320,3 +320,13 @@ async def test_no_certificate_or_one_from_another_ca_is_refused(
             grpc.StatusCode.UNAUTHENTICATED,
         )
         await channel.close()
+
+
+async def test_an_opaque_token_on_a_jwt_server_is_judged_by_the_tokens_file(
+    jwt_server: Harness,
+) -> None:
+    """With JWT and a tokens file, a non-JWT token gets the tokens file's answer."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(jwt_server, "rs_not-a-real-token")
+    assert "not valid for this server" in caught.value.details()
+    assert (await _call(jwt_server, jwt_server.tokens["alice"])).agents  # tokens still work

@@ -72,6 +72,10 @@ class TokensFileAuthenticator:
         self._warned = False
         self._reload()
 
+    def recognizes(self, token: str) -> bool:
+        """Any token may be in the file; asked first for tokens that are not JWT-shaped."""
+        return True
+
     def authenticate(self, token: str) -> Principal:
         """The principal for `token`."""
         self._reload()
@@ -249,16 +253,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Handler:
+    deserialize = status.lenient(handler.request_deserializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             status.wrap_unary(handler.unary_unary, prepare),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserialize,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             status.wrap_stream(handler.unary_stream, prepare, streams),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserialize,
             response_serializer=_bytes_or(handler.response_serializer),
         )
     wrapped: Handler = handler  # RunService has no client-streaming methods

@@ -153,9 +153,12 @@ def _text(value: str, field: str, limit: int) -> str:
     return value
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict (numbers are floats, as in JSON)."""
-    result: dict[str, Any] = json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "input") -> dict[str, Any]:
+    """A Struct as a plain dict (numbers are floats, as in JSON); JSON-only values."""
+    try:
+        result: dict[str, Any] = json_format.MessageToDict(struct)
+    except ValueError:  # NaN and Infinity have no JSON form
+        raise InvalidInputError(field, "must be JSON: NaN and Infinity are not allowed") from None
     return result
 
 

@@ -61,6 +61,7 @@ class JwtAuthenticator:
         self._s = settings
         self._jwks_stamp: tuple[float, int] | None = None
         self._jwks: dict[str, jwt.PyJWK] = {}
+        self._jwks_missing_logged = False
         self._reload_jwks()
 
     def recognizes(self, token: str) -> bool:
@@ -148,9 +149,12 @@ class JwtAuthenticator:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            logger.error("JWKS file %s does not exist: no JWT is accepted", path)
+            if not self._jwks_missing_logged:  # once, not on every call
+                logger.error("JWKS file %s does not exist: no JWT is accepted", path)
+                self._jwks_missing_logged = True
             self._jwks, self._jwks_stamp = {}, None
             return
+        self._jwks_missing_logged = False
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._jwks_stamp:
             return

@@ -87,6 +87,32 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class MalformedRequest:
+    """Stands in for a request message that did not decode; refused after authentication."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: grpc would answer UNKNOWN with its text."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, recursion limits, invalid UTF-8
+            return MalformedRequest(exc)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise errors.InvalidArgumentError(
+            "request", "is not a valid protobuf message for this method (or nests too deeply)"
+        )
+
+
 Prepare = Callable[[grpc.aio.ServicerContext[Any, Any]], Principal]
 """Authenticates the call (raising AuthenticationError) and returns its principal."""
 
@@ -97,6 +123,7 @@ def wrap_unary(behavior: Callable[..., Any], prepare: Prepare) -> Callable[..., 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             prepare(context)
+            _check_decoded(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -117,6 +144,7 @@ def wrap_stream(
     ) -> AsyncIterator[Any]:
         try:
             principal = prepare(context)
+            _check_decoded(request)
             with streams.hold(principal.user):
                 async for item in _until_expiry(behavior(request, context), principal):
                     yield item
@@ -139,12 +167,15 @@ async def _until_expiry(items: AsyncIterator[Any], principal: Principal) -> Asyn
     iterator = aiter(items)
     try:
         while True:
+            timeout = asyncio.timeout_at(deadline)
             try:
-                async with asyncio.timeout_at(deadline):
+                async with timeout:
                     item = await anext(iterator)
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                if not timeout.expired():
+                    raise
                 raise errors.TokenExpiredError(
                     "the credentials of this stream have expired; refresh them and resume "
                     "from your last seq + 1"

@@ -130,21 +130,22 @@ class RunContext:
             raise ValueError(f"event type {STATE_EVENT!r} is reserved for lifecycle events")
         if sum(p is not None for p in (data, text, binary)) > 1:
             raise ValueError("an event carries at most one of data, text and binary")
-        size = _payload_size(data, text, binary)
-        if size > MAX_EVENT_BYTES:
-            raise ValueError(
-                f"event payload of about {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit"
-            )
         log = self._live.log
-        event = RunEvent(
+        draft = RunEvent(
             run_id=self.run_id,
-            seq=log.assign_seq(),
+            seq=log.last_assigned + 1,
             at=at or self._clock.now(),
             type=type,
             data=data,
             text=text,
             binary=binary,
         )
+        # Measured as sent: the encoded event, so every client can receive it.
+        event = self._writer.encoded(draft)
+        size = event.size_hint() if event.wire is not None else _payload_size(data, text, binary)
+        if size > MAX_EVENT_BYTES:
+            raise ValueError(f"event of {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
+        log.assign_seq()  # the seq is taken only by an event that will be stored
         await self._writer.append(log, event)
         return event.seq
 

@@ -46,7 +46,7 @@ class RunLog:
         return seq
 
     @property
-    def assigned_seq(self) -> int:
+    def last_assigned(self) -> int:
         """The highest seq handed out so far."""
         return self._next_seq - 1
 

@@ -81,6 +81,12 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
+    def encoded(self, event: RunEvent) -> RunEvent:
+        """`event` with its wire form (unchanged when the writer has no encoder)."""
+        if self._encoder is None or event.wire is not None:
+            return event
+        return dataclasses.replace(event, wire=self._encoder(event))
+
     def start(self) -> None:
         """Starts the writer task."""
         self._task = asyncio.create_task(self._loop(), name="runservice-writer")
@@ -160,11 +166,7 @@ class Writer:
 
     async def _commit(self, batch: _Batch) -> None:
         if self._encoder is not None:  # encode once; every subscriber shares the bytes
-            encode = self._encoder
-            batch.events = [
-                (log, e if e.wire is not None else dataclasses.replace(e, wire=encode(e)))
-                for log, e in batch.events
-            ]
+            batch.events = [(log, self.encoded(e)) for log, e in batch.events]
         failure = await self._try_commit(batch)
         if isinstance(failure, StoreError) and not isinstance(failure, StoreUnavailableError):
             parts = batch.split_by_run()

@@ -14,9 +14,10 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000
 def make_engine(url: str) -> AsyncEngine:
     """An async engine for `url`; SQLite files get WAL, a busy timeout and synchronous=NORMAL."""
     parsed = make_url(url)
+    # hide_parameters: a failed statement's error must not carry run inputs into the log.
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    engine = create_async_engine(url)
+        return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+    engine = create_async_engine(url, hide_parameters=True)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
