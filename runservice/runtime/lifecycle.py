@@ -131,18 +131,22 @@ class RunContext:
         if sum(p is not None for p in (data, text, binary)) > 1:
             raise ValueError("an event carries at most one of data, text and binary")
         log = self._live.log
-        draft = RunEvent(
-            run_id=self.run_id,
-            seq=log.last_assigned + 1,
-            at=at or self._clock.now(),
-            type=type,
-            data=data,
-            text=text,
-            binary=binary,
-        )
-        # Measured as sent: the encoded event, so every client can receive it.
-        event = self._writer.encoded(draft)
-        size = event.size_hint() if event.wire is not None else _payload_size(data, text, binary)
+        fields: dict[str, Any] = {
+            "run_id": self.run_id,
+            "seq": log.last_assigned + 1,
+            "at": at or self._clock.now(),
+            "type": type,
+            "data": data,
+            "text": text,
+            "binary": binary,
+        }
+        event = RunEvent(**fields)
+        # Encoded here, once (the writer and every subscriber reuse the bytes), and
+        # measured as sent, so every client can receive it.
+        wire = self._writer.encode(event)
+        if wire is not None:
+            event = RunEvent(**fields, wire=wire)  # cheaper than dataclasses.replace
+        size = len(wire) if wire is not None else _payload_size(data, text, binary)
         if size > MAX_EVENT_BYTES:
             raise ValueError(f"event of {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
         log.assign_seq()  # the seq is taken only by an event that will be stored

@@ -81,6 +81,10 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
+    def encode(self, event: RunEvent) -> bytes | None:
+        """The event's wire form, or None when the writer has no encoder."""
+        return None if self._encoder is None else self._encoder(event)
+
     def encoded(self, event: RunEvent) -> RunEvent:
         """`event` with its wire form (unchanged when the writer has no encoder)."""
         if self._encoder is None or event.wire is not None:
