@@ -204,6 +204,17 @@ grpcurl: $(GRPCURL)
 $(GRPCURL):
 	GOBIN=$(CURDIR)/.tools/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
+# --- Benchmarks -------------------------------------------------------------
+
+# runservice (real server, SQLite, temp dir) beside a bare grpc.aio server streaming the
+# same messages: prints the table and writes docs/performance/ (results.md, results.json,
+# PNG charts). 10-12 minutes on 2 cores. Extra flags: BENCH_ARGS="--scenarios replay".
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: $(VENV_STAMP)
+	$(VENV_PY) -m bench --out docs/performance $(BENCH_ARGS)
+
 # --- Cleaning ---------------------------------------------------------------
 
 clean:

@@ -1,0 +1,193 @@
+"""`python -m bench`: run the scenarios, print the table, write JSON, Markdown and charts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.clients import Workers
+from bench.noise import ForeignLoad, loadavg
+from bench.scenarios import QUICK, SCENARIOS, Bench, Sizes
+
+log = logging.getLogger("bench")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="runservice's figures beside a bare grpc.aio baseline, measured in one run.",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    p.add_argument("--out", type=Path, default=Path("docs/performance"), help="output directory")
+    p.add_argument("--workers", type=int, default=2, help="load-client processes (default 2)")
+    p.add_argument(
+        "--client-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of the load clients (default uvloop)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (data, server logs)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: print and write the table, Markdown and charts of a results.json",
+    )
+    sizes = p.add_argument_group("sizes (defaults fit 2 cores in under 10 minutes)")
+    d = Sizes()
+    sizes.add_argument("--payload", type=int, help=f"pad bytes per event ({d.payload})")
+    sizes.add_argument("--replay-events", type=int, help=f"events replayed ({d.replay_events})")
+    sizes.add_argument(
+        "--fanout-subscribers",
+        type=_ints,
+        help=f"subscriber counts ({','.join(map(str, d.fanout_subscribers))})",
+    )
+    sizes.add_argument(
+        "--fanout-delivered",
+        type=int,
+        help=f"events delivered per fan-out case, all subscribers ({d.fanout_delivered})",
+    )
+    sizes.add_argument(
+        "--fanout-min-events", type=int, help=f"least events per run ({d.fanout_min_events})"
+    )
+    sizes.add_argument("--latency-runs", type=int, help=f"concurrent runs ({d.latency_runs})")
+    sizes.add_argument("--latency-rate", type=float, help=f"events/s per run ({d.latency_rate})")
+    sizes.add_argument("--latency-seconds", type=float, help=f"duration ({d.latency_seconds})")
+    sizes.add_argument(
+        "--startrun-callers", type=int, help=f"concurrent callers ({d.startrun_callers})"
+    )
+    sizes.add_argument(
+        "--startrun-seconds", type=float, help=f"measured duration ({d.startrun_seconds})"
+    )
+    sizes.add_argument("--ingest-runs", type=int, help=f"concurrent runs ({d.ingest_runs})")
+    sizes.add_argument("--ingest-events", type=int, help=f"events per run ({d.ingest_events})")
+    sizes.add_argument(
+        "--capacity-runs", type=int, help=f"live runs and subscriptions ({d.capacity_runs})"
+    )
+    sizes.add_argument(
+        "--capacity-finished-runs",
+        type=int,
+        help=f"finished runs held in memory ({d.capacity_finished_runs})",
+    )
+    return p
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    """The defaults (or QUICK), overridden by any size flag given."""
+    base = QUICK if args.quick else Sizes()
+    changes = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Sizes)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(base, **changes)
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Runs the chosen scenarios; the results document."""
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(unknown)}; pick from {list(SCENARIOS)}")
+    sizes = sizes_from(args)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "started": report.stamp(),
+        "command": report.command(),
+        "reps": args.reps,
+        "quick": args.quick,
+        "workers": args.workers,
+        "client_loop": args.client_loop,
+        "machine": report.machine(),
+        "sizes": dataclasses.asdict(sizes),
+        "loadavg_start": loadavg(),
+        "scenarios": [],
+    }
+    foreign = ForeignLoad()
+    workers = await asyncio.to_thread(Workers, args.workers)
+    bench = Bench(sizes, work, workers, args.reps, args.client_loop)
+    try:
+        for name in chosen:
+            t0 = time.monotonic()
+            log.info("scenario %s ...", name)
+            outcome = await SCENARIOS[name](bench)
+            t1 = time.monotonic()
+            outcome.seconds = t1 - t0
+            noise = foreign.window(t0, t1)
+            log.info(
+                "scenario %s done in %.1fs (other processes: %.0f%% CPU mean, %.0f%% max)",
+                name,
+                outcome.seconds,
+                noise["mean"],
+                noise["max"],
+            )
+            results["scenarios"].append(
+                {
+                    "key": outcome.key,
+                    "title": outcome.title,
+                    "params": outcome.params,
+                    "seconds": outcome.seconds,
+                    "figures": [f.to_json() for f in outcome.figures],
+                    "details": outcome.details,
+                    "foreign_cpu_pct": noise,
+                }
+            )
+    finally:
+        await bench.close()
+        workers.close()
+        foreign.close()
+    results["seconds"] = time.monotonic() - started
+    results["loadavg_end"] = loadavg()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        results = json.loads(args.render.read_text())
+        print(report.text_table(results))
+        print("wrote " + ", ".join(str(p) for p in report.write(results, args.out)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="runservice-bench-"))
+    try:
+        results = asyncio.run(run(args, work))
+    except BaseException:
+        log.error("bench failed; servers' logs are in %s", work)
+        raise
+    print()
+    print(report.text_table(results))
+    paths = report.write(results, args.out)
+    print()
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

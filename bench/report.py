@@ -1,0 +1,332 @@
+"""What `make bench` writes: the printed table, results.json, results.md and the charts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+CHARTS = ("throughput.png", "latency.png")
+NOISY = 10.0  # foreign CPU % above which a scenario is flagged as measured on a busy machine
+TIMES = "\u00d7"  # the multiplication sign
+EN = "\u2013"  # the en dash of "min-max" ranges
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model, memory and the versions that matter."""
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "revision": revision(),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "sqlite": sqlite3.sqlite_version,
+        "sqlalchemy": version("sqlalchemy"),
+        "aiosqlite": version("aiosqlite"),
+        "uvloop": version("uvloop"),
+    }
+
+
+def revision() -> str:
+    """The commit of the code measured: $BENCH_REVISION, else `git describe` of the repo."""
+    if os.environ.get("BENCH_REVISION"):
+        return os.environ["BENCH_REVISION"]
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip()
+
+
+# -- formatting --------------------------------------------------------------------------
+
+
+def num(value: float | None) -> str:
+    """A figure rounded for reading: 3 significant digits, thousands separated."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    mag = abs(value)
+    if mag >= 100:  # noqa: PLR2004 - formatting thresholds
+        return f"{value:,.0f}"
+    if mag >= 10:  # noqa: PLR2004
+        return f"{value:.1f}"
+    if mag >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def spread(s: dict[str, Any] | None) -> str:
+    """'median (min-max)', with an en dash."""
+    if s is None:
+        return "—"
+    if len(s["values"]) == 1:
+        return num(s["median"])
+    return f"{num(s['median'])} ({num(s['min'])}{EN}{num(s['max'])})"
+
+
+def ratio_text(fig: dict[str, Any]) -> str:
+    """The ratio runservice / baseline."""
+    r = fig["ratio"]
+    if r is None:
+        return "—"
+    return f"{num(r) if r >= 10 else f'{r:.2f}'}{TIMES}"  # noqa: PLR2004
+
+
+def met_text(fig: dict[str, Any]) -> str:
+    """Whether the target is met (measured, never asserted)."""
+    if not fig["target"]:
+        return ""
+    return {True: "met", False: "NOT met", None: "?"}[fig["met"]]
+
+
+COLUMNS = ("figure", "unit", "runservice", "baseline", "ratio", "target", "")
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per figure, in scenario order."""
+    out = []
+    for sc in results["scenarios"]:
+        for fig in sc["figures"]:
+            out.append(
+                (
+                    fig["name"],
+                    fig["unit"],
+                    spread(fig["runservice"]),
+                    spread(fig["baseline"]),
+                    ratio_text(fig),
+                    fig["target"],
+                    met_text(fig),
+                )
+            )
+    return out
+
+
+def text_table(results: dict[str, Any]) -> str:
+    """The table for the terminal."""
+    body = rows(results)
+    widths = [max(len(r[i]) for r in [COLUMNS, *body]) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    m = results["machine"]
+    lines.append("")
+    lines.append(
+        f"median (min{EN}max) of {results['reps']} reps; ratio = runservice median / baseline "
+        f"median. {m['cores']} cores, {m['cpu']}; Python {m['python']}, grpcio {m['grpcio']}, "
+        f"SQLite {m['sqlite']}."
+    )
+    lines.append(noise_text(results))
+    return "\n".join(lines)
+
+
+def noise_text(results: dict[str, Any]) -> str:
+    """How busy the machine was with other processes (see bench/noise.py)."""
+    parts = [
+        f"{sc['key']} {sc['foreign_cpu_pct']['mean']:.0f}%"
+        for sc in results["scenarios"]
+        if "foreign_cpu_pct" in sc
+    ]
+    start, end = results.get("loadavg_start"), results.get("loadavg_end")
+    text = f"Other processes' CPU (100% = one core), mean per scenario: {', '.join(parts)}."
+    if start and end:
+        text += f" Load average {start[0]} at the start, {end[0]} at the end."
+    busy = [
+        sc for sc in results["scenarios"] if sc.get("foreign_cpu_pct", {}).get("mean", 0) > NOISY
+    ]
+    if busy:
+        text += " The machine was busy with other work: compare ratios, not absolute values."
+    return text
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """docs/performance/results.md."""
+    m = results["machine"]
+    out = [
+        "# Benchmark results",
+        "",
+        "<!-- Generated by `make bench` (python -m bench); do not edit by hand. -->",
+        "",
+        f"Run {results['started']} with `{results['command']}` in "
+        f"{results['seconds']:.0f} s. Every figure is the **median (min{EN}max) of "
+        f"{results['reps']} repetitions**; the baseline ran in the same process tree, "
+        "interleaved with runservice. *ratio* = runservice median / baseline median; a "
+        "target is printed beside it, measured and never asserted. "
+        "[performance.md](../performance.md) explains each scenario and how to read them.",
+        "",
+        "| " + " | ".join(c or "met?" for c in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows(results):
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    out += [
+        "",
+        "![throughput per scenario](throughput.png)",
+        "",
+        "![latency distributions](latency.png)",
+        "",
+        "## Server CPU during each measurement",
+        "",
+        "Percent of one core (100 % = one core, the machine has "
+        f"{m['cores']}) used by the server process (all threads) and by the load-client "
+        "processes together, median of the reps, per scenario case.",
+        "",
+        "| figure | runservice | its clients | baseline | its clients |",
+        "|---|---|---|---|---|",
+    ]
+    seen = set()
+    for sc in results["scenarios"]:
+        for fig in sc["figures"]:
+            cpu = fig["server_cpu_pct"]
+            key = json.dumps(cpu, sort_keys=True)
+            if cpu and key not in seen:
+                seen.add(key)
+                cells = [
+                    num(cpu[k]["median"]) + " %" if k in cpu else "—"
+                    for k in ("runservice", "runservice clients", "bare", "bare clients")
+                ]
+                out.append(f"| {sc['title']}: {fig['name']} | " + " | ".join(cells) + " |")
+    out += ["", "## Parameters", ""]
+    for sc in results["scenarios"]:
+        params = ", ".join(f"{k} {v}" for k, v in sc["params"].items())
+        out.append(f"- **{sc['title']}** ({sc['seconds']:.0f} s): {params}")
+    out += [
+        "",
+        "## Machine",
+        "",
+        f"- runservice at commit `{m['revision']}`",
+        f"- {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}",
+        f"- Python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
+        f"SQLite {m['sqlite']}, SQLAlchemy {m['sqlalchemy']}, aiosqlite {m['aiosqlite']}",
+        f"- load clients: {results['workers']} processes on {results['client_loop']}; "
+        "servers on the default asyncio loop",
+        f"- {noise_text(results)}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# -- charts ------------------------------------------------------------------------------
+
+
+def charts(results: dict[str, Any], out: Path) -> list[Path]:
+    """throughput.png (every rate figure) and latency.png (latency distributions)."""
+    import matplotlib  # noqa: PLC0415 - heavy; only needed at the end
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figs = [f for sc in results["scenarios"] for f in sc["figures"]]
+    rates = [f for f in figs if "/s" in f["unit"] and f["baseline"]]
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    width = 0.38
+    for offset, key, label, color in (
+        (-width / 2, "runservice", "runservice", "#1f77b4"),
+        (width / 2, "baseline", "baseline", "#bbbbbb"),
+    ):
+        meds = [f[key]["median"] for f in rates]
+        lows = [f[key]["median"] - f[key]["min"] for f in rates]
+        highs = [f[key]["max"] - f[key]["median"] for f in rates]
+        xs = [i + offset for i in range(len(rates))]
+        ax.bar(xs, meds, width, yerr=[lows, highs], capsize=3, label=label, color=color)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rates)))
+    labels = [f"{f['name'].replace(', ', chr(10))}\n({f['unit']})" for f in rates]
+    ax.set_xticklabels(labels, fontsize=8)
+    for i, f in enumerate(rates):
+        if f["ratio"] is not None:
+            top = max(f["runservice"]["max"], f["baseline"]["max"])
+            ax.annotate(ratio_text(f), (i, top), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("per second (log scale)")
+    ax.set_title(f"Throughput per scenario: median, min{EN}max of {results['reps']} reps")
+    ax.legend()
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    paths = [out / CHARTS[0]]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    dists = [
+        (sc["title"], sc["details"]["cdf"])
+        for sc in results["scenarios"]
+        if "cdf" in sc.get("details", {})
+    ]
+    fig, axes = plt.subplots(1, max(1, len(dists)), figsize=(6 * max(1, len(dists)), 4.5))
+    axes = axes if isinstance(axes, list | tuple) or hasattr(axes, "__len__") else [axes]
+    for ax, (title, cdfs) in zip(axes, dists, strict=False):
+        for key, label, color in (
+            ("runservice", "runservice", "#1f77b4"),
+            ("bare", "baseline", "#888888"),
+        ):
+            c = cdfs.get(key)
+            if not c:
+                continue
+            tail = [100.0 - q for q in c["q"]]
+            ax.plot(c["v"], tail, label=label, color=color)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.005, 100)
+        ax.set_xlabel("latency, ms (log)")
+        ax.set_ylabel("% of events slower (log)")
+        ax.set_title(f"{title}: latency distribution (all reps)")
+        ax.grid(which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / CHARTS[1])
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, results.md and the charts into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    paths[0].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    paths[1].write_text(markdown(results))
+    return paths + charts(results, out)
+
+
+def stamp() -> str:
+    """Now, for the report."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command() -> str:
+    """How this run was invoked."""
+    return "python -m bench " + " ".join(sys.argv[1:])

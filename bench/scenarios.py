@@ -1,0 +1,831 @@
+"""The six scenarios. Each starts its own servers (runservice and bare), runs its
+repetitions interleaved (runservice then bare, the order swapped every other rep, so
+that drift hits both alike), and returns figures with every repetition's value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from array import array
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench import clients
+from bench.clients import Workers
+from bench.report import TIMES
+from bench.servers import Server, start_bare, start_runservice
+from bench.stats import cdf, percentiles, summary
+from runservice.runtime.writer import MAX_BATCH_EVENTS
+from runservice.v1 import run_pb2
+from runservice.v1 import run_service_pb2 as pb
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("bench")
+
+ACTIVE = [run_pb2.RUN_STATE_PENDING, run_pb2.RUN_STATE_RUNNING]
+TERMINAL = {
+    run_pb2.RUN_STATE_SUCCEEDED,
+    run_pb2.RUN_STATE_FAILED,
+    run_pb2.RUN_STATE_STOPPED,
+    run_pb2.RUN_STATE_INTERRUPTED,
+    run_pb2.RUN_STATE_TIMED_OUT,
+}
+SETUP_CALLERS = 50  # concurrent StartRun calls when a scenario sets up many runs
+HOLD_S = 900.0  # how long capacity runs stay live (the server is stopped long before)
+KB = 1024
+
+
+@dataclass
+class Sizes:
+    """Every scenario's size; `python -m bench --help` lists the flags that set them."""
+
+    payload: int = 64
+    replay_events: int = 100_000
+    fanout_subscribers: tuple[int, ...] = (1, 10, 100)
+    fanout_delivered: int = 30_000
+    fanout_min_events: int = 500
+    latency_runs: int = 1_000
+    latency_rate: float = 10.0
+    latency_seconds: float = 20.0
+    startrun_callers: int = 50
+    startrun_seconds: float = 10.0
+    startrun_warmup: float = 1.0
+    ingest_runs: int = 100
+    ingest_events: int = 1_000
+    capacity_runs: int = 10_000
+    capacity_finished_runs: int = 3_000
+    limit_s: float = 300.0  # the most any one measurement may take
+    slack_s: float = 1.0  # lead time between starting a scenario's runs and their first tick
+    fresh_servers: bool = True  # False: one runservice and one bare server for everything
+    settle_s: float = 1.0  # pause before reading a server's RSS
+
+
+QUICK = Sizes(
+    replay_events=2_000,
+    fanout_subscribers=(1, 3),
+    fanout_delivered=1_500,
+    fanout_min_events=300,
+    latency_runs=20,
+    latency_seconds=1.0,
+    startrun_callers=4,
+    startrun_seconds=1.0,
+    startrun_warmup=0.2,
+    ingest_runs=5,
+    ingest_events=200,
+    capacity_runs=100,
+    capacity_finished_runs=100,
+    limit_s=60.0,
+    slack_s=0.3,
+    fresh_servers=False,
+    settle_s=0.1,
+)
+
+
+@dataclass
+class Figure:
+    """One figure: runservice's value per rep, the baseline's, and the target."""
+
+    id: str
+    name: str
+    unit: str
+    better: str  # "higher" or "lower"
+    runservice: list[float]
+    baseline: list[float] | None
+    baseline_name: str
+    target: str = ""
+    target_kind: str = ""  # "ratio_min", "ratio_max", "abs_max" or ""
+    target_value: float = 0.0
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # server CPU % per rep
+
+    def to_json(self) -> dict[str, Any]:
+        """The figure with medians, min-max, the ratio and whether the target is met."""
+        rs = summary(self.runservice)
+        base = summary(self.baseline) if self.baseline else None
+        ratio = rs["median"] / base["median"] if base and base["median"] else None
+        met: bool | None = None
+        if self.target_kind == "ratio_min" and ratio is not None:
+            met = ratio >= self.target_value
+        elif self.target_kind == "ratio_max" and ratio is not None:
+            met = ratio <= self.target_value
+        elif self.target_kind == "abs_max":
+            met = rs["median"] <= self.target_value
+        return {
+            "id": self.id,
+            "name": self.name,
+            "unit": self.unit,
+            "better": self.better,
+            "runservice": rs,
+            "baseline": base,
+            "baseline_name": self.baseline_name,
+            "ratio": ratio,
+            "target": self.target,
+            "target_kind": self.target_kind,
+            "target_value": self.target_value,
+            "met": met,
+            "server_cpu_pct": {k: summary(v) for k, v in self.cpu.items() if v},
+        }
+
+
+@dataclass
+class Outcome:
+    """A scenario's figures, its parameters and extra detail (distributions, counts)."""
+
+    key: str
+    title: str
+    params: dict[str, Any]
+    figures: list[Figure]
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Meter:
+    """Server and load-client CPU % over a measured interval (100 = one core)."""
+
+    def __init__(self, server: Server, workers: Workers) -> None:
+        self.server = server
+        self.workers = workers
+        self.cpu0 = server.cpu_seconds()
+        self.clients0 = workers.cpu_seconds()
+        self.t0 = time.monotonic()
+
+    def record(self, cpu: dict[str, list[float]]) -> float:
+        """Appends the server's CPU % to cpu[kind] and the clients' to cpu[kind + ' clients']."""
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        pct = 100.0 * (self.server.cpu_seconds() - self.cpu0) / wall
+        clients = 100.0 * (self.workers.cpu_seconds() - self.clients0) / wall
+        cpu.setdefault(self.server.kind, []).append(pct)
+        cpu.setdefault(f"{self.server.kind} clients", []).append(clients)
+        return pct
+
+
+def stub_of(server: Server) -> tuple[grpc.aio.Channel, Any, Any]:
+    """A channel, a stub and the metadata for `server`."""
+    channel = grpc.aio.insecure_channel(server.addr)
+    stub = pb_grpc.RunServiceStub(channel)  # type: ignore[no-untyped-call]
+    return channel, stub, clients.metadata(server.token)
+
+
+def paced(**values: float) -> pb.StartRunRequest:
+    """A StartRun of the bench agent."""
+    return pb.StartRunRequest(agent="paced", input=clients.struct(dict(values)))
+
+
+def split(items: list[str], parts: int) -> list[list[str]]:
+    """`items` in `parts` interleaved slices (empty ones dropped)."""
+    return [s for s in (items[i::parts] for i in range(parts)) if s]
+
+
+def ordered(rep: int, a: Server, b: Server) -> tuple[Server, Server]:
+    """Alternates which server goes first."""
+    return (a, b) if rep % 2 == 0 else (b, a)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], limit: float, what: str, interval: float = 0.05
+) -> None:
+    """Polls `check` until true; TimeoutError naming `what` after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {limit:g}s")
+        await asyncio.sleep(interval)
+
+
+async def wait_run_ended(server: Server, run_id: str, limit: float) -> None:
+    """Waits until `run_id` is terminal (GetRun polls; both servers answer GetRun)."""
+    channel, stub, md = stub_of(server)
+    async with channel:
+
+        async def ended() -> bool:
+            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+            return run.state in TERMINAL
+
+        await wait_until(ended, limit, f"run {run_id} on {server.kind} ending", 0.1)
+
+
+async def wait_none_active(server: Server, limit: float, agent: str = "") -> None:
+    """Waits until runservice lists no PENDING or RUNNING run (of `agent`, if given); one
+    cheap ListRuns per poll."""
+    channel, stub, md = stub_of(server)
+    async with channel:
+
+        async def idle() -> bool:
+            request = pb.ListRunsRequest(states=ACTIVE, page_size=1, agent=agent)
+            return not (await stub.ListRuns(request, metadata=md)).runs
+
+        await wait_until(idle, limit, "every run ending")
+
+
+async def start_runs(server: Server, requests: list[pb.StartRunRequest]) -> list[str]:
+    """Starts every request, SETUP_CALLERS at a time; the run ids."""
+    channel, stub, md = stub_of(server)
+    async with channel:
+        return await clients.start_many(stub, md, requests, SETUP_CALLERS)
+
+
+class Bench:
+    """Runs scenarios against fresh servers under `work`, with `workers` as load clients."""
+
+    def __init__(self, sizes: Sizes, work: Path, workers: Workers, reps: int, loop: str) -> None:
+        self.s = sizes
+        self.work = work
+        self.workers = workers
+        self.reps = reps
+        self.loop = loop
+        self._n = 0
+        self._shared: dict[str, Server] = {}
+
+    # -- servers --------------------------------------------------------------------------
+
+    async def runservice(self, name: str) -> Server:
+        """A fresh runservice server (its own data dir), or the shared one."""
+        if not self.s.fresh_servers and "runservice" in self._shared:
+            return self._shared["runservice"]
+        self._n += 1
+        server = await asyncio.to_thread(start_runservice, self.work / f"{self._n:02d}-{name}")
+        if not self.s.fresh_servers:
+            self._shared["runservice"] = server
+        return server
+
+    async def bare(self, name: str) -> Server:
+        """A fresh bare server, or the shared one."""
+        if not self.s.fresh_servers and "bare" in self._shared:
+            return self._shared["bare"]
+        self._n += 1
+        server = await asyncio.to_thread(start_bare, self.work / f"{self._n:02d}-{name}-bare.log")
+        if not self.s.fresh_servers:
+            self._shared["bare"] = server
+        return server
+
+    async def both(self, name: str) -> tuple[Server, Server]:
+        """A runservice and a bare server, started side by side."""
+        rs, bare = await asyncio.gather(self.runservice(name), self.bare(name))
+        log.info("%s: runservice pid %d at %s, bare pid %d", name, rs.pid, rs.addr, bare.pid)
+        return rs, bare
+
+    async def stop(self, *servers: Server, kill: bool = False) -> None:
+        """Stops servers (concurrently; SIGKILL with `kill`); shared ones only at close()."""
+        if self.s.fresh_servers:
+            await asyncio.gather(*(asyncio.to_thread(s.stop, 0 if kill else 30) for s in servers))
+
+    async def close(self) -> None:
+        """Stops the shared servers."""
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self._shared.values()))
+        self._shared.clear()
+
+    # -- 1. replay --------------------------------------------------------------------------
+
+    async def replay(self) -> Outcome:
+        """One finished run of N events replayed from seq 1 by one client."""
+        s = self.s
+        rs, bare = await self.both("replay")
+        try:
+            request = pb.StartRunRequest(
+                agent="ticker", input=clients.struct({"count": s.replay_events, "size": s.payload})
+            )
+            ids = {}
+            for server in (rs, bare):
+                ids[server.kind] = (await start_runs(server, [request]))[0]
+                await wait_run_ended(server, ids[server.kind], s.limit_s)
+            rate: dict[str, list[float]] = {"runservice": [], "bare": []}
+            secs: dict[str, list[float]] = {"runservice": [], "bare": []}
+            cpu: dict[str, list[float]] = {"runservice": [], "bare": []}
+            msgs: dict[str, list[int]] = {"runservice": [], "bare": []}
+            for rep in range(self.reps):
+                for server in ordered(rep, rs, bare):
+                    meter = Meter(server, self.workers)
+                    res = await self.workers.call(
+                        clients.replay, server.addr, server.token, ids[server.kind], self.loop
+                    )
+                    meter.record(cpu)
+                    expected = s.replay_events + 2
+                    if res["events"] != expected:
+                        raise RuntimeError(f"{server.kind} replayed {res['events']}/{expected}")
+                    rate[server.kind].append(res["events"] / res["seconds"])
+                    secs[server.kind].append(res["seconds"])
+                    msgs[server.kind].append(res["messages"])
+        finally:
+            await self.stop(rs, bare)
+        base = "bare grpc.aio, 1 event per message"
+        return Outcome(
+            "replay",
+            "1. Replay",
+            {"events": s.replay_events, "payload_bytes": s.payload, "clients": 1},
+            [
+                Figure(
+                    "replay.events_per_s",
+                    "replay events/s",
+                    "events/s",
+                    "higher",
+                    rate["runservice"],
+                    rate["bare"],
+                    base,
+                    f"≥ 8{TIMES} baseline",
+                    "ratio_min",
+                    8.0,
+                    cpu,
+                ),
+                Figure(
+                    "replay.time_to_last",
+                    "replay time to last event",
+                    "s",
+                    "lower",
+                    secs["runservice"],
+                    secs["bare"],
+                    base,
+                    cpu=cpu,
+                ),
+            ],
+            {"messages": msgs},
+        )
+
+    # -- 2. live fan-out -------------------------------------------------------------------
+
+    async def fanout(self) -> Outcome:
+        """One run emitting as fast as the server accepts, followed live by K subscribers."""
+        s = self.s
+        rs, bare = await self.both("fanout")
+        figures: list[Figure] = []
+        details: dict[str, Any] = {}
+        try:
+            for subs in s.fanout_subscribers:
+                count = max(s.fanout_min_events, s.fanout_delivered // subs)
+                rate: dict[str, list[float]] = {"runservice": [], "bare": []}
+                cpu: dict[str, list[float]] = {"runservice": [], "bare": []}
+                extra: dict[str, list[Any]] = {"late": [], "messages": []}
+                for rep in range(self.reps):
+                    for server in ordered(rep, rs, bare):
+                        value, info = await self._fanout_once(server, subs, count, cpu)
+                        rate[server.kind].append(value)
+                        extra["late"].append((server.kind, info["late"]))
+                        extra["messages"].append((server.kind, info["messages"]))
+                details[f"subscribers_{subs}"] = {"events_per_run": count, **extra}
+                figures.append(
+                    Figure(
+                        f"fanout.{subs}",
+                        f"live fan-out, {subs} subscriber{'s' if subs > 1 else ''}",
+                        "events/s delivered",
+                        "higher",
+                        rate["runservice"],
+                        rate["bare"],
+                        "bare fan-out, 1 event per message",
+                        f"≥ 0.8{TIMES} baseline",
+                        "ratio_min",
+                        0.8,
+                        cpu,
+                    )
+                )
+        finally:
+            await self.stop(rs, bare)
+        params = {
+            "subscribers": list(s.fanout_subscribers),
+            "delivered_per_case": s.fanout_delivered,
+            "min_events_per_run": s.fanout_min_events,
+            "payload_bytes": s.payload,
+        }
+        return Outcome("fanout", "2. Live fan-out", params, figures, details)
+
+    async def _fanout_once(
+        self, server: Server, subs: int, count: int, cpu: dict[str, list[float]]
+    ) -> tuple[float, dict[str, Any]]:
+        start_at = time.time() + self.s.slack_s + 0.01 * subs
+        request = paced(count=count, interval=0, size=self.s.payload, start_at=start_at)
+        run_id = (await start_runs(server, [request]))[0]
+        parts = split([run_id] * subs, min(subs, self.workers.n))
+        meter = Meter(server, self.workers)
+        results = await asyncio.gather(
+            *(
+                self.workers.call(
+                    clients.subscribe,
+                    server.addr,
+                    server.token,
+                    part,
+                    start_at=start_at,
+                    latency=False,
+                    limit_s=self.s.limit_s,
+                    loop=self.loop,
+                )
+                for part in parts
+            )
+        )
+        meter.record(cpu)
+        delivered = sum(r["ticks"] for r in results)
+        errors = sum(r["errors"] for r in results)
+        if errors or delivered != subs * count:
+            failures = [r["failures"] for r in results]
+            raise RuntimeError(
+                f"{server.kind}: {delivered}/{subs * count} delivered, {errors} errors {failures}"
+            )
+        first = min(r["first_tick"] for r in results)
+        last = max(r["last"] for r in results)
+        info = {
+            "late": sum(r["late"] for r in results),
+            "messages": sum(r["messages"] for r in results),
+        }
+        return delivered / (last - first), info
+
+    # -- 3. live latency under load --------------------------------------------------------
+
+    async def latency(self) -> Outcome:
+        """R runs each emitting at a fixed rate, one subscriber each: emit→receive latency."""
+        s = self.s
+        rs, bare = await self.both("latency")
+        stats: dict[str, dict[str, list[float]]] = {
+            k: {"p50": [], "p99": [], "max": []} for k in ("runservice", "bare")
+        }
+        cpu: dict[str, list[float]] = {}
+        pooled: dict[str, list[np.ndarray]] = {"runservice": [], "bare": []}
+        counts: dict[str, list[dict[str, int]]] = {"runservice": [], "bare": []}
+        try:
+            for rep in range(self.reps):
+                for server in ordered(rep, rs, bare):
+                    lat, info = await self._latency_once(server, cpu)
+                    p50, p99, top = percentiles(lat, [50, 99, 100])
+                    st = stats[server.kind]
+                    st["p50"].append(p50)
+                    st["p99"].append(p99)
+                    st["max"].append(top)
+                    pooled[server.kind].append(lat)
+                    counts[server.kind].append(info)
+        finally:
+            await self.stop(rs, bare)
+        base = "bare grpc.aio at the same rates"
+        figures = [
+            Figure(
+                "latency.p50",
+                "live latency p50",
+                "ms",
+                "lower",
+                stats["runservice"]["p50"],
+                stats["bare"]["p50"],
+                base,
+                cpu=cpu,
+            ),
+            Figure(
+                "latency.p99",
+                "live latency p99",
+                "ms",
+                "lower",
+                stats["runservice"]["p99"],
+                stats["bare"]["p99"],
+                base,
+                f"≤ 2{TIMES} baseline",
+                "ratio_max",
+                2.0,
+                cpu,
+            ),
+            Figure(
+                "latency.max",
+                "live latency max",
+                "ms",
+                "lower",
+                stats["runservice"]["max"],
+                stats["bare"]["max"],
+                base,
+                cpu=cpu,
+            ),
+        ]
+        count = round(s.latency_rate * s.latency_seconds)
+        params = {
+            "runs": s.latency_runs,
+            "events_per_s_per_run": s.latency_rate,
+            "seconds": s.latency_seconds,
+            "events_per_run": count,
+            "offered_events_per_s": s.latency_runs * s.latency_rate,
+            "payload_bytes": s.payload,
+        }
+        details = {
+            "cdf": {k: cdf(np.concatenate(v)) for k, v in pooled.items()},
+            "counts": counts,
+        }
+        return Outcome("latency", "3. Live latency under load", params, figures, details)
+
+    async def _latency_once(
+        self, server: Server, cpu: dict[str, list[float]]
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        s = self.s
+        interval = 1.0 / s.latency_rate
+        count = round(s.latency_rate * s.latency_seconds)
+        start_at = time.time() + s.slack_s + 0.003 * s.latency_runs
+        rnd = random.Random(7)
+        requests = [
+            paced(
+                count=count,
+                interval=interval,
+                size=s.payload,
+                start_at=start_at,
+                phase=rnd.uniform(0, interval),
+                # The bare server then generates each run's ticks in its one subscriber's
+                # handler (E2's shape); runservice's bench agent ignores the key.
+                inline=1,
+            )
+            for _ in range(s.latency_runs)
+        ]
+        ids = await start_runs(server, requests)
+        if time.time() > start_at:
+            log.warning("latency: starting %d runs took past the scheduled start", len(ids))
+        meter = Meter(server, self.workers)
+        results = await asyncio.gather(
+            *(
+                self.workers.call(
+                    clients.subscribe,
+                    server.addr,
+                    server.token,
+                    part,
+                    start_at=start_at,
+                    latency=True,
+                    limit_s=s.latency_seconds + s.limit_s,
+                    loop=self.loop,
+                )
+                for part in split(ids, self.workers.n)
+            )
+        )
+        meter.record(cpu)
+        lat = array("d")
+        for r in results:
+            lat.frombytes(r["latencies_ms"])
+        info = {k: sum(r[k] for r in results) for k in ("ticks", "late", "excluded", "errors")}
+        if info["errors"] or info["ticks"] != count * len(ids):
+            failures = [r["failures"] for r in results]
+            raise RuntimeError(f"{server.kind}: latency run delivered {info} {failures}")
+        return np.frombuffer(lat, dtype=np.float64), info
+
+    # -- 4. StartRun -----------------------------------------------------------------------
+
+    async def startrun(self) -> Outcome:
+        """C concurrent callers of StartRun for T seconds."""
+        s = self.s
+        rs, bare = await self.both("startrun")
+        rate: dict[str, list[float]] = {"runservice": [], "bare": []}
+        p50: dict[str, list[float]] = {"runservice": [], "bare": []}
+        p99: dict[str, list[float]] = {"runservice": [], "bare": []}
+        cpu: dict[str, list[float]] = {"runservice": [], "bare": []}
+        pooled: dict[str, list[np.ndarray]] = {"runservice": [], "bare": []}
+        try:
+            for rep in range(self.reps):
+                for server in ordered(rep, rs, bare):
+                    meter = Meter(server, self.workers)
+                    res = await self.workers.call(
+                        clients.start_calls,
+                        server.addr,
+                        server.token,
+                        "ticker",
+                        {"count": 0},
+                        callers=s.startrun_callers,
+                        warmup=s.startrun_warmup,
+                        duration=s.startrun_seconds,
+                        loop=self.loop,
+                    )
+                    meter.record(cpu)
+                    if res["errors"]:
+                        raise RuntimeError(f"{server.kind}: {res['errors']} StartRun errors")
+                    lat = np.frombuffer(res["latencies_ms"], dtype=np.float64)
+                    rate[server.kind].append(res["calls"] / s.startrun_seconds)
+                    a, b = percentiles(lat, [50, 99])
+                    p50[server.kind].append(a)
+                    p99[server.kind].append(b)
+                    pooled[server.kind].append(lat)
+        finally:
+            await self.stop(rs, bare)
+        base = "bare grpc.aio unary StartRun"
+        figures = [
+            Figure(
+                "startrun.runs_per_s",
+                "StartRun runs/s",
+                "runs/s",
+                "higher",
+                rate["runservice"],
+                rate["bare"],
+                base,
+                f"≥ 0.5{TIMES} baseline",
+                "ratio_min",
+                0.5,
+                cpu,
+            ),
+            Figure(
+                "startrun.p50",
+                "StartRun p50",
+                "ms",
+                "lower",
+                p50["runservice"],
+                p50["bare"],
+                base,
+                cpu=cpu,
+            ),
+            Figure(
+                "startrun.p99",
+                "StartRun p99",
+                "ms",
+                "lower",
+                p99["runservice"],
+                p99["bare"],
+                base,
+                cpu=cpu,
+            ),
+        ]
+        params = {
+            "callers": s.startrun_callers,
+            "seconds": s.startrun_seconds,
+            "warmup_s": s.startrun_warmup,
+            "agent": "ticker {count: 0}",
+        }
+        details = {"cdf": {k: cdf(np.concatenate(v)) for k, v in pooled.items()}}
+        return Outcome("startrun", "4. StartRun", params, figures, details)
+
+    # -- 5. ingest -------------------------------------------------------------------------
+
+    async def ingest(self) -> Outcome:
+        """R runs emitting as fast as they can: committed events/s vs raw sqlite3."""
+        s = self.s
+        rs = await self.runservice("ingest")
+        total = s.ingest_runs * s.ingest_events
+        rate: list[float] = []
+        raw: list[float] = []
+        cpu: dict[str, list[float]] = {"runservice": []}
+        try:
+            for rep in range(self.reps):
+                start_at = time.time() + s.slack_s + 0.005 * s.ingest_runs
+                requests = [
+                    paced(count=s.ingest_events, interval=0, size=s.payload, start_at=start_at)
+                    for _ in range(s.ingest_runs)
+                ]
+                await start_runs(rs, requests)
+                await asyncio.sleep(max(0.0, start_at - time.time()))
+                meter = Meter(rs, self.workers)
+                await wait_none_active(rs, s.limit_s, "paced")
+                rate.append(total / (time.time() - start_at))
+                meter.record(cpu)
+                res = await self.workers.call(
+                    clients.raw_ingest,
+                    str(self.work / f"raw-ingest-{rep}.db"),
+                    s.ingest_runs,
+                    s.ingest_events,
+                    s.payload,
+                    MAX_BATCH_EVENTS,
+                )
+                raw.append(res["rows"] / res["seconds"])
+        finally:
+            await self.stop(rs)
+        params = {
+            "runs": s.ingest_runs,
+            "events_per_run": s.ingest_events,
+            "payload_bytes": s.payload,
+            "raw_batch_rows": MAX_BATCH_EVENTS,
+        }
+        figure = Figure(
+            "ingest.events_per_s",
+            "ingest committed events/s",
+            "events/s",
+            "higher",
+            rate,
+            raw,
+            f"raw sqlite3 executemany, {MAX_BATCH_EVENTS} rows per transaction",
+            f"≥ 0.5{TIMES} baseline",
+            "ratio_min",
+            0.5,
+            cpu,
+        )
+        return Outcome("ingest", "5. Ingest", params, [figure])
+
+    # -- 6. capacity -----------------------------------------------------------------------
+
+    async def capacity(self) -> Outcome:
+        """N live runs with N open subscriptions, and N finished runs: server RSS per each."""
+        s = self.s
+        live: list[float] = []
+        finished: list[float] = []
+        bare_live: list[float] = []
+        details: dict[str, list[Any]] = {"rss_mib": []}
+        for rep in range(self.reps):
+            # One fresh server per rep: first the finished runs, then the live ones (the
+            # finished phase's transient garbage is small: SETUP_CALLERS calls at a time).
+            rs = await self.runservice(f"capacity-{rep}")
+            try:
+                await self._warm(rs)
+                before = rs.rss()
+                # `ticker`, not `paced`: with shared servers (--quick) earlier held runs are
+                # still running, and the wait filters by agent.
+                request = pb.StartRunRequest(
+                    agent="ticker", input=clients.struct({"count": 1, "size": s.payload})
+                )
+                await start_runs(rs, [request] * s.capacity_finished_runs)
+                await wait_none_active(rs, s.limit_s, "ticker")
+                await asyncio.sleep(self.s.settle_s)
+                after = rs.rss()
+                finished.append((after - before) / s.capacity_finished_runs / KB)
+                details["rss_mib"].append(("runservice finished", before / KB**2, after / KB**2))
+                before, after = await self._hold(rs, rep, warm=False)
+                live.append((after - before) / s.capacity_runs / KB)
+                details["rss_mib"].append(("runservice live", before / KB**2, after / KB**2))
+            finally:
+                await self.stop(rs, kill=True)
+            bare = await self.bare(f"capacity-{rep}")
+            try:
+                before, after = await self._hold(bare, rep)
+            finally:
+                await self.stop(bare, kill=True)
+            bare_live.append((after - before) / s.capacity_runs / KB)
+            details["rss_mib"].append(("bare live", before / KB**2, after / KB**2))
+        figures = [
+            Figure(
+                "capacity.live_kb",
+                "RSS per live run + subscription",
+                "KB",
+                "lower",
+                live,
+                bare_live,
+                "bare: RSS per open server-stream (run held in memory)",
+                f"≤ 2{TIMES} baseline",
+                "ratio_max",
+                2.0,
+            ),
+            Figure(
+                "capacity.finished_kb",
+                "RSS per finished run in memory",
+                "KB",
+                "lower",
+                finished,
+                None,
+                "",
+                "≤ 10 KB",
+                "abs_max",
+                10.0,
+            ),
+        ]
+        params = {
+            "live_runs": s.capacity_runs,
+            "subscriptions": s.capacity_runs,
+            "finished_runs": s.capacity_finished_runs,
+            "payload_bytes": s.payload,
+        }
+        return Outcome("capacity", "6. Capacity", params, figures, details)
+
+    async def _warm(self, server: Server) -> None:
+        """A few runs and a subscription, so one-time allocations are in the 'before' RSS."""
+        ids = await start_runs(server, [paced(count=1, interval=0, size=self.s.payload)] * 20)
+        for run_id in ids:
+            await wait_run_ended(server, run_id, self.s.limit_s)
+        await self.workers.call(clients.replay, server.addr, server.token, ids[0], self.loop)
+        await asyncio.sleep(self.s.settle_s)
+
+    async def _hold(self, server: Server, rep: int, *, warm: bool = True) -> tuple[int, int]:
+        """RSS before and with N live runs (1 tick, then holding) each followed by a stream."""
+        s = self.s
+        if warm:
+            await self._warm(server)
+        before = server.rss()
+        request = paced(count=1, interval=0, size=s.payload, hold=HOLD_S)
+        ids = await start_runs(server, [request] * s.capacity_runs)
+        tag = f"cap-{rep}-{server.kind}"
+        release = self.work / f"{tag}.release"
+        parts = split(ids, self.workers.n)
+        ready = [self.work / f"{tag}-{i}.ready" for i in range(len(parts))]
+        calls = [
+            asyncio.ensure_future(
+                self.workers.call(
+                    clients.hold_streams,
+                    server.addr,
+                    server.token,
+                    part,
+                    ready_path=str(ready[i]),
+                    release_path=str(release),
+                    limit_s=s.limit_s,
+                    loop=self.loop,
+                )
+            )
+            for i, part in enumerate(parts)
+        ]
+        try:
+
+            async def all_ready() -> bool:
+                return all(p.exists() for p in ready)
+
+            await wait_until(all_ready, s.limit_s, "every stream attached")
+            states = [json.loads(p.read_text()) for p in ready]
+            if sum(st["ready"] for st in states) != len(ids):
+                raise RuntimeError(f"{server.kind}: streams not all attached: {states}")
+            await asyncio.sleep(self.s.settle_s)
+            after = server.rss()
+        finally:
+            release.touch()
+            await asyncio.gather(*calls, return_exceptions=True)
+        return before, after
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
+    "replay": Bench.replay,
+    "fanout": Bench.fanout,
+    "latency": Bench.latency,
+    "startrun": Bench.startrun,
+    "ingest": Bench.ingest,
+    "capacity": Bench.capacity,
+}

@@ -1,0 +1,196 @@
+"""The two servers under test, each a subprocess: `runservice serve` and bench.bare."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runservice.v1 import run_service_pb2 as pb
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_S = 60.0
+STOP_S = 30.0
+
+
+def _cli() -> list[str]:
+    """The project's own CLI: the `runservice` script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "runservice"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "runservice"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+# Every cap the server has, off for the bench (0 = no cap); only those this version knows.
+CAPS = ("--max-active", "--max-active-per-user", "--max-streams-per-user")
+
+
+@functools.cache
+def _caps_off() -> tuple[str, ...]:
+    done = subprocess.run(
+        [*_cli(), "serve", "--help"], capture_output=True, text=True, check=True, env=_env()
+    )
+    return tuple(x for flag in CAPS if flag in done.stdout for x in (flag, "0"))
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A server process under test."""
+
+    kind: str  # "runservice" or "bare"
+    proc: subprocess.Popen[bytes]
+    addr: str
+    token: str
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident set size in bytes."""
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time consumed so far (all threads)."""
+        t = psutil.Process(self.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def stop(self, limit: float = STOP_S) -> None:
+        """SIGTERM, then SIGKILL after `limit` seconds (at once if `limit` <= 0)."""
+        if self.proc.poll() is None and limit <= 0:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(limit)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's log."""
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+
+def _wait_healthy(server: Server, limit: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"{server.kind} server exited ({server.proc.returncode}):\n{server.log_tail()}"
+            )
+        with grpc.insecure_channel(server.addr) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        if time.monotonic() > deadline:
+            server.stop(1)
+            raise TimeoutError(f"{server.kind} server not healthy within {limit:g}s")
+        time.sleep(0.05)
+
+
+def start_runservice(data_dir: Path, extra: list[str] | None = None) -> Server:
+    """`runservice serve` on a free port over a fresh data dir, caps off, bench agent added."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    added = subprocess.run(
+        [*_cli(), "tokens", "add", "--file", str(data_dir / "tokens.toml"), "--user", "bench"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    token = added.stdout.strip().splitlines()[-1]
+    port = free_port()
+    cmd = [
+        *_cli(),
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+        *_caps_off(),
+        "--drain-timeout",
+        "0s",
+        "--stop-grace",
+        "1s",
+        "--log-level",
+        "warning",
+        "--agent",
+        "paced=bench.agents:paced",
+        *(extra or []),
+    ]
+    log_path = data_dir.with_name(data_dir.name + ".log")
+    log = log_path.open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    server = Server("runservice", proc, f"127.0.0.1:{port}", token, log_path, log)
+    _wait_healthy(server)
+    return server
+
+
+def start_bare(log_path: Path) -> Server:
+    """The bare baseline server (bench.bare) on a free port."""
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bare", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=_env(),
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"bare server did not start: {line!r}")
+    server = Server("bare", proc, f"127.0.0.1:{line.split()[1]}", "", log_path, log)
+    _wait_healthy_bare(server)
+    return server
+
+
+def _wait_healthy_bare(server: Server) -> None:
+    """The bare server has no health service: one GetRun answering NOT_FOUND is enough."""
+    with grpc.insecure_channel(server.addr) as channel:
+        stub = pb_grpc.RunServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            stub.GetRun(pb.GetRunRequest(run_id="none"), timeout=STARTUP_S)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise

@@ -1,0 +1,46 @@
+"""`make bench` in miniature: every scenario completes and produces its figures.
+
+Runs `python -m bench --quick --reps 1` (tiny sizes, one runservice and one bare server
+shared by all scenarios) into a temporary directory. It asserts only that each scenario
+finished and that each figure has a finite value; it never asserts a time or a ratio:
+the figures are measurements, and the full run (`make bench`) is where they are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.scenarios import SCENARIOS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) -> None:
+    """Each scenario yields figures with finite values; JSON, Markdown and charts exist."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--reps", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [s["key"] for s in results["scenarios"]] == list(SCENARIOS)
+    for scenario in results["scenarios"]:
+        assert scenario["figures"], f"{scenario['key']} produced no figures"
+        for figure in scenario["figures"]:
+            values = figure["runservice"]["values"]
+            assert len(values) == 1, figure["id"]
+            assert all(math.isfinite(v) for v in values), figure["id"]
+            if figure["baseline"] is not None:
+                assert all(math.isfinite(v) for v in figure["baseline"]["values"]), figure["id"]
+    for name in ("results.md", "throughput.png", "latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "replay events/s" in proc.stdout  # the table was printed
