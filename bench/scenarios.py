@@ -268,7 +268,15 @@ class Bench:
 
     async def both(self, name: str) -> tuple[Server, Server]:
         """A runservice and a bare server, started side by side."""
-        rs, bare = await asyncio.gather(self.runservice(name), self.bare(name))
+        started = await asyncio.gather(
+            self.runservice(name), self.bare(name), return_exceptions=True
+        )
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:  # never leave the other one running
+            await self.stop(*(r for r in started if isinstance(r, Server)))
+            raise failed[0]
+        rs, bare = started
+        assert isinstance(rs, Server) and isinstance(bare, Server)
         log.info("%s: runservice pid %d at %s, bare pid %d", name, rs.pid, rs.addr, bare.pid)
         return rs, bare
 
