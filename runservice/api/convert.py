@@ -36,6 +36,7 @@ DOMAIN = "runservice"
 MAX_INPUT_BYTES = 256 * 1024
 MAX_LABELS = 64
 UUID_TEXT_LEN = 36
+NANOS_PER_SECOND = 1_000_000_000
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
 
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -92,8 +93,9 @@ def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartR
         raise InvalidArgumentError("multitask_strategy", "is not a known MultitaskStrategy value")
     timeout: float | None = None
     if request.HasField("timeout"):
-        timeout = request.timeout.ToTimedelta().total_seconds()
-        if timeout <= 0 or timeout > MAX_TIMEOUT_S:
+        # Plain arithmetic: ToTimedelta() overflows on Durations outside datetime's range.
+        timeout = request.timeout.seconds + request.timeout.nanos / 1e9
+        if not 0 < timeout <= MAX_TIMEOUT_S or abs(request.timeout.nanos) >= NANOS_PER_SECOND:
             raise InvalidArgumentError("timeout", "must be positive and at most 366 days")
     return StartRequest(
         agent=request.agent,

@@ -11,7 +11,9 @@ from runservice.api import convert
 from runservice.api.auth import current_principal
 from runservice.api.page_token import PageTokens
 from runservice.domain.errors import InvalidArgumentError
+from runservice.domain.model import Run
 from runservice.runtime.manager import RunManager
+from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 
@@ -59,13 +61,9 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             before_run_id=before,
             limit=size + 1,
         )
-        token = ""
-        if len(runs) > size:
-            runs = runs[:size]
-            token = self._tokens.encode(scope, run_filter, runs[-1].run_id)
-        return pb.ListRunsResponse(
-            runs=[convert.run_to_proto(r) for r in runs], next_page_token=token
-        )
+        messages, more = _fit_page(runs, size)
+        token = self._tokens.encode(scope, run_filter, messages[-1].run_id) if more else ""
+        return pb.ListRunsResponse(runs=messages, next_page_token=token)
 
     async def StopRun(self, request: pb.StopRunRequest, context: Context) -> pb.StopRunResponse:
         run_id = convert.run_id_from_proto(request.run_id)
@@ -108,3 +106,24 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
     ) -> pb.ListAgentsResponse:
         agents = self._manager.list_agents()
         return pb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])
+
+
+PAGE_BYTES = 4 * 1024 * 1024
+"""A ListRuns page stops short of this many bytes (runs carry inputs of up to 256 KiB)."""
+
+
+def _fit_page(runs: list[Run], size: int) -> tuple[list[run_pb2.Run], bool]:
+    """The page's messages, at most `size` and about PAGE_BYTES; and whether more follow.
+
+    A shorter page with a next_page_token is allowed (AIP-158); a page always holds at
+    least one run, so paging always advances.
+    """
+    messages: list[run_pb2.Run] = []
+    total = 0
+    for run in runs[:size]:
+        message = convert.run_to_proto(run)
+        total += message.ByteSize()
+        if messages and total > PAGE_BYTES:
+            return messages, True
+        messages.append(message)
+    return messages, len(runs) > size

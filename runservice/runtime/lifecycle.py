@@ -159,7 +159,7 @@ class RunContext:
 
 
 MAX_EVENT_BYTES = 1024 * 1024
-"""The largest event payload an agent may emit (a Subscribe batch must fit in a message)."""
+"""The largest event payload an agent may emit, and the largest result it may return."""
 
 
 def _payload_size(data: Mapping[str, Any] | None, text: str | None, binary: bytes | None) -> int:
@@ -327,6 +327,8 @@ def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any]) -> _Outcome:
     result = agent_task.result()
     if result is not None and not isinstance(result, Mapping):
         return _failed(live, TypeError(f"agent returned {type(result).__name__}, not a mapping"))
+    if result is not None and _payload_size(result, None, None) > MAX_EVENT_BYTES:
+        return _failed(live, ValueError(f"agent result exceeds {MAX_EVENT_BYTES} bytes"))
     return _Outcome(RunState.SUCCEEDED, result=dict(result) if result is not None else {})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import event
@@ -9,6 +10,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+# aiosqlite logs every statement with its parameters at DEBUG; parameters are run inputs
+# and event payloads, which must never reach the log, even at --log-level debug.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 def make_engine(url: str) -> AsyncEngine:
