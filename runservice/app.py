@@ -28,7 +28,7 @@ from runservice.api.convert import encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
-from runservice.api.servicer import RunServiceServicer
+from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings
 from runservice.domain.ports import Clock
 from runservice.runtime.agent import AgentRegistry
@@ -270,7 +270,9 @@ async def _build_locked(
     interceptor = AuthInterceptor(authentication, StreamLimiter(settings.max_streams_per_user))
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     servicer = RunServiceServicer(
-        manager, PageTokens(load_secret(settings.data_dir / "secret.key"))
+        manager,
+        PageTokens(load_secret(settings.data_dir / "secret.key")),
+        page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
     )
     run_service_pb2_grpc.add_RunServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()

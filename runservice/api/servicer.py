@@ -18,6 +18,9 @@ from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 
 DEFAULT_PAGE_SIZE = 50
+PAGE_BYTES = 4 * 1024 * 1024
+"""A ListRuns page stops short of this many bytes (runs carry inputs of up to 256 KiB), or
+of half the server's send limit if that is smaller."""
 MAX_PAGE_SIZE = 1000
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -26,9 +29,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class RunServiceServicer(pb_grpc.RunServiceServicer):
     """gRPC edge of RunManager. No business logic here."""
 
-    def __init__(self, manager: RunManager, page_tokens: PageTokens) -> None:
+    def __init__(
+        self, manager: RunManager, page_tokens: PageTokens, page_bytes: int = PAGE_BYTES
+    ) -> None:
         self._manager = manager
         self._tokens = page_tokens
+        self._page_bytes = page_bytes
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         spec = convert.start_request_from_proto(request)
@@ -61,7 +67,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             before_run_id=before,
             limit=size + 1,
         )
-        messages, more = _fit_page(runs, size)
+        messages, more = _fit_page(runs, size, self._page_bytes)
         token = self._tokens.encode(scope, run_filter, messages[-1].run_id) if more else ""
         return pb.ListRunsResponse(runs=messages, next_page_token=token)
 
@@ -108,12 +114,8 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         return pb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])
 
 
-PAGE_BYTES = 4 * 1024 * 1024
-"""A ListRuns page stops short of this many bytes (runs carry inputs of up to 256 KiB)."""
-
-
-def _fit_page(runs: list[Run], size: int) -> tuple[list[run_pb2.Run], bool]:
-    """The page's messages, at most `size` and about PAGE_BYTES; and whether more follow.
+def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run], bool]:
+    """The page's messages, at most `size` and `budget` bytes; and whether more follow.
 
     A shorter page with a next_page_token is allowed (AIP-158); a page always holds at
     least one run, so paging always advances.
@@ -123,7 +125,7 @@ def _fit_page(runs: list[Run], size: int) -> tuple[list[run_pb2.Run], bool]:
     for run in runs[:size]:
         message = convert.run_to_proto(run)
         total += message.ByteSize()
-        if messages and total > PAGE_BYTES:
+        if messages and total > budget:
             return messages, True
         messages.append(message)
     return messages, len(runs) > size
