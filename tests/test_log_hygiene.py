@@ -111,7 +111,7 @@ async def _session(server: Harness) -> Session:
     assert await _refused(alice.StartRun(too_big)) == grpc.StatusCode.INVALID_ARGUMENT
     odd = request("echo", blob=_big(marker))
     odd.input["x"] = float("nan")
-    await _refused(alice.StartRun(odd))  # INVALID_ARGUMENT, or INTERNAL today
+    assert await _refused(alice.StartRun(odd)) == grpc.StatusCode.INVALID_ARGUMENT
 
     # Agents that fail: unexpectedly (ticker fail_at) and deliberately (refusing).
     failing = (await alice.StartRun(request("ticker", count=3, fail_at=2, blob=_big(marker)))).run
