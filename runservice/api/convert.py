@@ -100,7 +100,7 @@ def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartR
     return StartRequest(
         agent=request.agent,
         input=struct_to_dict(request.input),
-        thread_id=_text(request.thread_id, "thread_id", 256),
+        thread_id=_text(request.thread_id, "thread_id", 255),
         multitask_strategy=STRATEGY_FROM_PROTO[request.multitask_strategy],
         request_id=_text(request.request_id, "request_id", 128),
         labels=labels_from_proto(request.labels),
@@ -124,7 +124,7 @@ def filter_from_proto(
     return RunFilter(
         states=frozenset(chosen),
         agent=agent,
-        thread_id=_text(thread_id, "thread_id", 256),
+        thread_id=_text(thread_id, "thread_id", 255),
         labels=labels_from_proto(labels),
     )
 

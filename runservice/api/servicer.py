@@ -18,7 +18,7 @@ from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 
 DEFAULT_PAGE_SIZE = 50
-PAGE_BYTES = 4 * 1024 * 1024
+PAGE_BYTES = 3 * 1024 * 1024  # under the 4 MiB a stock gRPC client accepts, with room
 """A ListRuns page stops short of this many bytes (runs carry inputs of up to 256 KiB), or
 of half the server's send limit if that is smaller."""
 MAX_PAGE_SIZE = 1000
@@ -124,7 +124,7 @@ def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run
     total = 0
     for run in runs[:size]:
         message = convert.run_to_proto(run)
-        total += message.ByteSize()
+        total += message.ByteSize() + 8  # its tag and length prefix in the response
         if messages and total > budget:
             return messages, True
         messages.append(message)
