@@ -33,7 +33,3 @@ class StreamLimiter:
             self._open[user] -= 1
             if self._open[user] <= 0:
                 del self._open[user]
-
-    def open_streams(self, user: str) -> int:
-        """How many streams `user` has open."""
-        return self._open[user]

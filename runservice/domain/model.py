@@ -31,7 +31,6 @@ class RunState(enum.StrEnum):
 
 
 _ACTIVE = frozenset({RunState.PENDING, RunState.RUNNING})
-ACTIVE_STATES: frozenset[RunState] = _ACTIVE
 
 
 class MultitaskStrategy(enum.StrEnum):
@@ -215,13 +214,6 @@ class StartRequest:
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunUpdate:
-    """A change to a run row committed together with the lifecycle event that causes it."""
-
-    run: Run
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,6 @@ class WatchLaggedError(RunServiceError):
         )
 
 
-class WatchClosedError(Exception):
-    """The feed closed (server shutdown)."""
-
-
 @dataclass(eq=False)
 class _Watcher:
     scope: Scope

@@ -135,10 +135,6 @@ class Writer:
         self._wake.set()
         return waiter
 
-    async def flush(self) -> None:
-        """Returns once everything queued so far is committed."""
-        await self.commit_run()
-
     async def close(self) -> None:
         """Commits what is pending, then stops the writer task."""
         self._closing = True
