@@ -261,11 +261,14 @@ async def _wait_turn(live: LiveRun, writer: Writer, clock: Clock) -> bool:
 
 
 def _ended_while_queued(request: EndRequest) -> _Outcome:
-    word = request.state.value.lower().replace("_", " ")
-    failure = RunFailure(
-        _FAILURE_CODES[request.state], f"{word} before it started: {request.reason}"
-    )
+    failure = _failure_for(request, " before it started")
     return _Outcome(request.state, failure=failure, reason=request.reason)
+
+
+def _failure_for(request: EndRequest, when: str = "") -> RunFailure:
+    """The failure of a run ended from outside: `stopped: <reason>`, `timed out: ...`."""
+    word = request.state.value.lower().replace("_", " ")
+    return RunFailure(_FAILURE_CODES[request.state], f"{word}{when}: {request.reason}")
 
 
 async def _execute(
@@ -313,8 +316,7 @@ async def _cancel_agent(
             "run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception()
         )
     live.closed = True
-    word = request.state.value.lower().replace("_", " ")
-    failure = RunFailure(_FAILURE_CODES[request.state], f"{word}: {request.reason}")
+    failure = _failure_for(request)
     return _Outcome(request.state, result=result, failure=failure, reason=request.reason)
 
 
