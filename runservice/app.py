@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import secrets
@@ -29,7 +28,7 @@ from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorit
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
-from runservice.config import Settings
+from runservice.config import Settings, is_loopback
 from runservice.domain.ports import Clock
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
@@ -156,17 +155,6 @@ def _read(path: Path | None, *, strip: bool = False) -> bytes | None:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     return data.strip() if strip else data
-
-
-def is_loopback(listen: str) -> bool:
-    """True when HOST:PORT names a loopback host."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return bool(ipaddress.ip_address(host).is_loopback)
-    except ValueError:
-        return False
 
 
 class AgentLoadError(RuntimeError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -165,13 +164,8 @@ def _token(addr: str) -> str | None:
     token = os.environ.get("RUNSERVICE_TOKEN")
     if token:
         return token
-    host = addr.rsplit(":", 1)[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
     dev = config.default_data_dir() / "dev-token"
-    if loopback and dev.exists():
+    if config.is_loopback(addr) and dev.exists():
         return dev.read_text().strip()
     return None
 

@@ -6,6 +6,7 @@ Parsed once, here. Durations are written like `30s`, `5m`, `7d`; sizes like `4Mi
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,17 @@ def _choice(value: str, choices: tuple[str, ...]) -> str:
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
     return value.lower()
+
+
+def is_loopback(address: str) -> bool:
+    """True when HOST:PORT names a loopback host (localhost, 127.0.0.0/8, ::1)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return bool(ipaddress.ip_address(host).is_loopback)
+    except ValueError:
+        return False
 
 
 def default_data_dir() -> Path:

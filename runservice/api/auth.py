@@ -14,7 +14,7 @@ import logging
 import os
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
@@ -53,11 +53,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Entry:
-    principal: Principal
-
-
 class TokensFileAuthenticator:
     """Tokens from a TOML file of `[[tokens]]` tables (user, sha256, roles).
 
@@ -68,7 +63,7 @@ class TokensFileAuthenticator:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._stamp: tuple[float, int] | None = None
-        self._by_hash: dict[str, _Entry] = {}
+        self._by_hash: dict[str, Principal] = {}
         self._warned = False
         self._reload()
 
@@ -79,10 +74,10 @@ class TokensFileAuthenticator:
     def authenticate(self, token: str) -> Principal:
         """The principal for `token`."""
         self._reload()
-        entry = self._by_hash.get(hash_token(token))
-        if entry is None:
+        principal = self._by_hash.get(hash_token(token))
+        if principal is None:
             raise AuthenticationError("the bearer token is not valid for this server")
-        return entry.principal
+        return principal
 
     def _reload(self) -> None:
         try:
@@ -107,11 +102,11 @@ class TokensFileAuthenticator:
         logger.info("loaded %d tokens from %s", len(self._by_hash), self._path)
 
 
-def load_tokens(path: Path) -> dict[str, _Entry]:
-    """Token digests → entries; ValueError names the first malformed entry."""
+def load_tokens(path: Path) -> dict[str, Principal]:
+    """Token digests → principals; ValueError names the first malformed entry."""
     with path.open("rb") as f:
         doc = tomllib.load(f)
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Principal] = {}
     for i, item in enumerate(doc.get("tokens", [])):
         user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
         if not isinstance(user, str) or not user:
@@ -120,7 +115,7 @@ def load_tokens(path: Path) -> dict[str, _Entry]:
             raise ValueError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise ValueError(f"{path}: tokens[{i}].roles must be a list of strings")
-        entries[digest.lower()] = _Entry(Principal(user, frozenset(roles)))
+        entries[digest.lower()] = Principal(user, frozenset(roles))
     return entries
 
 
