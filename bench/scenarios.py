@@ -24,6 +24,7 @@ from bench.clients import Workers
 from bench.report import TIMES
 from bench.servers import Server, start_bare, start_runservice
 from bench.stats import cdf, percentiles, summary
+from runservice.client import TERMINAL_STATES
 from runservice.runtime.writer import MAX_BATCH_EVENTS
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
@@ -32,13 +33,6 @@ from runservice.v1 import run_service_pb2_grpc as pb_grpc
 log = logging.getLogger("bench")
 
 ACTIVE = [run_pb2.RUN_STATE_PENDING, run_pb2.RUN_STATE_RUNNING]
-TERMINAL = {
-    run_pb2.RUN_STATE_SUCCEEDED,
-    run_pb2.RUN_STATE_FAILED,
-    run_pb2.RUN_STATE_STOPPED,
-    run_pb2.RUN_STATE_INTERRUPTED,
-    run_pb2.RUN_STATE_TIMED_OUT,
-}
 SETUP_CALLERS = 50  # concurrent StartRun calls when a scenario sets up many runs
 HOLD_S = 900.0  # how long capacity runs stay live (the server is stopped long before)
 KB = 1024
@@ -207,7 +201,7 @@ async def wait_run_ended(server: Server, run_id: str, limit: float) -> None:
 
         async def ended() -> bool:
             run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
-            return run.state in TERMINAL
+            return run.state in TERMINAL_STATES
 
         await wait_until(ended, limit, f"run {run_id} on {server.kind} ending", 0.1)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,24 +16,11 @@ from runservice.config import Settings
 from runservice.tokens import add_token
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 from tests.fakes import GATES, TIMELINE, FakeClock
+from tests.serverproc import wait_for
+
+__all__ = ["Harness", "start_harness", "wait_for"]
 
 USERS = {"alice": [], "bob": [], "root": ["admin"]}
-
-
-async def wait_for(
-    condition: Callable[[], Any], limit: float = 10.0, interval: float = 0.01
-) -> Any:
-    """Polls `condition` (sync or async) until it is truthy; fails after `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {limit}s")
-        await asyncio.sleep(interval)
 
 
 class Caller:

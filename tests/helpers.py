@@ -9,16 +9,11 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from runservice.client import TERMINAL_STATES
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 
-TERMINAL = {
-    run_pb2.RUN_STATE_SUCCEEDED,
-    run_pb2.RUN_STATE_FAILED,
-    run_pb2.RUN_STATE_STOPPED,
-    run_pb2.RUN_STATE_INTERRUPTED,
-    run_pb2.RUN_STATE_TIMED_OUT,
-}
+TERMINAL = TERMINAL_STATES  # the terminal RunState values, as the client defines them
 
 
 def struct(**values: Any) -> struct_pb2.Struct:

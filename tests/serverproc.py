@@ -60,8 +60,8 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 async def wait_for(
     condition: Callable[[], Any | Awaitable[Any]],
     *,
-    limit: float,
-    interval: float = 0.02,
+    limit: float = 10.0,
+    interval: float = 0.01,
     message: str = "",
 ) -> Any:
     """Polls `condition` (sync or async) until it returns a truthy value, which is returned.

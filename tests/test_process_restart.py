@@ -22,6 +22,7 @@ from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
+from tests.helpers import TERMINAL
 from tests.serverproc import (
     ServerProcess,
     assert_gap_free,
@@ -33,14 +34,6 @@ from tests.serverproc import (
     server_env,
     wait_for,
 )
-
-TERMINAL = {
-    run_pb2.RUN_STATE_SUCCEEDED,
-    run_pb2.RUN_STATE_FAILED,
-    run_pb2.RUN_STATE_STOPPED,
-    run_pb2.RUN_STATE_INTERRUPTED,
-    run_pb2.RUN_STATE_TIMED_OUT,
-}
 
 
 class Client:
