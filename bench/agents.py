@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from runservice.runtime.agent import AgentContext
@@ -40,6 +40,25 @@ def tick_data(k: int, pad: str) -> dict[str, Any]:
     return data
 
 
+async def ticks(count: int, interval: float, start_at: float) -> AsyncIterator[int]:
+    """k = 1..count on the bench schedule: tick k at `start_at` + (k-1) * `interval`.
+
+    With no interval, as fast as the consumer takes them, yielding the loop every BURST.
+    runservice's agent and the bare baseline both pace themselves with it.
+    """
+    if start_at:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0 = start_at or time.time()
+    for k in range(1, count + 1):
+        if interval:
+            delay = t0 + (k - 1) * interval - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        yield k
+        if not interval and k % BURST == 0:
+            await asyncio.sleep(0)
+
+
 async def paced(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
     """Emits `count` ticks from `start_at` (+ `phase`), one per `interval` s, then holds.
 
@@ -49,17 +68,8 @@ async def paced(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any
     """
     count, interval, size, start_at, hold = schedule(input)
     pad = "x" * size
-    if start_at:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-    t0 = start_at or time.time()
-    for k in range(1, count + 1):
-        if interval:
-            delay = t0 + (k - 1) * interval - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    async for k in ticks(count, interval, start_at):
         await ctx.emit("tick", data=tick_data(k, pad))
-        if not interval and k % BURST == 0:
-            await asyncio.sleep(0)
     if hold:
         await asyncio.sleep(hold)
     return {"count": count}

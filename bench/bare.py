@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from bench.agents import BURST, schedule, tick_data
+from bench.agents import schedule, tick_data, ticks
 from runservice.app import server_options
 from runservice.config import Settings
 from runservice.v1 import run_pb2
@@ -92,11 +92,7 @@ async def inline(run: BareRun, input: dict[str, Any]) -> Any:
         )
 
     yield event(1, "run.state", state=run_pb2.RUN_STATE_RUNNING)
-    t0 = start_at or time.time()
-    for k in range(1, count + 1):
-        delay = t0 + (k - 1) * interval - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async for k in ticks(count, interval, start_at):
         response = event(k + 1, "tick", data=template)
         response.events[0].data.fields["i"].number_value = k
         yield response
@@ -115,19 +111,10 @@ async def emit(run: BareRun, input: dict[str, Any]) -> None:
     template = struct_pb2.Struct()
     template.update(tick_data(0, "x" * size))
     run.add(run.event("run.state", state=run_pb2.RUN_STATE_RUNNING))
-    if start_at:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-    t0 = start_at or time.time()
-    for k in range(1, count + 1):
-        if interval:
-            delay = t0 + (k - 1) * interval - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    async for k in ticks(count, interval, start_at):
         event = run.event("tick", data=template)
         event.data.fields["i"].number_value = k
         run.add(event)
-        if not interval and k % BURST == 0:
-            await asyncio.sleep(0)
     if hold:
         await asyncio.sleep(hold)
     last = run.event("run.state", state=run_pb2.RUN_STATE_SUCCEEDED)

@@ -242,22 +242,22 @@ class Bench:
 
     async def runservice(self, name: str) -> Server:
         """A fresh runservice server (its own data dir), or the shared one."""
-        if not self.s.fresh_servers and "runservice" in self._shared:
-            return self._shared["runservice"]
-        self._n += 1
-        server = await asyncio.to_thread(start_runservice, self.work / f"{self._n:02d}-{name}")
-        if not self.s.fresh_servers:
-            self._shared["runservice"] = server
-        return server
+        return await self._server(
+            "runservice", lambda n: start_runservice(self.work / f"{n}-{name}")
+        )
 
     async def bare(self, name: str) -> Server:
         """A fresh bare server, or the shared one."""
-        if not self.s.fresh_servers and "bare" in self._shared:
-            return self._shared["bare"]
+        return await self._server("bare", lambda n: start_bare(self.work / f"{n}-{name}-bare.log"))
+
+    async def _server(self, kind: str, start: Callable[[str], Server]) -> Server:
+        """A fresh server of `kind` (numbered in start order), or the shared one."""
+        if not self.s.fresh_servers and kind in self._shared:
+            return self._shared[kind]
         self._n += 1
-        server = await asyncio.to_thread(start_bare, self.work / f"{self._n:02d}-{name}-bare.log")
+        server = await asyncio.to_thread(start, f"{self._n:02d}")
         if not self.s.fresh_servers:
-            self._shared["bare"] = server
+            self._shared[kind] = server
         return server
 
     async def both(self, name: str) -> tuple[Server, Server]:

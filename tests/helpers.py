@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from runservice.client import TERMINAL_STATES
+from runservice.client.errors import error_info
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 
 TERMINAL = TERMINAL_STATES  # the terminal RunState values, as the client defines them
+
+__all__ = [
+    "TERMINAL",
+    "error_info",
+    "read_all",
+    "read_until",
+    "seqs",
+    "start",
+    "struct",
+]
 
 
 def struct(**values: Any) -> struct_pb2.Struct:
@@ -47,16 +55,6 @@ async def read_until(caller: Any, run_id: str, from_seq: int, last: int) -> list
             break
     call.cancel()
     return events
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo detail of a failed call, if it has one."""
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    return None
 
 
 def seqs(events: list[run_pb2.RunEvent]) -> list[int]:

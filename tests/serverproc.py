@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
+from runservice.client.errors import error_info
 from runservice.v1 import run_service_pb2 as pb
 
 T = TypeVar("T")
@@ -279,13 +278,9 @@ async def running_server(data_dir: Path, **kwargs: Any) -> AsyncIterator[ServerP
 
 
 def error_reason(exc: grpc.aio.AioRpcError) -> str:
-    """The google.rpc.ErrorInfo reason of a failed call, or ""."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
+    """The runservice ErrorInfo reason of a failed call, or ""."""
+    info = error_info(exc)
+    return str(info.reason) if info is not None else ""
 
 
 async def read_log(
