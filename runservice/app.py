@@ -23,7 +23,7 @@ from runservice.api.auth import (
     MtlsIdentity,
     TokensFileAuthenticator,
 )
-from runservice.api.convert import encode_event
+from runservice.api.convert import decode_event, encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
@@ -232,7 +232,7 @@ async def _build_locked(
     credentials: grpc.ServerCredentials | None,
     lock: FileLock | None,
 ) -> App:
-    store = await open_store(settings.db_url, encode_event)
+    store = await open_store(settings.db_url, encode_event, decode_event)
     manager = RunManager(
         store,
         build_agents(settings),

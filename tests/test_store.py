@@ -1,4 +1,5 @@
-"""The SQLite store: migrations, scoping, label filters, and waiting out a locked database."""
+"""The SQLite store: migrations, scoping, label filters, wire-form events, and waiting out a
+locked database."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from runservice.domain.model import Run, RunEvent, RunFilter, RunState, Scope
+from runservice.api.convert import decode_event, encode_event
+from runservice.domain.model import (
+    STATE_EVENT,
+    Run,
+    RunEvent,
+    RunFailure,
+    RunFilter,
+    RunState,
+    Scope,
+)
 from runservice.store import open_store
 from runservice.store.migrations import MIGRATIONS
 
@@ -94,4 +104,32 @@ async def test_a_write_waits_out_a_locked_database(tmp_path: Path) -> None:
     await commit
     holder.join()
     assert await store.get_run(Scope("alice"), "r") is not None
+    await store.close()
+
+
+async def test_events_stored_in_wire_form_round_trip(tmp_path: Path) -> None:
+    """With a codec, an event is stored once, in wire form, and reads back the same both ways."""
+    store = await open_store(_url(tmp_path / "s.db"), encode_event, decode_event)
+    await store.commit([_run("r", "alice")], [], [])
+    failure = RunFailure("INTERNAL", "the agent failed", "err-1")
+    events = [
+        RunEvent("r", 1, T0, "d", data={"x": [1.5, "y", None], "n": {"k": True}}),
+        RunEvent("r", 2, T0, "t", text="héllo"),
+        RunEvent("r", 3, T0, "b", binary=b"\x00\xff"),
+        RunEvent("r", 4, T0, STATE_EVENT, state=RunState.FAILED, error=failure),
+    ]
+    for event in events:
+        event.wire = encode_event(event)
+    await store.commit([], events, [])
+    assert await store.read_events("r", 1, 10) == events
+    encoded = await store.read_encoded("r", 1, 10)
+    assert [(e.seq, e.wire, e.terminal) for e in encoded] == [
+        (1, events[0].wire, False),
+        (2, events[1].wire, False),
+        (3, events[2].wire, False),
+        (4, events[3].wire, True),
+    ]
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        payloads = [p for (p,) in conn.execute("SELECT payload FROM run_events ORDER BY seq")]
+    assert payloads == [None] * 4  # not encoded a second time
     await store.close()

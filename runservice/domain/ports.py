@@ -11,6 +11,9 @@ from runservice.domain.model import EncodedEvent, Run, RunEvent, RunFilter, Scop
 EventEncoder = Callable[[RunEvent], bytes]
 """Encodes an event for the wire (the API layer supplies it; the rest treat it as bytes)."""
 
+EventDecoder = Callable[[bytes], RunEvent]
+"""Decodes what an EventEncoder made back into the event (with `wire` set to the bytes)."""
+
 
 class Clock(Protocol):
     """Tells the time; tests move a fake one instead of sleeping."""

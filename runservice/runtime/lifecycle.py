@@ -131,21 +131,12 @@ class RunContext:
         if sum(p is not None for p in (data, text, binary)) > 1:
             raise ValueError("an event carries at most one of data, text and binary")
         log = self._live.log
-        fields: dict[str, Any] = {
-            "run_id": self.run_id,
-            "seq": log.last_assigned + 1,
-            "at": at or self._clock.now(),
-            "type": type,
-            "data": data,
-            "text": text,
-            "binary": binary,
-        }
-        event = RunEvent(**fields)
+        event = RunEvent(
+            self.run_id, log.last_assigned + 1, at or self._clock.now(), type, data, text, binary
+        )
         # Encoded here, once (the writer and every subscriber reuse the bytes), and
         # measured as sent, so every client can receive it.
-        wire = self._writer.encode(event)
-        if wire is not None:
-            event = RunEvent(**fields, wire=wire)  # cheaper than dataclasses.replace
+        wire = event.wire = self._writer.encode(event)
         size = len(wire) if wire is not None else _payload_size(data, text, binary)
         if size > MAX_EVENT_BYTES:
             raise ValueError(f"event of {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")

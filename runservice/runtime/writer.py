@@ -10,7 +10,6 @@ lands on the producing agent, not on memory.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,11 +84,10 @@ class Writer:
         """The event's wire form, or None when the writer has no encoder."""
         return None if self._encoder is None else self._encoder(event)
 
-    def encoded(self, event: RunEvent) -> RunEvent:
-        """`event` with its wire form (unchanged when the writer has no encoder)."""
-        if self._encoder is None or event.wire is not None:
-            return event
-        return dataclasses.replace(event, wire=self._encoder(event))
+    def _encode_once(self, event: RunEvent) -> None:
+        """Gives `event` its wire form if it has none yet (and the writer has an encoder)."""
+        if event.wire is None and self._encoder is not None:
+            event.wire = self._encoder(event)
 
     def start(self) -> None:
         """Starts the writer task."""
@@ -105,6 +103,7 @@ class Writer:
         while len(self._pending.events) >= self._max_pending:
             self._space.clear()
             await self._space.wait()
+        self._encode_once(event)  # agents' events come encoded (RunContext.emit)
         self._pending.events.append((log, event))
         self._wake.set()
 
@@ -128,6 +127,7 @@ class Writer:
         if new is not None:
             self._pending.new_runs.append(new)
         if event is not None:
+            self._encode_once(event[1])
             self._pending.events.append(event)
         if updated is not None:
             self._pending.updated_runs.append(updated)
@@ -165,8 +165,6 @@ class Writer:
         return pending
 
     async def _commit(self, batch: _Batch) -> None:
-        if self._encoder is not None:  # encode once; every subscriber shares the bytes
-            batch.events = [(log, self.encoded(e)) for log, e in batch.events]
         failure = await self._try_commit(batch)
         if isinstance(failure, StoreError) and not isinstance(failure, StoreUnavailableError):
             parts = batch.split_by_run()

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, exists, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, insert, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -29,7 +29,7 @@ from runservice.domain.model import (
     RunState,
     Scope,
 )
-from runservice.domain.ports import EventEncoder
+from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.store import migrations, tables
 from runservice.store.engine import make_engine
 
@@ -44,19 +44,34 @@ _PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
 _TERMINAL = frozenset(s.value for s in RunState if s.terminal)
 
 
-async def open_store(url: str, encoder: EventEncoder | None = None) -> SqlRunStore:
-    """A store on `url`, schema migrated; `encoder` encodes events stored without a wire form."""
-    store = SqlRunStore(make_engine(url), encoder)
+async def open_store(
+    url: str, encoder: EventEncoder | None = None, decoder: EventDecoder | None = None
+) -> SqlRunStore:
+    """A store on `url`, schema migrated, with the codec of events' wire forms (if any)."""
+    store = SqlRunStore(make_engine(url), encoder, decoder)
     await store.migrate()
     return store
 
 
 class SqlRunStore:
-    """The RunStore port over SQLAlchemy Core."""
+    """The RunStore port over SQLAlchemy Core.
 
-    def __init__(self, engine: AsyncEngine, encoder: EventEncoder | None = None) -> None:
+    An event with a wire form is stored as that form only (its payload is not encoded a
+    second time); `decoder` turns it back into an event for read_events. Events without
+    one (stored before migration 3, or by a store with no codec) keep their payload in
+    columns of their own, and `encoder` encodes them for read_encoded.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        encoder: EventEncoder | None = None,
+        decoder: EventDecoder | None = None,
+    ) -> None:
         self._engine = engine
         self._encoder = encoder
+        self._decoder = decoder
+        self._insert_events = _positional_insert(engine, tables.events, _EVENT_COLUMNS)
 
     async def migrate(self) -> None:
         """Brings the schema up to date."""
@@ -82,7 +97,8 @@ class SqlRunStore:
                 if labels:
                     await conn.execute(insert(tables.run_labels), labels)
             if events:
-                await conn.execute(insert(tables.events), [_event_row(e) for e in events])
+                # The hot path: rows straight to the driver, no per-row SQLAlchemy work.
+                await conn.exec_driver_sql(self._insert_events, [_event_row(e) for e in events])
                 await conn.execute(_RAISE_LAST_SEQ, _last_seqs(events))
             if updated_runs:
                 await conn.execute(_UPDATE_RUN, [_update_row(r) for r in updated_runs])
@@ -139,7 +155,14 @@ class SqlRunStore:
         )
         async with self._engine.connect() as conn:
             rows = (await self._read(conn, query)).all()
-        return [_event_from_row(row) for row in rows]
+        return [self._event_from_row(row) for row in rows]
+
+    def _event_from_row(self, row: Any) -> RunEvent:
+        if row.wire is None:
+            return _event_from_row(row)
+        if self._decoder is None:
+            raise StoreError("this store has no event decoder")
+        return self._decoder(row.wire)
 
     async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
         """A page of the run's log in wire form; rows stored before encoding are encoded now."""
@@ -392,25 +415,56 @@ def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
     )
 
 
-def _event_row(event: RunEvent) -> dict[str, Any]:
-    kind, payload = _PAYLOAD_NONE, None
+_EVENT_COLUMNS = (
+    "run_id",
+    "seq",
+    "at_us",
+    "type",
+    "payload_kind",
+    "payload",
+    "state",
+    "error",
+    "wire",
+)
+
+
+def _positional_insert(engine: AsyncEngine, table: Table, columns: Sequence[str]) -> str:
+    """The driver's own INSERT statement for `columns`, taking one tuple per row."""
+    compiled = insert(table).values({c: bindparam(c) for c in columns}).compile(engine)
+    if not compiled.positional or list(compiled.positiontup or ()) != list(columns):
+        raise StoreError(f"the {engine.dialect.name} driver does not take positional parameters")
+    return str(compiled)
+
+
+def _event_row(event: RunEvent) -> tuple[Any, ...]:
+    """The event as a row of _EVENT_COLUMNS; with a wire form, the payload is only in it."""
+    return (
+        event.run_id,
+        event.seq,
+        _us(event.at),
+        event.type,
+        _payload_kind(event),
+        None if event.wire is not None else _payload(event),
+        None if event.state is None else event.state.value,
+        _failure_json(event.error),
+        event.wire,
+    )
+
+
+def _payload_kind(event: RunEvent) -> int:
     if event.data is not None:
-        kind, payload = _PAYLOAD_DATA, json.dumps(event.data, separators=(",", ":")).encode()
-    elif event.text is not None:
-        kind, payload = _PAYLOAD_TEXT, event.text.encode()
-    elif event.binary is not None:
-        kind, payload = _PAYLOAD_BINARY, event.binary
-    return {
-        "run_id": event.run_id,
-        "seq": event.seq,
-        "at_us": _us(event.at),
-        "type": event.type,
-        "payload_kind": kind,
-        "payload": payload,
-        "state": None if event.state is None else event.state.value,
-        "error": _failure_json(event.error),
-        "wire": event.wire,
-    }
+        return _PAYLOAD_DATA
+    if event.text is not None:
+        return _PAYLOAD_TEXT
+    return _PAYLOAD_NONE if event.binary is None else _PAYLOAD_BINARY
+
+
+def _payload(event: RunEvent) -> bytes | None:
+    if event.data is not None:
+        return json.dumps(event.data, separators=(",", ":")).encode()
+    if event.text is not None:
+        return event.text.encode()
+    return event.binary
 
 
 def _event_from_row(row: Any) -> RunEvent:
