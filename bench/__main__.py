@@ -90,6 +90,17 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help=f"finished runs held in memory ({d.capacity_finished_runs})",
     )
+    sizes.add_argument(
+        "--isolation-seconds",
+        type=float,
+        help=f"duration of each isolation phase ({d.isolation_seconds})",
+    )
+    sizes.add_argument("--isolation-rate", type=float, help=f"victim calls/s ({d.isolation_rate})")
+    sizes.add_argument(
+        "--isolation-stream-cap",
+        type=int,
+        help=f"--max-streams-per-user of the isolation server ({d.isolation_stream_cap})",
+    )
     return p
 
 

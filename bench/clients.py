@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -355,13 +357,24 @@ def _warm() -> int:
 
 
 class Workers:
-    """A small pool of warm client processes (spawned, so no gRPC state is forked)."""
+    """A small pool of warm client processes (spawned, so no gRPC state is forked).
+
+    Calls awaited together run at the same time only while there are at most `n` of them:
+    the rest wait for a free worker.
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._pool = ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn"))
+        self._manager: SyncManager | None = None
         for f in [self._pool.submit(_warm) for _ in range(n)]:
             f.result()
+
+    def event(self) -> threading.Event:
+        """An event the workers can share (held by a manager process, started on first use)."""
+        if self._manager is None:
+            self._manager = get_context("spawn").Manager()
+        return self._manager.Event()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs fn(*args, **kwargs) in a worker."""
@@ -380,5 +393,7 @@ class Workers:
         return total
 
     def close(self) -> None:
-        """Stops the workers."""
+        """Stops the workers (and the manager)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._manager is not None:
+            self._manager.shutdown()

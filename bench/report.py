@@ -16,6 +16,9 @@ from typing import Any
 
 import psutil
 
+from bench import isolation
+from bench.stats import summary
+
 CHARTS = ("throughput.png", "latency.png")
 NOISY = 10.0  # foreign CPU % above which a scenario is flagged as measured on a busy machine
 TIMES = "\u00d7"  # the multiplication sign
@@ -119,7 +122,7 @@ COLUMNS = ("figure", "unit", "runservice", "baseline", "ratio", "target", "")
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per figure, in scenario order."""
-    out = []
+    out: list[tuple[str, ...]] = []
     for sc in results["scenarios"]:
         for fig in sc["figures"]:
             out.append(
@@ -136,14 +139,69 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
-def text_table(results: dict[str, Any]) -> str:
-    """The table for the terminal."""
-    body = rows(results)
-    widths = [max(len(r[i]) for r in [COLUMNS, *body]) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+ISOLATION_COLUMNS = (
+    "phase",
+    "victim calls",
+    "succeeded %",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "server CPU %",
+    "victim's failed calls",
+    "abuser's calls by status",
+)
+VICTIM_KEYS = ("ok_pct", "p50_ms", "p99_ms", "max_ms")  # the victim's columns, in order
+
+
+def tally(counts: list[dict[str, int]]) -> str:
+    """Counters summed over the reps, as 'NAME n, NAME n' (most first); '—' when none."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            total[name] = total.get(name, 0) + n
+    ranked = sorted(total.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {n:,}" for name, n in ranked) or "—"
+
+
+def isolation_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per phase of the isolation scenario: the victim's calls (median of the reps, counts
+    summed) and what the abuser's calls got."""
+    out: list[tuple[str, ...]] = []
+    for sc in results["scenarios"]:
+        if sc["key"] != "isolation":
+            continue
+        for phase, reps in sc["details"]["phases"].items():
+            victim = [r["victim"] for r in reps]
+            others = [isolation.failed(v["statuses"]) for v in victim]
+            out.append(
+                (
+                    phase,
+                    f"{sum(v['calls'] for v in victim):,}",
+                    *(spread(summary([v[k] for v in victim])) for k in VICTIM_KEYS),
+                    spread(summary([r["server_cpu_pct"] for r in reps])),
+                    tally(others),
+                    tally([r["abuser"] for r in reps]),
+                )
+            )
+    return out
+
+
+def aligned(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    """`body` under `columns`, padded into columns for the terminal."""
+    widths = [max(len(r[i]) for r in [columns, *body]) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for r in body:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return lines
+
+
+def text_table(results: dict[str, Any]) -> str:
+    """The table for the terminal."""
+    lines = aligned(COLUMNS, rows(results))
+    isolated = isolation_rows(results)
+    if isolated:
+        lines += ["", "Isolation, per phase:", *aligned(ISOLATION_COLUMNS, isolated)]
     m = results["machine"]
     lines.append("")
     lines.append(
@@ -189,12 +247,7 @@ def markdown(results: dict[str, Any]) -> str:
         "target is printed beside it, measured and never asserted. "
         "[performance.md](../performance.md) explains each scenario and how to read them.",
         "",
-        "| " + " | ".join(c or "met?" for c in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    for r in rows(results):
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
-    out += [
+        *markdown_table(tuple(c or "met?" for c in COLUMNS), rows(results)),
         "",
         "![throughput per scenario](throughput.png)",
         "",
@@ -221,6 +274,7 @@ def markdown(results: dict[str, Any]) -> str:
                     for k in ("runservice", "runservice clients", "bare", "bare clients")
                 ]
                 out.append(f"| {sc['title']}: {fig['name']} | " + " | ".join(cells) + " |")
+    out += isolation_markdown(results)
     out += ["", "## Parameters", ""]
     for sc in results["scenarios"]:
         params = ", ".join(f"{k} {v}" for k, v in sc["params"].items())
@@ -239,6 +293,31 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def markdown_table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    """A Markdown table."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+    return out
+
+
+def isolation_markdown(results: dict[str, Any]) -> list[str]:
+    """The isolation scenario's section: per phase, the victim's calls and the abuser's."""
+    body = isolation_rows(results)
+    if not body:
+        return []
+    return [
+        "",
+        "## Isolation: the victim's calls and the abuser's, per phase",
+        "",
+        "One user (the abuser) goes past a limit in each phase while another (the victim) "
+        "makes paced calls; `quiet` is the victim alone. Victim latencies and success are "
+        f"the median (min{EN}max) of the reps over every call, failed ones included; "
+        "counts are summed over the reps.",
+        "",
+        *markdown_table(ISOLATION_COLUMNS, body),
+    ]
 
 
 # -- charts ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The six scenarios. Each starts its own servers (runservice and bare), runs its
+"""The seven scenarios. Each starts its own servers (runservice and bare), runs its
 repetitions interleaved (runservice then bare, the order swapped every other rep, so
-that drift hits both alike), and returns figures with every repetition's value.
+that drift hits both alike), and returns figures with every repetition's value. The
+isolation scenario is the exception: its baseline is the same server with no abuse.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench import clients
+from bench import clients, isolation
 from bench.clients import Workers
 from bench.report import TIMES
 from bench.servers import Server, start_bare, start_runservice
@@ -57,6 +58,9 @@ class Sizes:
     ingest_events: int = 1_000
     capacity_runs: int = 10_000
     capacity_finished_runs: int = 3_000
+    isolation_seconds: float = 5.0
+    isolation_rate: float = 50.0
+    isolation_stream_cap: int = 100
     limit_s: float = 300.0  # the most any one measurement may take
     slack_s: float = 1.0  # lead time between starting a scenario's runs and their first tick
     fresh_servers: bool = True  # False: one runservice and one bare server for everything
@@ -77,6 +81,9 @@ QUICK = Sizes(
     ingest_events=200,
     capacity_runs=100,
     capacity_finished_runs=100,
+    isolation_seconds=0.5,
+    isolation_rate=40.0,
+    isolation_stream_cap=10,
     limit_s=60.0,
     slack_s=0.3,
     fresh_servers=False,
@@ -96,7 +103,7 @@ class Figure:
     baseline: list[float] | None
     baseline_name: str
     target: str = ""
-    target_kind: str = ""  # "ratio_min", "ratio_max", "abs_max" or ""
+    target_kind: str = ""  # "ratio_min", "ratio_max", "abs_max", "abs_min" or ""
     target_value: float = 0.0
     cpu: dict[str, list[float]] = field(default_factory=dict)  # server CPU % per rep
 
@@ -112,6 +119,8 @@ class Figure:
             met = ratio <= self.target_value
         elif self.target_kind == "abs_max":
             met = rs["median"] <= self.target_value
+        elif self.target_kind == "abs_min":
+            met = rs["median"] >= self.target_value
         return {
             "id": self.id,
             "name": self.name,
@@ -161,11 +170,11 @@ class Meter:
         return pct
 
 
-def stub_of(server: Server) -> tuple[grpc.aio.Channel, Any, Any]:
-    """A channel, a stub and the metadata for `server`."""
+def stub_of(server: Server, token: str | None = None) -> tuple[grpc.aio.Channel, Any, Any]:
+    """A channel, a stub and the metadata for `server` (as `token`'s user, else `bench`)."""
     channel = grpc.aio.insecure_channel(server.addr)
     stub = pb_grpc.RunServiceStub(channel)  # type: ignore[no-untyped-call]
-    return channel, stub, clients.metadata(server.token)
+    return channel, stub, clients.metadata(server.token if token is None else token)
 
 
 def paced(**values: float) -> pb.StartRunRequest:
@@ -219,9 +228,11 @@ async def wait_none_active(server: Server, limit: float, agent: str = "") -> Non
         await wait_until(idle, limit, "every run ending")
 
 
-async def start_runs(server: Server, requests: list[pb.StartRunRequest]) -> list[str]:
-    """Starts every request, SETUP_CALLERS at a time; the run ids."""
-    channel, stub, md = stub_of(server)
+async def start_runs(
+    server: Server, requests: list[pb.StartRunRequest], token: str | None = None
+) -> list[str]:
+    """Starts every request, SETUP_CALLERS at a time (as `token`'s user); the run ids."""
+    channel, stub, md = stub_of(server, token)
     async with channel:
         return await clients.start_many(stub, md, requests, SETUP_CALLERS)
 
@@ -240,23 +251,31 @@ class Bench:
 
     # -- servers --------------------------------------------------------------------------
 
-    async def runservice(self, name: str) -> Server:
-        """A fresh runservice server (its own data dir), or the shared one."""
+    async def runservice(
+        self, name: str, caps: list[str] | None = None, users: tuple[str, ...] = ()
+    ) -> Server:
+        """A fresh runservice server (its own data dir), or the shared one; with `caps` or
+        `users` (see start_runservice), always a server of its own."""
         return await self._server(
-            "runservice", lambda n: start_runservice(self.work / f"{n}-{name}")
+            "runservice",
+            lambda n: start_runservice(self.work / f"{n}-{name}", caps=caps, users=users),
+            shareable=caps is None and not users,
         )
 
     async def bare(self, name: str) -> Server:
         """A fresh bare server, or the shared one."""
         return await self._server("bare", lambda n: start_bare(self.work / f"{n}-{name}-bare.log"))
 
-    async def _server(self, kind: str, start: Callable[[str], Server]) -> Server:
+    async def _server(
+        self, kind: str, start: Callable[[str], Server], shareable: bool = True
+    ) -> Server:
         """A fresh server of `kind` (numbered in start order), or the shared one."""
-        if not self.s.fresh_servers and kind in self._shared:
+        share = shareable and not self.s.fresh_servers
+        if share and kind in self._shared:
             return self._shared[kind]
         self._n += 1
         server = await asyncio.to_thread(start, f"{self._n:02d}")
-        if not self.s.fresh_servers:
+        if share:
             self._shared[kind] = server
         return server
 
@@ -276,8 +295,8 @@ class Bench:
 
     async def stop(self, *servers: Server, kill: bool = False) -> None:
         """Stops servers (concurrently; SIGKILL with `kill`); shared ones only at close()."""
-        if self.s.fresh_servers:
-            await asyncio.gather(*(asyncio.to_thread(s.stop, 0 if kill else 30) for s in servers))
+        own = [s for s in servers if s not in self._shared.values()]
+        await asyncio.gather(*(asyncio.to_thread(s.stop, 0 if kill else 30) for s in own))
 
     async def close(self) -> None:
         """Stops the shared servers."""
@@ -822,6 +841,125 @@ class Bench:
             await asyncio.gather(*calls, return_exceptions=True)
         return before, after
 
+    # -- 7. isolation ----------------------------------------------------------------------
+
+    async def isolation(self) -> Outcome:
+        """One user abuses the limits, phase by phase, while another makes paced calls."""
+        s = self.s
+        if self.workers.n < 2:  # noqa: PLR2004 - one worker for the victim, one for the abuser
+            raise RuntimeError("isolation needs --workers 2 or more (victim and abuser)")
+        caps = ["--max-streams-per-user", str(s.isolation_stream_cap)]
+        server = await self.runservice("isolation", caps, ("victim", "abuser"))
+        phases: dict[str, list[dict[str, Any]]] = {p: [] for p in isolation.PHASES}
+        cpu: dict[str, dict[str, list[float]]] = {p: {} for p in isolation.PHASES}
+        try:
+            mine = pb.StartRunRequest(agent="echo", input=clients.struct({"text": "mine"}))
+            run_id = (await start_runs(server, [mine], server.users["victim"]))[0]
+            for _ in range(self.reps):
+                for phase in isolation.PHASES:
+                    outcome = await self._isolation_phase(server, phase, run_id, cpu[phase])
+                    phases[phase].append(outcome)
+        finally:
+            await self.stop(server)
+        params = {
+            "phase_seconds": s.isolation_seconds,
+            "victim_calls_per_s": s.isolation_rate,
+            "victim_calls": "StartRun ticker {count: 0} and GetRun, alternately",
+            "call_deadline_s": isolation.CALL_DEADLINE_S,
+            "max_streams_per_user": s.isolation_stream_cap,
+            "oversize_request_bytes": isolation.OVERSIZE_BYTES,
+            "flood_headers": f"{isolation.FLOOD_HEADERS} x {isolation.FLOOD_HEADER_VALUE} bytes",
+            "unread_streams_run": isolation.BUSY_RUN,
+            "abuse_callers": isolation.ABUSE_CALLERS,
+        }
+        return Outcome(
+            "isolation", "7. Isolation", params, isolation_figures(phases, cpu), {"phases": phases}
+        )
+
+    async def _isolation_phase(
+        self, server: Server, phase: str, run_id: str, cpu: dict[str, list[float]]
+    ) -> dict[str, Any]:
+        """One phase: the victim's calls (latency percentiles, statuses) and the abuser's."""
+        s = self.s
+        sync = isolation.Handshake(self.workers.event(), self.workers.event(), s.limit_s)
+        meter = Meter(server, self.workers)
+        seen, abuser = await asyncio.gather(
+            self.workers.call(
+                isolation.victim,
+                server.addr,
+                server.users["victim"],
+                run_id,
+                sync,
+                seconds=s.isolation_seconds,
+                rate=s.isolation_rate,
+                loop=self.loop,
+            ),
+            self.workers.call(
+                isolation.abuser,
+                phase,
+                server.addr,
+                server.users["abuser"],
+                sync,
+                cap=s.isolation_stream_cap,
+                loop=self.loop,
+            ),
+        )
+        server_cpu = meter.record(cpu)
+        return {"victim": victim_summary(seen), "abuser": abuser, "server_cpu_pct": server_cpu}
+
+
+def victim_summary(seen: dict[str, Any]) -> dict[str, Any]:
+    """The victim's calls of one phase: how many, the share that succeeded (%), latency
+    p50, p99 and max (ms, failed calls included), and the calls per RPC and status."""
+    lat = np.frombuffer(seen["latencies_ms"], dtype=np.float64)
+    p50, p99, top = percentiles(lat, [50, 99, 100])
+    failures = sum(isolation.failed(seen["statuses"]).values())
+    return {
+        "calls": lat.size,
+        "ok_pct": 100.0 * (lat.size - failures) / max(1, lat.size),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "max_ms": top,
+        "statuses": seen["statuses"],
+    }
+
+
+# The victim's figures per abuse phase: (key in the phase's outcome, name, unit, better,
+# target, target kind, target value).
+VICTIM_FIGURES = (
+    ("p50_ms", "victim p50", "ms", "lower", "", "", 0.0),
+    ("p99_ms", "victim p99", "ms", "lower", "", "", 0.0),
+    ("ok_pct", "victim calls succeeded", "%", "higher", "100 %", "abs_min", 100.0),
+)
+
+
+def isolation_figures(
+    phases: dict[str, list[dict[str, Any]]], cpu: dict[str, dict[str, list[float]]]
+) -> list[Figure]:
+    """Per abuse phase, the victim's figures beside the same figures of the quiet phase."""
+
+    def victim(phase: str, key: str) -> list[float]:
+        return [float(rep["victim"][key]) for rep in phases[phase]]
+
+    base = "the victim alone (quiet phase)"
+    return [
+        Figure(
+            f"isolation.{phase}.{key}",
+            f"{name}, {label}",
+            unit,
+            better,
+            victim(phase, key),
+            victim("quiet", key),
+            base,
+            target,
+            kind,
+            value,
+            cpu[phase],
+        )
+        for phase, label in list(isolation.PHASES.items())[1:]
+        for key, name, unit, better, target, kind, value in VICTIM_FIGURES
+    ]
+
 
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
     "replay": Bench.replay,
@@ -830,4 +968,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
     "startrun": Bench.startrun,
     "ingest": Bench.ingest,
     "capacity": Bench.capacity,
+    "isolation": Bench.isolation,
 }

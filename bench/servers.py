@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -68,6 +69,7 @@ class Server:
     token: str
     log_path: Path
     _log: IO[bytes] | None = field(default=None, repr=False)
+    users: dict[str, str] = field(default_factory=dict, repr=False)  # user -> token
 
     @property
     def pid(self) -> int:
@@ -128,16 +130,33 @@ def _wait_healthy(server: Server, limit: float = STARTUP_S) -> None:
         time.sleep(0.05)
 
 
-def start_runservice(data_dir: Path, extra: list[str] | None = None) -> Server:
-    """`runservice serve` on a free port over a fresh data dir, caps off, bench agent added."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+def add_token(data_dir: Path, user: str) -> str:
+    """A new token for `user` in the data dir's tokens file (`runservice tokens add`)."""
     added = subprocess.run(
-        [*_cli(), "tokens", "add", "--file", str(data_dir / "tokens.toml"), "--user", "bench"],
+        [*_cli(), "tokens", "add", "--file", str(data_dir / "tokens.toml"), "--user", user],
         check=True,
         capture_output=True,
         text=True,
     )
-    token = added.stdout.strip().splitlines()[-1]
+    return added.stdout.strip().splitlines()[-1]
+
+
+def start_runservice(
+    data_dir: Path,
+    extra: list[str] | None = None,
+    *,
+    caps: Sequence[str] | None = None,
+    users: Sequence[str] = (),
+) -> Server:
+    """`runservice serve` on a free port over a fresh data dir, bench agent added.
+
+    Every cap is off unless `caps` is given: then exactly those flags (with their values)
+    are passed and the other caps keep the server's defaults. The token of user `bench`
+    is `Server.token`; each of `users` gets one too, in `Server.users`.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = add_token(data_dir, "bench")
+    tokens = {user: add_token(data_dir, user) for user in users}
     port = free_port()
     cmd = [
         *_cli(),
@@ -146,7 +165,7 @@ def start_runservice(data_dir: Path, extra: list[str] | None = None) -> Server:
         f"127.0.0.1:{port}",
         "--data-dir",
         str(data_dir),
-        *_caps_off(),
+        *(_caps_off() if caps is None else caps),
         "--drain-timeout",
         "0s",
         "--stop-grace",
@@ -160,7 +179,7 @@ def start_runservice(data_dir: Path, extra: list[str] | None = None) -> Server:
     log_path = data_dir.with_name(data_dir.name + ".log")
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    server = Server("runservice", proc, f"127.0.0.1:{port}", token, log_path, log)
+    server = Server("runservice", proc, f"127.0.0.1:{port}", token, log_path, log, tokens)
     _wait_healthy(server)
     return server
 

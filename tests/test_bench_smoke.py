@@ -1,9 +1,11 @@
 """`make bench` in miniature: every scenario completes and produces its figures.
 
 Runs `python -m bench --quick --reps 1` (tiny sizes, one runservice and one bare server
-shared by all scenarios) into a temporary directory. It asserts only that each scenario
-finished and that each figure has a finite value; it never asserts a time or a ratio:
-the figures are measurements, and the full run (`make bench`) is where they are read.
+shared by the scenarios; isolation starts a server of its own) into a temporary
+directory. It asserts only that each scenario finished, that each figure has a finite
+value and that every isolation phase made victim calls; it never asserts a time or a
+ratio: the figures are measurements, and the full run (`make bench`) is where they are
+read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.isolation import PHASES
 from bench.scenarios import SCENARIOS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,3 +47,8 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     for name in ("results.md", "throughput.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
     assert "replay events/s" in proc.stdout  # the table was printed
+    isolation = next(s for s in results["scenarios"] if s["key"] == "isolation")
+    phases = isolation["details"]["phases"]
+    assert list(phases) == list(PHASES)
+    assert all(rep["victim"]["calls"] > 0 for reps in phases.values() for rep in reps)
+    assert "## Isolation" in (out / "results.md").read_text()
