@@ -19,9 +19,9 @@ from runservice.agents import BUILTINS
 from runservice.api.auth import (
     Authentication,
     Authenticator,
-    AuthInterceptor,
     MtlsIdentity,
     TokensFileAuthenticator,
+    add_authenticated_service,
 )
 from runservice.api.convert import decode_event, encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
@@ -255,14 +255,19 @@ async def _build_locked(
         encoder=encode_event,
     )
     await manager.start()
-    interceptor = AuthInterceptor(authentication, StreamLimiter(settings.max_streams_per_user))
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
+    server = grpc.aio.server(options=server_options(settings))
     servicer = RunServiceServicer(
         manager,
         PageTokens(load_secret(settings.data_dir / "secret.key")),
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
     )
-    run_service_pb2_grpc.add_RunServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_authenticated_service(
+        run_service_pb2_grpc.add_RunServiceServicer_to_server,
+        servicer,
+        server,
+        authentication,
+        StreamLimiter(settings.max_streams_per_user),
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -122,11 +122,20 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(settings.event_loop)
     try:
         return loop.run_until_complete(serve(settings))
     finally:
         _close_loop(loop)
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of `kind`: "uvloop" or "asyncio"."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop, limit: float = 2.0) -> None:

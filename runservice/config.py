@@ -48,6 +48,9 @@ def parse_size(text: str) -> int:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 def _choice(value: str, choices: tuple[str, ...]) -> str:
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
@@ -118,6 +121,7 @@ class Settings:
     admins: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     log_level: str = "info"
+    event_loop: str = "uvloop"
 
     @property
     def db_url(self) -> str:
@@ -233,6 +237,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("jwt-user-claim", "the JWT claim naming the user", str, "sub"),
     _Option("jwt-roles-claim", "the JWT claim listing roles", str, "roles"),
     _Option("log-level", "debug, info, warning or error", lambda v: _choice(v, LOG_LEVELS), "info"),
+    _Option(
+        "event-loop",
+        "the asyncio event loop: uvloop (faster) or asyncio (the standard library's)",
+        lambda v: _choice(v, EVENT_LOOPS),
+        "uvloop",
+    ),
 )
 
 

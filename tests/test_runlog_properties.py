@@ -80,3 +80,37 @@ def test_logs_have_no_holes_and_every_reader_sees_the_stored_order(
     """With tiny batches, windows and queues, each log is 1..N and readers see exactly it."""
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_scenario(Path(tmp), counts, pauses, joins))
+
+
+async def endless(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits as fast as the writer accepts, until stopped."""
+    i = 0
+    while True:
+        i += 1
+        await ctx.emit("e", data={"i": i})
+
+
+async def test_a_run_emitting_without_pause_does_not_hold_back_other_runs(tmp_path: Path) -> None:
+    """The writer's queue never drains below a batch while `endless` runs; other runs'
+    rows and state changes still commit, each with its lifecycle event."""
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    agents = AgentRegistry()
+    agents.register("endless", endless)
+    agents.register("bursty", bursty)
+    tiny = RuntimeSettings(writer_max_batch=5, writer_max_pending=12)
+    manager = RunManager(store, agents, FakeClock(), tiny)
+    await manager.start()
+    alice, bob = Principal("alice"), Principal("bob")
+    try:
+        hog = await manager.start_run(alice, StartRequest("endless", {}))
+        for _ in range(3):  # each would wait for the hog to end before the fix
+            run = await asyncio.wait_for(
+                manager.start_run(bob, StartRequest("bursty", {"count": 3, "pauses": []})), 30
+            )
+            events = await asyncio.wait_for(_collect(manager, bob, run.run_id, 1), 30)
+            assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+            assert events[-1].state is RunState.SUCCEEDED
+        assert (await manager.get_run(alice, hog.run_id)).state is RunState.RUNNING
+    finally:
+        await manager.shutdown(0)
+        await store.close()

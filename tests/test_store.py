@@ -63,7 +63,7 @@ async def test_every_query_is_scoped_to_its_owner(tmp_path: Path) -> None:
 
 
 async def test_events_round_trip_every_payload_kind(tmp_path: Path) -> None:
-    """Data, text, binary and empty payloads come back as written, and last_seq follows."""
+    """Data, text, binary and empty payloads come back as written; the log's end is known."""
     store = await open_store(_url(tmp_path / "s.db"))
     await store.commit([_run("r", "alice")], [], [])
     events = [
@@ -75,8 +75,11 @@ async def test_events_round_trip_every_payload_kind(tmp_path: Path) -> None:
     await store.commit([], events, [])
     assert await store.read_events("r", 1, 10) == events
     assert await store.read_events("r", 3, 1) == events[2:3]
+    unfinished = await store.unfinished_runs()
+    assert [r.last_seq for r in unfinished] == [4]  # the end of the log, read from the log
+    await store.commit([], [], [unfinished[0].replace(state=RunState.SUCCEEDED, last_seq=4)])
     run = await store.get_run(Scope("alice"), "r")
-    assert run is not None and run.last_seq == 4
+    assert run is not None and run.last_seq == 4 and run.state is RunState.SUCCEEDED
     await store.close()
 
 

@@ -1,9 +1,11 @@
-"""Authentication: the interceptor that reads `authorization: Bearer <token>`, and backends.
+"""Authentication: the handler wrapper that reads `authorization: Bearer <token>` (or the
+client certificate), and the backends.
 
 Every RunService method needs a principal; health checking and reflection stay open, and
-methods the server does not know fall through so the server answers UNIMPLEMENTED (grpcurl
-relies on that to pick a reflection version). The principal reaches handlers through a
-context variable set inside the wrapped handler, so it holds for streaming calls too.
+methods the server does not know are not wrapped, so the server answers UNIMPLEMENTED
+(grpcurl relies on that to pick a reflection version). The principal reaches handlers
+through a context variable set inside the wrapped handler, so it holds for streaming
+calls too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import logging
 import os
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
@@ -27,7 +29,6 @@ from runservice.domain.model import Principal
 
 logger = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/runservice.v1.RunService/"
 SHA256_HEX_LEN = 64
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
@@ -36,7 +37,7 @@ _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("runservi
 
 
 def current_principal() -> Principal:
-    """The authenticated caller of the current RPC (set by AuthInterceptor)."""
+    """The authenticated caller of the current RPC (set before its handler runs)."""
     return _principal.get()  # LookupError here is a wiring bug, not a client error
 
 
@@ -119,7 +120,7 @@ def load_tokens(path: Path) -> dict[str, Principal]:
     return entries
 
 
-def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str:
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
     """The bearer token in `metadata`; CredentialsMissingError when there is none."""
     for key, value in metadata or ():
         if key == "authorization":
@@ -176,7 +177,7 @@ class Authentication:
         self._anonymous = anonymous
 
     def principal(
-        self, metadata: Sequence[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
+        self, metadata: Iterable[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
     ) -> Principal:
         """The caller; AuthenticationError (saying what failed) when there is none."""
         principal = self._identify(metadata, auth_context)
@@ -185,7 +186,7 @@ class Authentication:
         return principal
 
     def _identify(
-        self, metadata: Sequence[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
+        self, metadata: Iterable[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
     ) -> Principal:
         if _has_authorization(metadata):
             return self._from_token(bearer_token(metadata))
@@ -212,39 +213,53 @@ def _recognizes(authenticator: Authenticator, token: str) -> bool:
     return bool(recognizes(token)) if recognizes is not None else False
 
 
-def _has_authorization(metadata: Sequence[tuple[str, Any]] | None) -> bool:
+def _has_authorization(metadata: Iterable[tuple[str, Any]] | None) -> bool:
     return any(key == "authorization" for key, _ in metadata or ())
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every RunService call and maps its errors to statuses.
+def add_authenticated_service(
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    authentication: Authentication,
+    streams: StreamLimiter,
+) -> None:
+    """Registers a service whose every method authenticates first and maps its errors.
 
-    The check runs inside the wrapped handler, where the peer's TLS identity is known,
-    so it covers bearer tokens and client certificates alike.
+    `add_to_server` is the generated `add_<Service>Servicer_to_server`. Its handlers are
+    wrapped once, here, rather than per call by an interceptor. The check runs inside the
+    handler, where the peer's TLS identity is known, so it covers bearer tokens and client
+    certificates alike.
     """
 
-    def __init__(self, authentication: Authentication, streams: StreamLimiter) -> None:
-        self._authentication = authentication
-        self._streams = streams
+    def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        principal = authentication.principal(context.invocation_metadata(), context.auth_context())
+        _principal.set(principal)
+        return principal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        metadata = handler_call_details.invocation_metadata
-        authentication = self._authentication
+    captured = _Registration()
+    add_to_server(servicer, captured)
+    handlers = {name: _wrap(h, prepare, streams) for name, h in captured.handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(captured.service, handlers),)
+    )
+    server.add_registered_method_handlers(captured.service, handlers)
 
-        def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-            principal = authentication.principal(metadata, context.auth_context())
-            _principal.set(principal)
-            return principal
 
-        return _wrap(handler, prepare, self._streams)
+class _Registration:
+    """Stands in for the server in a generated add_*_to_server call: keeps its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        """Ignored: the same handlers come by name to add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        """Keeps the service's handlers by method name."""
+        self.service = service
+        self.handlers = dict(handlers)
 
 
 def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Handler:

@@ -35,7 +35,10 @@ class RunStore(Protocol):
     ) -> None:
         """Commits new runs, appended events and updated run rows in one transaction.
 
-        Each run's `last_seq` is raised to the highest `seq` among `events`.
+        A run row's `last_seq` is stored as the row gives it: the runtime sets it with each
+        state change, so the stored value is exact for finished runs and, for a live
+        run, as of its last state change (live runs are served from memory, and
+        `unfinished_runs` reads the true end of each log).
         """
         ...
 

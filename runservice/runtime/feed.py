@@ -57,6 +57,11 @@ class ChangeFeed:
         self._watchers: set[_Watcher] = set()
         self._limit = queue_limit
 
+    @property
+    def watched(self) -> bool:
+        """True while anyone watches (so that changes nobody reads are not even built)."""
+        return bool(self._watchers)
+
     def publish(self, update: WatchUpdate) -> None:
         """Queues `update` for every watcher whose scope and filter admit the run."""
         for watcher in self._watchers:

@@ -66,7 +66,8 @@ class LiveRun:
         self.queued = False  # counted as queued (waiting on its thread), not active
         self.started = False
         self.committed: asyncio.Future[None] | None = None
-        self._end_signal = asyncio.Event()
+        # Resolved by request_end; waited on with asyncio.wait (which never cancels it).
+        self.end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def run_id(self) -> str:
@@ -78,12 +79,8 @@ class LiveRun:
         if self.end_request is not None or self.ended.is_set():
             return False
         self.end_request = EndRequest(state, reason)
-        self._end_signal.set()
+        self.end_requested.set_result(None)
         return True
-
-    async def wait_end_request(self) -> None:
-        """Returns once someone asked the run to end."""
-        await self._end_signal.wait()
 
 
 class RunContext:
@@ -238,16 +235,13 @@ async def _wait_turn(live: LiveRun, writer: Writer, clock: Clock) -> bool:
         state=RunState.PENDING,
     )
     await writer.commit_run(event=(live.log, event))
-    end = asyncio.ensure_future(live.wait_end_request())
-    try:
-        for predecessor in waiting:
-            turn = asyncio.ensure_future(predecessor.ended.wait())
-            done, _ = await asyncio.wait({turn, end}, return_when=asyncio.FIRST_COMPLETED)
-            turn.cancel()
-            if end in done:
-                return False
-    finally:
-        end.cancel()
+    end: asyncio.Future[Any] = live.end_requested
+    for predecessor in waiting:
+        turn: asyncio.Future[Any] = asyncio.ensure_future(predecessor.ended.wait())
+        done, _ = await asyncio.wait({turn, end}, return_when=asyncio.FIRST_COMPLETED)
+        turn.cancel()
+        if end in done:
+            return False
     return live.end_request is None
 
 
@@ -267,16 +261,16 @@ async def _execute(
 ) -> _Outcome:
     ctx = RunContext(live, writer, clock)
     agent_task = asyncio.create_task(agent(ctx, live.run.input), name=f"agent:{live.run_id}")
-    end_task = asyncio.create_task(live.wait_end_request(), name=f"end:{live.run_id}")
+    awaited: set[asyncio.Future[Any]] = {agent_task, live.end_requested}
     try:
         done, _ = await asyncio.wait(
-            {agent_task, end_task}, timeout=live.run.timeout, return_when=asyncio.FIRST_COMPLETED
+            awaited,
+            timeout=live.run.timeout,
+            return_when=asyncio.FIRST_COMPLETED,
         )
     except asyncio.CancelledError:
         live.request_end(RunState.INTERRUPTED, "server shutdown")
         raise
-    finally:
-        end_task.cancel()
     if agent_task in done:
         return _outcome_of(live, agent_task)
     if live.end_request is None:
@@ -353,7 +347,7 @@ async def _transition(live: LiveRun, writer: Writer, clock: Clock, state: RunSta
     event = RunEvent(
         run_id=live.run_id, seq=live.log.assign_seq(), at=now, type=STATE_EVENT, state=state
     )
-    updated = live.run.replace(state=state, started_at=now)
+    updated = live.run.replace(state=state, started_at=now, last_seq=event.seq)
     await writer.commit_run(event=(live.log, event), updated=updated)
 
 
@@ -376,6 +370,7 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
         error=outcome.failure,
         ended_at=now,
         stop_reason=outcome.reason,
+        last_seq=event.seq,
     )
     await writer.commit_run(event=(live.log, event), updated=updated)
     live.ended.set()

@@ -216,6 +216,7 @@ class RunManager:
                     error=failure,
                     ended_at=now,
                     stop_reason="server restarted",
+                    last_seq=run.last_seq + 1,
                 )
             )
         await self._store.commit([], events, updated)
@@ -535,9 +536,10 @@ class RunManager:
             if run.state.terminal:
                 live.idle_since = run.ended_at
                 self._release(live)
-        change = RunChange.CREATED if created else RunChange.STATE_CHANGED
-        view = self._view(live) if live is not None else run
-        self._feed.publish(WatchUpdate(change, view))
+        if self._feed.watched:
+            change = RunChange.CREATED if created else RunChange.STATE_CHANGED
+            view = self._view(live) if live is not None else run
+            self._feed.publish(WatchUpdate(change, view))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

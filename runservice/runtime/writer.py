@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,9 +32,11 @@ RETRY_ATTEMPTS = 8  # about 11 s of backoff before a batch is given up
 class _Batch:
     new_runs: list[Run] = field(default_factory=list)
     events: list[tuple[RunLog, RunEvent]] = field(default_factory=list)
-    updated_runs: list[Run] = field(default_factory=list)
-    # (run_id or None for a flush, future resolved once the work before it is committed)
-    waiters: list[tuple[str | None, asyncio.Future[None]]] = field(default_factory=list)
+    # Each with the seq of the lifecycle event it was queued with (0: none), which it must
+    # be committed with.
+    updated_runs: list[tuple[Run, int]] = field(default_factory=list)
+    # (run_id, seq as above, future resolved once that work is committed)
+    waiters: list[tuple[str | None, int, asyncio.Future[None]]] = field(default_factory=list)
 
     def split_by_run(self) -> list[_Batch]:
         """One batch per run, so that one run's bad data cannot sink another's."""
@@ -42,11 +45,35 @@ class _Batch:
             parts.setdefault(run.run_id, _Batch()).new_runs.append(run)
         for log, event in self.events:
             parts.setdefault(event.run_id, _Batch()).events.append((log, event))
-        for run in self.updated_runs:
-            parts.setdefault(run.run_id, _Batch()).updated_runs.append(run)
-        for run_id, waiter in self.waiters:
-            parts.setdefault(run_id, _Batch()).waiters.append((run_id, waiter))
+        for update in self.updated_runs:
+            parts.setdefault(update[0].run_id, _Batch()).updated_runs.append(update)
+        for waiter in self.waiters:
+            parts.setdefault(waiter[0], _Batch()).waiters.append(waiter)
         return list(parts.values())
+
+    def split_at(self, size: int) -> tuple[_Batch, _Batch]:
+        """The first `size` events with the work that rides along, and the rest.
+
+        A run update or waiter rides along with the lifecycle event it was queued with;
+        one without an event (a new run row) rides with the first slice unless its run
+        still has events in the rest. So a run emitting without pause cannot hold back
+        another run's row: every slice carries the rows that are ready.
+        """
+        first, rest = _Batch(events=self.events[:size]), _Batch(events=self.events[size:])
+        reached = {event.run_id: event.seq for _, event in first.events}
+        waiting = {event.run_id for _, event in rest.events}
+
+        def rides(run_id: str | None, seq: int) -> bool:
+            if seq:
+                return seq <= reached.get(run_id or "", 0)
+            return run_id is not None and run_id not in waiting
+
+        first.new_runs = self.new_runs  # a run has no events before its row is committed
+        for update in self.updated_runs:
+            (first if rides(update[0].run_id, update[1]) else rest).updated_runs.append(update)
+        for waiter in self.waiters:
+            (first if rides(waiter[0], waiter[1]) else rest).waiters.append(waiter)
+        return first, rest
 
     def __bool__(self) -> bool:
         return bool(self.new_runs or self.events or self.updated_runs or self.waiters)
@@ -75,8 +102,9 @@ class Writer:
         self._max_pending = max_pending_events
         self._pending = _Batch()
         self._wake = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
+        # Appenders waiting for room, served first come first served: an agent that
+        # emits without pause cannot take every freed place from the others.
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -94,15 +122,17 @@ class Writer:
         self._task = asyncio.create_task(self._loop(), name="runservice-writer")
 
     async def append(self, log: RunLog, event: RunEvent) -> None:
-        """Queues an event; waits while the writer is too far behind.
+        """Queues an event; waits (in line with any others waiting) while the writer is
+        too far behind.
 
         Raises StoreError once the run's log has failed to commit.
         """
         if log.broken is not None:
             raise StoreError("this run's log could not be stored")
-        while len(self._pending.events) >= self._max_pending:
-            self._space.clear()
-            await self._space.wait()
+        if self._waiting or len(self._pending.events) >= self._max_pending:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            await turn  # a cancelled turn is skipped by _let_in
         self._encode_once(event)  # agents' events come encoded (RunContext.emit)
         self._pending.events.append((log, event))
         self._wake.set()
@@ -119,8 +149,9 @@ class Writer:
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         run_id = next((r.run_id for r in (new, updated) if r is not None), None)
+        seq = 0
         if event is not None:
-            run_id = event[1].run_id
+            run_id, seq = event[1].run_id, event[1].seq
             if event[0].broken is not None:
                 waiter.set_exception(StoreError("this run's log could not be stored"))
                 return waiter
@@ -130,8 +161,8 @@ class Writer:
             self._encode_once(event[1])
             self._pending.events.append(event)
         if updated is not None:
-            self._pending.updated_runs.append(updated)
-        self._pending.waiters.append((run_id, waiter))
+            self._pending.updated_runs.append((updated, seq))
+        self._pending.waiters.append((run_id, seq, waiter))
         self._wake.set()
         return waiter
 
@@ -147,6 +178,9 @@ class Writer:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                # One pass of the loop first, so that whatever else is ready (agents,
+                # calls) adds its work to this batch rather than to a commit of its own.
+                await asyncio.sleep(0)
                 batch = self._take()
                 await self._commit(batch)
             if self._closing:
@@ -156,13 +190,9 @@ class Writer:
         pending = self._pending
         if len(pending.events) <= self._max_batch:
             self._pending = _Batch()
-        else:
-            # Split at an event boundary; run rows and waiters queued so far ride along
-            # only if their events are in this batch, so keep them for the last slice.
-            batch = _Batch(events=pending.events[: self._max_batch])
-            pending.events = pending.events[self._max_batch :]
-            return batch
-        return pending
+            return pending
+        batch, self._pending = pending.split_at(self._max_batch)
+        return batch
 
     async def _commit(self, batch: _Batch) -> None:
         failure = await self._try_commit(batch)
@@ -176,15 +206,24 @@ class Writer:
             self._publish(batch)
         else:
             self._fail(batch, failure)
-        if len(self._pending.events) < self._max_pending:
-            self._space.set()
+        self._let_in()
+
+    def _let_in(self) -> None:
+        """Gives the room now free to the appenders waiting longest."""
+        room = self._max_pending - len(self._pending.events)
+        while room > 0 and self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                room -= 1
 
     async def _try_commit(self, batch: _Batch) -> StoreError | None:
         events = [event for _, event in batch.events]
+        updated = [run for run, _ in batch.updated_runs]
         delay = 0.05
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
-                await self._store.commit(batch.new_runs, events, batch.updated_runs)
+                await self._store.commit(batch.new_runs, events, updated)
                 return None
             except StoreUnavailableError as exc:
                 if attempt == RETRY_ATTEMPTS:
@@ -206,7 +245,7 @@ class Writer:
         run_ids = sorted(
             {e.run_id for _, e in batch.events}
             | {r.run_id for r in batch.new_runs}
-            | {r.run_id for r in batch.updated_runs}
+            | {r.run_id for r, _ in batch.updated_runs}
         )
         logger.error(
             "the store refused a commit for runs %s; they are abandoned",
@@ -215,7 +254,7 @@ class Writer:
         )
         for log, _ in batch.events:
             log.fail(exc)
-        for run_id, waiter in batch.waiters:
+        for run_id, _, waiter in batch.waiters:
             if waiter.done():
                 continue
             if run_id is None:
@@ -231,8 +270,8 @@ class Writer:
             by_log.setdefault(id(log), (log, []))[1].append(event)
         for log, events in by_log.values():
             log.publish(events)
-        for run in batch.updated_runs:
+        for run, _ in batch.updated_runs:
             self._on_run_committed(run, False)
-        for _, waiter in batch.waiters:
+        for _, _, waiter in batch.waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
@@ -29,6 +29,32 @@ def make_engine(url: str) -> AsyncEngine:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
+
+
+def make_writer_engine(url: str) -> Engine | None:
+    """For a SQLite file, a synchronous engine for the group commits (the store runs each
+    commit as one call on a thread of its own); None for other databases.
+
+    Its busy timeout is zero: a locked database fails at once and the store retries with
+    an async backoff, so no thread sleeps inside SQLite holding up the commits queued
+    behind it.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    engine = create_engine(
+        parsed.set(drivername="sqlite+pysqlite"), hide_parameters=True, pool_size=1
+    )
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=0")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

@@ -8,13 +8,17 @@ StoreUnavailableError (worth retrying later), any other driver error as StoreErr
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, delete, exists, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -31,13 +35,14 @@ from runservice.domain.model import (
 )
 from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.store import migrations, tables
-from runservice.store.engine import make_engine
+from runservice.store.engine import make_engine, make_writer_engine
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 LOCK_RETRIES = 8
+INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
 LOCK_BACKOFF_S = 0.05
 
 _PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
@@ -48,7 +53,7 @@ async def open_store(
     url: str, encoder: EventEncoder | None = None, decoder: EventDecoder | None = None
 ) -> SqlRunStore:
     """A store on `url`, schema migrated, with the codec of events' wire forms (if any)."""
-    store = SqlRunStore(make_engine(url), encoder, decoder)
+    store = SqlRunStore(make_engine(url), encoder, decoder, make_writer_engine(url))
     await store.migrate()
     return store
 
@@ -67,11 +72,16 @@ class SqlRunStore:
         engine: AsyncEngine,
         encoder: EventEncoder | None = None,
         decoder: EventDecoder | None = None,
+        writer: Engine | None = None,
     ) -> None:
         self._engine = engine
+        self._writer = None if writer is None else _CommitThread(writer)
         self._encoder = encoder
         self._decoder = decoder
-        self._insert_events = _positional_insert(engine, tables.events, _EVENT_COLUMNS)
+        self._insert_events = _MultiRow(engine, tables.events, _EVENT_COLUMNS)
+        self._insert_labels = _MultiRow(engine, tables.run_labels, _LABEL_COLUMNS)
+        # New and changed run rows alike: inserted, or their mutable columns updated.
+        self._upsert_runs = _MultiRow(engine, tables.runs, _RUN_COLUMNS, update=_RUN_MUTABLE)
 
     async def migrate(self) -> None:
         """Brings the schema up to date."""
@@ -80,30 +90,41 @@ class SqlRunStore:
     async def close(self) -> None:
         """Releases every pooled connection."""
         await self._engine.dispose()
+        if self._writer is not None:
+            self._writer.close()
 
     async def commit(
         self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
     ) -> None:
         """Commits runs, events and run updates in one transaction."""
+        plan = self._commit_plan(new_runs, events, updated_runs)
+        writer = self._writer
+        if writer is not None:
+            await _retry_locked(lambda: writer.run(plan))
+            return
 
         async def work(conn: AsyncConnection) -> None:
-            if new_runs:
-                await conn.execute(insert(tables.runs), [_run_row(r) for r in new_runs])
-                labels = [
-                    {"run_id": r.run_id, "key": k, "value": v}
-                    for r in new_runs
-                    for k, v in r.labels.items()
-                ]
-                if labels:
-                    await conn.execute(insert(tables.run_labels), labels)
-            if events:
-                # The hot path: rows straight to the driver, no per-row SQLAlchemy work.
-                await conn.exec_driver_sql(self._insert_events, [_event_row(e) for e in events])
-                await conn.execute(_RAISE_LAST_SEQ, _last_seqs(events))
-            if updated_runs:
-                await conn.execute(_UPDATE_RUN, [_update_row(r) for r in updated_runs])
+            for sql, values in plan:
+                await conn.exec_driver_sql(sql, values)
 
         await self._write(work)
+
+    def _commit_plan(
+        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """The statements of one commit, in the driver's own SQL, many rows in each.
+
+        A multi-row statement is one step of the database, where executemany takes one
+        per row (and with SQLite, each step hands the GIL to the loop's thread and back).
+        Rows go to the driver as tuples, with no per-row work in SQLAlchemy.
+        """
+        latest = {run.run_id: run for run in (*new_runs, *updated_runs)}
+        labels = [(r.run_id, k, v) for r in new_runs for k, v in r.labels.items()]
+        return [
+            *self._upsert_runs.statements([_run_row(run) for run in latest.values()]),
+            *self._insert_labels.statements(labels),
+            *self._insert_events.statements([_event_row(e) for e in events]),
+        ]
 
     async def get_run(self, scope: Scope, run_id: str) -> Run | None:
         """The run, when `scope` may see it."""
@@ -247,17 +268,23 @@ class SqlRunStore:
         return purged
 
     async def unfinished_runs(self) -> list[Run]:
-        """Every run left PENDING or RUNNING, across owners (for reconciliation)."""
+        """Every run left PENDING or RUNNING, across owners (for reconciliation), with the
+        last seq its log really reached (the row's is as of its last state change)."""
         active = [RunState.PENDING.value, RunState.RUNNING.value]
+        r, e = tables.runs.c, tables.events.c
+        reached = select(func.max(e.seq)).where(e.run_id == r.run_id).scalar_subquery()
         query = (
-            select(tables.runs)
-            .where(tables.runs.c.state.in_(active))
-            .order_by(tables.runs.c.run_id)
+            select(tables.runs, func.coalesce(reached, 0).label("reached"))
+            .where(r.state.in_(active))
+            .order_by(r.run_id)
         )
         async with self._engine.connect() as conn:
             rows = (await self._read(conn, query)).all()
             labels = await self._labels(conn, [row.run_id for row in rows])
-        return [_run_from_row(row, labels.get(row.run_id, {})) for row in rows]
+        return [
+            _run_from_row(row, labels.get(row.run_id, {})).replace(last_seq=row.reached)
+            for row in rows
+        ]
 
     async def _labels(self, conn: AsyncConnection, run_ids: list[str]) -> dict[str, dict[str, str]]:
         if not run_ids:
@@ -302,34 +329,6 @@ def _is_lock_error(exc: OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-_RAISE_LAST_SEQ = (
-    update(tables.runs)
-    .where(tables.runs.c.run_id == bindparam("b_run_id"))
-    .where(tables.runs.c.last_seq < bindparam("b_last_seq"))
-    .values(last_seq=bindparam("b_last_seq"))
-)
-
-_UPDATE_RUN = (
-    update(tables.runs)
-    .where(tables.runs.c.run_id == bindparam("b_run_id"))
-    .values(
-        state=bindparam("b_state"),
-        result=bindparam("b_result"),
-        error=bindparam("b_error"),
-        started_us=bindparam("b_started_us"),
-        ended_us=bindparam("b_ended_us"),
-        stop_reason=bindparam("b_stop_reason"),
-    )
-)
-
-
-def _last_seqs(events: Iterable[RunEvent]) -> list[dict[str, Any]]:
-    highest: dict[str, int] = {}
-    for event in events:
-        highest[event.run_id] = max(highest.get(event.run_id, 0), event.seq)
-    return [{"b_run_id": k, "b_last_seq": v} for k, v in highest.items()]
-
-
 def _us(at: datetime | None) -> int | None:
     return None if at is None else int(at.timestamp() * 1_000_000)
 
@@ -355,8 +354,15 @@ def _failure(text: str | None) -> RunFailure | None:
     return RunFailure(raw["code"], raw["message"], raw.get("error_id"))
 
 
-def _run_row(run: Run) -> dict[str, Any]:
-    return {
+_RUN_COLUMNS = tuple(c.name for c in tables.runs.c)
+# What a commit may change in an existing run row.
+_RUN_MUTABLE = ("state", "result", "error", "started_us", "ended_us", "last_seq", "stop_reason")
+_LABEL_COLUMNS = ("run_id", "key", "value")
+
+
+def _run_row(run: Run) -> tuple[Any, ...]:
+    """The run as a row of _RUN_COLUMNS."""
+    row = {
         "run_id": run.run_id,
         "owner": run.owner,
         "agent": run.agent,
@@ -376,18 +382,7 @@ def _run_row(run: Run) -> dict[str, Any]:
         "timeout_s": run.timeout,
         "request_hash": run.request_hash,
     }
-
-
-def _update_row(run: Run) -> dict[str, Any]:
-    return {
-        "b_run_id": run.run_id,
-        "b_state": run.state.value,
-        "b_result": _json(run.result),
-        "b_error": _failure_json(run.error),
-        "b_started_us": _us(run.started_at),
-        "b_ended_us": _us(run.ended_at),
-        "b_stop_reason": run.stop_reason,
-    }
+    return tuple(row[c] for c in _RUN_COLUMNS)
 
 
 def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
@@ -428,12 +423,119 @@ _EVENT_COLUMNS = (
 )
 
 
-def _positional_insert(engine: AsyncEngine, table: Table, columns: Sequence[str]) -> str:
-    """The driver's own INSERT statement for `columns`, taking one tuple per row."""
-    compiled = insert(table).values({c: bindparam(c) for c in columns}).compile(engine)
-    if not compiled.positional or list(compiled.positiontup or ()) != list(columns):
-        raise StoreError(f"the {engine.dialect.name} driver does not take positional parameters")
-    return str(compiled)
+_EVENT_COLUMNS = (
+    "run_id",
+    "seq",
+    "at_us",
+    "type",
+    "payload_kind",
+    "payload",
+    "state",
+    "error",
+    "wire",
+)
+
+
+class _Prepared:
+    """A statement compiled once to the driver's own SQL, taking rows as tuples."""
+
+    def __init__(self, engine: AsyncEngine, statement: Any) -> None:
+        compiled = statement.compile(engine)
+        if not compiled.positional or compiled.positiontup is None:
+            raise StoreError(
+                f"the {engine.dialect.name} driver does not take positional parameters"
+            )
+        self.sql = str(compiled)
+        self._names: list[str] = list(compiled.positiontup)
+
+    def rows(self, values: Iterable[Mapping[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
+        """The statement with `values` (by parameter name) as positional rows."""
+        names = self._names
+        return self.sql, [tuple(v[n] for n in names) for v in values]
+
+
+class _CommitThread:
+    """A synchronous engine on a SQLite file and the one thread that commits through it.
+
+    Through aiosqlite every statement is several hand-offs between the loop's thread and
+    the driver's, and while the loop is busy each waits for the GIL; a commit took tens
+    of milliseconds under load. Here a whole commit is one call on this thread.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="runservice-commit")
+
+    async def run(self, plan: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Executes `plan` in one transaction on the commit thread."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._run, plan)
+
+    def _run(self, plan: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._engine.begin() as conn:
+            for sql, values in plan:
+                conn.exec_driver_sql(sql, values)
+
+    def close(self) -> None:
+        """Closes the connection and stops the thread."""
+        self._engine.dispose()
+        self._thread.shutdown()
+
+
+class _MultiRow:
+    """Multi-row INSERTs of one table (or upserts, with `update`) in the driver's own SQL.
+
+    Statements come in power-of-two sizes up to INSERT_CHUNK rows, each compiled once.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        table: Table,
+        columns: Sequence[str],
+        update: Sequence[str] = (),
+    ) -> None:
+        self._engine = engine
+        self._table = table
+        self._columns = columns
+        self._update = update
+        self._sql = functools.cache(self._compile)
+
+    def statements(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
+        """`rows` (tuples in column order) as a few statements, each with its values."""
+        out = []
+        start = 0
+        while start < len(rows):
+            size = min(INSERT_CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+            chunk = rows[start : start + size]
+            start += size
+            out.append((self._sql(size), tuple(value for row in chunk for value in row)))
+        return out
+
+    def _compile(self, rows: int) -> str:
+        engine, names = self._engine, self._columns
+        values: list[dict[str, Any]] = [
+            {c: bindparam(f"{c}_{i}") for c in names} for i in range(rows)
+        ]
+        statement: Any = _insert_for(engine)(self._table).values(values)
+        if self._update:
+            statement = statement.on_conflict_do_update(
+                index_elements=[self._table.c.run_id],
+                set_={c: statement.excluded[c] for c in self._update},
+            )
+        compiled = statement.compile(engine)
+        expected = [f"{c}_{i}" for i in range(rows) for c in names]
+        if not compiled.positional or list(compiled.positiontup or ()) != expected:
+            raise StoreError(f"the {engine.dialect.name} driver does not take positional values")
+        return str(compiled)
+
+
+def _insert_for(engine: AsyncEngine) -> Callable[[Table], Any]:
+    """The dialect's own insert(), which knows ON CONFLICT."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert
+    raise StoreError(f"the {engine.dialect.name} database is not supported")
 
 
 def _event_row(event: RunEvent) -> tuple[Any, ...]:
