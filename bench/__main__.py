@@ -18,6 +18,7 @@ from bench import report
 from bench.clients import Workers
 from bench.noise import ForeignLoad, loadavg
 from bench.scenarios import QUICK, SCENARIOS, Bench, Sizes
+from runservice.config import EVENT_LOOPS
 
 log = logging.getLogger("bench")
 
@@ -42,8 +43,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs/performance"), help="output directory")
     p.add_argument("--workers", type=int, default=2, help="load-client processes (default 2)")
     p.add_argument(
+        "--server-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="event loop of both servers, runservice and bare (default uvloop, "
+        "runservice's own default)",
+    )
+    p.add_argument(
         "--client-loop",
-        choices=("uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default="uvloop",
         help="event loop of the load clients (default uvloop)",
     )
@@ -130,6 +138,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "quick": args.quick,
         "workers": args.workers,
         "client_loop": args.client_loop,
+        "server_loop": args.server_loop,
         "machine": report.machine(),
         "sizes": dataclasses.asdict(sizes),
         "loadavg_start": loadavg(),
@@ -137,7 +146,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     foreign = ForeignLoad()
     workers = await asyncio.to_thread(Workers, args.workers)
-    bench = Bench(sizes, work, workers, args.reps, args.client_loop)
+    bench = Bench(sizes, work, workers, args.reps, args.client_loop, server_loop=args.server_loop)
     try:
         for name in chosen:
             t0 = time.monotonic()

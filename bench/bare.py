@@ -5,8 +5,9 @@ input asks for ticks) starts an in-memory emitter that runs the same schedule as
 bench agent (bench/agents.py) and appends pre-built `SubscribeResponse` messages, one
 `RunEvent` each, to a list; Subscribe streams that list from `from_seq`, one event per
 message, and waits on a future when it is caught up. Same generated messages, same
-server options (runservice.app.server_options) and the same default asyncio loop as
-`runservice serve`, so the clients cannot tell the two apart except by speed.
+server options (runservice.app.server_options) and the same event loop as `runservice
+serve` (uvloop unless `--event-loop asyncio`), so the clients cannot tell the two apart
+except by speed.
 
 Run as `python -m bench.bare --listen 127.0.0.1:0`; prints `PORT <n>` once serving.
 """
@@ -25,7 +26,8 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from bench.agents import schedule, tick_data, ticks
 from runservice.app import server_options
-from runservice.config import Settings
+from runservice.cli import new_event_loop
+from runservice.config import EVENT_LOOPS, Settings
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
@@ -194,8 +196,10 @@ def main() -> None:
     """Entry point: `python -m bench.bare --listen HOST:PORT`."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
     args = parser.parse_args()
-    asyncio.run(serve(args.listen))
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(args.event_loop)) as runner:
+        runner.run(serve(args.listen))
 
 
 if __name__ == "__main__":

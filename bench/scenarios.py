@@ -240,12 +240,22 @@ async def start_runs(
 class Bench:
     """Runs scenarios against fresh servers under `work`, with `workers` as load clients."""
 
-    def __init__(self, sizes: Sizes, work: Path, workers: Workers, reps: int, loop: str) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        work: Path,
+        workers: Workers,
+        reps: int,
+        loop: str,
+        *,
+        server_loop: str = "uvloop",
+    ) -> None:
         self.s = sizes
         self.work = work
         self.workers = workers
         self.reps = reps
         self.loop = loop
+        self.server_loop = server_loop  # both servers' event loop
         self._n = 0
         self._shared: dict[str, Server] = {}
 
@@ -258,13 +268,17 @@ class Bench:
         `users` (see start_runservice), always a server of its own."""
         return await self._server(
             "runservice",
-            lambda n: start_runservice(self.work / f"{n}-{name}", caps=caps, users=users),
+            lambda n: start_runservice(
+                self.work / f"{n}-{name}", caps=caps, users=users, loop=self.server_loop
+            ),
             shareable=caps is None and not users,
         )
 
     async def bare(self, name: str) -> Server:
         """A fresh bare server, or the shared one."""
-        return await self._server("bare", lambda n: start_bare(self.work / f"{n}-{name}-bare.log"))
+        return await self._server(
+            "bare", lambda n: start_bare(self.work / f"{n}-{name}-bare.log", self.server_loop)
+        )
 
     async def _server(
         self, kind: str, start: Callable[[str], Server], shareable: bool = True

@@ -147,6 +147,7 @@ def start_runservice(
     *,
     caps: Sequence[str] | None = None,
     users: Sequence[str] = (),
+    loop: str = "uvloop",
 ) -> Server:
     """`runservice serve` on a free port over a fresh data dir, bench agent added.
 
@@ -174,6 +175,8 @@ def start_runservice(
         "warning",
         "--agent",
         "paced=bench.agents:paced",
+        "--event-loop",
+        loop,
         *(extra or []),
     ]
     log_path = data_dir.with_name(data_dir.name + ".log")
@@ -184,11 +187,11 @@ def start_runservice(
     return server
 
 
-def start_bare(log_path: Path) -> Server:
-    """The bare baseline server (bench.bare) on a free port."""
+def start_bare(log_path: Path, loop: str = "uvloop") -> Server:
+    """The bare baseline server (bench.bare) on a free port, on event loop `loop`."""
     log = log_path.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bare", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "bench.bare", "--listen", "127.0.0.1:0", "--event-loop", loop],
         stdout=subprocess.PIPE,
         stderr=log,
         env=_env(),

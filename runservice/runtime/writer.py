@@ -265,10 +265,13 @@ class Writer:
     def _publish(self, batch: _Batch) -> None:
         for run in batch.new_runs:
             self._on_run_committed(run, True)
-        by_log: dict[int, tuple[RunLog, list[RunEvent]]] = {}
+        by_log: dict[RunLog, list[RunEvent]] = {}
         for log, event in batch.events:
-            by_log.setdefault(id(log), (log, []))[1].append(event)
-        for log, events in by_log.values():
+            events = by_log.get(log)
+            if events is None:
+                events = by_log[log] = []
+            events.append(event)
+        for log, events in by_log.items():
             log.publish(events)
         for run, _ in batch.updated_runs:
             self._on_run_committed(run, False)

@@ -8,7 +8,7 @@ StoreUnavailableError (worth retrying later), any other driver error as StoreErr
 from __future__ import annotations
 
 import asyncio
-import functools
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -40,6 +40,9 @@ from runservice.store.engine import make_engine, make_writer_engine
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_Plan = list[tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]]
+"""Statements of one commit, each with its values: one row's, or a list of rows."""
 
 LOCK_RETRIES = 8
 INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
@@ -111,7 +114,7 @@ class SqlRunStore:
 
     def _commit_plan(
         self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
-    ) -> list[tuple[str, tuple[Any, ...]]]:
+    ) -> _Plan:
         """The statements of one commit, in the driver's own SQL, many rows in each.
 
         A multi-row statement is one step of the database, where executemany takes one
@@ -466,11 +469,11 @@ class _CommitThread:
         self._engine = engine
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="runservice-commit")
 
-    async def run(self, plan: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+    async def run(self, plan: _Plan) -> None:
         """Executes `plan` in one transaction on the commit thread."""
         await asyncio.get_running_loop().run_in_executor(self._thread, self._run, plan)
 
-    def _run(self, plan: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+    def _run(self, plan: _Plan) -> None:
         with self._engine.begin() as conn:
             for sql, values in plan:
                 conn.exec_driver_sql(sql, values)
@@ -482,9 +485,14 @@ class _CommitThread:
 
 
 class _MultiRow:
-    """Multi-row INSERTs of one table (or upserts, with `update`) in the driver's own SQL.
+    """INSERTs of one table (upserts, with `update`) in the driver's own SQL, taking rows
+    as tuples in column order.
 
-    Statements come in power-of-two sizes up to INSERT_CHUNK rows, each compiled once.
+    With SQLite ("?" placeholders) many rows go in one statement, since each statement is
+    a step of the database and a hand-off of the GIL; its SQL is the one-row statement
+    with the VALUES group repeated, checked at start against SQLAlchemy's own two-row
+    statement (compiling a 512-row statement would take SQLAlchemy half a second).
+    Other drivers get the one-row statement and all the rows to run it for.
     """
 
     def __init__(
@@ -498,18 +506,32 @@ class _MultiRow:
         self._table = table
         self._columns = columns
         self._update = update
-        self._sql = functools.cache(self._compile)
+        one = self._compile(1)
+        self._head, self._group, self._tail = one, "", ""
+        if engine.dialect.paramstyle == "qmark":
+            start = one.index(" VALUES (") + len(" VALUES ")
+            end = one.index(")", start) + 1
+            self._head, self._group, self._tail = one[:start], one[start:end], one[end:]
+            if self._sql(2) != self._compile(2):
+                raise StoreError("the SQL of a multi-row INSERT is not as expected")
 
-    def statements(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
-        """`rows` (tuples in column order) as a few statements, each with its values."""
-        out = []
+    def statements(self, rows: Sequence[tuple[Any, ...]]) -> _Plan:
+        """`rows` as statements, each with its values (a list of rows: run once per row)."""
+        if not rows:
+            return []
+        if not self._group:
+            return [(self._head, list(rows))]
+        out: _Plan = []
         start = 0
-        while start < len(rows):
+        while start < len(rows):  # power-of-two sizes: few distinct statements to prepare
             size = min(INSERT_CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
             chunk = rows[start : start + size]
             start += size
-            out.append((self._sql(size), tuple(value for row in chunk for value in row)))
+            out.append((self._sql(size), tuple(itertools.chain.from_iterable(chunk))))
         return out
+
+    def _sql(self, rows: int) -> str:
+        return self._head + ", ".join([self._group] * rows) + self._tail
 
     def _compile(self, rows: int) -> str:
         engine, names = self._engine, self._columns
