@@ -80,7 +80,7 @@ class BareRun:
 
 async def inline(run: BareRun, input: dict[str, Any]) -> Any:
     """One subscriber's events generated in its own handler, on the run's schedule: the
-    shape of the research's E2 (a timer per stream, build, yield). Used for scenario 3,
+    plainest way to serve a live stream (a timer per stream, build, yield). Used for scenario 3,
     where each run has exactly one subscriber."""
     count, interval, _size, start_at, hold = schedule(input)
     template = struct_pb2.Struct()

@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 RUNNING = run_pb2.RUN_STATE_RUNNING
 FIRST_TICK_SEQ = 2  # seq 1 is the RUNNING event, in runservice and in the bare server
-STREAMS_PER_CHANNEL = 100  # HTTP/2 connections: one per 100 streams (E2 used 10 for 1,000)
+STREAMS_PER_CHANNEL = 100  # HTTP/2 connections: one per 100 streams
 CALL_LIMIT_S = 600.0
 POLL_S = 0.05
 

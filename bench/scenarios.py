@@ -560,7 +560,7 @@ class Bench:
                 start_at=start_at,
                 phase=rnd.uniform(0, interval),
                 # The bare server then generates each run's ticks in its one subscriber's
-                # handler (E2's shape); runservice's bench agent ignores the key.
+                # handler (a timer per stream); runservice's bench agent ignores the key.
                 inline=1,
             )
             for _ in range(s.latency_runs)

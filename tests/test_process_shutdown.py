@@ -7,9 +7,11 @@ import signal
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from runservice.config import EVENT_LOOPS
 from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
@@ -33,15 +35,19 @@ def _request(agent: str, **input: object) -> pb.StartRunRequest:
     return pb.StartRunRequest(agent=agent, input=struct)
 
 
-async def test_sigterm_drains_finishes_what_it_can_and_interrupts_the_rest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+async def test_sigterm_drains_finishes_what_it_can_and_interrupts_the_rest(
+    tmp_path: Path, event_loop: str
+) -> None:
     """SIGTERM with three runs in flight: one SUCCEEDS in the drain window, two end INTERRUPTED
     with their partial output; every subscriber sees its terminal event; exit code 0; a
-    restart reports the same states and logs."""
+    restart reports the same states and logs. On either event loop (--event-loop)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     md = bearer(add_token(data_dir / "tokens.toml", "alice", []))
     env = {"PYTHONPATH": str(ROOT)}
-    async with running_server(data_dir, args=ARGS, env=env) as server:
+    args = [*ARGS, "--event-loop", event_loop]
+    async with running_server(data_dir, args=args, env=env) as server:
         channel = grpc.aio.insecure_channel(server.addr)
         stub = pb_grpc.RunServiceStub(channel)
         quick = (

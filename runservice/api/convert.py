@@ -284,7 +284,12 @@ _EVENTS_TAG = b"\x0a"  # SubscribeResponse.events: field 1, length-delimited
 _SEVEN_BITS = 0x7F
 
 
+_ONE_BYTE_VARINTS = tuple(bytes((n,)) for n in range(_SEVEN_BITS + 1))
+
+
 def _varint(value: int) -> bytes:
+    if value <= _SEVEN_BITS:  # most events: a length under 128 is its own byte
+        return _ONE_BYTE_VARINTS[value]
     out = bytearray()
     while value > _SEVEN_BITS:
         out.append((value & _SEVEN_BITS) | 0x80)

@@ -7,7 +7,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 STATE_EVENT = "run.state"
 """The `type` of lifecycle events in a run's log."""
@@ -137,9 +137,9 @@ class RunEvent:
         return size
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """An event as stored on the wire: what replay needs, without decoding it."""
+class EncodedEvent(NamedTuple):
+    """An event as stored on the wire: what replay needs, without decoding it (a tuple,
+    the cheapest object to build: replay makes one per row it reads)."""
 
     seq: int
     wire: bytes

@@ -202,14 +202,16 @@ async def _drive(
     on_start: Callable[[LiveRun], None],
 ) -> None:
     try:
-        if not await _wait_turn(live, writer, clock):
-            request = live.end_request
-            assert request is not None
-            await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
-            return
-        live.started = True
-        on_start(live)
-        await _transition(live, writer, clock, RunState.RUNNING)
+        if not live.started:  # else it was committed RUNNING with its row (start_now)
+            if not await _wait_turn(live, writer, clock):
+                request = live.end_request
+                assert request is not None
+                await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
+                return
+            live.started = True
+            on_start(live)
+            event, running = running_change(live, clock)
+            await writer.commit_run(event=(live.log, event), updated=running)
         outcome = await _execute(live, agent, writer, clock, grace)
     except asyncio.CancelledError:
         # Only a shutdown that gave up on the grace period cancels the supervisor itself.
@@ -342,13 +344,26 @@ def _consume_result(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-async def _transition(live: LiveRun, writer: Writer, clock: Clock, state: RunState) -> None:
+def running_change(live: LiveRun, clock: Clock) -> tuple[RunEvent, Run]:
+    """The RUNNING event of a run about to start, and its row in that state."""
     now = clock.now()
     event = RunEvent(
-        run_id=live.run_id, seq=live.log.assign_seq(), at=now, type=STATE_EVENT, state=state
+        run_id=live.run_id,
+        seq=live.log.assign_seq(),
+        at=now,
+        type=STATE_EVENT,
+        state=RunState.RUNNING,
     )
-    updated = live.run.replace(state=state, started_at=now, last_seq=event.seq)
-    await writer.commit_run(event=(live.log, event), updated=updated)
+    return event, live.run.replace(state=RunState.RUNNING, started_at=now, last_seq=event.seq)
+
+
+def start_now(live: LiveRun, writer: Writer, clock: Clock) -> asyncio.Future[None]:
+    """Commits a run that need not wait for its thread: its row, its RUNNING event and its
+    row's RUNNING state, in one transaction (watchers still see CREATED, then the change);
+    the supervisor then goes straight to the agent."""
+    event, running = running_change(live, clock)
+    live.started = True
+    return writer.commit_run(new=live.run, event=(live.log, event), updated=running)
 
 
 async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:

@@ -48,7 +48,7 @@ from runservice.domain.model import (
 from runservice.domain.ports import Clock, EventEncoder, RunStore
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.feed import ChangeFeed
-from runservice.runtime.lifecycle import LiveRun, drive_run
+from runservice.runtime.lifecycle import LiveRun, drive_run, start_now
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -245,7 +245,10 @@ class RunManager:
                 return await self._same_request(twin, request.request_id, fingerprint)
         live = self._admit(principal, request, fingerprint)
         try:
-            live.committed = self._writer.commit_run(new=live.run)
+            if live.predecessors:
+                live.committed = self._writer.commit_run(new=live.run)
+            else:
+                live.committed = start_now(live, self._writer, self._clock)
             await asyncio.shield(live.committed)
         except BaseException:
             self._forget(live)

@@ -68,7 +68,7 @@ class _Batch:
                 return seq <= reached.get(run_id or "", 0)
             return run_id is not None and run_id not in waiting
 
-        first.new_runs = self.new_runs  # a run has no events before its row is committed
+        first.new_runs = self.new_runs  # a run's events are queued after its row
         for update in self.updated_runs:
             (first if rides(update[0].run_id, update[1]) else rest).updated_runs.append(update)
         for waiter in self.waiters:

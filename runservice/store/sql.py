@@ -191,22 +191,21 @@ class SqlRunStore:
     async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
         """A page of the run's log in wire form; rows stored before encoding are encoded now."""
         e = tables.events.c
+        terminal = func.coalesce(e.state.in_(sorted(_TERMINAL)), False)
         query = (
-            select(e.seq, e.wire, e.state)
+            select(e.seq, e.wire, terminal)
             .where(e.run_id == run_id, e.seq >= from_seq)
             .order_by(e.seq)
             .limit(limit)
         )
         async with self._engine.connect() as conn:
             rows = (await self._read(conn, query)).all()
-        if any(wire is None for _, wire, _ in rows):
+        events = list(map(EncodedEvent._make, rows))
+        if any(event.wire is None for event in events):
             return [
                 self._encode(event) for event in await self.read_events(run_id, from_seq, limit)
             ]
-        return [
-            EncodedEvent(seq, wire, state is not None and state in _TERMINAL)
-            for seq, wire, state in rows
-        ]
+        return events
 
     def _encode(self, event: RunEvent) -> EncodedEvent:
         if self._encoder is None:
