@@ -8,6 +8,7 @@ StoreUnavailableError (worth retrying later), any other driver error as StoreErr
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, delete, exists, func, select
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -81,6 +82,7 @@ class SqlRunStore:
         self._writer = None if writer is None else _CommitThread(writer)
         self._encoder = encoder
         self._decoder = decoder
+        self._page_sql = _page_query(engine)
         self._insert_events = _MultiRow(engine, tables.events, _EVENT_COLUMNS)
         self._insert_labels = _MultiRow(engine, tables.run_labels, _LABEL_COLUMNS)
         # New and changed run rows alike: inserted, or their mutable columns updated.
@@ -190,17 +192,13 @@ class SqlRunStore:
 
     async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
         """A page of the run's log in wire form; rows stored before encoding are encoded now."""
-        e = tables.events.c
-        terminal = func.coalesce(e.state.in_(sorted(_TERMINAL)), False)
-        query = (
-            select(e.seq, e.wire, terminal)
-            .where(e.run_id == run_id, e.seq >= from_seq)
-            .order_by(e.seq)
-            .limit(limit)
-        )
         async with self._engine.connect() as conn:
-            rows = (await self._read(conn, query)).all()
-        events = list(map(EncodedEvent._make, rows))
+            result = await _retry_locked(
+                lambda: conn.exec_driver_sql(self._page_sql, (run_id, from_seq, limit))
+            )
+            # The driver's rows as they are: no SQLAlchemy Row per event.
+            events: list[EncodedEvent] = list(map(_encoded_event, result.cursor.fetchall()))
+            result.close()
         if any(event.wire is None for event in events):
             return [
                 self._encode(event) for event in await self.read_events(run_id, from_seq, limit)
@@ -543,11 +541,30 @@ class _MultiRow:
                 index_elements=[self._table.c.run_id],
                 set_={c: statement.excluded[c] for c in self._update},
             )
-        compiled = statement.compile(engine)
-        expected = [f"{c}_{i}" for i in range(rows) for c in names]
-        if not compiled.positional or list(compiled.positiontup or ()) != expected:
-            raise StoreError(f"the {engine.dialect.name} driver does not take positional values")
-        return str(compiled)
+        return _driver_sql(engine, statement, [f"{c}_{i}" for i in range(rows) for c in names])
+
+
+def _driver_sql(engine: AsyncEngine, statement: Any, names: Sequence[str]) -> str:
+    """`statement` in the driver's own SQL, taking the parameters `names` in that order."""
+    compiled = statement.compile(engine)
+    if not compiled.positional or list(compiled.positiontup or ()) != list(names):
+        raise StoreError(f"the {engine.dialect.name} driver does not take positional values")
+    return str(compiled)
+
+
+def _page_query(engine: AsyncEngine) -> str:
+    """read_encoded's query: (seq, wire, terminal 1/0) of a page of one run's log."""
+    terminal = ", ".join(f"'{state}'" for state in sorted(_TERMINAL))  # enum values, not input
+    query = text(
+        "SELECT seq, wire, CASE WHEN state IN (" + terminal + ") THEN 1 ELSE 0 END FROM run_events"
+        " WHERE run_id = :run_id AND seq >= :from_seq ORDER BY seq LIMIT :limit"
+    )
+    return _driver_sql(engine, query, ("run_id", "from_seq", "limit"))
+
+
+# EncodedEvent from a driver's row, built in C (the NamedTuple's own constructors are
+# Python functions, a measurable share of a replay's time).
+_encoded_event = functools.partial(tuple.__new__, EncodedEvent)
 
 
 def _insert_for(engine: AsyncEngine) -> Callable[[Table], Any]:
