@@ -5,7 +5,7 @@
 #   make proto        regenerate runservice/v1 from protos/
 #   make proto-check  fail if the committed generated code is stale
 #   make buf          install the pinned buf CLI into protos/node_modules
-#   make lint         buf lint, ruff check, ruff format --check, mypy --strict
+#   make lint         buf lint, ruff check, ruff format --check, mypy --strict (runservice, bench)
 #   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
 #   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
 #   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
@@ -171,7 +171,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	cd $(PROTO_DIR) && ./node_modules/.bin/buf lint
 	$(VENV_PY) -m ruff check .
 	$(VENV_PY) -m ruff format --check .
-	$(VENV_PY) -m mypy --strict runservice
+	$(VENV_PY) -m mypy --strict runservice bench
 
 test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
 	$(MAKE) --no-print-directory lint

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from multiprocessing.managers import SyncManager
@@ -26,6 +26,7 @@ import psutil
 from google.protobuf import struct_pb2
 from sqlalchemy import create_engine
 
+from runservice.cli import new_event_loop
 from runservice.store import tables
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
@@ -40,14 +41,9 @@ CALL_LIMIT_S = 600.0
 POLL_S = 0.05
 
 
-def run(main: Callable[[], Awaitable[T]], loop: str) -> T:
+def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str) -> T:
     """Runs `main()` on a fresh event loop of the given kind ("uvloop" or "asyncio")."""
-    if loop == "uvloop":
-        import uvloop  # noqa: PLC0415 - optional at import time of the coordinator
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main())
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(loop)) as runner:
         return runner.run(main())
 
 
@@ -73,7 +69,7 @@ def channels(addr: str, streams: int) -> list[grpc.aio.Channel]:
 
 
 def _ts(t: Any) -> float:
-    return float(t.seconds) + t.nanos * 1e-9
+    return float(t.seconds) + float(t.nanos) * 1e-9
 
 
 # -- replay ------------------------------------------------------------------------------

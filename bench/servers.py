@@ -117,7 +117,8 @@ def _wait_healthy(server: Server, limit: float = STARTUP_S) -> None:
             )
         with grpc.insecure_channel(server.addr) as channel:
             try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(  # type: ignore[attr-defined]  # the stubs omit it
                     health_pb2.HealthCheckRequest(), timeout=0.5
                 )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -129,6 +129,8 @@ class Writer:
         """
         if log.broken is not None:
             raise StoreError("this run's log could not be stored")
+        while self._waiting and self._waiting[0].done():  # turns given up (cancelled)
+            self._waiting.popleft()
         if self._waiting or len(self._pending.events) >= self._max_pending:
             turn = asyncio.get_running_loop().create_future()
             self._waiting.append(turn)

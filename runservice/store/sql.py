@@ -1,6 +1,9 @@
 """SqlRunStore: runs and event logs in any SQLAlchemy async database (SQLite, PostgreSQL).
 
-Writes only SQL both accept. Driver errors stay here: "database is locked" is retried a
+Writes only SQL both accept (multi-row INSERT, ON CONFLICT ... DO UPDATE). A group commit
+is at most three statements in the driver's own SQL; with SQLite it runs as one call on
+a commit thread (see _CommitThread). Reads go through SQLAlchemy, replay pages through
+the driver's own rows. Driver errors stay here: "database is locked" is retried a
 bounded number of times; a database that stays locked or cannot be reached surfaces as
 StoreUnavailableError (worth retrying later), any other driver error as StoreError.
 """
@@ -12,7 +15,7 @@ import functools
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -46,8 +49,8 @@ _Plan = list[tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]]
 """Statements of one commit, each with its values: one row's, or a list of rows."""
 
 LOCK_RETRIES = 8
-INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
 LOCK_BACKOFF_S = 0.05
+INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
 
 _PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
 _TERMINAL = frozenset(s.value for s in RunState if s.terminal)
@@ -421,37 +424,6 @@ _EVENT_COLUMNS = (
     "error",
     "wire",
 )
-
-
-_EVENT_COLUMNS = (
-    "run_id",
-    "seq",
-    "at_us",
-    "type",
-    "payload_kind",
-    "payload",
-    "state",
-    "error",
-    "wire",
-)
-
-
-class _Prepared:
-    """A statement compiled once to the driver's own SQL, taking rows as tuples."""
-
-    def __init__(self, engine: AsyncEngine, statement: Any) -> None:
-        compiled = statement.compile(engine)
-        if not compiled.positional or compiled.positiontup is None:
-            raise StoreError(
-                f"the {engine.dialect.name} driver does not take positional parameters"
-            )
-        self.sql = str(compiled)
-        self._names: list[str] = list(compiled.positiontup)
-
-    def rows(self, values: Iterable[Mapping[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
-        """The statement with `values` (by parameter name) as positional rows."""
-        names = self._names
-        return self.sql, [tuple(v[n] for n in names) for v in values]
 
 
 class _CommitThread:
