@@ -429,6 +429,32 @@ class Bench:
         }
         return Outcome("fanout", "2. Live fan-out", params, figures, details)
 
+    async def _subscribe(
+        self,
+        server: Server,
+        parts: list[list[str]],
+        start_at: float,
+        *,
+        latency: bool,
+        limit_s: float,
+    ) -> list[dict[str, Any]]:
+        """clients.subscribe for each part of the run ids, each in a worker, all at once."""
+        return await asyncio.gather(
+            *(
+                self.workers.call(
+                    clients.subscribe,
+                    server.addr,
+                    server.token,
+                    part,
+                    start_at=start_at,
+                    latency=latency,
+                    limit_s=limit_s,
+                    loop=self.loop,
+                )
+                for part in parts
+            )
+        )
+
     async def _fanout_once(
         self, server: Server, subs: int, count: int, cpu: dict[str, list[float]]
     ) -> tuple[float, dict[str, Any]]:
@@ -437,20 +463,8 @@ class Bench:
         run_id = (await start_runs(server, [request]))[0]
         parts = split([run_id] * subs, min(subs, self.workers.n))
         meter = Meter(server, self.workers)
-        results = await asyncio.gather(
-            *(
-                self.workers.call(
-                    clients.subscribe,
-                    server.addr,
-                    server.token,
-                    part,
-                    start_at=start_at,
-                    latency=False,
-                    limit_s=self.s.limit_s,
-                    loop=self.loop,
-                )
-                for part in parts
-            )
+        results = await self._subscribe(
+            server, parts, start_at, latency=False, limit_s=self.s.limit_s
         )
         meter.record(cpu)
         delivered = sum(r["ticks"] for r in results)
@@ -569,21 +583,9 @@ class Bench:
         if time.time() > start_at:
             log.warning("latency: starting %d runs took past the scheduled start", len(ids))
         meter = Meter(server, self.workers)
-        results = await asyncio.gather(
-            *(
-                self.workers.call(
-                    clients.subscribe,
-                    server.addr,
-                    server.token,
-                    part,
-                    start_at=start_at,
-                    latency=True,
-                    limit_s=s.latency_seconds + s.limit_s,
-                    loop=self.loop,
-                )
-                for part in split(ids, self.workers.n)
-            )
-        )
+        parts = split(ids, self.workers.n)
+        limit_s = s.latency_seconds + s.limit_s
+        results = await self._subscribe(server, parts, start_at, latency=True, limit_s=limit_s)
         meter.record(cpu)
         lat = array("d")
         for r in results:
