@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runservice.api.convert import decode_event, encode_event
 from runservice.domain.model import Principal, RunEvent, RunState, StartRequest
 from runservice.runtime.agent import AgentContext, AgentRegistry
 from runservice.runtime.manager import RunManager, RuntimeSettings
@@ -33,18 +34,20 @@ async def _collect(
 ) -> list[RunEvent]:
     events: list[RunEvent] = []
     async for batch in await manager.subscribe(who, run_id, from_seq):
-        events.extend(batch)
+        events.extend(decode_event(entry.wire) for entry in batch)
+        assert [e.seq for e in batch] == [e.seq for e in events[-len(batch) :]]
+        assert [e.terminal for e in batch] == [e.terminal for e in events[-len(batch) :]]
     return events
 
 
 async def _scenario(data_dir: Path, counts: list[int], pauses: list[int], joins: list[int]) -> None:
-    store = await open_store(f"sqlite+aiosqlite:///{data_dir / 'p.db'}")
+    store = await open_store(f"sqlite+aiosqlite:///{data_dir / 'p.db'}", encode_event, decode_event)
     agents = AgentRegistry()
     agents.register("bursty", bursty)
     tiny = RuntimeSettings(
         window_events=8, writer_max_batch=5, writer_max_pending=12, batch_max_events=7
     )
-    manager = RunManager(store, agents, FakeClock(), tiny)
+    manager = RunManager(store, agents, FakeClock(), encode_event, tiny)
     await manager.start()
     who = Principal("p")
     try:
@@ -93,12 +96,12 @@ async def endless(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, A
 async def test_a_run_emitting_without_pause_does_not_hold_back_other_runs(tmp_path: Path) -> None:
     """The writer's queue never drains below a batch while `endless` runs; other runs'
     rows and state changes still commit, each with its lifecycle event."""
-    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}", encode_event, decode_event)
     agents = AgentRegistry()
     agents.register("endless", endless)
     agents.register("bursty", bursty)
     tiny = RuntimeSettings(writer_max_batch=5, writer_max_pending=12)
-    manager = RunManager(store, agents, FakeClock(), tiny)
+    manager = RunManager(store, agents, FakeClock(), encode_event, tiny)
     await manager.start()
     alice, bob = Principal("alice"), Principal("bob")
     try:

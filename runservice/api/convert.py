@@ -298,17 +298,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def subscribe_response_bytes(batch: Sequence[RunEvent | EncodedEvent]) -> bytes:
+def subscribe_response_bytes(batch: Sequence[EncodedEvent]) -> bytes:
     """A serialized SubscribeResponse holding `batch`, built from each event's wire form.
 
     Equivalent to SubscribeResponse(events=[...]).SerializeToString(), built without
     decoding or re-encoding a single event.
     """
-    parts = []
-    for event in batch:
-        wire = event.wire if event.wire is not None else encode_event(event)
-        parts.append(_EVENTS_TAG + _varint(len(wire)) + wire)
-    return b"".join(parts)
+    return b"".join([_EVENTS_TAG + _varint(len(event.wire)) + event.wire for event in batch])
 
 
 def agent_to_proto(agent: AgentInfo) -> run_pb2.Agent:

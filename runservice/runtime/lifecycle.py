@@ -134,9 +134,8 @@ class RunContext:
         # Encoded here, once (the writer and every subscriber reuse the bytes), and
         # measured as sent, so every client can receive it.
         wire = event.wire = self._writer.encode(event)
-        size = len(wire) if wire is not None else _payload_size(data, text, binary)
-        if size > MAX_EVENT_BYTES:
-            raise ValueError(f"event of {size} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
+        if len(wire) > MAX_EVENT_BYTES:
+            raise ValueError(f"event of {len(wire)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
         log.assign_seq()  # the seq is taken only by an event that will be stored
         await self._writer.append(log, event)
         return event.seq
@@ -150,14 +149,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 """The largest event payload an agent may emit, and the largest result it may return."""
 
 
-def _payload_size(data: Mapping[str, Any] | None, text: str | None, binary: bytes | None) -> int:
-    if text is not None:
-        return len(text.encode())
-    if binary is not None:
-        return len(binary)
-    if data is not None:
-        return len(json.dumps(data, separators=(",", ":"), default=str))
-    return 0
+def _json_size(value: Mapping[str, Any]) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str))
 
 
 @dataclass(frozen=True)
@@ -316,7 +309,7 @@ def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any]) -> _Outcome:
     result = agent_task.result()
     if result is not None and not isinstance(result, Mapping):
         return _failed(live, TypeError(f"agent returned {type(result).__name__}, not a mapping"))
-    if result is not None and _payload_size(result, None, None) > MAX_EVENT_BYTES:
+    if result is not None and _json_size(result) > MAX_EVENT_BYTES:
         return _failed(live, ValueError(f"agent result exceeds {MAX_EVENT_BYTES} bytes"))
     return _Outcome(RunState.SUCCEEDED, result=dict(result) if result is not None else {})
 

@@ -55,7 +55,6 @@ from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writ
 
 logger = logging.getLogger(__name__)
 
-LogEntry = RunEvent | EncodedEvent
 """What Subscribe delivers: events from memory, or (with an encoder) wire forms from the store."""
 
 SNAPSHOT_LIMIT = 1000
@@ -91,11 +90,10 @@ class RunManager:
         store: RunStore,
         agents: AgentRegistry,
         clock: Clock,
+        encoder: EventEncoder,
         settings: RuntimeSettings | None = None,
-        encoder: EventEncoder | None = None,
     ) -> None:
         self._store = store
-        self._encoded = encoder is not None
         self._agents = agents
         self._clock = clock
         self._settings = settings or RuntimeSettings()
@@ -105,9 +103,9 @@ class RunManager:
         self._writer = Writer(
             store,
             self._on_run_committed,
+            encoder,
             max_batch_events=self._settings.writer_max_batch,
             max_pending_events=self._settings.writer_max_pending,
-            encoder=encoder,
         )
         self._draining = False
         self._hurry = asyncio.Event()
@@ -426,7 +424,7 @@ class RunManager:
 
     async def subscribe(
         self, principal: Principal, run_id: str, from_seq: int
-    ) -> AsyncIterator[Sequence[LogEntry]]:
+    ) -> AsyncIterator[Sequence[EncodedEvent]]:
         """Batches of the run's events with `seq >= from_seq`, ending after the terminal event.
 
         Raises RunNotFoundError or SeqOutOfRangeError before yielding anything.
@@ -437,7 +435,7 @@ class RunManager:
             raise SeqOutOfRangeError(run_id, from_seq, run.last_seq)
         return self._follow(run_id, cursor)
 
-    async def _follow(self, run_id: str, cursor: int) -> AsyncIterator[Sequence[LogEntry]]:
+    async def _follow(self, run_id: str, cursor: int) -> AsyncIterator[Sequence[EncodedEvent]]:
         live = self._live.get(run_id)
         if live is not None:
             live.subscribers += 1
@@ -461,7 +459,7 @@ class RunManager:
 
     async def _next_events(
         self, run_id: str, live: LiveRun | None, cursor: int, page: int
-    ) -> Sequence[LogEntry] | None:
+    ) -> Sequence[EncodedEvent] | None:
         """The next events from `cursor` (waiting for them if live); None at the end.
 
         A store read fetches `page` events: sized from the previous page to about one
@@ -480,11 +478,7 @@ class RunManager:
                 if window == []:
                     await live.log.wait_beyond(cursor - 1)
                     continue
-            events: Sequence[LogEntry]
-            if self._encoded:
-                events = await self._store.read_encoded(run_id, cursor, page)
-            else:
-                events = await self._store.read_events(run_id, cursor, page)
+            events = await self._store.read_encoded(run_id, cursor, page)
             if events:
                 return events
             if live is None:
@@ -607,19 +601,21 @@ class RunManager:
 MIN_PAGE = 64
 
 
-def _next_page(events: Sequence[LogEntry], max_bytes: int, max_events: int) -> int:
+def _next_page(events: Sequence[EncodedEvent], max_bytes: int, max_events: int) -> int:
     """How many events to read next: about `max_bytes` worth, judging by these events."""
-    average = max(1, sum(e.size_hint() for e in events) // len(events))
+    average = max(1, sum(len(e.wire) for e in events) // len(events))
     return max(MIN_PAGE, min(max_events, max_bytes // average))
 
 
-def _batches(events: Sequence[LogEntry], max_events: int, max_bytes: int) -> list[list[LogEntry]]:
+def _batches(
+    events: Sequence[EncodedEvent], max_events: int, max_bytes: int
+) -> list[list[EncodedEvent]]:
     """Consecutive slices of `events`, each within the count and byte bounds (never empty)."""
-    out: list[list[LogEntry]] = []
-    current: list[LogEntry] = []
+    out: list[list[EncodedEvent]] = []
+    current: list[EncodedEvent] = []
     size = 0
     for event in events:
-        event_size = event.size_hint()
+        event_size = len(event.wire)
         if current and (len(current) >= max_events or size + event_size > max_bytes):
             out.append(current)
             current, size = [], 0

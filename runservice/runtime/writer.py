@@ -90,10 +90,10 @@ class Writer:
         self,
         store: RunStore,
         on_run_committed: RunCommitted,
+        encoder: EventEncoder,
         *,
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_pending_events: int = MAX_PENDING_EVENTS,
-        encoder: EventEncoder | None = None,
     ) -> None:
         self._store = store
         self._encoder = encoder
@@ -108,13 +108,13 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def encode(self, event: RunEvent) -> bytes | None:
-        """The event's wire form, or None when the writer has no encoder."""
-        return None if self._encoder is None else self._encoder(event)
+    def encode(self, event: RunEvent) -> bytes:
+        """The event's wire form."""
+        return self._encoder(event)
 
     def _encode_once(self, event: RunEvent) -> None:
-        """Gives `event` its wire form if it has none yet (and the writer has an encoder)."""
-        if event.wire is None and self._encoder is not None:
+        """Gives `event` its wire form if it has none yet."""
+        if event.wire is None:
             event.wire = self._encoder(event)
 
     def start(self) -> None:

@@ -11,7 +11,6 @@ StoreUnavailableError (worth retrying later), any other driver error as StoreErr
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import json
 import logging
@@ -36,6 +35,7 @@ from runservice.domain.model import (
     RunFilter,
     RunState,
     Scope,
+    encoded_event,
 )
 from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.store import migrations, tables
@@ -200,7 +200,7 @@ class SqlRunStore:
                 lambda: conn.exec_driver_sql(self._page_sql, (run_id, from_seq, limit))
             )
             # The driver's rows as they are: no SQLAlchemy Row per event.
-            events: list[EncodedEvent] = list(map(_encoded_event, result.cursor.fetchall()))
+            events: list[EncodedEvent] = list(map(encoded_event, result.cursor.fetchall()))
             result.close()
         if any(event.wire is None for event in events):
             return [
@@ -532,11 +532,6 @@ def _page_query(engine: AsyncEngine) -> str:
         " WHERE run_id = :run_id AND seq >= :from_seq ORDER BY seq LIMIT :limit"
     )
     return _driver_sql(engine, query, ("run_id", "from_seq", "limit"))
-
-
-# EncodedEvent from a driver's row, built in C (the NamedTuple's own constructors are
-# Python functions, a measurable share of a replay's time).
-_encoded_event = functools.partial(tuple.__new__, EncodedEvent)
 
 
 def _insert_for(engine: AsyncEngine) -> Callable[[Table], Any]:
