@@ -288,7 +288,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
         f"SQLite {m['sqlite']}, SQLAlchemy {m['sqlalchemy']}, aiosqlite {m['aiosqlite']}",
         f"- load clients: {results['workers']} processes on {results['client_loop']}; "
-        "servers on the default asyncio loop",
+        f"both servers (runservice and bare) on {results.get('server_loop', 'uvloop')}",
         f"- {noise_text(results)}",
         "",
     ]
