@@ -7,8 +7,8 @@ committed events: a subscriber whose cursor is older reads from the store instea
 The window keeps each event's wire form and nothing else: consecutive seqs need not be
 stored, and bytes are not objects the garbage collector has to visit. (Holding the
 events themselves, each with its payload's dict, put two tracked objects per event in
-every collection: at 10k events/s, a second or more of collector pauses a minute, up to
-200 ms each.)
+the collections: with 1,000 runs at 10 events/s, 2.3 s of collecting over a 12 s run,
+full collections of up to 200 ms.)
 """
 
 from __future__ import annotations
