@@ -55,8 +55,6 @@ from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writ
 
 logger = logging.getLogger(__name__)
 
-"""What Subscribe delivers: events from memory, or (with an encoder) wire forms from the store."""
-
 SNAPSHOT_LIMIT = 1000
 
 

@@ -23,15 +23,7 @@ def make_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
     engine = create_async_engine(url, hide_parameters=True)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
+    _set_sqlite_pragmas(engine.sync_engine, SQLITE_BUSY_TIMEOUT_MS)
     return engine
 
 
@@ -49,16 +41,20 @@ def make_writer_engine(url: str) -> Engine | None:
     engine = create_engine(
         parsed.set(drivername="sqlite+pysqlite"), hide_parameters=True, pool_size=1
     )
+    _set_sqlite_pragmas(engine, busy_timeout_ms=0)
+    return engine
+
+
+def _set_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+    """Every new connection of `engine` gets WAL, synchronous=NORMAL and the busy timeout."""
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-
-    return engine
 
 
 def sqlite_url(path: str) -> str:
