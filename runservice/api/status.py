@@ -42,6 +42,8 @@ STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] =
     (errors.TooManyActiveRunsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.TooManyStreamsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ServerDrainingError, grpc.StatusCode.UNAVAILABLE),
+    (errors.DatabaseUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.StreamStalledError, grpc.StatusCode.UNAVAILABLE),
     (errors.AdminOnlyError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (WatchLaggedError, grpc.StatusCode.ABORTED),

@@ -170,6 +170,32 @@ class TokenExpiredError(AuthenticationError):
     reason = "TOKEN_EXPIRED"
 
 
+class DatabaseUnavailableError(RunServiceError):
+    """The store cannot take writes right now; the work was refused before anything was
+    written. `cause` says why, in words an operator can act on."""
+
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"the server cannot write to its database right now ({cause}); nothing was "
+            "written: retry later or against another instance",
+            cause=cause,
+        )
+
+
+class StreamStalledError(RunServiceError):
+    """A stream took nothing the server sent for longer than the stall timeout."""
+
+    reason = "STREAM_STALLED"
+
+    def __init__(self, stalled_s: float, resume: str) -> None:
+        super().__init__(
+            f"this stream took nothing the server sent for {stalled_s:g}s and was closed; "
+            f"{resume}"
+        )
+
+
 class StoreError(Exception):
     """The store refused an operation for good (a constraint, a bug). Never shown verbatim."""
 

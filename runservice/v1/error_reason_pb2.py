@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runservice/v1/error_reason.proto\x12\rrunservice.v1*\xa7\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_UNKNOWN_AGENT\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x03\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x04\x12!\n\x1d\x45RROR_REASON_SEQ_OUT_OF_RANGE\x10\x05\x12\x1c\n\x18\x45RROR_REASON_THREAD_BUSY\x10\x06\x12\x1b\n\x17\x45RROR_REASON_RUN_ACTIVE\x10\x07\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x08\x12%\n!ERROR_REASON_TOO_MANY_ACTIVE_RUNS\x10\t\x12!\n\x1d\x45RROR_REASON_TOO_MANY_STREAMS\x10\n\x12 \n\x1c\x45RROR_REASON_SERVER_DRAINING\x10\x0b\x12\x1b\n\x17\x45RROR_REASON_ADMIN_ONLY\x10\x0c\x12\x1e\n\x1a\x45RROR_REASON_TOKEN_EXPIRED\x10\r\x12$\n ERROR_REASON_CREDENTIALS_MISSING\x10\x0e\x12$\n ERROR_REASON_CREDENTIALS_INVALID\x10\x0f\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x10\x12\x1f\n\x1b\x45RROR_REASON_INTERNAL_ERROR\x10\x11\x12\x1b\n\x17\x45RROR_REASON_RUN_FAILED\x10\x12\x12\x1d\n\x19\x45RROR_REASON_WATCH_LAGGED\x10\x13\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runservice/v1/error_reason.proto\x12\rrunservice.v1*\xec\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_UNKNOWN_AGENT\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x03\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x04\x12!\n\x1d\x45RROR_REASON_SEQ_OUT_OF_RANGE\x10\x05\x12\x1c\n\x18\x45RROR_REASON_THREAD_BUSY\x10\x06\x12\x1b\n\x17\x45RROR_REASON_RUN_ACTIVE\x10\x07\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x08\x12%\n!ERROR_REASON_TOO_MANY_ACTIVE_RUNS\x10\t\x12!\n\x1d\x45RROR_REASON_TOO_MANY_STREAMS\x10\n\x12 \n\x1c\x45RROR_REASON_SERVER_DRAINING\x10\x0b\x12\x1b\n\x17\x45RROR_REASON_ADMIN_ONLY\x10\x0c\x12\x1e\n\x1a\x45RROR_REASON_TOKEN_EXPIRED\x10\r\x12$\n ERROR_REASON_CREDENTIALS_MISSING\x10\x0e\x12$\n ERROR_REASON_CREDENTIALS_INVALID\x10\x0f\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x10\x12\x1f\n\x1b\x45RROR_REASON_INTERNAL_ERROR\x10\x11\x12\x1b\n\x17\x45RROR_REASON_RUN_FAILED\x10\x12\x12\x1d\n\x19\x45RROR_REASON_WATCH_LAGGED\x10\x13\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x14\x12\x1f\n\x1b\x45RROR_REASON_STREAM_STALLED\x10\x15\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1'
   _globals['_ERRORREASON']._serialized_start=52
-  _globals['_ERRORREASON']._serialized_end=731
+  _globals['_ERRORREASON']._serialized_end=800
 # @@protoc_insertion_point(module_scope)

@@ -78,6 +78,15 @@ const (
 	// ABORTED. A WatchRuns stream fell too far behind the changes and was
 	// closed; open a new watch, which starts with a fresh snapshot.
 	ErrorReason_ERROR_REASON_WATCH_LAGGED ErrorReason = 19
+	// UNAVAILABLE. The server's database cannot take writes right now (the
+	// disk is full, the file is locked by another process, the database cannot
+	// be reached); the message names the cause. Nothing was written: retry
+	// later, or against another instance.
+	ErrorReason_ERROR_REASON_STORE_UNAVAILABLE ErrorReason = 20
+	// UNAVAILABLE. A Subscribe or WatchRuns stream took nothing the server sent
+	// for longer than the server's stream stall timeout, and was closed so that
+	// it stops holding server memory. Resume from the last seq seen + 1.
+	ErrorReason_ERROR_REASON_STREAM_STALLED ErrorReason = 21
 )
 
 // Enum value maps for ErrorReason.
@@ -103,6 +112,8 @@ var (
 		17: "ERROR_REASON_INTERNAL_ERROR",
 		18: "ERROR_REASON_RUN_FAILED",
 		19: "ERROR_REASON_WATCH_LAGGED",
+		20: "ERROR_REASON_STORE_UNAVAILABLE",
+		21: "ERROR_REASON_STREAM_STALLED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":          0,
@@ -125,6 +136,8 @@ var (
 		"ERROR_REASON_INTERNAL_ERROR":       17,
 		"ERROR_REASON_RUN_FAILED":           18,
 		"ERROR_REASON_WATCH_LAGGED":         19,
+		"ERROR_REASON_STORE_UNAVAILABLE":    20,
+		"ERROR_REASON_STREAM_STALLED":       21,
 	}
 )
 
@@ -159,7 +172,7 @@ var File_runservice_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xa7\x05\n" +
+	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xec\x05\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -181,7 +194,9 @@ const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x10\x12\x1f\n" +
 	"\x1bERROR_REASON_INTERNAL_ERROR\x10\x11\x12\x1b\n" +
 	"\x17ERROR_REASON_RUN_FAILED\x10\x12\x12\x1d\n" +
-	"\x19ERROR_REASON_WATCH_LAGGED\x10\x13BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x19ERROR_REASON_WATCH_LAGGED\x10\x13\x12\"\n" +
+	"\x1eERROR_REASON_STORE_UNAVAILABLE\x10\x14\x12\x1f\n" +
+	"\x1bERROR_REASON_STREAM_STALLED\x10\x15BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_error_reason_proto_rawDescOnce sync.Once

@@ -89,6 +89,19 @@ export enum ErrorReason {
    * closed; open a new watch, which starts with a fresh snapshot.
    */
   ERROR_REASON_WATCH_LAGGED = 19,
+  /**
+   * ERROR_REASON_STORE_UNAVAILABLE - UNAVAILABLE. The server's database cannot take writes right now (the
+   * disk is full, the file is locked by another process, the database cannot
+   * be reached); the message names the cause. Nothing was written: retry
+   * later, or against another instance.
+   */
+  ERROR_REASON_STORE_UNAVAILABLE = 20,
+  /**
+   * ERROR_REASON_STREAM_STALLED - UNAVAILABLE. A Subscribe or WatchRuns stream took nothing the server sent
+   * for longer than the server's stream stall timeout, and was closed so that
+   * it stops holding server memory. Resume from the last seq seen + 1.
+   */
+  ERROR_REASON_STREAM_STALLED = 21,
   UNRECOGNIZED = -1,
 }
 
@@ -154,6 +167,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 19:
     case "ERROR_REASON_WATCH_LAGGED":
       return ErrorReason.ERROR_REASON_WATCH_LAGGED;
+    case 20:
+    case "ERROR_REASON_STORE_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_STORE_UNAVAILABLE;
+    case 21:
+    case "ERROR_REASON_STREAM_STALLED":
+      return ErrorReason.ERROR_REASON_STREAM_STALLED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -203,6 +222,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_RUN_FAILED";
     case ErrorReason.ERROR_REASON_WATCH_LAGGED:
       return "ERROR_REASON_WATCH_LAGGED";
+    case ErrorReason.ERROR_REASON_STORE_UNAVAILABLE:
+      return "ERROR_REASON_STORE_UNAVAILABLE";
+    case ErrorReason.ERROR_REASON_STREAM_STALLED:
+      return "ERROR_REASON_STREAM_STALLED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
