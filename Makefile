@@ -9,6 +9,8 @@
 #   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
 #   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
 #   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
+#   make faults       the fault matrix against real server processes (docs/reliability/faults.md)
+#   make soak         mixed load for DURATION (default 30m), sampled and plotted (docs/reliability/soak.md)
 #   make run          start a development server
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
@@ -172,6 +174,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	$(VENV_PY) -m ruff check .
 	$(VENV_PY) -m ruff format --check .
 	$(VENV_PY) -m mypy --strict runservice bench
+	$(VENV_PY) -m mypy --strict --follow-imports=silent faults
 
 test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
 	$(MAKE) --no-print-directory lint
@@ -214,6 +217,28 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench --out docs/performance $(BENCH_ARGS)
+
+# --- Reliability ------------------------------------------------------------
+
+# The fault matrix (faults/): SIGKILL, SIGTERM, a held write lock, a full disk, bad files,
+# stuck and slow subscribers, a reconnect storm and lifecycle races, each against real
+# server processes and ended by one checker. Writes docs/reliability/faults.{json,md}
+# (a -k run updates its rows only). About 10 minutes on 2 cores.
+# One row: make faults FAULTS_ARGS="-k sigkill_during_drain".
+FAULTS_ARGS ?=
+FAULTS_TIMEOUT ?= 300
+
+.PHONY: faults
+faults: $(VENV_STAMP)
+	$(VENV_PY) -m pytest -q faults -p no:cacheprovider --timeout $(FAULTS_TIMEOUT) $(FAULTS_ARGS)
+
+# Mixed load for DURATION (30m, 2m, 1h...), sampling RSS, open files, loop lag and commit
+# latency; writes docs/reliability/soak.md and its PNG plots, with each metric's slope.
+DURATION ?= 30m
+
+.PHONY: soak
+soak: $(VENV_STAMP)
+	$(VENV_PY) -m faults.soak --duration $(DURATION) --out docs/reliability
 
 # --- Cleaning ---------------------------------------------------------------
 
