@@ -70,6 +70,7 @@ class Node:
     args: list[str] = field(default_factory=list)
     server: ServerProcess | None = None
     port: int | None = None
+    log_path: Path | None = None  # the server's output; default DATA_DIR.log beside it
 
     @property
     def db(self) -> Path:
@@ -89,7 +90,9 @@ class Node:
     async def start(self, *, limit: float = 60.0) -> float:
         """Starts a server on the node's port; returns seconds until it answered SERVING."""
         began = time.monotonic()
-        self.server = await start_server(self.data_dir, args=self.args, port=self.port, limit=limit)
+        self.server = await start_server(
+            self.data_dir, args=self.args, port=self.port, limit=limit, log_path=self.log_path
+        )
         self.port = self.server.port
         return time.monotonic() - began
 

@@ -55,8 +55,14 @@ class Row:
             "figures": self.figures,
             "notes": self.notes,
             "failure": self.failure,
-            "command": f'make faults FAULTS_ARGS="-k {self.name}"',
+            "command": f"make faults FAULTS_ARGS='-k \"{_keyword(self.name)}\"'",
         }
+
+
+def _keyword(name: str) -> str:
+    """A -k expression selecting the row: `row[param]` becomes `row and param`."""
+    base, _, param = name.partition("[")
+    return f"{base} and {param.rstrip(']')}" if param else base
 
 
 @dataclass

@@ -58,17 +58,24 @@ class WriteLock:
 
 
 async def start_during(load: Load, seconds: float, outcomes: Counter[str]) -> None:
-    """Calls StartRun every 0.3 s for `seconds`, counting each outcome (code:reason)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    """Calls StartRun every 0.3 s for `seconds` (not waiting for earlier calls), then waits
+    for every call and counts its outcome (OK, or code:reason)."""
+
+    async def one() -> None:
         try:
             run = await load.start("echo", "alice", text="during the outage")
-            load.follow(run.run_id, "alice")
+            load.follow(run.run_id, "alice", give_up=120)
             outcomes["OK"] += 1
         except grpc.aio.AioRpcError as exc:
             info = error_info(exc)
             outcomes[f"{exc.code().name}:{info.reason if info else ''}"] += 1
+
+    calls = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        calls.append(asyncio.create_task(one()))
         await asyncio.sleep(0.3)
+    await asyncio.gather(*calls)
 
 
 async def emitting_runs(load: Load) -> list[str]:
