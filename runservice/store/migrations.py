@@ -11,6 +11,7 @@ from sqlalchemy import Column, Connection, Index, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runservice.store import tables
+from runservice.store.preflight import check_schema, check_sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,19 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
 async def migrate(engine: AsyncEngine) -> int:
-    """Applies every migration the database lacks; returns the schema version."""
+    """Applies every migration the database lacks; returns the schema version.
+
+    DatabaseRefusedError, before anything is written, for a database that is corrupt,
+    another program's, or of a newer schema than LATEST_VERSION.
+    """
+    check_sqlite_file(engine.url, LATEST_VERSION)  # before the engine's first connection
+    where = engine.url.render_as_string(hide_password=True)
+    async with engine.connect() as conn:
+        await conn.run_sync(check_schema, where, LATEST_VERSION)
     async with engine.begin() as conn:
         await conn.run_sync(lambda c: tables.schema_version.create(c, checkfirst=True))
     async with engine.connect() as conn:
@@ -93,4 +105,4 @@ async def migrate(engine: AsyncEngine) -> int:
                 )
             )
         logger.info("applied schema migration %d: %s", step.version, step.description)
-    return MIGRATIONS[-1].version
+    return LATEST_VERSION
