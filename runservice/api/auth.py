@@ -14,6 +14,7 @@ import contextvars
 import hashlib
 import logging
 import os
+import string
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -54,19 +55,26 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class TokensFileError(ValueError):
+    """The tokens file cannot be read or is not valid; the message names it and the problem."""
+
+
 class TokensFileAuthenticator:
     """Tokens from a TOML file of `[[tokens]]` tables (user, sha256, roles).
 
     The file holds only SHA-256 digests. It is re-read when it changes, so tokens can be
-    added or revoked without a restart.
+    added or revoked without a restart; a change that makes it invalid is logged as an
+    error and the previous tokens stay in force.
     """
 
     def __init__(self, path: Path) -> None:
+        """Reads the file now: TokensFileError if it exists and is not valid (a missing file
+        means no tokens)."""
         self._path = path
         self._stamp: tuple[float, int] | None = None
         self._by_hash: dict[str, Principal] = {}
         self._warned = False
-        self._reload()
+        self._reload(strict=True)
 
     def recognizes(self, token: str) -> bool:
         """Any token may be in the file; asked first for tokens that are not JWT-shaped."""
@@ -80,7 +88,17 @@ class TokensFileAuthenticator:
             raise AuthenticationError("the bearer token is not valid for this server")
         return principal
 
-    def _reload(self) -> None:
+    def _reload(self, *, strict: bool = False) -> None:
+        """Re-reads the file if it changed. An invalid file raises TokensFileError when
+        `strict`; otherwise it is logged and the previous tokens are kept."""
+        try:
+            self._reload_if_changed()
+        except TokensFileError as exc:
+            if strict:
+                raise
+            logger.error("tokens file not reloaded, keeping the previous tokens: %s", exc)
+
+    def _reload_if_changed(self) -> None:
         try:
             st = os.stat(self._path)
         except FileNotFoundError:
@@ -89,35 +107,54 @@ class TokensFileAuthenticator:
                 self._warned = True
             self._by_hash, self._stamp = {}, None
             return
+        except OSError as exc:
+            raise TokensFileError(f"cannot read {self._path}: {exc.strerror}") from exc
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp:
             return
-        self._stamp = stamp
-        try:
-            self._by_hash = load_tokens(self._path)
-        except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
-            logger.error(
-                "tokens file %s not reloaded, keeping the previous tokens: %s", self._path, exc
-            )
-            return
+        self._stamp = stamp  # an invalid file is reported once, not on every call
+        self._by_hash = load_tokens(self._path)
         logger.info("loaded %d tokens from %s", len(self._by_hash), self._path)
 
 
 def load_tokens(path: Path) -> dict[str, Principal]:
-    """Token digests → principals; ValueError names the first malformed entry."""
-    with path.open("rb") as f:
-        doc = tomllib.load(f)
+    """Token digests → principals; TokensFileError names the file and its first problem
+    (for TOML that does not parse, its line and column)."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
+    items = doc.get("tokens", [])
+    if not isinstance(items, list):
+        raise TokensFileError(
+            f"{path}: tokens must be an array of [[tokens]] tables, each with user and sha256"
+        )
     entries: dict[str, Principal] = {}
-    for i, item in enumerate(doc.get("tokens", [])):
-        user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
-        if not isinstance(user, str) or not user:
-            raise ValueError(f"{path}: tokens[{i}] needs a non-empty user")
-        if not isinstance(digest, str) or len(digest) != SHA256_HEX_LEN:
-            raise ValueError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise ValueError(f"{path}: tokens[{i}].roles must be a list of strings")
-        entries[digest.lower()] = Principal(user, frozenset(roles))
+    for i, item in enumerate(items):
+        digest, principal = _token_entry(path, i, item)
+        entries[digest] = principal
     return entries
+
+
+def _token_entry(path: Path, i: int, item: object) -> tuple[str, Principal]:
+    """One [[tokens]] table as (digest, principal); TokensFileError names what is wrong."""
+    if not isinstance(item, dict):
+        raise TokensFileError(f"{path}: tokens[{i}] must be a table with user and sha256")
+    user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
+    if not isinstance(user, str) or not user:
+        raise TokensFileError(f"{path}: tokens[{i}] needs a non-empty user")
+    if not isinstance(digest, str) or not _is_sha256_hex(digest):
+        raise TokensFileError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise TokensFileError(f"{path}: tokens[{i}].roles must be a list of strings")
+    return digest.lower(), Principal(user, frozenset(roles))
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == SHA256_HEX_LEN and all(c in string.hexdigits for c in text)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
