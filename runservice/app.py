@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import secrets
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from runservice.api.auth import (
     Authenticator,
     MtlsIdentity,
     TokensFileAuthenticator,
+    TokensFileError,
     add_authenticated_service,
 )
 from runservice.api.convert import decode_event, encode_event
@@ -37,6 +40,7 @@ from runservice.runtime.manager import RunManager, RuntimeSettings
 from runservice.runtime.policies import Limits
 from runservice.store import SqlRunStore, open_store
 from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
+from runservice.store.preflight import DatabaseRefusedError
 from runservice.tokens import ensure_dev_token
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 
@@ -166,6 +170,11 @@ class ListenError(RuntimeError):
     """The server could not bind its listen address."""
 
 
+class StartupError(RuntimeError):
+    """A file or directory the server was given cannot be used; the message is one line
+    naming it and the problem, and the file is left as it was."""
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The transport limits, all explicit."""
     return [
@@ -207,23 +216,58 @@ def load_secret(path: Path) -> bytes:
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> App:
-    """Opens the store, reconciles orphans, and starts a server listening on settings.listen."""
-    authentication = build_authentication(settings)
+    """Opens the store, reconciles orphans, and starts a server listening on settings.listen.
+
+    StartupError when the data directory, the tokens file or the database cannot be used.
+    """
+    _prepare_data_dir(settings.data_dir)
+    with _file_refusals():
+        authentication = build_authentication(settings)
     credentials = server_credentials(settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.dev_token:
         ensure_dev_token(settings.data_dir, settings.tokens_path)
     # Reconciliation marks every unfinished run INTERRUPTED: that is only right when no
     # other live server owns them, so a SQLite file serves one process at a time.
     lock = lock_for(settings.db_url)
     if lock is not None:
-        lock.acquire()
+        _acquire(lock)
     try:
-        return await _build_locked(settings, clock, authentication, credentials, lock)
+        with _file_refusals():
+            return await _build_locked(settings, clock, authentication, credentials, lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _prepare_data_dir(path: Path) -> None:
+    """Creates the data directory (mode 700) when it is missing; StartupError unless it is
+    a directory the server can write to."""
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"the data directory {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"cannot create the data directory {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"the data directory {path} is not writable")
+
+
+def _acquire(lock: FileLock) -> None:
+    """Takes the database's lock; StartupError when its file cannot be opened."""
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise StartupError(f"cannot open the lock file {lock.path}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _file_refusals() -> Iterator[None]:
+    """Re-raises a layer's refusal of the tokens file or the database as StartupError."""
+    try:
+        yield
+    except (TokensFileError, DatabaseRefusedError) as exc:
+        raise StartupError(str(exc)) from exc
 
 
 async def _build_locked(
@@ -323,7 +367,7 @@ async def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
     try:
         app = await build(settings)
-    except (DatabaseInUseError, AgentLoadError, ListenError, ConfigError) as exc:
+    except (DatabaseInUseError, AgentLoadError, ListenError, ConfigError, StartupError) as exc:
         logger.error("%s", exc)
         return 1
     stop = asyncio.Event()
