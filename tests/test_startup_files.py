@@ -86,6 +86,11 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def side_files(db: Path) -> list[str]:
+    """The files SQLite keeps beside `db` (-wal, -shm, -journal) that exist."""
+    return [f"{db}{suffix}" for suffix in SQLITE_SIDE_FILES if Path(f"{db}{suffix}").exists()]
+
+
 def assert_refused(result: Exit, *phrases: str) -> None:
     """Exit status 1, no traceback, and the last line is the error saying `phrases`."""
     log = "\n".join(result.lines)
@@ -160,7 +165,7 @@ async def test_an_unusable_database_stops_the_server_and_is_left_untouched(
 
     assert_refused(result, str(db), *DATABASES[kind])
     assert digest(db) == before
-    assert not [s for s in SQLITE_SIDE_FILES if Path(f"{db}{s}").exists()]
+    assert side_files(db) == []
 
 
 async def test_a_data_directory_that_is_a_file_stops_the_server(tmp_path: Path) -> None:
