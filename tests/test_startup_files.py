@@ -23,6 +23,7 @@ import pytest
 
 from runservice.store import open_store
 from runservice.store.engine import sqlite_url
+from runservice.store.migrations import LATEST_VERSION
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness
 from tests.serverproc import free_port, server_env
@@ -139,7 +140,10 @@ DATABASES: dict[str, tuple[str, ...]] = {
     "truncated": (CORRUPT,),
     "a directory": ("runservice.db is a directory, not a database file",),
     "foreign": ("is not a runservice database", "notes", "runservice_schema"),
-    "newer": ("schema version 7 is newer than this release supports (3); upgrade runservice",),
+    "newer": (
+        f"schema version 7 is newer than this release supports ({LATEST_VERSION}); "
+        "upgrade runservice",
+    ),
 }
 
 
@@ -234,7 +238,7 @@ async def test_a_sqlite_file_without_tables_becomes_a_runservice_database(tmp_pa
     with sqlite3.connect(path) as conn:
         (version,) = conn.execute("SELECT max(version) FROM runservice_schema").fetchone()
     conn.close()
-    assert version == 3
+    assert version == LATEST_VERSION
 
 
 # -- the tokens file edited while the server runs --------------------------------------------
