@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name
-SERVER_STOP_GRACE_S = 5.0
+SERVER_STOP_GRACE_S = 1.0
 
 
 @dataclass
@@ -69,6 +69,7 @@ class App:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.manager.shutdown()
+        # Streams of runs that ended got their terminal events; the rest are cut short.
         await self.server.stop(SERVER_STOP_GRACE_S)
         await self.store.close()
         if self.lock is not None:
@@ -317,6 +318,7 @@ async def _build_locked(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    manager.on_store_health(_readiness(health_servicer))
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -336,6 +338,24 @@ async def _build_locked(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
     return App(server, manager, store, health_servicer, port, lock)
+
+
+def _readiness(health_servicer: health.aio.HealthServicer) -> Callable[[str | None], None]:
+    """Keeps the service's health (readiness) NOT_SERVING while the store takes no writes.
+
+    The overall status "" (liveness) stays SERVING: the process works and recovers on its
+    own once the store does, so an orchestrator should stop routing to it, not restart it.
+    """
+    pending: set[asyncio.Task[None]] = set()
+
+    def changed(problem: str | None) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        task = asyncio.ensure_future(health_servicer.set(SERVICE_NAME, status))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return changed
 
 
 def _safe_url(url: str) -> str:

@@ -64,6 +64,7 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "refusing=tests.fakes:refusing",
             "recorder=tests.fakes:recorder",
             "stubborn=tests.fakes:stubborn",
+            "poisoned=tests.fakes:poisoned",
         ),
         **overrides,
     )

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.runtime.agent import AgentContext, RunError
 
 
@@ -82,3 +83,50 @@ async def stubborn(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, 
     except asyncio.CancelledError:
         await asyncio.sleep(3600)
     return {}
+
+
+async def poisoned(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits `before` steps, one `poison` event (which a FailingStore may refuse), then
+    `after` steps, waiting for its gate (if any) between the two halves."""
+    for i in range(int(input.get("before", 0))):
+        await ctx.emit("step", data={"i": i + 1})
+    if "gate" in input:
+        await gate(str(input["gate"])).wait()
+    await ctx.emit("poison", text="the store refuses this event")
+    for i in range(int(input.get("after", 0))):
+        await ctx.emit("step", data={"i": i + 1})
+    return {"done": True}
+
+
+class FailingStore:
+    """A real store whose commits fail on cue.
+
+    While `down` names a cause, every commit and probe fails as unavailable (a locked
+    database, a full disk); `refuse` rejects for good any commit holding an event of that
+    type (data the database will never take). Everything else goes to the real store.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down: str | None = None
+        self.refuse: str | None = None
+        self.failed_commits = 0
+
+    async def commit(self, new_runs: Any, events: Any, updated_runs: Any) -> None:
+        """The real commit, unless the store is down or refuses one of the events."""
+        if self.down is not None:
+            self.failed_commits += 1
+            raise StoreUnavailableError("database operation failed", self.down)
+        if self.refuse is not None and any(e.type == self.refuse for e in events):
+            self.failed_commits += 1
+            raise StoreError("database refused the operation")
+        await self.inner.commit(new_runs, events, updated_runs)
+
+    async def probe(self) -> None:
+        """Fails while the store is down."""
+        if self.down is not None:
+            raise StoreUnavailableError("database operation failed", self.down)
+        await self.inner.probe()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

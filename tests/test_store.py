@@ -3,13 +3,14 @@ locked database."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from runservice.api.convert import decode_event, encode_event
+from runservice.domain.errors import StoreUnavailableError
 from runservice.domain.model import (
     STATE_EVENT,
     Run,
@@ -83,29 +84,24 @@ async def test_events_round_trip_every_payload_kind(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_a_write_waits_out_a_locked_database(tmp_path: Path) -> None:
-    """A commit while another connection holds the write lock succeeds once it is released."""
+async def test_a_commit_on_a_locked_database_is_unavailable_naming_the_lock(
+    tmp_path: Path,
+) -> None:
+    """A commit while another process holds the write lock fails at once as unavailable,
+    with the lock as its cause (the writer retries); it succeeds once the lock is gone."""
     db = tmp_path / "s.db"
     store = await open_store(_url(db))
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        conn = sqlite3.connect(db, isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
-        locked.set()
-        release.wait(10)
-        conn.execute("COMMIT")
-        conn.close()
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    await asyncio.to_thread(locked.wait, 10)
-    commit = asyncio.create_task(store.commit([_run("r", "alice")], [], []))
-    await asyncio.sleep(0.2)  # the commit is now blocked on the lock (nothing to poll)
-    assert not commit.done()
-    release.set()
-    await commit
-    holder.join()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailableError) as caught:
+        await store.commit([_run("r", "alice")], [], [])
+    assert caught.value.cause == "the database is locked by another process"
+    with pytest.raises(StoreUnavailableError):
+        await store.probe()
+    holder.execute("COMMIT")
+    holder.close()
+    await store.commit([_run("r", "alice")], [], [])
+    await store.probe()
     assert await store.get_run(Scope("alice"), "r") is not None
     await store.close()
 

@@ -191,8 +191,7 @@ class StreamStalledError(RunServiceError):
 
     def __init__(self, stalled_s: float, resume: str) -> None:
         super().__init__(
-            f"this stream took nothing the server sent for {stalled_s:g}s and was closed; "
-            f"{resume}"
+            f"this stream took nothing the server sent for {stalled_s:g}s and was closed; {resume}"
         )
 
 
@@ -201,4 +200,10 @@ class StoreError(Exception):
 
 
 class StoreUnavailableError(StoreError):
-    """The store cannot be reached or stayed locked; the same operation may succeed later."""
+    """The store cannot be reached, is locked or has no room; the same operation may
+    succeed later. `cause` says why in an operator's words ("the disk holding the
+    database is full")."""
+
+    def __init__(self, message: str, cause: str = "the database is unavailable") -> None:
+        super().__init__(f"{message}: {cause}")
+        self.cause = cause

@@ -35,10 +35,20 @@ class RunStore(Protocol):
     ) -> None:
         """Commits new runs, appended events and updated run rows in one transaction.
 
+        One attempt: StoreUnavailableError when the store cannot take it now (the caller
+        retries), StoreError when it refuses this data for good.
+
         A run row's `last_seq` is stored as the row gives it: the runtime sets it with each
         state change, so the stored value is exact for finished runs and, for a live
         run, as of its last state change (live runs are served from memory, and
         `unfinished_runs` reads the true end of each log).
+        """
+        ...
+
+    async def probe(self) -> None:
+        """Writes and commits a little, as a check that the store takes writes again.
+
+        Raises StoreUnavailableError while it does not.
         """
         ...
 

@@ -34,6 +34,7 @@ from runservice.runtime.writer import Writer
 logger = logging.getLogger(__name__)
 
 _FAILURE_CODES = {
+    RunState.FAILED: "INTERNAL",
     RunState.STOPPED: "CANCELLED",
     RunState.INTERRUPTED: "UNAVAILABLE",
     RunState.TIMED_OUT: "DEADLINE_EXCEEDED",
@@ -196,15 +197,22 @@ async def _drive(
 ) -> None:
     try:
         if not live.started:  # else it was committed RUNNING with its row (start_now)
-            if not await _wait_turn(live, writer, clock):
+            try:
+                started = await _wait_turn(live, writer, clock)
+                if started:
+                    live.started = True
+                    on_start(live)
+                    event, running = running_change(live, clock)
+                    await writer.commit_run(event=(live.log, event), updated=running)
+            except StoreError:
+                if live.log.broken is None:
+                    raise
+                started = False  # its log was given up (end requested): end it now
+            if not started:
                 request = live.end_request
                 assert request is not None
                 await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
                 return
-            live.started = True
-            on_start(live)
-            event, running = running_change(live, clock)
-            await writer.commit_run(event=(live.log, event), updated=running)
         outcome = await _execute(live, agent, writer, clock, grace)
     except asyncio.CancelledError:
         # Only a shutdown that gave up on the grace period cancels the supervisor itself.
@@ -266,8 +274,13 @@ async def _execute(
     except asyncio.CancelledError:
         live.request_end(RunState.INTERRUPTED, "server shutdown")
         raise
-    if agent_task in done:
+    if agent_task in done and live.log.broken is None:
         return _outcome_of(live, agent_task)
+    if agent_task in done:  # it ended on the error of its log, given up meanwhile
+        request = live.end_request
+        assert request is not None
+        live.closed = True
+        return _Outcome(request.state, live.partial, _failure_for(request), request.reason)
     if live.end_request is None:
         assert live.run.timeout is not None
         live.request_end(RunState.TIMED_OUT, f"time limit of {live.run.timeout:g}s exceeded")
@@ -361,6 +374,20 @@ def start_now(live: LiveRun, writer: Writer, clock: Clock) -> asyncio.Future[Non
 
 async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
     live.closed = True
+    try:
+        await _commit_end(live, writer, clock, outcome)
+    except StoreError:
+        if live.log.broken is None:
+            raise
+        # Its log was given up while this event waited (it was dropped with the rest):
+        # once more, at the seq after the last one committed.
+        await _commit_end(live, writer, clock, outcome)
+    live.ended.set()
+    logger.info("run %s ended %s", live.run_id, outcome.state.value)
+
+
+async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
+    """Commits the run's terminal event and its row's final state together."""
     now = clock.now()
     result = dict(outcome.result) if outcome.result is not None else None
     event = RunEvent(
@@ -381,5 +408,3 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
         last_seq=event.seq,
     )
     await writer.commit_run(event=(live.log, event), updated=updated)
-    live.ended.set()
-    logger.info("run %s ended %s", live.run_id, outcome.state.value)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from uuid6 import uuid7
 
 from runservice.domain.errors import (
     AdminOnlyError,
+    DatabaseUnavailableError,
     InvalidArgumentError,
     RequestIdReusedError,
     RunActiveError,
@@ -46,7 +48,7 @@ from runservice.domain.model import (
     WatchUpdate,
 )
 from runservice.domain.ports import Clock, EventEncoder, RunStore
-from runservice.runtime.agent import AgentRegistry
+from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.lifecycle import LiveRun, drive_run, start_now
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
@@ -56,6 +58,9 @@ from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writ
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_LIMIT = 1000
+SHUTDOWN_SLACK_S = 2.5
+"""Beyond the drain timeout and the stop grace, what shutdown may take to flush the writer."""
+LOG_GIVEN_UP = "the server could not store its events; see the server log"
 
 
 @dataclass(frozen=True)
@@ -129,16 +134,21 @@ class RunManager:
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stops taking runs, lets running ones finish for `drain_timeout`, interrupts the rest.
 
-        Every run ends in a persisted terminal state; the writer is flushed last.
+        Every run ends in a persisted terminal state, the writer flushed last; whatever
+        the store does, this returns within the drain timeout + the stop grace +
+        SHUTDOWN_SLACK_S. What the store has not taken by then is left unfinished, as after
+        a crash, and the next start reconciles it.
         """
         if self._draining:
             await self._closed.wait()
             return
         self._draining = True
+        loop = asyncio.get_running_loop()
         timeout = self._settings.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = loop.time() + timeout + self._settings.stop_grace + SHUTDOWN_SLACK_S
         await self._drain(timeout)
         self._feed.close()
-        await self._writer.close()
+        await self._writer.close(max(0.5, deadline - loop.time()))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -162,6 +172,11 @@ class RunManager:
             for waiter in (*pending, hurry):
                 waiter.cancel()
 
+    def on_store_health(self, listener: Callable[[str | None], None]) -> None:
+        """Calls `listener` with the cause when the store stops taking writes, and with
+        None when it takes them again."""
+        self._writer.on_health(listener)
+
     def hurry(self) -> None:
         """Cuts the drain short: runs still active are interrupted now."""
         self._hurry.set()
@@ -177,14 +192,14 @@ class RunManager:
         await self._wait_ended(live, limit)
         for run in live:
             run.request_end(RunState.INTERRUPTED, "server shutdown")
-        grace = self._settings.stop_grace + 1.0
+        grace = self._settings.stop_grace + 0.5
         tasks = [r.task for r in live if r.task is not None and not r.task.done()]
         if tasks:
             _, stuck = await asyncio.wait(tasks, timeout=grace)
             for task in stuck:  # the supervisor itself is stuck: cancel it, it records INTERRUPTED
                 task.cancel()
-            if stuck:
-                await asyncio.wait(stuck, timeout=grace)
+            if stuck:  # (its terminal state is then queued: the writer's close waits for it)
+                await asyncio.wait(stuck, timeout=0.5)
 
     async def _reconcile_orphans(self) -> None:
         orphans = await self._store.unfinished_runs()
@@ -227,6 +242,8 @@ class RunManager:
         """
         if self._draining:
             raise ServerDrainingError()
+        if self._writer.problem is not None:
+            raise DatabaseUnavailableError(self._writer.problem)
         agent = self._agents.get(request.agent)
         request = self._with_timeout(request)
         fingerprint = request_fingerprint(request)
@@ -240,30 +257,35 @@ class RunManager:
             if twin is not None:
                 return await self._same_request(twin, request.request_id, fingerprint)
         live = self._admit(principal, request, fingerprint)
+        if live.predecessors:
+            live.committed = self._writer.commit_run(new=live.run)
+        else:
+            live.committed = start_now(live, self._writer, self._clock)
+        # The supervisor is spawned before this call waits for the commit: a caller that
+        # gives up (a deadline, a closed connection) cancels only its wait, never the run.
+        live.task = self._spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
+        await asyncio.shield(live.committed)
+        return live.run
+
+    async def _supervise(self, live: LiveRun, agent: Agent) -> None:
+        """Drives a run once its row is committed; forgets it if the row never was."""
+        assert live.committed is not None
         try:
-            if live.predecessors:
-                live.committed = self._writer.commit_run(new=live.run)
-            else:
-                live.committed = start_now(live, self._writer, self._clock)
-            await asyncio.shield(live.committed)
-        except BaseException:
+            await live.committed
+        except (StoreError, DatabaseUnavailableError):
             self._forget(live)
-            raise
+            return
         for predecessor in live.predecessors if self._interrupts(live) else ():
             predecessor.request_end(RunState.STOPPED, f"interrupted by run {live.run_id}")
-        live.task = self._spawn(
-            drive_run(
-                live,
-                agent,
-                self._writer,
-                self._clock,
-                grace=self._settings.stop_grace,
-                on_start=self._on_start,
-                on_lost=self._on_lost,
-            ),
-            name=f"run:{live.run_id}",
+        await drive_run(
+            live,
+            agent,
+            self._writer,
+            self._clock,
+            grace=self._settings.stop_grace,
+            on_start=self._on_start,
+            on_lost=self._on_lost,
         )
-        return live.run
 
     def _with_timeout(self, request: StartRequest) -> StartRequest:
         s = self._settings
@@ -325,6 +347,7 @@ class RunManager:
             window_bytes=self._settings.window_bytes,
         )
         live = LiveRun(run, log)
+        log.on_fail = partial(live.request_end, RunState.FAILED, LOG_GIVEN_UP)
         live.predecessors = active
         live.queued = queued
         self._admission.add(principal.user, queued=queued)
@@ -351,10 +374,12 @@ class RunManager:
             self._admission.promote(live.run.owner)
 
     def _on_lost(self, live: LiveRun) -> None:
-        failure = RunFailure("INTERNAL", "the run's log could not be stored; it was abandoned")
-        live.run = live.run.replace(state=RunState.INTERRUPTED, error=failure)
+        """Not even the run's terminal state could be stored: it leaves memory unfinished,
+        as after a crash, and the next start reconciles it."""
+        live.log.abandon()
         live.idle_since = self._clock.now()
         self._release(live)
+        self._evict(live.run_id)
 
     def _release(self, live: LiveRun) -> None:
         """A run ended (or was never committed): free its cap slot and its thread place."""
@@ -465,8 +490,8 @@ class RunManager:
         """
         s = self._settings
         while True:
-            if live is not None and live.log.broken is not None:
-                raise StoreError("the run's log could not be stored")
+            if live is not None and live.log.abandoned:
+                raise DatabaseUnavailableError("this run's end could not be stored")
             if live is not None:
                 window = live.log.read(cursor, s.batch_max_events, s.batch_max_bytes)
                 if window:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 
 from runservice.domain.model import EncodedEvent, RunEvent, encoded_event
@@ -39,6 +39,9 @@ class RunLog:
         self.committed_seq = last_seq
         self.finished = False
         self.broken: BaseException | None = None
+        self.abandoned = False
+        # Called once when the log is given up (the run's supervisor ends the run).
+        self.on_fail: Callable[[], object] | None = None
         self._next_seq = last_seq + 1
         self._window: deque[bytes] = deque()  # wire forms of seqs _first, _first + 1, ...
         self._first = last_seq + 1
@@ -100,12 +103,22 @@ class RunLog:
         return out
 
     def fail(self, exc: BaseException) -> None:
-        """Marks the log broken: its events can no longer be stored; wakes every reader."""
-        self.broken = exc
+        """Gives the log up: events not yet committed are dropped (the next seq handed out
+        follows the last committed one, for the run's terminal event) and the agent can
+        emit nothing more. Readers keep waiting for the terminal event."""
+        self._next_seq = self.committed_seq + 1
+        if self.broken is None:
+            self.broken = exc
+            if self.on_fail is not None:
+                self.on_fail()
+
+    def abandon(self) -> None:
+        """Not even the terminal event could be stored: wakes every reader to leave."""
+        self.abandoned = True
         signal, self._signal = self._signal, asyncio.Event()
         signal.set()
 
     async def wait_beyond(self, seq: int) -> None:
-        """Returns once an event after `seq` is committed, or the log is finished or broken."""
-        while self.committed_seq <= seq and not self.finished and self.broken is None:
+        """Returns once an event after `seq` is committed, or the log is finished or abandoned."""
+        while self.committed_seq <= seq and not self.finished and not self.abandoned:
             await self._signal.wait()

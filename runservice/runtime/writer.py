@@ -5,6 +5,15 @@ a bound) and commits it in one transaction, then publishes it to the runs' logs.
 commit is in flight new work accumulates, so batches grow with load and a quiet server
 commits each event on its own. When too much is pending, `append` waits: backpressure
 lands on the producing agent, not on memory.
+
+A store that cannot take writes (locked, disk full, unreachable) is retried for as long as
+it lasts, so every log stays a gap-free prefix of what its run emitted and the outage
+ends with nothing lost. Once it has lasted `unhealthy_after`, the writer reports the store
+unhealthy (the server stops taking new runs) and withdraws the rows of runs not yet
+committed, so their callers hear "unavailable" rather than wait; while idle and unhealthy
+it probes the store until it takes writes again. A store that refuses one run's data for
+good gives up that run alone: its uncommitted events are dropped and the run can still end
+with its terminal event at the next seq, so its log never has a hole.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runservice.domain.errors import StoreError, StoreUnavailableError
+from runservice.domain.errors import DatabaseUnavailableError, StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent
 from runservice.domain.ports import EventEncoder, RunStore
 from runservice.runtime.runlog import RunLog
@@ -24,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH_EVENTS = 2000
 MAX_PENDING_EVENTS = 20000
-RETRY_BACKOFF_MAX_S = 5.0
-RETRY_ATTEMPTS = 8  # about 11 s of backoff before a batch is given up
+RETRY_BACKOFF_MIN_S = 0.02
+RETRY_BACKOFF_MAX_S = 1.0
+UNHEALTHY_AFTER_S = 1.0
+PROBE_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -75,12 +86,42 @@ class _Batch:
             (first if rides(waiter[0], waiter[1]) else rest).waiters.append(waiter)
         return first, rest
 
+    def merge(self, other: _Batch) -> None:
+        """Appends `other`'s work to this batch."""
+        self.new_runs.extend(other.new_runs)
+        self.events.extend(other.events)
+        self.updated_runs.extend(other.updated_runs)
+        self.waiters.extend(other.waiters)
+
+    def take_runs(self, run_ids: set[str]) -> _Batch:
+        """Removes and returns the work of `run_ids`."""
+        taken, kept = _Batch(), _Batch()
+        for part in self.split_by_run():
+            part_ids = part.run_ids()
+            (taken if part_ids and set(part_ids) <= run_ids else kept).merge(part)
+        self.new_runs, self.events = kept.new_runs, kept.events
+        self.updated_runs, self.waiters = kept.updated_runs, kept.waiters
+        return taken
+
+    def run_ids(self) -> list[str]:
+        """The runs this batch has work of, sorted."""
+        return sorted(
+            {e.run_id for _, e in self.events}
+            | {r.run_id for r in self.new_runs}
+            | {r.run_id for r, _ in self.updated_runs}
+            | {w[0] for w in self.waiters if w[0] is not None}
+        )
+
     def __bool__(self) -> bool:
         return bool(self.new_runs or self.events or self.updated_runs or self.waiters)
 
 
 RunCommitted = Callable[[Run, bool], None]
 """Called after a run row is committed: (run, created)."""
+
+HealthChanged = Callable[[str | None], None]
+"""Called when the store stops taking writes (with the cause) and when it takes them again
+(with None)."""
 
 
 class Writer:
@@ -94,12 +135,14 @@ class Writer:
         *,
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_pending_events: int = MAX_PENDING_EVENTS,
+        unhealthy_after: float = UNHEALTHY_AFTER_S,
     ) -> None:
         self._store = store
         self._encoder = encoder
         self._on_run_committed = on_run_committed
         self._max_batch = max_batch_events
         self._max_pending = max_pending_events
+        self._unhealthy_after = unhealthy_after
         self._pending = _Batch()
         self._wake = asyncio.Event()
         # Appenders waiting for room, served first come first served: an agent that
@@ -107,6 +150,18 @@ class Writer:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._failing_since: float | None = None
+        self._problem: str | None = None
+        self._health_listeners: list[HealthChanged] = []
+
+    @property
+    def problem(self) -> str | None:
+        """Why the store takes no writes now (it has failed for a while), or None."""
+        return self._problem
+
+    def on_health(self, listener: HealthChanged) -> None:
+        """Calls `listener` whenever the store's health changes."""
+        self._health_listeners.append(listener)
 
     def encode(self, event: RunEvent) -> bytes:
         """The event's wire form."""
@@ -125,16 +180,16 @@ class Writer:
         """Queues an event; waits (in line with any others waiting) while the writer is
         too far behind.
 
-        Raises StoreError once the run's log has failed to commit.
+        Raises StoreError once the run's log has been given up.
         """
-        if log.broken is not None:
-            raise StoreError("this run's log could not be stored")
+        _check_open(log)
         while self._waiting and self._waiting[0].done():  # turns given up (cancelled)
             self._waiting.popleft()
         if self._waiting or len(self._pending.events) >= self._max_pending:
             turn = asyncio.get_running_loop().create_future()
             self._waiting.append(turn)
             await turn  # a cancelled turn is skipped by _let_in
+            _check_open(log)  # given up while this event waited for room
         self._encode_once(event)  # agents' events come encoded (RunContext.emit)
         self._pending.events.append((log, event))
         self._wake.set()
@@ -147,14 +202,16 @@ class Writer:
     ) -> asyncio.Future[None]:
         """Queues a run row (new or updated) with its lifecycle event; resolves on commit.
 
-        The future fails with StoreError if the store refuses the work for good.
+        The future fails with DatabaseUnavailableError if a new run's row was withdrawn
+        while the store takes no writes, and with StoreError if the store refuses the
+        work for good. A log that was given up takes only its terminal event.
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         run_id = next((r.run_id for r in (new, updated) if r is not None), None)
         seq = 0
         if event is not None:
             run_id, seq = event[1].run_id, event[1].seq
-            if event[0].broken is not None:
+            if event[0].broken is not None and not event[1].terminal:
                 waiter.set_exception(StoreError("this run's log could not be stored"))
                 return waiter
         if new is not None:
@@ -168,17 +225,31 @@ class Writer:
         self._wake.set()
         return waiter
 
-    async def close(self) -> None:
-        """Commits what is pending, then stops the writer task."""
+    async def close(self, limit: float | None = None) -> None:
+        """Commits what is pending, then stops the writer task.
+
+        With a `limit` (seconds), work the store has not taken by then is abandoned: it was never
+        published, and the next start reconciles the runs it belonged to.
+        """
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        task = self._task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if task in done:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        abandoned = self._pending
+        self._pending = _Batch()
+        if abandoned:
+            self._fail(abandoned, StoreUnavailableError("shutting down", "not committed in time"))
+        logger.warning("shutdown: the store did not take the last writes in time; abandoned")
 
     async def _loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self._idle()
             while self._pending:
                 # One pass of the loop first, so that whatever else is ready (agents,
                 # calls) adds its work to this batch rather than to a commit of its own.
@@ -187,6 +258,24 @@ class Writer:
                 await self._commit(batch)
             if self._closing:
                 return
+
+    async def _idle(self) -> None:
+        """Waits for work; while the store is unhealthy, probes it meanwhile."""
+        while True:
+            if self._problem is None or self._closing:
+                await self._wake.wait()
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL_S)
+                break
+            except TimeoutError:
+                try:
+                    await self._store.probe()
+                except StoreError as exc:
+                    logger.debug("store probe failed: %s", exc)
+                else:
+                    self._healthy()
+        self._wake.clear()
 
     def _take(self) -> _Batch:
         pending = self._pending
@@ -197,18 +286,73 @@ class Writer:
         return batch
 
     async def _commit(self, batch: _Batch) -> None:
-        failure = await self._try_commit(batch)
-        if isinstance(failure, StoreError) and not isinstance(failure, StoreUnavailableError):
-            parts = batch.split_by_run()
-            if len(parts) > 1:  # find the run whose data the store refuses; commit the rest
-                for part in parts:
-                    await self._commit(part)
-                return
-        if failure is None:
+        """Commits `batch`, retrying while the store is unavailable (see the module doc)."""
+        delay = RETRY_BACKOFF_MIN_S
+        while batch:
+            try:
+                await self._store.commit(
+                    batch.new_runs,
+                    [event for _, event in batch.events],
+                    [run for run, _ in batch.updated_runs],
+                )
+            except StoreUnavailableError as exc:
+                self._unhealthy(exc)
+                if self._problem is not None:
+                    batch = self._withdraw_new_runs(batch, self._problem)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+                continue
+            except StoreError as exc:
+                parts = batch.split_by_run()
+                if len(parts) > 1:  # find the run whose data the store refuses; commit the rest
+                    for part in parts:
+                        await self._commit(part)
+                else:
+                    self._give_up(batch, exc)
+                break
+            self._healthy()
             self._publish(batch)
-        else:
-            self._fail(batch, failure)
+            break
         self._let_in()
+
+    def _unhealthy(self, exc: StoreUnavailableError) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:
+            self._failing_since = now
+        logger.warning("the store did not take a commit (%s); retrying", exc.cause, exc_info=exc)
+        if self._problem is None and now - self._failing_since >= self._unhealthy_after:
+            self._problem = exc.cause
+            logger.error("the store takes no writes (%s): new runs are refused", exc.cause)
+            self._notify(exc.cause)
+
+    def _healthy(self) -> None:
+        self._failing_since = None
+        if self._problem is not None:
+            self._problem = None
+            logger.warning("the store takes writes again: new runs are accepted")
+            self._notify(None)
+
+    def _notify(self, problem: str | None) -> None:
+        for listener in self._health_listeners:
+            listener(problem)
+
+    def _withdraw_new_runs(self, batch: _Batch, cause: str) -> _Batch:
+        """The batch without the runs whose rows were never committed; their callers are
+        told the store is unavailable (nothing of those runs was written)."""
+        keep = _Batch()
+        for part in batch.split_by_run():
+            if not part.new_runs:
+                keep.merge(part)
+                continue
+            logger.warning(
+                "run %s withdrawn before it was stored: %s", part.new_runs[0].run_id, cause
+            )
+            for log, _ in part.events:
+                log.fail(DatabaseUnavailableError(cause))
+            for _, _, waiter in part.waiters:
+                if not waiter.done():
+                    waiter.set_exception(DatabaseUnavailableError(cause))
+        return keep
 
     def _let_in(self) -> None:
         """Gives the room now free to the appenders waiting longest."""
@@ -219,41 +363,26 @@ class Writer:
                 turn.set_result(None)
                 room -= 1
 
-    async def _try_commit(self, batch: _Batch) -> StoreError | None:
-        events = [event for _, event in batch.events]
-        updated = [run for run, _ in batch.updated_runs]
-        delay = 0.05
-        for attempt in range(1, RETRY_ATTEMPTS + 1):
-            try:
-                await self._store.commit(batch.new_runs, events, updated)
-                return None
-            except StoreUnavailableError as exc:
-                if attempt == RETRY_ATTEMPTS:
-                    return exc
-                logger.warning(
-                    "commit of %d events failed (attempt %d); retrying",
-                    len(events),
-                    attempt,
-                    exc_info=True,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
-            except StoreError as exc:
-                return exc
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _give_up(self, batch: _Batch, exc: StoreError) -> None:
+        """Gives up one run's work that the store refuses for good.
+
+        Its log is rewound to what is committed, its later work still pending is dropped,
+        and the run may end with a terminal event at the next seq (see RunLog.fail).
+        """
+        logs = {log for log, _ in batch.events}
+        dropped = self._pending.take_runs({log.run_id for log in logs})
+        self._fail(batch, exc)
+        self._fail(dropped, exc)
 
     def _fail(self, batch: _Batch, exc: StoreError) -> None:
-        """Gives up on a batch: its runs' logs are broken, their waiters fail."""
-        run_ids = sorted(
-            {e.run_id for _, e in batch.events}
-            | {r.run_id for r in batch.new_runs}
-            | {r.run_id for r, _ in batch.updated_runs}
-        )
-        logger.error(
-            "the store refused a commit for runs %s; they are abandoned",
-            ", ".join(run_ids),
-            exc_info=exc,
-        )
+        """Fails a batch: its runs' logs are given up, its waiters fail."""
+        run_ids = batch.run_ids()
+        if run_ids:
+            logger.error(
+                "the store refused a commit for runs %s; their uncommitted events are dropped",
+                ", ".join(run_ids),
+                exc_info=exc,
+            )
         for log, _ in batch.events:
             log.fail(exc)
         for run_id, _, waiter in batch.waiters:
@@ -280,3 +409,8 @@ class Writer:
         for _, _, waiter in batch.waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _check_open(log: RunLog) -> None:
+    if log.broken is not None:
+        raise StoreError("this run's log could not be stored")

@@ -11,6 +11,7 @@ StoreUnavailableError (worth retrying later), any other driver error as StoreErr
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -51,6 +52,12 @@ _Plan = list[tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]]
 LOCK_RETRIES = 8
 LOCK_BACKOFF_S = 0.05
 INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
+
+# Portable SQL that writes a page: it rewrites the newest schema row as it is.
+_PROBE_SQL = (
+    "UPDATE runservice_schema SET applied_us = applied_us"
+    " WHERE version = (SELECT MAX(version) FROM runservice_schema)"
+)
 
 _PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
 _TERMINAL = frozenset(s.value for s in RunState if s.terminal)
@@ -108,14 +115,27 @@ class SqlRunStore:
         plan = self._commit_plan(new_runs, events, updated_runs)
         writer = self._writer
         if writer is not None:
-            await _retry_locked(lambda: writer.run(plan))
+            await _once(lambda: writer.run(plan))
             return
 
         async def work(conn: AsyncConnection) -> None:
             for sql, values in plan:
                 await conn.exec_driver_sql(sql, values)
 
-        await self._write(work)
+        await self._write(work, retry=False)
+
+    async def probe(self) -> None:
+        """Rewrites the newest schema row in a transaction of its own (a page to write)."""
+        plan: _Plan = [(_PROBE_SQL, ())]
+        writer = self._writer
+        if writer is not None:
+            await _once(lambda: writer.run(plan))
+            return
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.exec_driver_sql(_PROBE_SQL)
+
+        await self._write(work, retry=False)
 
     def _commit_plan(
         self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
@@ -302,34 +322,76 @@ class SqlRunStore:
     async def _read(self, conn: AsyncConnection, query: Any) -> Any:
         return await _retry_locked(lambda: conn.execute(query))
 
-    async def _write(self, work: Callable[[AsyncConnection], Awaitable[None]]) -> None:
+    async def _write(
+        self, work: Callable[[AsyncConnection], Awaitable[None]], *, retry: bool = True
+    ) -> None:
         async def attempt() -> None:
             async with self._engine.begin() as conn:
                 await work(conn)
 
-        await _retry_locked(attempt)
+        await (_retry_locked(attempt) if retry else _once(attempt))
 
 
 async def _retry_locked(attempt: Callable[[], Awaitable[T]]) -> T:
     """Runs `attempt`, retrying a bounded number of times while the database is locked."""
     for n in range(LOCK_RETRIES):
         try:
-            return await attempt()
-        except OperationalError as exc:
-            if not _is_lock_error(exc) or n == LOCK_RETRIES - 1:
-                raise StoreUnavailableError("database operation failed") from exc
+            return await _once(attempt)
+        except StoreUnavailableError as exc:
+            if not _is_lock_error(exc.__cause__) or n == LOCK_RETRIES - 1:
+                raise
             logger.warning("database is locked; retry %d of %d", n + 1, LOCK_RETRIES - 1)
             await asyncio.sleep(LOCK_BACKOFF_S * (2**n))
-        except InterfaceError as exc:
-            raise StoreUnavailableError("database connection failed") from exc
-        except DBAPIError as exc:
-            raise StoreError("database refused the operation") from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _is_lock_error(exc: OperationalError) -> bool:
-    text = str(exc.orig).lower()
-    return "locked" in text or "busy" in text
+async def _once(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Runs `attempt`, turning driver errors into store errors that name their cause."""
+    try:
+        return await attempt()
+    except OperationalError as exc:
+        raise StoreUnavailableError("database operation failed", unavailable_cause(exc)) from exc
+    except InterfaceError as exc:
+        raise StoreUnavailableError(
+            "database connection failed", "the database cannot be reached"
+        ) from exc
+    except DBAPIError as exc:
+        if _is_disk_full(exc) or exc.connection_invalidated:
+            raise StoreUnavailableError(
+                "database operation failed", unavailable_cause(exc)
+            ) from exc
+        raise StoreError("database refused the operation") from exc
+    except OSError as exc:  # the driver's own files (a journal, a lock) on a full disk
+        raise StoreUnavailableError("database operation failed", unavailable_cause(exc)) from exc
+
+
+_CAUSES = (
+    (("disk is full", "disk full", "no space left"), "the disk holding the database is full"),
+    (("locked", "busy"), "the database is locked by another process"),
+    (("readonly", "read-only"), "the database is read-only"),
+    (("disk i/o error",), "the disk holding the database reports I/O errors"),
+    (("unable to open",), "the database file cannot be opened"),
+    (("connection", "connect", "closed", "terminat"), "the database cannot be reached"),
+)
+
+
+def unavailable_cause(exc: BaseException) -> str:
+    """Why the database cannot take work now, in an operator's words."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return _CAUSES[0][1]
+    for needles, cause in _CAUSES:
+        if any(needle in text for needle in needles):
+            return cause
+    return "the database refuses writes"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return unavailable_cause(exc) == _CAUSES[0][1]
+
+
+def _is_lock_error(exc: BaseException | None) -> bool:
+    return exc is not None and unavailable_cause(exc) == _CAUSES[1][1]
 
 
 def _us(at: datetime | None) -> int | None:
