@@ -18,7 +18,7 @@ from faults.harness import SCALE, Load, Node, isolation_leaks, load_on
 from faults.report import Row
 from tests.serverproc import server_env
 
-ROUNDS = 3
+ROUNDS = 6
 RUNS_PER_ROUND = 6 * SCALE
 USERS = ("alice", "bob")
 ECHO_SHARE = 0.3  # of the runs start_mixed starts
@@ -148,7 +148,7 @@ async def test_sigkill_during_drain(node: Node, row: Row) -> None:
     ids: list[str] = []
     kill_after: list[float] = []
     async with load_on(node, seen) as load:
-        for _ in range(2):
+        for _ in range(ROUNDS // 2):
             ids += await start_mixed(load, RUNS_PER_ROUND)
             for _ in range(2):  # some that outlast the drain
                 run = await load.start("ticker", "alice", count=100_000, interval=0.01)

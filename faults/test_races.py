@@ -15,7 +15,7 @@ from faults.test_shutdown import read_once
 from runservice.client.errors import error_info
 from runservice.v1 import run_service_pb2 as pb
 
-RACES = 200 * SCALE
+RACES = 400 * SCALE
 CANCELLED_STARTS = 300
 CONCURRENT_STARTS = 10
 

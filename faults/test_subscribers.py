@@ -25,9 +25,9 @@ PER_STUCK_BOUND_MB = 1.0
 IDLE_CPU_BOUND = 20.0  # percent of one core, stuck subscribers attached, no run emitting
 SLOW = 5 * SCALE
 SLOW_GROWTH_BOUND_MB = 40
-STORM_SUBSCRIBERS = 40 * SCALE
+STORM_SUBSCRIBERS = 100 * SCALE
 STORM_RUNS = 4
-STORM_CUTS = 10
+STORM_CUTS = 20
 
 
 class Sampler:
