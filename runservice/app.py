@@ -33,6 +33,7 @@ from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings, is_loopback
+from runservice.domain.errors import StoreUnavailableError
 from runservice.domain.ports import Clock
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
@@ -209,11 +210,23 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
 
 def load_secret(path: Path) -> bytes:
     """The server's signing secret (page tokens), created mode 600 on first start."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot use the signing secret {path}: {exc.strerror}") from exc
+    if len(secret) < SECRET_MIN_BYTES:
+        raise StartupError(
+            f"the signing secret {path} is too short ({len(secret)} bytes); delete it and "
+            "restart to create a new one (page tokens issued before become invalid)"
+        )
+    return secret
+
+
+SECRET_MIN_BYTES = 16
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> App:
@@ -226,7 +239,12 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         authentication = build_authentication(settings)
     credentials = server_credentials(settings)
     if settings.dev_token:
-        ensure_dev_token(settings.data_dir, settings.tokens_path)
+        try:
+            ensure_dev_token(settings.data_dir, settings.tokens_path)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot write the development token in {settings.data_dir}: {exc.strerror}"
+            ) from exc
     # Reconciliation marks every unfinished run INTERRUPTED: that is only right when no
     # other live server owns them, so a SQLite file serves one process at a time.
     lock = lock_for(settings.db_url)
@@ -269,6 +287,8 @@ def _file_refusals() -> Iterator[None]:
         yield
     except (TokensFileError, DatabaseRefusedError) as exc:
         raise StartupError(str(exc)) from exc
+    except StoreUnavailableError as exc:
+        raise StartupError(f"cannot start: {exc.cause}") from exc
 
 
 async def _build_locked(
@@ -300,7 +320,11 @@ async def _build_locked(
             ),
         ),
     )
-    await manager.start()
+    try:
+        await manager.start()
+    except BaseException:
+        await store.close()
+        raise
     server = grpc.aio.server(options=server_options(settings))
     servicer = RunServiceServicer(
         manager,

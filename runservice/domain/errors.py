@@ -202,8 +202,12 @@ class StoreError(Exception):
 class StoreUnavailableError(StoreError):
     """The store cannot be reached, is locked or has no room; the same operation may
     succeed later. `cause` says why in an operator's words ("the disk holding the
-    database is full")."""
+    database is full"); `contended` is True when another writer holds the database."""
 
-    def __init__(self, message: str, cause: str = "the database is unavailable") -> None:
+    def __init__(
+        self, message: str, cause: str = "the database is unavailable", *, contended: bool = False
+    ) -> None:
         super().__init__(f"{message}: {cause}")
         self.cause = cause
+        # Another writer holds the database: it lets go on its own, usually soon.
+        self.contended = contended

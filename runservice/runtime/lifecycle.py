@@ -33,6 +33,9 @@ from runservice.runtime.writer import Writer
 
 logger = logging.getLogger(__name__)
 
+LOG_GIVEN_UP = "the server could not store its events; see the server log"
+"""The reason of a run whose log the store refused for good."""
+
 _FAILURE_CODES = {
     RunState.FAILED: "INTERNAL",
     RunState.STOPPED: "CANCELLED",
@@ -380,7 +383,10 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
         if live.log.broken is None:
             raise
         # Its log was given up while this event waited (it was dropped with the rest):
-        # once more, at the seq after the last one committed.
+        # whatever the agent did, events are lost, so the run failed; its end goes at the
+        # seq after the last one committed.
+        request = EndRequest(RunState.FAILED, LOG_GIVEN_UP)
+        outcome = _Outcome(request.state, live.partial, _failure_for(request), request.reason)
         await _commit_end(live, writer, clock, outcome)
     live.ended.set()
     logger.info("run %s ended %s", live.run_id, outcome.state.value)

@@ -50,7 +50,7 @@ from runservice.domain.model import (
 from runservice.domain.ports import Clock, EventEncoder, RunStore
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.feed import ChangeFeed
-from runservice.runtime.lifecycle import LiveRun, drive_run, start_now
+from runservice.runtime.lifecycle import LOG_GIVEN_UP, LiveRun, drive_run, start_now
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_LIMIT = 1000
 SHUTDOWN_SLACK_S = 2.5
 """Beyond the drain timeout and the stop grace, what shutdown may take to flush the writer."""
-LOG_GIVEN_UP = "the server could not store its events; see the server log"
 
 
 @dataclass(frozen=True)

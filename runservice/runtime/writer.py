@@ -8,7 +8,8 @@ lands on the producing agent, not on memory.
 
 A store that cannot take writes (locked, disk full, unreachable) is retried for as long as
 it lasts, so every log stays a gap-free prefix of what its run emitted and the outage
-ends with nothing lost. Once it has lasted `unhealthy_after`, the writer reports the store
+ends with nothing lost. Once it has lasted `unhealthy_after` (five times that for a lock
+another process holds, which it lets go on its own), the writer reports the store
 unhealthy (the server stops taking new runs) and withdraws the rows of runs not yet
 committed, so their callers hear "unavailable" rather than wait; while idle and unhealthy
 it probes the store until it takes writes again. A store that refuses one run's data for
@@ -36,6 +37,7 @@ MAX_PENDING_EVENTS = 20000
 RETRY_BACKOFF_MIN_S = 0.02
 RETRY_BACKOFF_MAX_S = 1.0
 UNHEALTHY_AFTER_S = 1.0
+LOCK_PATIENCE = 5  # times UNHEALTHY_AFTER_S: another writer's lock is waited out longer
 PROBE_INTERVAL_S = 1.0
 
 
@@ -317,10 +319,13 @@ class Writer:
 
     def _unhealthy(self, exc: StoreUnavailableError) -> None:
         now = asyncio.get_running_loop().time()
-        if self._failing_since is None:
+        if self._failing_since is None:  # the first failure of a streak, with its traceback
             self._failing_since = now
-        logger.warning("the store did not take a commit (%s); retrying", exc.cause, exc_info=exc)
-        if self._problem is None and now - self._failing_since >= self._unhealthy_after:
+            logger.warning("the store took no commit (%s); retrying", exc.cause, exc_info=exc)
+        else:
+            logger.debug("the store still takes no commit (%s); retrying", exc.cause)
+        patience = self._unhealthy_after * (LOCK_PATIENCE if exc.contended else 1)
+        if self._problem is None and now - self._failing_since >= patience:
             self._problem = exc.cause
             logger.error("the store takes no writes (%s): new runs are refused", exc.cause)
             self._notify(exc.cause)

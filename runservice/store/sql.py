@@ -68,7 +68,11 @@ async def open_store(
 ) -> SqlRunStore:
     """A store on `url`, schema migrated, with the codec of events' wire forms (if any)."""
     store = SqlRunStore(make_engine(url), encoder, decoder, make_writer_engine(url))
-    await store.migrate()
+    try:
+        await _once(store.migrate)
+    except BaseException:
+        await store.close()
+        raise
     return store
 
 
@@ -338,7 +342,7 @@ async def _retry_locked(attempt: Callable[[], Awaitable[T]]) -> T:
         try:
             return await _once(attempt)
         except StoreUnavailableError as exc:
-            if not _is_lock_error(exc.__cause__) or n == LOCK_RETRIES - 1:
+            if not exc.contended or n == LOCK_RETRIES - 1:
                 raise
             logger.warning("database is locked; retry %d of %d", n + 1, LOCK_RETRIES - 1)
             await asyncio.sleep(LOCK_BACKOFF_S * (2**n))
@@ -350,7 +354,10 @@ async def _once(attempt: Callable[[], Awaitable[T]]) -> T:
     try:
         return await attempt()
     except OperationalError as exc:
-        raise StoreUnavailableError("database operation failed", unavailable_cause(exc)) from exc
+        cause = unavailable_cause(exc)
+        raise StoreUnavailableError(
+            "database operation failed", cause, contended=cause == _CAUSES[1][1]
+        ) from exc
     except InterfaceError as exc:
         raise StoreUnavailableError(
             "database connection failed", "the database cannot be reached"
@@ -388,10 +395,6 @@ def unavailable_cause(exc: BaseException) -> str:
 
 def _is_disk_full(exc: BaseException) -> bool:
     return unavailable_cause(exc) == _CAUSES[0][1]
-
-
-def _is_lock_error(exc: BaseException | None) -> bool:
-    return exc is not None and unavailable_cause(exc) == _CAUSES[1][1]
 
 
 def _us(at: datetime | None) -> int | None:
