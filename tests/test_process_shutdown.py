@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import time
 from pathlib import Path
 
 import grpc
@@ -124,3 +126,48 @@ async def _check_after_restart(
         assert dict(stuck_after.result) == {"partial": True}
         assert stuck_after.stop_reason == "server shutdown"
         await channel.close()
+
+
+async def test_sigterm_while_another_process_holds_the_write_lock_ends_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while another process holds the database's write lock (for longer than the
+    whole shutdown): the server still exits 0 within drain + grace + 5 s, and once the lock
+    is gone a restart reconciles the run INTERRUPTED with a gap-free log."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    md = bearer(add_token(data_dir / "tokens.toml", "alice", []))
+    args = ["--drain-timeout", "1s", "--stop-grace", "1s"]
+    async with running_server(data_dir, args=args) as server:
+        async with grpc.aio.insecure_channel(server.addr) as channel:
+            stub = pb_grpc.RunServiceStub(channel)
+            run = (
+                await stub.StartRun(_request("ticker", count=100_000, interval=0.005), metadata=md)
+            ).run
+
+            async def ticked() -> bool:
+                got = await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=md)
+                return got.run.last_seq >= 10
+
+            await wait_for(ticked, limit=10)
+        holder = sqlite3.connect(data_dir / "runservice.db", timeout=30, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            began = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            code = await server.wait_exit(limit=1 + 1 + 5)
+            took = time.monotonic() - began
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert code == 0 and took <= 7, (code, took)
+    async with (
+        running_server(data_dir, args=args) as server,
+        grpc.aio.insecure_channel(server.addr) as channel,
+    ):
+        stub = pb_grpc.RunServiceStub(channel)
+        after = (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=md)).run
+        assert after.state == run_pb2.RUN_STATE_INTERRUPTED
+        events = await read_log(stub, md, run.run_id)
+        assert_gap_free(events)
+        assert events[-1].seq == after.last_seq and events[-1].state == after.state
