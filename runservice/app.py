@@ -138,6 +138,24 @@ def _jwt_settings(settings: Settings) -> JwtSettings:
         raise ConfigError(f"JWT: {exc}") from exc
 
 
+MIN_EVENT_SIZE = 1024
+MESSAGE_HEADROOM = 64 * 1024
+"""What a Subscribe response adds around its largest event, with room to spare."""
+
+
+def check_sizes(settings: Settings) -> None:
+    """ConfigError unless every event an agent may emit fits in one response message."""
+    if settings.max_event_size < MIN_EVENT_SIZE:
+        raise ConfigError(f"--max-event-size must be at least 1KiB (got {settings.max_event_size})")
+    needed = settings.max_event_size + MESSAGE_HEADROOM
+    if settings.max_send_message_size < needed:
+        raise ConfigError(
+            f"--max-send-message-size ({settings.max_send_message_size} bytes) must exceed "
+            f"--max-event-size by at least {MESSAGE_HEADROOM} bytes, so that every event "
+            f"fits in a response: raise it to {needed} or more"
+        )
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mTLS), or None."""
     if settings.tls_client_ca and not settings.tls_cert:
@@ -237,6 +255,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     _prepare_data_dir(settings.data_dir)
     with _file_refusals():
         authentication = build_authentication(settings)
+    check_sizes(settings)
     credentials = server_credentials(settings)
     if settings.dev_token:
         try:
@@ -309,6 +328,7 @@ async def _build_locked(
             drain_timeout=settings.drain_timeout,
             memory_grace=settings.memory_grace,
             retention=settings.retention,
+            max_event_bytes=settings.max_event_size,
             purge_interval=settings.purge_interval,
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,
@@ -337,6 +357,7 @@ async def _build_locked(
         server,
         authentication,
         StreamLimiter(settings.max_streams_per_user),
+        stall_timeout=settings.stream_stall_timeout,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

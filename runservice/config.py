@@ -97,6 +97,7 @@ class Settings:
     max_timeout: float = 0.0
     max_receive_message_size: int = 4 * 1024**2
     max_send_message_size: int = 16 * 1024**2
+    max_event_size: int = 1024**2
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     keepalive_min_ping_interval: float = 10.0
@@ -105,6 +106,7 @@ class Settings:
     max_connection_age_grace: float = 30.0
     max_metadata_size: int = 16 * 1024
     max_streams_per_user: int = 100
+    stream_stall_timeout: float = 60.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -192,6 +194,12 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("max-receive-message-size", "largest request message accepted", parse_size, "4MiB"),
     _Option("max-send-message-size", "largest response message sent", parse_size, "16MiB"),
+    _Option(
+        "max-event-size",
+        "largest event an agent may emit (encoded) and largest result it may return",
+        parse_size,
+        "1MiB",
+    ),
     _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),
     _Option("keepalive-timeout", "how long to wait for a keepalive ack", parse_duration, "20s"),
     _Option(
@@ -215,6 +223,13 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "max-streams-per-user", "open Subscribe/WatchRuns streams per user; 0 = no cap", int, "100"
+    ),
+    _Option(
+        "stream-stall-timeout",
+        "end a Subscribe/WatchRuns stream whose client takes nothing for this long "
+        "(UNAVAILABLE, STREAM_STALLED; clients resume)",
+        parse_duration,
+        "60s",
     ),
     _Option("tls-cert", "PEM certificate chain: serve TLS", Path, "none (plaintext)"),
     _Option("tls-key", "PEM private key of --tls-cert", Path, "none"),

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from runservice.app import ConfigError
+from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
-from tests.conftest import Harness, wait_for
+from tests.conftest import Harness, start_harness, wait_for
 from tests.fakes import gate
-from tests.helpers import error_info, start, struct
+from tests.helpers import error_info, read_all, start, struct
 
 MakeServer = Callable[..., Awaitable[Harness]]
 
@@ -91,3 +95,36 @@ async def test_streams_that_are_never_read_are_contained(server: Harness) -> Non
     assert done.run.run_id == run.run_id
     for call in stalled:
         call.cancel()
+
+
+async def test_an_event_over_max_event_size_is_refused_at_emit_with_a_clear_error(
+    make_server: Any,
+) -> None:
+    """With --max-event-size 2KiB, an agent emitting a 3,000-byte event gets an error at
+    emit that takes no seq; left uncaught, the run fails with a message naming the limit;
+    a result over the limit fails the run the same way."""
+    server = await make_server(max_event_size=2048)
+    alice = server.caller("alice")
+    run = await start(alice, "echo", text="x" * 3000)
+    events = await read_all(alice, run.run_id)
+    assert [e.seq for e in events] == [1, 2]
+    assert events[-1].state == run_pb2.RUN_STATE_FAILED
+    message = events[-1].error.message
+    assert "exceeds this server's limit of 2048 bytes (--max-event-size)" in message
+    assert "unexpectedly" not in message
+
+    words = await start(alice, "echo", text=" ".join(["word"] * 600))
+    events = await read_all(alice, words.run_id)
+    assert [e.type for e in events].count("token") == 600
+    assert events[-1].state == run_pb2.RUN_STATE_FAILED
+    assert "result of" in events[-1].error.message
+    assert "--max-event-size" in events[-1].error.message
+
+
+async def test_a_max_event_size_that_cannot_fit_a_response_is_refused_at_start(
+    tmp_path: Path, clock: Any
+) -> None:
+    """--max-event-size must leave room under --max-send-message-size: the server refuses
+    to start otherwise, saying what to raise."""
+    with pytest.raises(ConfigError, match="--max-send-message-size"):
+        await start_harness(tmp_path, clock, max_event_size=16 * 1024 * 1024)

@@ -30,6 +30,24 @@ class RunError(Exception):
     """Raised by an agent to fail its run with a message meant for the client."""
 
 
+class EventTooLargeError(RunError, ValueError):
+    """An event is larger than the server takes (--max-event-size). Uncaught, it fails the
+    run with this message: the client sees what was too large."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"an event of {size} bytes (encoded) {over_limit(limit)}")
+        self.size = size
+        self.limit = limit
+
+
+def over_limit(limit: int) -> str:
+    """The end of a message about something larger than `limit` bytes."""
+    return (
+        f"exceeds this server's limit of {limit} bytes (--max-event-size); split it into "
+        "smaller events, or store large data elsewhere and emit a reference"
+    )
+
+
 class RunClosedError(RuntimeError):
     """The run has ended; an abandoned agent can emit nothing more."""
 
@@ -69,7 +87,8 @@ class AgentContext(Protocol):
         """Appends an event to the run's log and returns its `seq`.
 
         At most one payload is given. Waits when the log's writer is behind (backpressure).
-        Raises RunClosedError once the run has ended.
+        Raises EventTooLargeError (taking no seq) for an event over the server's
+        --max-event-size, and RunClosedError once the run has ended.
         """
         ...
 

@@ -27,7 +27,7 @@ from runservice.domain.model import (
     RunState,
 )
 from runservice.domain.ports import Clock
-from runservice.runtime.agent import Agent, RunClosedError, RunError
+from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
 from runservice.runtime.runlog import RunLog
 from runservice.runtime.writer import Writer
 
@@ -90,10 +90,13 @@ class LiveRun:
 class RunContext:
     """The AgentContext handed to an agent."""
 
-    def __init__(self, live: LiveRun, writer: Writer, clock: Clock) -> None:
+    def __init__(
+        self, live: LiveRun, writer: Writer, clock: Clock, max_event_bytes: int = 0
+    ) -> None:
         self._live = live
         self._writer = writer
         self._clock = clock
+        self._max_event_bytes = max_event_bytes or MAX_EVENT_BYTES
 
     @property
     def run_id(self) -> str:
@@ -138,8 +141,8 @@ class RunContext:
         # Encoded here, once (the writer and every subscriber reuse the bytes), and
         # measured as sent, so every client can receive it.
         wire = event.wire = self._writer.encode(event)
-        if len(wire) > MAX_EVENT_BYTES:
-            raise ValueError(f"event of {len(wire)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
+        if len(wire) > self._max_event_bytes:
+            raise EventTooLargeError(len(wire), self._max_event_bytes)
         log.assign_seq()  # the seq is taken only by an event that will be stored
         await self._writer.append(log, event)
         return event.seq
@@ -150,7 +153,8 @@ class RunContext:
 
 
 MAX_EVENT_BYTES = 1024 * 1024
-"""The largest event payload an agent may emit, and the largest result it may return."""
+"""The default of the largest event an agent may emit (encoded, as sent to subscribers) and
+of the largest result it may return (as JSON): the server's --max-event-size."""
 
 
 def _json_size(value: Mapping[str, Any]) -> int:
@@ -174,6 +178,7 @@ async def drive_run(
     grace: float,
     on_start: Callable[[LiveRun], None],
     on_lost: Callable[[LiveRun], None],
+    max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> None:
     """Waits for the run's turn on its thread, runs the agent, records one terminal state.
 
@@ -181,7 +186,9 @@ async def drive_run(
     and its row stays unfinished until the next start reconciles it to INTERRUPTED.
     """
     try:
-        await _drive(live, agent, writer, clock, grace=grace, on_start=on_start)
+        await _drive(
+            live, agent, writer, clock, grace=grace, on_start=on_start, limit=max_event_bytes
+        )
     except StoreError:
         live.closed = True
         live.ended.set()
@@ -197,6 +204,7 @@ async def _drive(
     *,
     grace: float,
     on_start: Callable[[LiveRun], None],
+    limit: int,
 ) -> None:
     try:
         if not live.started:  # else it was committed RUNNING with its row (start_now)
@@ -216,7 +224,7 @@ async def _drive(
                 assert request is not None
                 await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
                 return
-        outcome = await _execute(live, agent, writer, clock, grace)
+        outcome = await _execute(live, agent, writer, clock, grace, limit=limit)
     except asyncio.CancelledError:
         # Only a shutdown that gave up on the grace period cancels the supervisor itself.
         outcome = _Outcome(
@@ -263,9 +271,9 @@ def _failure_for(request: EndRequest, when: str = "") -> RunFailure:
 
 
 async def _execute(
-    live: LiveRun, agent: Agent, writer: Writer, clock: Clock, grace: float
+    live: LiveRun, agent: Agent, writer: Writer, clock: Clock, grace: float, *, limit: int
 ) -> _Outcome:
-    ctx = RunContext(live, writer, clock)
+    ctx = RunContext(live, writer, clock, limit)
     agent_task = asyncio.create_task(agent(ctx, live.run.input), name=f"agent:{live.run_id}")
     awaited: set[asyncio.Future[Any]] = {agent_task, live.end_requested}
     try:
@@ -278,7 +286,7 @@ async def _execute(
         live.request_end(RunState.INTERRUPTED, "server shutdown")
         raise
     if agent_task in done and live.log.broken is None:
-        return _outcome_of(live, agent_task)
+        return _outcome_of(live, agent_task, limit)
     if agent_task in done:  # it ended on the error of its log, given up meanwhile
         request = live.end_request
         assert request is not None
@@ -316,7 +324,7 @@ async def _cancel_agent(
     return _Outcome(request.state, result=result, failure=failure, reason=request.reason)
 
 
-def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any]) -> _Outcome:
+def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any], limit: int) -> _Outcome:
     if agent_task.cancelled():  # the agent cancelled itself: treat it as a failure
         return _failed(live, RuntimeError("agent task was cancelled"))
     exc = agent_task.exception()
@@ -325,8 +333,9 @@ def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any]) -> _Outcome:
     result = agent_task.result()
     if result is not None and not isinstance(result, Mapping):
         return _failed(live, TypeError(f"agent returned {type(result).__name__}, not a mapping"))
-    if result is not None and _json_size(result) > MAX_EVENT_BYTES:
-        return _failed(live, ValueError(f"agent result exceeds {MAX_EVENT_BYTES} bytes"))
+    if result is not None and _json_size(result) > limit:
+        size = _json_size(result)
+        return _failed(live, RunError(f"the agent's result of {size} bytes {over_limit(limit)}"))
     return _Outcome(RunState.SUCCEEDED, result=dict(result) if result is not None else {})
 
 
