@@ -50,7 +50,13 @@ from runservice.domain.model import (
 from runservice.domain.ports import Clock, EventEncoder, RunStore
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.feed import ChangeFeed
-from runservice.runtime.lifecycle import LOG_GIVEN_UP, LiveRun, drive_run, start_now
+from runservice.runtime.lifecycle import (
+    LOG_GIVEN_UP,
+    MAX_EVENT_BYTES,
+    LiveRun,
+    drive_run,
+    start_now,
+)
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -80,6 +86,7 @@ class RuntimeSettings:
     default_timeout: float = 0.0  # 0: runs have no time limit unless they ask for one
     max_timeout: float = 0.0  # 0: no maximum
     retention: float = 7 * 86400.0
+    max_event_bytes: int = MAX_EVENT_BYTES
     purge_interval: float = 60.0
     purge_batch: int = 500
 
@@ -284,6 +291,7 @@ class RunManager:
             grace=self._settings.stop_grace,
             on_start=self._on_start,
             on_lost=self._on_lost,
+            max_event_bytes=self._settings.max_event_bytes,
         )
 
     def _with_timeout(self, request: StartRequest) -> StartRequest:
