@@ -33,7 +33,7 @@ from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings, is_loopback
-from runservice.domain.errors import StoreUnavailableError
+from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.ports import Clock
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
@@ -270,7 +270,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     if lock is not None:
         _acquire(lock)
     try:
-        with _file_refusals():
+        with _file_refusals(settings.db_url):
             return await _build_locked(settings, clock, authentication, credentials, lock)
     except BaseException:
         if lock is not None:
@@ -300,14 +300,17 @@ def _acquire(lock: FileLock) -> None:
 
 
 @contextlib.contextmanager
-def _file_refusals() -> Iterator[None]:
+def _file_refusals(db_url: str = "") -> Iterator[None]:
     """Re-raises a layer's refusal of the tokens file or the database as StartupError."""
+    where = f" ({_safe_url(db_url)})" if db_url else ""
     try:
         yield
     except (TokensFileError, DatabaseRefusedError) as exc:
         raise StartupError(str(exc)) from exc
     except StoreUnavailableError as exc:
-        raise StartupError(f"cannot start: {exc.cause}") from exc
+        raise StartupError(f"cannot start: {exc.cause}{where}") from exc
+    except StoreError as exc:
+        raise StartupError(f"cannot start: the database refused the work{where}") from exc
 
 
 async def _build_locked(

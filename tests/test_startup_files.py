@@ -17,10 +17,12 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from runservice.domain.model import Run, RunState
 from runservice.store import open_store
 from runservice.store.engine import sqlite_url
 from runservice.store.migrations import LATEST_VERSION
@@ -276,3 +278,44 @@ async def test_an_invalid_tokens_file_while_serving_keeps_the_previous_tokens(
     assert reply.agents
     assert any(str(tokens) in r.getMessage() for r in errors_logged.records)
     assert (await server.caller("bob").ListAgents(pb.ListAgentsRequest())).agents
+
+
+async def test_a_database_damaged_inside_stops_the_server_naming_the_corruption(
+    tmp_path: Path,
+) -> None:
+    """A runservice database whose header and schema read fine but whose run pages are
+    overwritten: one line saying the file is corrupt and naming it, status 1, file unchanged."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = data_dir / "runservice.db"
+
+    async def create() -> None:
+        store = await open_store(sqlite_url(str(db)))
+        runs = [
+            Run(
+                run_id=f"run-{i:05d}",
+                owner="alice",
+                agent="echo",
+                state=RunState.RUNNING,
+                created_at=datetime.now(UTC),
+                input={"text": "x" * 500},
+            )
+            for i in range(2000)
+        ]
+        await store.commit(runs, [], [])
+        await store.close()
+
+    await create()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(GARBAGE * 8)
+    before = digest(db)
+
+    result = await serve_until_exit(data_dir)
+
+    assert_refused(result, "the database file is corrupt", str(db))
+    assert digest(db) == before

@@ -363,7 +363,7 @@ async def _once(attempt: Callable[[], Awaitable[T]]) -> T:
             "database connection failed", "the database cannot be reached"
         ) from exc
     except DBAPIError as exc:
-        if _is_disk_full(exc) or exc.connection_invalidated:
+        if unavailable_cause(exc) in _LASTING or exc.connection_invalidated:
             raise StoreUnavailableError(
                 "database operation failed", unavailable_cause(exc)
             ) from exc
@@ -378,6 +378,7 @@ _CAUSES = (
     (("readonly", "read-only"), "the database is read-only"),
     (("disk i/o error",), "the disk holding the database reports I/O errors"),
     (("unable to open",), "the database file cannot be opened"),
+    (("malformed", "not a database", "corrupt"), "the database file is corrupt"),
     (("connection", "connect", "closed", "terminat"), "the database cannot be reached"),
 )
 
@@ -393,8 +394,9 @@ def unavailable_cause(exc: BaseException) -> str:
     return "the database refuses writes"
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    return unavailable_cause(exc) == _CAUSES[0][1]
+# Causes a driver may report as a plain database error: the database as a whole cannot
+# take the work until an operator acts (room on the disk, a restored file).
+_LASTING = frozenset({_CAUSES[0][1], "the database file is corrupt"})
 
 
 def _us(at: datetime | None) -> int | None:
