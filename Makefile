@@ -223,7 +223,7 @@ bench: $(VENV_STAMP)
 # The fault matrix (faults/): SIGKILL, SIGTERM, a held write lock, a full disk, bad files,
 # stuck and slow subscribers, a reconnect storm and lifecycle races, each against real
 # server processes and ended by one checker. Writes docs/reliability/faults.{json,md}
-# (a -k run updates its rows only). About 10 minutes on 2 cores.
+# (a -k run updates its rows only). About 2.5 minutes on 2 cores.
 # One row: make faults FAULTS_ARGS="-k sigkill_during_drain".
 FAULTS_ARGS ?=
 FAULTS_TIMEOUT ?= 300
