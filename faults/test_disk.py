@@ -87,8 +87,9 @@ async def test_disk_fills_while_runs_emit(tmp_path: Path, row: Row) -> None:
                     ids.append(run.run_id)
                 await asyncio.sleep(0.5)
                 filled = await asyncio.to_thread(fill, disk)
-                await start_during(load, FULL_S, starts)
+                calls = await start_during(load, FULL_S, starts)
                 free(disk)
+                await asyncio.gather(*calls)
                 for run_id in ids:
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await load.stop(run_id, load.owners[run_id])

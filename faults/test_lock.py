@@ -57,9 +57,12 @@ class WriteLock:
         await asyncio.to_thread(self._thread.join, 30)
 
 
-async def start_during(load: Load, seconds: float, outcomes: Counter[str]) -> None:
-    """Calls StartRun every 0.3 s for `seconds` (not waiting for earlier calls), then waits
-    for every call and counts its outcome (OK, or code:reason)."""
+async def start_during(
+    load: Load, seconds: float, outcomes: Counter[str]
+) -> list[asyncio.Task[None]]:
+    """Calls StartRun every 0.3 s for `seconds` (not waiting for earlier calls); returns the
+    calls, each counting its outcome (OK, or code:reason) when it ends. The caller ends the
+    outage first, then waits for them: a call may wait for the outage to end."""
 
     async def one() -> None:
         try:
@@ -75,7 +78,7 @@ async def start_during(load: Load, seconds: float, outcomes: Counter[str]) -> No
     while time.monotonic() < end:
         calls.append(asyncio.create_task(one()))
         await asyncio.sleep(0.3)
-    await asyncio.gather(*calls)
+    return calls
 
 
 async def emitting_runs(load: Load, count: int = 3000) -> list[str]:
@@ -100,7 +103,8 @@ async def lock_row(node: Node, row: Row, hold_s: float, *, count: int, stop: boo
         ids = await emitting_runs(load, count)
         await asyncio.sleep(0.5)
         async with WriteLock(node.db):
-            await start_during(load, hold_s, starts)
+            calls = await start_during(load, hold_s, starts)
+        await asyncio.gather(*calls)
         for run_id in ids if stop else ():  # a long outage may end runs, never hang them
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await load.stop(run_id, load.owners[run_id])
@@ -130,11 +134,12 @@ async def lock_row(node: Node, row: Row, hold_s: float, *, count: int, stop: boo
 
 async def test_write_lock_held_briefly(node: Node, row: Row) -> None:
     """An outside connection holds BEGIN EXCLUSIVE for 2 s while runs emit and StartRun is
-    called: StartRun succeeds or is refused UNAVAILABLE (never INTERNAL), the runs in flight
-    all SUCCEED (a brief lock harms none), every log is complete (checker), exit 0."""
+    called: every StartRun succeeds once the lock is gone (a lock is waited out for 5 s
+    before the store counts as unavailable), the runs in flight all SUCCEED, every log is
+    complete (checker), exit 0."""
     await lock_row(node, row, SHORT_LOCK_S, count=300, stop=False)
     outcomes = set(row.figures["start_outcomes_during_lock"])
-    assert outcomes <= {"OK", "UNAVAILABLE:STORE_UNAVAILABLE"}, outcomes
+    assert outcomes == {"OK"}, outcomes  # a lock shorter than the lock patience is waited out
     assert row.figures["emitting_runs_ended"] == {"SUCCEEDED": 3 * SCALE}
 
 
