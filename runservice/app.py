@@ -320,7 +320,13 @@ async def _build_locked(
     credentials: grpc.ServerCredentials | None,
     lock: FileLock | None,
 ) -> App:
-    store = await open_store(settings.db_url, encode_event, decode_event)
+    store = await open_store(
+        settings.db_url,
+        encode_event,
+        decode_event,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
     manager = RunManager(
         store,
         build_agents(settings),

@@ -51,6 +51,21 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
+def _count(least: int) -> Any:
+    """A parser of whole numbers of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below the least allowed, {least}")
+        return value
+
+    return parse
+
+
 def _choice(value: str, choices: tuple[str, ...]) -> str:
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
@@ -81,6 +96,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     data_dir: Path = field(default_factory=default_data_dir)
     db: str = ""
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
     tokens_file: Path | None = None
     agents: tuple[str, ...] = ()
     dev_token: bool = False
@@ -154,9 +171,21 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "db",
-        "database URL, sqlite+aiosqlite:///FILE",
+        "database URL, sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER[:PASS]@HOST:PORT/DB",
         str,
         "a SQLite file in the data directory",
+    ),
+    _Option(
+        "db-pool-size",
+        "PostgreSQL connections the server keeps open",
+        _count(1),
+        str(Settings.db_pool_size),
+    ),
+    _Option(
+        "db-max-overflow",
+        "PostgreSQL connections opened beyond --db-pool-size for a burst, then closed",
+        _count(0),
+        str(Settings.db_max_overflow),
     ),
     _Option("tokens-file", "TOML file of hashed bearer tokens", Path, "DATA_DIR/tokens.toml"),
     _Option("stop-grace", "how long a stopped agent may clean up", parse_duration, "5s"),

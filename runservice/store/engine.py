@@ -1,4 +1,4 @@
-"""Engine setup: SQLite pragmas for the embedded default, pool settings for servers."""
+"""Engine setup: SQLite pragmas for the embedded default, a connection pool for PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,25 +6,67 @@ import logging
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from runservice.store.preflight import DatabaseRefusedError
+
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+PG_CONNECT_TIMEOUT_S = 10
+"""How long a new PostgreSQL connection may take before the attempt counts as failed."""
+
+SUPPORTED = (
+    "SQLite (sqlite+aiosqlite:///FILE) or PostgreSQL (postgresql+asyncpg://USER@HOST:PORT/DB)"
+)
 
 # aiosqlite logs every statement with its parameters at DEBUG; parameters are run inputs
 # and event payloads, which must never reach the log, even at --log-level debug.
 logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """An async engine for `url`; SQLite files get WAL, a busy timeout and synchronous=NORMAL."""
-    parsed = make_url(url)
+def make_engine(
+    url: str, *, pool_size: int | None = None, max_overflow: int | None = None
+) -> AsyncEngine:
+    """An async engine for `url`; SQLite files get WAL, a busy timeout and synchronous=NORMAL.
+
+    A PostgreSQL engine pools up to `pool_size` connections, plus `max_overflow` opened
+    for a burst and closed after it (SQLAlchemy's defaults when None), each checked
+    before use (pool_pre_ping), so a restarted database costs no failed statement.
+    DatabaseRefusedError for a URL of any other database or driver.
+    """
+    parsed = check_url(url)
     # hide_parameters: a failed statement's error must not carry run inputs into the log.
-    if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
-    engine = create_async_engine(url, hide_parameters=True)
+    if parsed.get_backend_name() == "postgresql":
+        sizes = {"pool_size": pool_size, "max_overflow": max_overflow}
+        return create_async_engine(
+            parsed,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            connect_args={
+                "timeout": PG_CONNECT_TIMEOUT_S,
+                "server_settings": {"application_name": "runservice"},
+            },
+            **{name: size for name, size in sizes.items() if size is not None},
+        )
+    engine = create_async_engine(parsed, hide_parameters=True)
     _set_sqlite_pragmas(engine.sync_engine, SQLITE_BUSY_TIMEOUT_MS)
     return engine
+
+
+def check_url(url: str) -> URL:
+    """The parsed `url`; DatabaseRefusedError unless it names a database and driver
+    runservice supports (the message never shows the URL's password)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not quoted: a URL that does not parse may still hold a password.
+        raise DatabaseRefusedError(f"--db is not a database URL; use {SUPPORTED}") from None
+    supported = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+    if supported.get(parsed.get_backend_name()) != parsed.get_driver_name():
+        shown = parsed.render_as_string(hide_password=True)
+        raise DatabaseRefusedError(f"--db {shown}: runservice stores in {SUPPORTED}")
+    return parsed
 
 
 def make_writer_engine(url: str) -> Engine | None:

@@ -1,4 +1,8 @@
-"""Schema migrations, applied in order on start; each runs once, in its own transaction."""
+"""Schema migrations, applied in order on start; each runs once, in its own transaction.
+
+On PostgreSQL each migration's transaction first takes an advisory lock, so servers
+starting together on one database apply each step once, one after the other.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Connection, Index, MetaData, Table, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Column, Connection, Index, MetaData, String, Table, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.store import tables
 from runservice.store.preflight import check_schema, check_sqlite_file
@@ -27,27 +31,35 @@ class Migration:
 
 def _initial_schema(conn: Connection) -> None:
     # The tables as they were at version 1; later columns come from later migrations.
-    runs_v1 = Table(
-        "runs",
-        MetaData(),
-        *(
-            Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-            for c in tables.runs.columns
-            if c.name != "request_hash"
-        ),
-        *(Index(i.name, *(c.name for c in i.columns)) for i in tables.runs.indexes),
-    )
-    events_v1 = Table(
-        "run_events",
-        MetaData(),
-        *(
-            Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-            for c in tables.events.columns
-            if c.name != "wire"
-        ),
-    )
-    for table in (runs_v1, tables.run_labels, events_v1):
+    runs_v1 = _as_created(conn, tables.runs, without="request_hash")
+    events_v1 = _as_created(conn, tables.events, without="wire")
+    for table in (runs_v1, _as_created(conn, tables.run_labels), events_v1):
         table.create(conn)
+
+
+def _as_created(conn: Connection, table: Table, without: str = "") -> Table:
+    """`table` without the column `without`, as `conn`'s database creates it.
+
+    PostgreSQL compares run ids in the "C" collation, byte by byte as SQLite does: ListRuns
+    pages by run id, and a locale's collation may order ids otherwise (it skips
+    punctuation), besides being slower.
+    """
+    bytewise = conn.dialect.name == "postgresql"
+    return Table(
+        table.name,
+        MetaData(),
+        *(
+            Column(
+                c.name,
+                String(64, collation="C") if bytewise and c.name == "run_id" else c.type,
+                primary_key=c.primary_key,
+                nullable=c.nullable,
+            )
+            for c in table.columns
+            if c.name != without
+        ),
+        *(Index(i.name, *(c.name for c in i.columns), unique=i.unique) for i in table.indexes),
+    )
 
 
 def _request_ids(conn: Connection) -> None:
@@ -89,13 +101,13 @@ async def migrate(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         await conn.run_sync(check_schema, where, LATEST_VERSION)
     async with engine.begin() as conn:
+        await _exclusive(conn)
         await conn.run_sync(lambda c: tables.schema_version.create(c, checkfirst=True))
-    async with engine.connect() as conn:
-        done = set((await conn.execute(select(tables.schema_version.c.version))).scalars())
     for step in MIGRATIONS:
-        if step.version in done:
-            continue
         async with engine.begin() as conn:
+            await _exclusive(conn)
+            if await _applied(conn, step.version):
+                continue
             await conn.run_sync(step.apply)
             await conn.execute(
                 tables.schema_version.insert().values(
@@ -106,3 +118,20 @@ async def migrate(engine: AsyncEngine) -> int:
             )
         logger.info("applied schema migration %d: %s", step.version, step.description)
     return LATEST_VERSION
+
+
+_MIGRATION_LOCK = 0x72756E7376630001  # "runsvc" 1: an advisory lock key of our own
+
+
+async def _exclusive(conn: AsyncConnection) -> None:
+    """On PostgreSQL, waits for the migration lock, held until the transaction ends.
+
+    SQLite needs none: one server process at a time uses a SQLite file (store/lock.py).
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+
+
+async def _applied(conn: AsyncConnection, version: int) -> bool:
+    version_c = tables.schema_version.c.version
+    return (await conn.execute(select(version_c).where(version_c == version))).first() is not None

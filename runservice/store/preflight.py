@@ -39,7 +39,8 @@ def check_schema(conn: Connection, where: str, latest: int) -> None:
     if schema.name not in names:
         raise DatabaseRefusedError(
             f"{where} is not a runservice database: it has tables ({', '.join(sorted(names))}) "
-            f"and no {schema.name} table; point --db at a new file"
+            f"and no {schema.name} table; point --db at a new "
+            + ("file" if conn.dialect.name == "sqlite" else "database")
         )
     newest = conn.execute(select(func.max(schema.c.version))).scalar()
     if newest is not None and newest > latest:

@@ -6,16 +6,19 @@ a commit thread (see _CommitThread). Reads go through SQLAlchemy, replay pages t
 the driver's own rows. Driver errors stay here: "database is locked" is retried a
 bounded number of times; a database that stays locked or cannot be reached surfaces as
 StoreUnavailableError (worth retrying later), any other driver error as StoreError.
+PostgreSQL's errors are told apart by their SQLSTATE code, SQLite's by their message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -24,6 +27,7 @@ from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, tex
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
@@ -64,10 +68,20 @@ _TERMINAL = frozenset(s.value for s in RunState if s.terminal)
 
 
 async def open_store(
-    url: str, encoder: EventEncoder | None = None, decoder: EventDecoder | None = None
+    url: str,
+    encoder: EventEncoder | None = None,
+    decoder: EventDecoder | None = None,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
 ) -> SqlRunStore:
-    """A store on `url`, schema migrated, with the codec of events' wire forms (if any)."""
-    store = SqlRunStore(make_engine(url), encoder, decoder, make_writer_engine(url))
+    """A store on `url`, schema migrated, with the codec of events' wire forms (if any).
+
+    `pool_size` and `max_overflow` size a database server's connection pool (SQLAlchemy's
+    defaults when None); a SQLite file ignores them.
+    """
+    engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+    store = SqlRunStore(engine, encoder, decoder, make_writer_engine(url))
     try:
         await _once(store.migrate)
     except BaseException:
@@ -161,7 +175,7 @@ class SqlRunStore:
     async def get_run(self, scope: Scope, run_id: str) -> Run | None:
         """The run, when `scope` may see it."""
         query = select(tables.runs).where(tables.runs.c.run_id == run_id)
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await self._read(conn, query)).first()
             if row is None or not scope.allows(row.owner):
                 return None
@@ -192,7 +206,7 @@ class SqlRunStore:
         if before_run_id is not None:
             conditions.append(r.run_id < before_run_id)
         query = select(tables.runs).where(*conditions).order_by(r.run_id.desc()).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await self._read(conn, query)).all()
             labels = await self._labels(conn, [row.run_id for row in rows])
         return [_run_from_row(row, labels.get(row.run_id, {})) for row in rows]
@@ -206,7 +220,7 @@ class SqlRunStore:
             .order_by(e.seq)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await self._read(conn, query)).all()
         return [self._event_from_row(row) for row in rows]
 
@@ -219,7 +233,7 @@ class SqlRunStore:
 
     async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
         """A page of the run's log in wire form; rows stored before encoding are encoded now."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await _retry_locked(
                 lambda: conn.exec_driver_sql(self._page_sql, (run_id, from_seq, limit))
             )
@@ -261,7 +275,7 @@ class SqlRunStore:
         """The scope's user's run started with `request_id`, if any."""
         r = tables.runs.c
         query = select(tables.runs).where(r.owner == scope.user, r.request_id == request_id)
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await self._read(conn, query)).first()
             if row is None:
                 return None
@@ -305,7 +319,7 @@ class SqlRunStore:
             .where(r.state.in_(active))
             .order_by(r.run_id)
         )
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await self._read(conn, query)).all()
             labels = await self._labels(conn, [row.run_id for row in rows])
         return [
@@ -322,6 +336,13 @@ class SqlRunStore:
         for run_id, key, value in (await self._read(conn, query)).all():
             found.setdefault(run_id, {})[key] = value
         return found
+
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection for reads; failing to get one is a store error too."""
+        with _driver_errors():
+            async with self._engine.connect() as conn:
+                yield conn
 
     async def _read(self, conn: AsyncConnection, query: Any) -> Any:
         return await _retry_locked(lambda: conn.execute(query))
@@ -351,25 +372,40 @@ async def _retry_locked(attempt: Callable[[], Awaitable[T]]) -> T:
 
 async def _once(attempt: Callable[[], Awaitable[T]]) -> T:
     """Runs `attempt`, turning driver errors into store errors that name their cause."""
-    try:
+    with _driver_errors():
         return await attempt()
-    except OperationalError as exc:
-        cause = unavailable_cause(exc)
-        raise StoreUnavailableError(
-            "database operation failed", cause, contended=cause == _CAUSES[1][1]
-        ) from exc
-    except InterfaceError as exc:
-        raise StoreUnavailableError(
-            "database connection failed", "the database cannot be reached"
-        ) from exc
+
+
+@contextlib.contextmanager
+def _driver_errors() -> Iterator[None]:
+    """Turns the driver errors raised inside into store errors that name their cause."""
+    try:
+        yield
     except DBAPIError as exc:
-        if unavailable_cause(exc) in _LASTING or exc.connection_invalidated:
-            raise StoreUnavailableError(
-                "database operation failed", unavailable_cause(exc)
-            ) from exc
-        raise StoreError("database refused the operation") from exc
-    except OSError as exc:  # the driver's own files (a journal, a lock) on a full disk
+        raise _store_error(exc) from exc
+    except OSError as exc:  # the driver's own files on a full disk; a server out of reach
         raise StoreUnavailableError("database operation failed", unavailable_cause(exc)) from exc
+    except PoolTimeoutError as exc:
+        raise StoreUnavailableError("database connection failed", _POOL_BUSY) from exc
+
+
+def _store_error(exc: DBAPIError) -> StoreError:
+    """The store error for a driver's error: unavailable (retry later) or refused for good."""
+    cause = _sqlstate_cause(exc)
+    if cause is not None:
+        return StoreUnavailableError(
+            "database operation failed", cause, contended=cause == _PG_CONTENDED
+        )
+    if isinstance(exc, OperationalError):
+        cause = unavailable_cause(exc)
+        return StoreUnavailableError(
+            "database operation failed", cause, contended=cause == _CAUSES[1][1]
+        )
+    if isinstance(exc, InterfaceError):
+        return StoreUnavailableError("database connection failed", _UNREACHABLE)
+    if unavailable_cause(exc) in _LASTING or exc.connection_invalidated:
+        return StoreUnavailableError("database operation failed", unavailable_cause(exc))
+    return StoreError("database refused the operation")
 
 
 _CAUSES = (
@@ -383,11 +419,45 @@ _CAUSES = (
 )
 
 
+_UNREACHABLE = _CAUSES[-1][1]
+_POOL_BUSY = "every pooled database connection is busy (see --db-pool-size)"
+_PG_CONTENDED = "the database aborted the transaction in a conflict with another one"
+
+# PostgreSQL's errors by SQLSTATE code, or the class it starts with: those worth retrying
+# later. Anything else (a constraint, a bug) is the data's fault: StoreError.
+_SQLSTATE_CAUSES = (
+    ("08", _UNREACHABLE),  # connection exception
+    ("57P", _UNREACHABLE),  # admin or crash shutdown, cannot connect now, database dropped
+    ("57014", "the database cancelled the statement (a timeout or an operator)"),
+    ("53100", _CAUSES[0][1]),  # disk_full
+    ("53300", "the database has no connection slots left (see its max_connections)"),
+    ("53", "the database is out of memory or other resources"),
+    ("25006", "the database is read-only"),
+    ("28", "the database refuses the login (check the user and password in --db)"),
+    ("3D000", "the database named in --db does not exist"),
+    ("40", _PG_CONTENDED),  # serialization failure, deadlock
+)
+_OUT_OF_REACH = (ConnectionError, TimeoutError, socket.gaierror)
+_OUT_OF_REACH_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
+
+
+def _sqlstate_cause(exc: DBAPIError) -> str | None:
+    """The cause a PostgreSQL error's SQLSTATE names, if it is one worth retrying later."""
+    code = getattr(exc.orig, "sqlstate", None)
+    if not isinstance(code, str):
+        return None
+    return next((cause for prefix, cause in _SQLSTATE_CAUSES if code.startswith(prefix)), None)
+
+
 def unavailable_cause(exc: BaseException) -> str:
     """Why the database cannot take work now, in an operator's words."""
     text = str(getattr(exc, "orig", None) or exc).lower()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return _CAUSES[0][1]
+    if isinstance(exc, _OUT_OF_REACH) or (
+        isinstance(exc, OSError) and exc.errno in _OUT_OF_REACH_ERRNOS
+    ):
+        return _UNREACHABLE
     for needles, cause in _CAUSES:
         if any(needle in text for needle in needles):
             return cause
@@ -528,7 +598,8 @@ class _MultiRow:
     a step of the database and a hand-off of the GIL; its SQL is the one-row statement
     with the VALUES group repeated, checked at start against SQLAlchemy's own two-row
     statement (compiling a 512-row statement would take SQLAlchemy half a second).
-    Other drivers get the one-row statement and all the rows to run it for.
+    Other drivers get the one-row statement and all the rows to run it for (asyncpg's
+    executemany sends them in one round trip).
     """
 
     def __init__(
