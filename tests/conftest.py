@@ -1,8 +1,9 @@
-"""Fixtures: a real grpc.aio server on a loopback port over a real SQLite file."""
+"""Fixtures: a real grpc.aio server on a loopback port over a real SQLite file, and a
+private PostgreSQL server for the tests that ask for one."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from runservice.config import Settings
 from runservice.tokens import add_token
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 from tests.fakes import GATES, TIMELINE, FakeClock
+from tests.pgserver import PgServer, start_or_skip
 from tests.serverproc import wait_for
 
 __all__ = ["Harness", "start_harness", "wait_for"]
@@ -72,6 +74,15 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
     address = f"127.0.0.1:{app.port}"
     channel = grpc.aio.insecure_channel(address)
     return Harness(app, address, clock, channel, tokens)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A PostgreSQL server of the session's own, started on first use (skipped when
+    PostgreSQL is not installed, failed when CI is set)."""
+    server = start_or_skip()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

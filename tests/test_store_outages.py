@@ -39,8 +39,8 @@ async def failing(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Failing
     """Every server the test starts gets a FailingStore in front of its real store."""
     made: list[FailingStore] = []
 
-    async def open_failing(url: str, *args: Any) -> Any:
-        store = FailingStore(await open_store(url, *args))
+    async def open_failing(url: str, *args: Any, **kwargs: Any) -> Any:
+        store = FailingStore(await open_store(url, *args, **kwargs))
         made.append(store)
         return store
 
