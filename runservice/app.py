@@ -143,17 +143,26 @@ MESSAGE_HEADROOM = 64 * 1024
 """What a Subscribe response adds around its largest event, with room to spare."""
 
 
-def check_sizes(settings: Settings) -> None:
-    """ConfigError unless every event an agent may emit fits in one response message."""
-    if settings.max_event_size < MIN_EVENT_SIZE:
-        raise ConfigError(f"--max-event-size must be at least 1KiB (got {settings.max_event_size})")
-    needed = settings.max_event_size + MESSAGE_HEADROOM
-    if settings.max_send_message_size < needed:
+def event_size_limit(settings: Settings) -> int:
+    """The largest event agents may emit: --max-event-size, lowered (with a warning) to what
+    fits in a response under --max-send-message-size; ConfigError if that is below 1KiB."""
+    room = settings.max_send_message_size - MESSAGE_HEADROOM
+    if min(room, settings.max_event_size) < MIN_EVENT_SIZE:
         raise ConfigError(
-            f"--max-send-message-size ({settings.max_send_message_size} bytes) must exceed "
-            f"--max-event-size by at least {MESSAGE_HEADROOM} bytes, so that every event "
-            f"fits in a response: raise it to {needed} or more"
+            f"--max-event-size must be at least 1KiB and --max-send-message-size at least "
+            f"{MIN_EVENT_SIZE + MESSAGE_HEADROOM} bytes (got {settings.max_event_size} and "
+            f"{settings.max_send_message_size})"
         )
+    if settings.max_event_size <= room:
+        return settings.max_event_size
+    logger.warning(
+        "--max-event-size %d does not fit in a response under --max-send-message-size %d: "
+        "events are limited to %d bytes",
+        settings.max_event_size,
+        settings.max_send_message_size,
+        room,
+    )
+    return room
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -255,7 +264,6 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     _prepare_data_dir(settings.data_dir)
     with _file_refusals():
         authentication = build_authentication(settings)
-    check_sizes(settings)
     credentials = server_credentials(settings)
     if settings.dev_token:
         try:
@@ -337,7 +345,7 @@ async def _build_locked(
             drain_timeout=settings.drain_timeout,
             memory_grace=settings.memory_grace,
             retention=settings.retention,
-            max_event_bytes=settings.max_event_size,
+            max_event_bytes=event_size_limit(settings),
             purge_interval=settings.purge_interval,
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,

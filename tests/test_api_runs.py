@@ -283,9 +283,10 @@ async def test_list_agents_names_the_builtins(server: Harness) -> None:
 async def test_an_event_above_the_payload_limit_fails_the_run_not_the_server(
     server: Harness,
 ) -> None:
-    """An agent emitting an oversize event gets an error; the run fails with an error id."""
+    """An agent emitting an oversize event gets an error; the run fails with a message
+    naming the limit (--max-event-size), and the server goes on."""
     alice = server.caller("alice")
     run = await start(alice, "ticker", count=2, size=1_100_000)
     events = await read_all(alice, run.run_id)
     assert events[-1].state == run_pb2.RUN_STATE_FAILED
-    assert "error id" in events[-1].error.message
+    assert "--max-event-size" in events[-1].error.message

@@ -121,10 +121,22 @@ async def test_an_event_over_max_event_size_is_refused_at_emit_with_a_clear_erro
     assert "--max-event-size" in events[-1].error.message
 
 
-async def test_a_max_event_size_that_cannot_fit_a_response_is_refused_at_start(
+async def test_events_are_held_to_what_fits_in_a_response(make_server: Any) -> None:
+    """With --max-send-message-size 1MiB, events are limited to 1MiB less 64KiB whatever
+    --max-event-size says, so every event an agent emits can be sent."""
+    server = await make_server(max_send_message_size=1024 * 1024)
+    alice = server.caller("alice")
+    run = await start(alice, "ticker", count=1, size=1_000_000)
+    events = await read_all(alice, run.run_id)
+    assert events[-1].state == run_pb2.RUN_STATE_FAILED
+    assert "limit of 983040 bytes (--max-event-size)" in events[-1].error.message
+    fits = await start(alice, "ticker", count=1, size=900_000)
+    assert (await read_all(alice, fits.run_id))[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+
+
+async def test_a_send_limit_too_small_for_any_event_is_refused_at_start(
     tmp_path: Path, clock: Any
 ) -> None:
-    """--max-event-size must leave room under --max-send-message-size: the server refuses
-    to start otherwise, saying what to raise."""
+    """A --max-send-message-size that leaves no room for a 1KiB event stops the server."""
     with pytest.raises(ConfigError, match="--max-send-message-size"):
-        await start_harness(tmp_path, clock, max_event_size=16 * 1024 * 1024)
+        await start_harness(tmp_path, clock, max_send_message_size=32 * 1024)
