@@ -328,6 +328,10 @@ async def _build_locked(
     credentials: grpc.ServerCredentials | None,
     lock: FileLock | None,
 ) -> App:
+    # Everything that can refuse the options comes before the store opens.
+    agents = build_agents(settings)
+    max_event_bytes = event_size_limit(settings)
+    page_tokens = PageTokens(load_secret(settings.data_dir / "secret.key"))
     store = await open_store(
         settings.db_url,
         encode_event,
@@ -337,7 +341,7 @@ async def _build_locked(
     )
     manager = RunManager(
         store,
-        build_agents(settings),
+        agents,
         clock or SystemClock(),
         encode_event,
         RuntimeSettings(
@@ -345,7 +349,7 @@ async def _build_locked(
             drain_timeout=settings.drain_timeout,
             memory_grace=settings.memory_grace,
             retention=settings.retention,
-            max_event_bytes=event_size_limit(settings),
+            max_event_bytes=max_event_bytes,
             purge_interval=settings.purge_interval,
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,
@@ -365,7 +369,7 @@ async def _build_locked(
     server = grpc.aio.server(options=server_options(settings))
     servicer = RunServiceServicer(
         manager,
-        PageTokens(load_secret(settings.data_dir / "secret.key")),
+        page_tokens,
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
     )
     add_authenticated_service(
