@@ -151,6 +151,7 @@ class Writer:
         # emits without pause cannot take every freed place from the others.
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = _Batch()  # the batch being committed (or retried), if any
         self._closing = False
         self._failing_since: float | None = None
         self._problem: str | None = None
@@ -243,8 +244,8 @@ class Writer:
             return
         task.cancel()
         await asyncio.wait({task})
-        abandoned = self._pending
-        self._pending = _Batch()
+        abandoned, self._pending = self._pending, _Batch()
+        abandoned.merge(self._in_flight)
         if abandoned:
             self._fail(abandoned, StoreUnavailableError("shutting down", "not committed in time"))
         logger.warning("shutdown: the store did not take the last writes in time; abandoned")
@@ -290,6 +291,7 @@ class Writer:
     async def _commit(self, batch: _Batch) -> None:
         """Commits `batch`, retrying while the store is unavailable (see the module doc)."""
         delay = RETRY_BACKOFF_MIN_S
+        self._in_flight = batch
         while batch:
             try:
                 await self._store.commit(
@@ -301,6 +303,7 @@ class Writer:
                 self._unhealthy(exc)
                 if self._problem is not None:
                     batch = self._withdraw_new_runs(batch, self._problem)
+                self._in_flight = batch
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
                 continue
@@ -315,6 +318,7 @@ class Writer:
             self._healthy()
             self._publish(batch)
             break
+        self._in_flight = _Batch()
         self._let_in()
 
     def _unhealthy(self, exc: StoreUnavailableError) -> None:
