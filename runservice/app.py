@@ -362,6 +362,7 @@ async def _build_locked(
         ),
     )
     try:
+        await store.claim()
         await manager.start()
     except BaseException:
         await store.close()

@@ -45,6 +45,7 @@ from runservice.domain.model import (
 from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.store import migrations, tables
 from runservice.store.engine import make_engine, make_writer_engine
+from runservice.store.lock import DatabaseInUseError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ _Plan = list[tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]]
 LOCK_RETRIES = 8
 LOCK_BACKOFF_S = 0.05
 INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
+
+SERVER_LOCK_KEY = 0x72756E73657276  # "runserv": the PostgreSQL advisory lock of claim()
 
 # Portable SQL that writes a page: it rewrites the newest schema row as it is.
 _PROBE_SQL = (
@@ -107,6 +110,7 @@ class SqlRunStore:
         writer: Engine | None = None,
     ) -> None:
         self._engine = engine
+        self._claim: AsyncConnection | None = None
         self._writer = None if writer is None else _CommitThread(writer)
         self._encoder = encoder
         self._decoder = decoder
@@ -120,8 +124,39 @@ class SqlRunStore:
         """Brings the schema up to date."""
         await migrations.migrate(self._engine)
 
+    async def claim(self) -> None:
+        """Makes this process the only server on a PostgreSQL database, for as long as the
+        store is open (a SQLite file has its FileLock instead).
+
+        Raises DatabaseInUseError while another server holds the database: at start a
+        server reconciles every unfinished run, which is only right when no other server
+        runs them.
+        """
+        if self._engine.dialect.name != "postgresql" or self._claim is not None:
+            return
+
+        async def take() -> bool:
+            conn = await self._engine.connect()
+            result = await conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({SERVER_LOCK_KEY})")
+            if result.scalar():
+                self._claim = conn
+                return True
+            await conn.close()
+            return False
+
+        if not await _once(take):
+            raise DatabaseInUseError(
+                "another runservice server is using this PostgreSQL database; several "
+                "servers on one database are not supported yet: stop it, or give this one "
+                "a database of its own"
+            )
+
     async def close(self) -> None:
-        """Releases every pooled connection."""
+        """Releases every pooled connection (and the claim on the database)."""
+        if self._claim is not None:
+            with contextlib.suppress(Exception):  # a connection the server already dropped
+                await self._claim.close()
+            self._claim = None
         await self._engine.dispose()
         if self._writer is not None:
             self._writer.close()

@@ -13,7 +13,7 @@ from runservice.domain.errors import StoreUnavailableError
 from runservice.domain.model import RunFilter, RunState, Scope
 from runservice.store import SqlRunStore, open_store
 from runservice.store.engine import check_url
-from runservice.store.lock import lock_for
+from runservice.store.lock import DatabaseInUseError, lock_for
 from runservice.store.migrations import MIGRATIONS
 from runservice.store.preflight import DatabaseRefusedError, check_sqlite_file
 from tests.pgserver import PgServer, free_port
@@ -183,3 +183,21 @@ def test_only_supported_urls_are_accepted() -> None:
         assert "postgresql+asyncpg://" in str(caught.value)
         assert "hunter2" not in str(caught.value)
     assert check_url("postgresql+asyncpg://u:pw@h:5432/db").get_backend_name() == "postgresql"
+
+
+async def test_one_server_per_database_until_replicas_exist(postgres: PgServer) -> None:
+    """A second store claiming a PostgreSQL database another one holds is refused (its start
+    would interrupt the first one's runs); once the first closes, the claim succeeds."""
+    name = postgres.create_database()
+    first = await open_store(postgres.url(name))
+    second = await open_store(postgres.url(name))
+    try:
+        await first.claim()
+        with pytest.raises(DatabaseInUseError, match="another runservice server"):
+            await second.claim()
+        await first.close()
+        await second.claim()
+    finally:
+        await first.close()
+        await second.close()
+        postgres.drop_database(name)

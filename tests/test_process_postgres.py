@@ -1,0 +1,93 @@
+"""`runservice serve` on PostgreSQL: a real server process over a private PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf import struct_pb2
+
+from runservice.tokens import add_token
+from runservice.v1 import run_pb2
+from runservice.v1 import run_service_pb2 as pb
+from runservice.v1 import run_service_pb2_grpc as pb_grpc
+from tests.pgserver import PgServer
+from tests.serverproc import (
+    assert_gap_free,
+    bearer,
+    free_port,
+    read_log,
+    running_server,
+    server_env,
+    wait_for,
+)
+
+
+def _ticker(count: int, interval: float) -> pb.StartRunRequest:
+    struct = struct_pb2.Struct()
+    struct.update({"count": count, "interval": interval})
+    return pb.StartRunRequest(agent="ticker", input=struct)
+
+
+async def test_a_server_on_postgresql_serves_survives_a_kill_and_stays_alone(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """A server on PostgreSQL runs and replays a run; SIGKILLed mid-run and restarted, it
+    reconciles the run INTERRUPTED with a gap-free log; a second server on the same database
+    is refused with one line while the first runs."""
+    db = postgres.create_database()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    md = bearer(add_token(data_dir / "tokens.toml", "alice", []))
+    args = ["--db", postgres.url(db)]
+    try:
+        async with running_server(data_dir, args=args) as server:
+            async with grpc.aio.insecure_channel(server.addr) as channel:
+                stub = pb_grpc.RunServiceStub(channel)
+                done = (await stub.StartRun(_ticker(20, 0.0), metadata=md)).run
+                events = await read_log(stub, md, done.run_id)
+                assert_gap_free(events)
+                assert events[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+                ticking = (await stub.StartRun(_ticker(100_000, 0.005), metadata=md)).run
+
+                async def ticked() -> bool:
+                    got = await stub.GetRun(pb.GetRunRequest(run_id=ticking.run_id), metadata=md)
+                    return got.run.last_seq >= 10
+
+                await wait_for(ticked, limit=10)
+            second = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "runservice",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--data-dir",
+                str(tmp_path / "second"),
+                *args,
+                stderr=asyncio.subprocess.PIPE,
+                env=server_env(),
+            )
+            _, err = await asyncio.wait_for(second.communicate(), 30)
+            lines = [line for line in err.decode().splitlines() if line.strip()]
+            assert second.returncode == 1, lines
+            assert "another runservice server is using this PostgreSQL database" in lines[-1]
+            assert not any("Traceback" in line for line in lines)
+            await server.kill()
+        async with (
+            running_server(data_dir, args=args) as server,
+            grpc.aio.insecure_channel(server.addr) as channel,
+        ):
+            stub = pb_grpc.RunServiceStub(channel)
+            after = (await stub.GetRun(pb.GetRunRequest(run_id=ticking.run_id), metadata=md)).run
+            assert after.state == run_pb2.RUN_STATE_INTERRUPTED
+            events = await read_log(stub, md, ticking.run_id)
+            assert_gap_free(events)
+            assert events[-1].seq == after.last_seq
+            replay = await read_log(stub, md, done.run_id)
+            assert_gap_free(replay)
+            assert replay[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+    finally:
+        postgres.drop_database(db)
