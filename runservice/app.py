@@ -235,25 +235,26 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def load_secret(path: Path) -> bytes:
-    """The server's signing secret (page tokens), created mode 600 on first start."""
+def proposed_secret(path: Path) -> bytes:
+    """The page-token key this server proposes to the database: a `secret.key` left in the
+    data directory by an earlier release (so its page tokens stay valid), else a new one."""
     try:
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
+            return secrets.token_bytes(32)
         secret = path.read_bytes()
     except OSError as exc:
         raise StartupError(f"cannot use the signing secret {path}: {exc.strerror}") from exc
     if len(secret) < SECRET_MIN_BYTES:
         raise StartupError(
             f"the signing secret {path} is too short ({len(secret)} bytes); delete it and "
-            "restart to create a new one (page tokens issued before become invalid)"
+            "restart (page tokens issued before become invalid)"
         )
     return secret
 
 
 SECRET_MIN_BYTES = 16
+PAGE_TOKEN_SECRET = "page-tokens"
+"""The name of the page-token signing key among the database's shared secrets."""
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> App:
@@ -331,7 +332,7 @@ async def _build_locked(
     # Everything that can refuse the options comes before the store opens.
     agents = build_agents(settings)
     max_event_bytes = event_size_limit(settings)
-    page_tokens = PageTokens(load_secret(settings.data_dir / "secret.key"))
+    proposed = proposed_secret(settings.data_dir / "secret.key")
     store = await open_store(
         settings.db_url,
         encode_event,
@@ -363,8 +364,10 @@ async def _build_locked(
     )
     try:
         await store.claim()
-        await manager.start()
+        await manager.start()  # reads every unfinished run first: a damaged file shows here
+        page_tokens = PageTokens(await store.shared_secret(PAGE_TOKEN_SECRET, proposed))
     except BaseException:
+        await manager.shutdown(0)
         await store.close()
         raise
     server = grpc.aio.server(options=server_options(settings))

@@ -45,6 +45,11 @@ class RunStore(Protocol):
         """
         ...
 
+    async def shared_secret(self, name: str, proposed: bytes) -> bytes:
+        """The secret `name` shared by every server of the database: the one stored, or
+        `proposed`, stored now, when there is none."""
+        ...
+
     async def probe(self) -> None:
         """Writes and commits a little, as a check that the store takes writes again.
 

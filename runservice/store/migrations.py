@@ -80,10 +80,15 @@ def _add_wire(conn: Connection) -> None:
     conn.execute(text(f"ALTER TABLE run_events ADD COLUMN wire {blob}"))
 
 
+def _secrets(conn: Connection) -> None:
+    tables.secrets.create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
     Migration(2, "idempotency keys and the retention index", _request_ids),
     Migration(3, "encoded events for replay", _add_wire),
+    Migration(4, "secrets every server of the database shares", _secrets),
 )
 
 

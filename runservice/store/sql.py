@@ -124,6 +124,25 @@ class SqlRunStore:
         """Brings the schema up to date."""
         await migrations.migrate(self._engine)
 
+    async def shared_secret(self, name: str, proposed: bytes) -> bytes:
+        """The secret called `name` that every server of this database shares: the one
+        stored, or `proposed`, stored now, if there is none yet."""
+        table = tables.secrets
+        insert = (
+            _insert_for(self._engine)(table)
+            .values(name=name, value=proposed)
+            .on_conflict_do_nothing(index_elements=[table.c.name])
+        )
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(insert)
+
+        await self._write(work)
+        async with self._engine.connect() as conn:
+            query = select(table.c.value).where(table.c.name == name)
+            value = (await self._read(conn, query)).scalar_one()
+        return bytes(value)
+
     async def claim(self) -> None:
         """Makes this process the only server on a PostgreSQL database, for as long as the
         store is open (a SQLite file has its FileLock instead).

@@ -77,3 +77,11 @@ events = Table(
     # Added by migration 3: the encoded RunEvent, served as is on replay.
     Column("wire", LargeBinary, nullable=True),
 )
+
+# Added by migration 4: keys every server of the database shares (the page-token key).
+secrets = Table(
+    "runservice_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)

@@ -25,7 +25,7 @@ from runservice.store.engine import sqlite_url
 from tests.pgserver import PgServer
 
 BACKENDS = ("sqlite", "postgresql")
-TABLES = ("runs", "run_labels", "run_events")
+TABLES = ("runs", "run_labels", "run_events", "runservice_secrets")
 """The tables of runs and their logs (the schema's own table stays)."""
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -79,6 +79,22 @@ async def test_probe_writes_on_a_healthy_store(store: SqlRunStore) -> None:
     assert await ids(store, ALICE) == ["r1"]
 
 
+async def test_a_shared_secret_is_the_first_one_proposed(
+    store: SqlRunStore, store_url: str
+) -> None:
+    """shared_secret stores the first proposal and returns it to every later caller, on
+    this store and on another one opened on the same database."""
+    first = await store.shared_secret("page-tokens", b"a" * 32)
+    assert first == b"a" * 32
+    assert await store.shared_secret("page-tokens", b"b" * 32) == first
+    assert await store.shared_secret("other", b"c" * 32) == b"c" * 32
+    again = await open_store(store_url)
+    try:
+        assert await again.shared_secret("page-tokens", b"d" * 32) == first
+    finally:
+        await again.close()
+
+
 # --- commit ---------------------------------------------------------------------------
 
 
