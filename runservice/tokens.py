@@ -12,6 +12,11 @@ from typing import Any
 import tomli_w
 
 
+def hash_token(token: str) -> str:
+    """The SHA-256 hex digest under which a token is stored (the only form ever kept)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def new_token() -> str:
     """A fresh random bearer token."""
     return "rs_" + secrets.token_urlsafe(32)
@@ -25,7 +30,7 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
         with path.open("rb") as f:
             doc = tomllib.load(f)
         doc.setdefault("tokens", [])
-    entry: dict[str, Any] = {"user": user, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    entry: dict[str, Any] = {"user": user, "sha256": hash_token(token)}
     if roles:
         entry["roles"] = roles
     doc["tokens"].append(entry)
@@ -42,7 +47,7 @@ def has_token(path: Path, token: str) -> bool:
     """True when the tokens file holds `token`'s digest."""
     if not path.exists():
         return False
-    digest = hashlib.sha256(token.encode()).hexdigest()
+    digest = hash_token(token)
     with path.open("rb") as f:
         doc = tomllib.load(f)
     return any(item.get("sha256", "").lower() == digest for item in doc.get("tokens", []))

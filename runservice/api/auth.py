@@ -11,7 +11,6 @@ calls too.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import logging
 import os
 import string
@@ -27,6 +26,7 @@ from runservice.api import status
 from runservice.api.limits import StreamLimiter
 from runservice.domain.errors import AuthenticationError, CredentialsMissingError
 from runservice.domain.model import Principal
+from runservice.tokens import hash_token
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ class Authenticator(Protocol):
     def authenticate(self, token: str) -> Principal:
         """The principal the token stands for."""
         ...
-
-
-def hash_token(token: str) -> str:
-    """The SHA-256 hex digest under which a token is stored."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class TokensFileError(ValueError):
