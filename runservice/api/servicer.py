@@ -86,7 +86,9 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         batches = await self._manager.subscribe(current_principal(), run_id, request.from_seq)
         async for batch in batches:
             # Events carry their wire form, encoded once at commit: concatenate, don't convert.
-            yield convert.subscribe_response_bytes(batch)
+            message = convert.subscribe_response_bytes(batch)
+            del batch  # a write the client is slow to take holds the message alone
+            yield message
 
     async def DeleteRun(
         self, request: pb.DeleteRunRequest, context: Context

@@ -59,6 +59,7 @@ from runservice.runtime.lifecycle import (
 )
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
+from runservice.runtime.subscription import ReadLimits, Subscription
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ class RuntimeSettings:
     memory_grace: float = 300.0
     sweep_interval: float = 1.0
     batch_max_events: int = 2000
-    batch_max_bytes: int = 1024 * 1024
+    batch_max_bytes: int = 64 * 1024  # one SubscribeResponse: what a stalled stream holds
+    page_max_events: int = 2000
+    page_max_bytes: int = 256 * 1024  # one store read, kept while its reader keeps up
+    read_ahead_hold: float = 0.25
     window_events: int = WINDOW_EVENTS
     window_bytes: int = WINDOW_BYTES
     writer_max_batch: int = MAX_BATCH_EVENTS
@@ -106,6 +110,14 @@ class RunManager:
         self._agents = agents
         self._clock = clock
         self._settings = settings or RuntimeSettings()
+        s = self._settings
+        self._read_limits = ReadLimits(
+            s.batch_max_events,
+            s.batch_max_bytes,
+            s.page_max_events,
+            s.page_max_bytes,
+            s.read_ahead_hold,
+        )
         self._live: dict[str, LiveRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._feed = ChangeFeed()
@@ -463,56 +475,15 @@ class RunManager:
         cursor = max(from_seq, 1)
         if cursor > run.last_seq + 1:
             raise SeqOutOfRangeError(run_id, from_seq, run.last_seq)
-        return self._follow(run_id, cursor)
-
-    async def _follow(self, run_id: str, cursor: int) -> AsyncIterator[Sequence[EncodedEvent]]:
-        live = self._live.get(run_id)
-        if live is not None:
-            live.subscribers += 1
-        s = self._settings
-        page = MIN_PAGE
-        try:
-            while True:
-                events = await self._next_events(run_id, live, cursor, page)
-                if events is None:
-                    return
-                page = _next_page(events, s.batch_max_bytes, s.batch_max_events)
-                for batch in _batches(events, s.batch_max_events, s.batch_max_bytes):
-                    yield batch
-                    if batch[-1].terminal:
-                        return
-                cursor = events[-1].seq + 1
-        finally:
-            if live is not None:
-                live.subscribers -= 1
-                live.idle_since = self._clock.now()
-
-    async def _next_events(
-        self, run_id: str, live: LiveRun | None, cursor: int, page: int
-    ) -> Sequence[EncodedEvent] | None:
-        """The next events from `cursor` (waiting for them if live); None at the end.
-
-        A store read fetches `page` events: sized from the previous page to about one
-        batch's bytes, so a slow subscriber holds about one batch in memory.
-        """
-        s = self._settings
-        while True:
-            if live is not None and live.log.abandoned:
-                raise DatabaseUnavailableError("this run's end could not be stored")
-            if live is not None:
-                window = live.log.read(cursor, s.batch_max_events, s.batch_max_bytes)
-                if window:
-                    return window
-                if window == [] and live.log.finished:
-                    return None
-                if window == []:
-                    await live.log.wait_beyond(cursor - 1)
-                    continue
-            events = await self._store.read_encoded(run_id, cursor, page)
-            if events:
-                return events
-            if live is None:
-                return None  # finished and evicted: the store holds the whole log
+        subscription = Subscription(
+            self._store,
+            run_id,
+            self._live.get(run_id),
+            cursor,
+            limits=self._read_limits,
+            clock=self._clock,
+        )
+        return subscription.batches()
 
     async def watch(
         self, principal: Principal, run_filter: RunFilter, *, all_users: bool
@@ -626,31 +597,3 @@ class RunManager:
     def in_memory(self, run_id: str) -> bool:
         """True while the run is held in memory (for tests and metrics)."""
         return run_id in self._live
-
-
-MIN_PAGE = 64
-
-
-def _next_page(events: Sequence[EncodedEvent], max_bytes: int, max_events: int) -> int:
-    """How many events to read next: about `max_bytes` worth, judging by these events."""
-    average = max(1, sum(len(e.wire) for e in events) // len(events))
-    return max(MIN_PAGE, min(max_events, max_bytes // average))
-
-
-def _batches(
-    events: Sequence[EncodedEvent], max_events: int, max_bytes: int
-) -> list[list[EncodedEvent]]:
-    """Consecutive slices of `events`, each within the count and byte bounds (never empty)."""
-    out: list[list[EncodedEvent]] = []
-    current: list[EncodedEvent] = []
-    size = 0
-    for event in events:
-        event_size = len(event.wire)
-        if current and (len(current) >= max_events or size + event_size > max_bytes):
-            out.append(current)
-            current, size = [], 0
-        current.append(event)
-        size += event_size
-    if current:
-        out.append(current)
-    return out
