@@ -382,6 +382,7 @@ async def _build_locked(
         server,
         authentication,
         StreamLimiter(settings.max_streams_per_user),
+        stall_timeout=settings.stream_stall_timeout,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -255,6 +255,8 @@ def add_authenticated_service(
     server: grpc.aio.Server,
     authentication: Authentication,
     streams: StreamLimiter,
+    *,
+    stall_timeout: float,
 ) -> None:
     """Registers a service whose every method authenticates first and maps its errors.
 
@@ -271,7 +273,9 @@ def add_authenticated_service(
 
     captured = _Registration()
     add_to_server(servicer, captured)
-    handlers = {name: _wrap(h, prepare, streams) for name, h in captured.handlers.items()}
+    handlers = {
+        name: _wrap(h, prepare, streams, stall_timeout) for name, h in captured.handlers.items()
+    }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(captured.service, handlers),)
     )
@@ -294,7 +298,9 @@ class _Registration:
         self.handlers = dict(handlers)
 
 
-def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Handler:
+def _wrap(
+    handler: Any, prepare: status.Prepare, streams: StreamLimiter, stall_timeout: float
+) -> Handler:
     deserialize = status.lenient(handler.request_deserializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -304,7 +310,7 @@ def _wrap(handler: Any, prepare: status.Prepare, streams: StreamLimiter) -> Hand
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            status.wrap_stream(handler.unary_stream, prepare, streams),
+            status.wrap_stream(handler.unary_stream, prepare, streams, stall_timeout),
             request_deserializer=deserialize,
             response_serializer=_bytes_or(handler.response_serializer),
         )

@@ -9,9 +9,10 @@ exceptions become INTERNAL with an error id; their text goes to the log, never t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,29 +137,88 @@ def wrap_unary(behavior: Callable[..., Any], prepare: Prepare) -> Callable[..., 
 
 
 def wrap_stream(
-    behavior: Callable[..., AsyncIterator[Any]], prepare: Prepare, streams: StreamLimiter
-) -> Callable[..., AsyncIterator[Any]]:
+    behavior: Callable[..., AsyncIterator[Any]],
+    prepare: Prepare,
+    streams: StreamLimiter,
+    stall_timeout: float,
+) -> Callable[..., Awaitable[None]]:
     """A server-streaming behaviour: authenticated, capped per user, ended when the
-    credentials expire (UNAUTHENTICATED, TOKEN_EXPIRED), errors mapped to statuses."""
+    credentials expire (UNAUTHENTICATED, TOKEN_EXPIRED) or when the client takes nothing
+    for `stall_timeout` seconds (UNAVAILABLE, STREAM_STALLED), errors mapped to statuses.
 
-    async def stream(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+    The handler writes each response itself (grpc.aio's reader/writer form) so that a
+    write can be timed. A write completes once the client's flow-control window has taken
+    the whole message, and the next item is produced only then: a client that stops
+    reading stops the stream where it is, holding one message.
+    """
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        principal: Principal | None = None
         try:
             principal = prepare(context)
             _check_decoded(request)
             with streams.hold(principal.user):
-                async for item in _until_expiry(behavior(request, context), principal):
-                    yield item
+                items = _until_expiry(behavior(request, context), principal)
+                await _write_all(context, items, stall_timeout)
         except grpc.aio.AbortError:
             raise
+        except errors.StreamStalledError as exc:
+            await _end_stalled(context, exc, principal)
         except Exception as exc:
             await abort(context, exc)
 
     return stream
 
 
-async def _until_expiry(items: AsyncIterator[Any], principal: Principal) -> AsyncIterator[Any]:
+async def _write_all(
+    context: grpc.aio.ServicerContext[Any, Any],
+    items: AsyncGenerator[Any, None],
+    stall_timeout: float,
+) -> None:
+    """Writes every item; raises StreamStalledError when one is not taken in time."""
+    async with contextlib.aclosing(items):
+        sent_headers = False
+        async for item in items:
+            # The headers go first, on their own: a status can then follow a write that
+            # never completed (grpc.aio would otherwise send them again, and fail).
+            if not sent_headers:
+                await _within(context.send_initial_metadata(()), stall_timeout)
+                sent_headers = True
+            await _within(context.write(item), stall_timeout)
+
+
+async def _within(write: Awaitable[None], stall_timeout: float) -> None:
+    try:
+        async with asyncio.timeout(stall_timeout):
+            await write
+    except TimeoutError:
+        raise errors.StreamStalledError(
+            stall_timeout,
+            "read faster, or resume from your last seq + 1 (WatchRuns: open a new watch)",
+        ) from None
+    except grpc.aio.InternalError:
+        # The call is over (the client left, or the server is stopping): there is nobody to
+        # tell, and grpc.aio ends a cancelled call quietly.
+        raise asyncio.CancelledError from None
+
+
+async def _end_stalled(
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: errors.StreamStalledError,
+    principal: Principal | None,
+) -> None:
+    """Ends a stalled stream. Its status waits behind the message still being written:
+    the client sees it after the data it has, whenever it reads again."""
+    user = principal.user if principal is not None else "?"
+    logger.info("ended a stream of user %s: %s", user, exc.message)
+    # The client may leave before its status can be sent: then nothing is owed to it.
+    with contextlib.suppress(grpc.aio.InternalError):
+        await abort(context, exc)
+
+
+async def _until_expiry(
+    items: AsyncIterator[Any], principal: Principal
+) -> AsyncGenerator[Any, None]:
     if principal.expires_at is None:
         async for item in items:
             yield item
