@@ -19,8 +19,13 @@ from typing import Any
 
 import grpc
 import psutil
+import pytest
 from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2, status_pb2
 
+from runservice.api.limits import StreamLimiter
+from runservice.api.status import wrap_stream
+from runservice.domain.model import Principal
 from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
@@ -206,3 +211,54 @@ async def test_stuck_subscribers_cost_little_server_memory_and_others_keep_worki
     assert len(replay) == TOTAL
     assert_gap_free(replay)
     assert per_stuck_mb < PER_STUCK_BOUND_MB
+
+
+class StuckContext:
+    """A servicer context whose writes are never taken, as with a client that reads nothing."""
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+        self.status: tuple[grpc.StatusCode, Any] | None = None
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        """Headers are not flow-controlled: sent at once."""
+
+    async def write(self, item: Any) -> None:
+        """Never completes."""
+        self.written.append(item)
+        await asyncio.Event().wait()
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
+        """Records the status, then raises as grpc.aio does."""
+        self.status = (code, dict(trailing))
+        raise grpc.aio.AbortError("aborted")
+
+
+async def test_any_stream_whose_write_is_not_taken_ends_unavailable_stream_stalled() -> None:
+    """The stream wrapper (Subscribe and WatchRuns alike) ends a stream whose write is not
+    taken within the stall timeout with UNAVAILABLE STREAM_STALLED, and releases the
+    producer and the user's stream slot first."""
+    closed = asyncio.Event()
+
+    async def updates(request: Any, context: Any) -> Any:
+        try:
+            for n in range(1000):
+                yield n
+        finally:
+            closed.set()
+
+    limiter = StreamLimiter(1)
+    handler = wrap_stream(updates, lambda _: Principal("alice"), limiter, 0.05)
+    context = StuckContext()
+    with pytest.raises(grpc.aio.AbortError):
+        await handler(object(), context)
+    assert context.written == [0]
+    assert closed.is_set()
+    with limiter.hold("alice"):  # the slot is free again
+        pass
+    assert context.status is not None
+    code, trailing = context.status
+    details = status_pb2.Status.FromString(trailing["grpc-status-details-bin"]).details
+    info = error_details_pb2.ErrorInfo()
+    details[0].Unpack(info)
+    assert (code, info.reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_STALLED")

@@ -137,7 +137,7 @@ def wrap_unary(behavior: Callable[..., Any], prepare: Prepare) -> Callable[..., 
 
 
 def wrap_stream(
-    behavior: Callable[..., AsyncIterator[Any]],
+    behavior: Callable[..., AsyncGenerator[Any, None]],
     prepare: Prepare,
     streams: StreamLimiter,
     stall_timeout: float,
@@ -158,8 +158,8 @@ def wrap_stream(
             principal = prepare(context)
             _check_decoded(request)
             with streams.hold(principal.user):
-                items = _until_expiry(behavior(request, context), principal)
-                await _write_all(context, items, stall_timeout)
+                async with contextlib.aclosing(behavior(request, context)) as produced:
+                    await _write_all(context, _until_expiry(produced, principal), stall_timeout)
         except grpc.aio.AbortError:
             raise
         except errors.StreamStalledError as exc:
