@@ -239,6 +239,9 @@ async def _drive(
 async def _wait_turn(live: LiveRun, writer: Writer, clock: Clock) -> bool:
     """Waits until every predecessor on the thread has ended; False if ended meanwhile."""
     waiting = [p for p in live.predecessors if not p.ended.is_set()]
+    # Let go of them: each would hold its own predecessors, so on a thread that never
+    # idles every run it ever had would stay reachable from the newest one.
+    live.predecessors = []
     if not waiting:
         return live.end_request is None
     event = RunEvent(

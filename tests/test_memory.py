@@ -1,0 +1,51 @@
+"""What runs leave behind in the server's memory once they have come and gone."""
+
+from __future__ import annotations
+
+import gc
+from functools import partial
+from typing import Any
+
+from runservice.runtime.lifecycle import LiveRun
+from runservice.v1 import run_pb2
+from runservice.v1 import run_service_pb2 as pb
+from tests.conftest import Harness, wait_for
+from tests.fakes import gate
+from tests.helpers import TERMINAL, struct
+
+RUNS = 30
+
+
+async def _ended(caller: Any, run_id: str) -> bool:
+    run = (await caller.GetRun(pb.GetRunRequest(run_id=run_id))).run
+    return run.state in TERMINAL
+
+
+def _live_runs_held() -> int:
+    gc.collect()
+    return sum(isinstance(o, LiveRun) for o in gc.get_objects())
+
+
+async def test_runs_queued_on_a_thread_that_never_idles_leave_memory_when_evicted(
+    server: Harness,
+) -> None:
+    """A thread always busy (each run queued behind the one before) holds no ended run:
+    after N runs have come and gone, memory holds as many runs as after the first."""
+    alice = server.caller("alice")
+    manager = server.app.manager
+    previous = None
+    for i in range(RUNS):
+        request = pb.StartRunRequest(
+            agent="gated",
+            input=struct(gate=f"g{i}"),
+            thread_id="t1",
+            multitask_strategy=run_pb2.MULTITASK_STRATEGY_ENQUEUE,
+        )
+        run = (await alice.StartRun(request)).run
+        if previous is not None:  # the run before ends, leaves its grace, is evicted
+            gate(f"g{i - 1}").set()
+            await wait_for(partial(_ended, alice, previous))
+            server.clock.advance(301)
+            assert manager.sweep() == 1
+        previous = run.run_id
+    assert _live_runs_held() <= 2  # the last run, and the one before while it is freed
