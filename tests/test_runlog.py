@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -79,3 +80,26 @@ def test_held_events_are_nothing_the_garbage_collector_visits() -> None:
     gc.collect()
     assert len(gc.get_objects()) - before < 16
     assert len(log.read(1, 10_000, 1 << 30) or []) == 4096
+
+
+def test_a_finished_window_keeps_its_events_in_one_buffer_not_one_bytes_object_each() -> None:
+    """Once the terminal event is published, the log lets go of every event's own bytes
+    object (one buffer stays, freed in one piece) and still reads each wire form exactly."""
+    log = RunLog("r", window_events=50)
+    events = _events(log, 80, end=True)
+    wires = [e.wire or b"" for e in events]
+    held = [sys.getrefcount(wire) for wire in wires]
+    log.publish(events[:30])
+    live = [sys.getrefcount(wire) for wire in wires]
+    assert live[:30] == [n + 1 for n in held[:30]]  # the live window holds each one
+    log.publish(events[30:])
+    finished = [sys.getrefcount(wire) for wire in wires]
+    assert finished == held
+    assert log.read(30, 100, 1 << 20) is None  # the window's bounds still apply
+    read = log.read(31, 100, 1 << 20) or []
+    assert read == [EncodedEvent(e.seq, e.wire or b"", e.terminal) for e in events[30:]]
+    assert [e.seq for e in log.read(79, 100, 1 << 20) or []] == [79, 80]
+    assert [e.seq for e in log.read(40, 3, 1 << 20) or []] == [40, 41, 42]
+    assert [e.seq for e in log.read(40, 100, 2 * len(wires[40])) or []] == [40, 41]
+    assert [e.seq for e in log.read(40, 100, 1) or []] == [40]  # never an empty batch
+    assert log.read(81, 100, 1 << 20) == []
