@@ -71,6 +71,23 @@ def test_unknown_exceptions_become_internal_without_their_text(
     assert "secret detail" in caplog.text
 
 
+def test_a_store_that_cannot_be_reached_is_unavailable_with_its_cause_only() -> None:
+    """A store error worth retrying is UNAVAILABLE (STORE_UNAVAILABLE) naming the cause in
+    words; the driver's own text never reaches the client."""
+    try:
+        raise OSError("connection refused to 10.0.0.7:5432 as user secret_admin")
+    except OSError as driver:
+        try:
+            raise errors.StoreUnavailableError(
+                "read failed", "the database cannot be reached"
+            ) from driver
+        except errors.StoreUnavailableError as exc:
+            result = status.to_status(exc)
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    assert "the database cannot be reached" in result.details
+    assert "secret_admin" not in result.details and "10.0.0.7" not in result.details
+
+
 def test_every_proto_run_state_has_a_domain_twin() -> None:
     """RunState values map one to one between proto and domain (UNSPECIFIED excepted)."""
     proto_values = set(run_pb2.RunState.values()) - {run_pb2.RUN_STATE_UNSPECIFIED}

@@ -24,7 +24,6 @@ from grpc_status import rpc_status
 from runservice.api.limits import StreamLimiter
 from runservice.domain import errors
 from runservice.domain.model import Principal
-from runservice.runtime.feed import WatchLaggedError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] =
     (errors.StreamStalledError, grpc.StatusCode.UNAVAILABLE),
     (errors.AdminOnlyError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (WatchLaggedError, grpc.StatusCode.ABORTED),
+    (errors.WatchLaggedError, grpc.StatusCode.ABORTED),
 )
 
 
@@ -71,7 +70,14 @@ def rich_status(
 
 
 def to_status(exc: BaseException) -> grpc.Status:
-    """The status a client sees for `exc`."""
+    """The status a client sees for `exc`.
+
+    A store that cannot be reached or read now is UNAVAILABLE (STORE_UNAVAILABLE) with its
+    cause in words (never the driver's text), so clients retry or resume as for any
+    UNAVAILABLE.
+    """
+    if isinstance(exc, errors.StoreUnavailableError):
+        exc = errors.DatabaseUnavailableError(exc.cause)
     if isinstance(exc, errors.RunServiceError):
         return rich_status(status_for(exc), exc.message, exc.reason, exc.metadata)
     error_id = uuid.uuid4().hex[:16]

@@ -170,6 +170,18 @@ class TokenExpiredError(AuthenticationError):
     reason = "TOKEN_EXPIRED"
 
 
+class WatchLaggedError(RunServiceError):
+    """A watcher fell too far behind the changes and must reopen its watch."""
+
+    reason = "WATCH_LAGGED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this watch fell too far behind the changes and was closed; open a new watch "
+            "(it starts with a fresh snapshot)"
+        )
+
+
 class DatabaseUnavailableError(RunServiceError):
     """The store cannot take writes right now; the work was refused before anything was
     written. `cause` says why, in words an operator can act on."""

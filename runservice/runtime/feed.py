@@ -6,22 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from runservice.domain.errors import RunServiceError
+from runservice.domain.errors import WatchLaggedError
 from runservice.domain.model import RunChange, RunFilter, Scope, WatchUpdate
 
 WATCH_QUEUE_LIMIT = 10_000
-
-
-class WatchLaggedError(RunServiceError):
-    """A watcher fell too far behind the changes and must reopen its watch."""
-
-    reason = "WATCH_LAGGED"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "this watch fell too far behind the changes and was closed; open a new watch "
-            "(it starts with a fresh snapshot)"
-        )
 
 
 @dataclass(eq=False)
