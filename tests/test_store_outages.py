@@ -11,6 +11,7 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runservice import app as app_module
 from runservice.app import SERVICE_NAME
-from runservice.domain.model import RunState
+from runservice.domain.model import Run, RunState, Scope
+from runservice.runtime.lifecycle import reconcile_orphans
 from runservice.store import open_store
+from runservice.store.engine import sqlite_url
 from runservice.store.sql import unavailable_cause
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness
-from tests.fakes import FailingStore, gate
+from tests.fakes import FailingStore, FakeClock, gate
 from tests.helpers import TERMINAL, error_info, read_all, seqs, start, struct
 from tests.serverproc import wait_for
 
@@ -270,3 +273,25 @@ def test_a_full_disk_is_named_as_such() -> None:
     assert unavailable_cause(sqlite3.OperationalError("database is locked")) == (
         "the database is locked by another process"
     )
+
+
+async def test_reconciliation_at_start_waits_out_a_lock_held_by_another_process(
+    tmp_path: Path,
+) -> None:
+    """A start that finds unfinished runs while another process holds the write lock for a
+    moment waits for it, then ends them INTERRUPTED right after their last event."""
+    path = tmp_path / "runservice.db"
+    store = await open_store(sqlite_url(str(path)))
+    run = Run("orphan", "alice", "echo", RunState.RUNNING, datetime.now(UTC), last_seq=0)
+    await store.commit([run], [], [])
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = asyncio.get_running_loop().call_later(0.6, holder.execute, "COMMIT")
+    try:
+        assert await reconcile_orphans(store, FakeClock()) == 1
+    finally:
+        release.cancel()
+        holder.close()
+    got = await store.get_run(Scope("alice"), "orphan")
+    assert got is not None and (got.state, got.last_seq) == (RunState.INTERRUPTED, 1)
+    await store.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from runservice.domain.errors import StoreError
+from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import (
     STATE_EVENT,
     Run,
@@ -26,7 +26,7 @@ from runservice.domain.model import (
     RunFailure,
     RunState,
 )
-from runservice.domain.ports import Clock
+from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
 from runservice.runtime.runlog import RunLog
 from runservice.runtime.writer import Writer
@@ -426,3 +426,57 @@ async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Out
         last_seq=event.seq,
     )
     await writer.commit_run(event=(live.log, event), updated=updated)
+
+
+ORPHAN_FAILURE = RunFailure(
+    "UNAVAILABLE", "interrupted: the server stopped while the run was active"
+)
+RECONCILE_ATTEMPTS = 40  # with RECONCILE_PAUSE_S: a lock held by another process for 10 s
+RECONCILE_PAUSE_S = 0.25
+
+
+async def reconcile_orphans(store: RunStore, clock: Clock) -> int:
+    """Ends every run a previous server left unfinished: INTERRUPTED, with its terminal
+    event right after the last event its log really reached. Returns how many.
+
+    A lock another process holds on the database is waited out for about 10 s; any other
+    StoreUnavailableError is raised (the server cannot start).
+    """
+    for attempt in range(1, RECONCILE_ATTEMPTS + 1):
+        try:
+            return await _reconcile_once(store, clock)
+        except StoreUnavailableError as exc:
+            if not exc.contended or attempt == RECONCILE_ATTEMPTS:
+                raise
+            await asyncio.sleep(RECONCILE_PAUSE_S)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _reconcile_once(store: RunStore, clock: Clock) -> int:
+    orphans = await store.unfinished_runs()
+    if not orphans:
+        return 0
+    now = clock.now()
+    events, updated = [], []
+    for run in orphans:
+        end = RunEvent(
+            run_id=run.run_id,
+            seq=run.last_seq + 1,
+            at=now,
+            type=STATE_EVENT,
+            state=RunState.INTERRUPTED,
+            error=ORPHAN_FAILURE,
+        )
+        events.append(end)
+        updated.append(
+            run.replace(
+                state=RunState.INTERRUPTED,
+                error=ORPHAN_FAILURE,
+                ended_at=now,
+                stop_reason="server restarted",
+                last_seq=end.seq,
+            )
+        )
+    await store.commit([], events, updated)
+    logger.warning("marked %d runs orphaned by the previous process INTERRUPTED", len(orphans))
+    return len(orphans)

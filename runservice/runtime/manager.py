@@ -32,15 +32,12 @@ from runservice.domain.errors import (
     ThreadBusyError,
 )
 from runservice.domain.model import (
-    STATE_EVENT,
     AgentInfo,
     EncodedEvent,
     MultitaskStrategy,
     Principal,
     Run,
     RunChange,
-    RunEvent,
-    RunFailure,
     RunFilter,
     RunState,
     Scope,
@@ -55,6 +52,7 @@ from runservice.runtime.lifecycle import (
     MAX_EVENT_BYTES,
     LiveRun,
     drive_run,
+    reconcile_orphans,
     start_now,
 )
 from runservice.runtime.policies import Admission, Limits, request_fingerprint
@@ -139,7 +137,7 @@ class RunManager:
 
     async def start(self) -> None:
         """Reconciles runs orphaned by a previous process, then starts the background tasks."""
-        await self._reconcile_orphans()
+        await reconcile_orphans(self._store, self._clock)
         self._writer.start()
         self._spawn(self._sweep_loop(), name="runservice-sweeper")
         self._spawn(self._purge_loop(), name="runservice-purger")
@@ -218,38 +216,6 @@ class RunManager:
                 task.cancel()
             if stuck:  # (its terminal state is then queued: the writer's close waits for it)
                 await asyncio.wait(stuck, timeout=0.5)
-
-    async def _reconcile_orphans(self) -> None:
-        orphans = await self._store.unfinished_runs()
-        if not orphans:
-            return
-        now = self._clock.now()
-        failure = RunFailure(
-            "UNAVAILABLE", "interrupted: the server stopped while the run was active"
-        )
-        events, updated = [], []
-        for run in orphans:
-            events.append(
-                RunEvent(
-                    run_id=run.run_id,
-                    seq=run.last_seq + 1,
-                    at=now,
-                    type=STATE_EVENT,
-                    state=RunState.INTERRUPTED,
-                    error=failure,
-                )
-            )
-            updated.append(
-                run.replace(
-                    state=RunState.INTERRUPTED,
-                    error=failure,
-                    ended_at=now,
-                    stop_reason="server restarted",
-                    last_seq=run.last_seq + 1,
-                )
-            )
-        await self._store.commit([], events, updated)
-        logger.warning("marked %d runs orphaned by the previous process INTERRUPTED", len(orphans))
 
     # -- use cases ----------------------------------------------------------------------
 
