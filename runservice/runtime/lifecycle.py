@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import uuid
@@ -52,23 +53,30 @@ class EndRequest:
     reason: str
 
 
+class Phase(enum.IntEnum):
+    """Where a live run is in its life; it only moves forward."""
+
+    QUEUED = 1  # admitted; waits for its row to commit and its turn on its thread
+    RUNNING = 2  # its RUNNING event is committed, or queued with its row: the agent runs
+    CLOSING = 3  # its agent returned or was given up: nothing more may be emitted
+    ENDED = 4  # its terminal state is committed (or it was abandoned unfinished)
+
+
 class LiveRun:
     """A run this process owns: its committed view, its log, its tasks and its end request."""
 
     def __init__(self, run: Run, log: RunLog) -> None:
         self.run = run
         self.log = log
+        self.phase = Phase.QUEUED
         self.task: asyncio.Task[None] | None = None
         self.end_request: EndRequest | None = None
-        self.ended = asyncio.Event()
+        self.ended = asyncio.Event()  # set together with Phase.ENDED, for waiters
         self.partial: Mapping[str, Any] | None = None
-        self.closed = False
         self.subscribers = 0
         self.idle_since: datetime | None = None
         # Runs of the same thread this one waits for (ENQUEUE, INTERRUPT); empty otherwise.
         self.predecessors: list[LiveRun] = []
-        self.queued = False  # counted as queued (waiting on its thread), not active
-        self.started = False
         self.committed: asyncio.Future[None] | None = None
         # Resolved by request_end; waited on with asyncio.wait (which never cancels it).
         self.end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -77,6 +85,17 @@ class LiveRun:
     def run_id(self) -> str:
         """The run's identifier."""
         return self.run.run_id
+
+    @property
+    def closed(self) -> bool:
+        """True once the run may emit nothing more."""
+        return self.phase >= Phase.CLOSING
+
+    def advance(self, phase: Phase) -> None:
+        """Moves the run forward to `phase` (never back); ENDED wakes whoever waits."""
+        self.phase = max(self.phase, phase)
+        if phase is Phase.ENDED:
+            self.ended.set()
 
     def request_end(self, state: RunState, reason: str) -> bool:
         """Asks the supervisor to end the run; the first request wins. False if already asked."""
@@ -190,8 +209,7 @@ async def drive_run(
             live, agent, writer, clock, grace=grace, on_start=on_start, limit=max_event_bytes
         )
     except StoreError:
-        live.closed = True
-        live.ended.set()
+        live.advance(Phase.ENDED)
         logger.error("run %s abandoned: its log could not be stored", live.run_id)
         on_lost(live)
 
@@ -207,11 +225,11 @@ async def _drive(
     limit: int,
 ) -> None:
     try:
-        if not live.started:  # else it was committed RUNNING with its row (start_now)
+        if live.phase is Phase.QUEUED:  # else it was committed RUNNING with its row
             try:
                 started = await _wait_turn(live, writer, clock)
                 if started:
-                    live.started = True
+                    live.advance(Phase.RUNNING)
                     on_start(live)
                     event, running = running_change(live, clock)
                     await writer.commit_run(event=(live.log, event), updated=running)
@@ -293,7 +311,7 @@ async def _execute(
     if agent_task in done:  # it ended on the error of its log, given up meanwhile
         request = live.end_request
         assert request is not None
-        live.closed = True
+        live.advance(Phase.CLOSING)
         return _Outcome(request.state, live.partial, _failure_for(request), request.reason)
     if live.end_request is None:
         assert live.run.timeout is not None
@@ -322,7 +340,7 @@ async def _cancel_agent(
         logger.info(
             "run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception()
         )
-    live.closed = True
+    live.advance(Phase.CLOSING)
     failure = _failure_for(request)
     return _Outcome(request.state, result=result, failure=failure, reason=request.reason)
 
@@ -383,12 +401,12 @@ def start_now(live: LiveRun, writer: Writer, clock: Clock) -> asyncio.Future[Non
     row's RUNNING state, in one transaction (watchers still see CREATED, then the change);
     the supervisor then goes straight to the agent."""
     event, running = running_change(live, clock)
-    live.started = True
+    live.advance(Phase.RUNNING)
     return writer.commit_run(new=live.run, event=(live.log, event), updated=running)
 
 
 async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
-    live.closed = True
+    live.advance(Phase.CLOSING)
     try:
         await _commit_end(live, writer, clock, outcome)
     except StoreError:
@@ -400,7 +418,7 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
         request = EndRequest(RunState.FAILED, LOG_GIVEN_UP)
         outcome = _Outcome(request.state, live.partial, _failure_for(request), request.reason)
         await _commit_end(live, writer, clock, outcome)
-    live.ended.set()
+    live.advance(Phase.ENDED)
     logger.info("run %s ended %s", live.run_id, outcome.state.value)
 
 

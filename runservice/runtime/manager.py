@@ -51,6 +51,7 @@ from runservice.runtime.lifecycle import (
     LOG_GIVEN_UP,
     MAX_EVENT_BYTES,
     LiveRun,
+    Phase,
     drive_run,
     reconcile_orphans,
     start_now,
@@ -132,6 +133,7 @@ class RunManager:
         self._admission = Admission(self._settings.limits)
         self._threads: dict[tuple[str, str], list[LiveRun]] = {}
         self._requests: dict[tuple[str, str], LiveRun] = {}
+        self._queued: set[str] = set()  # runs counted as queued by admission, not active
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -202,7 +204,7 @@ class RunManager:
         if not live:
             return
         for run in live:
-            if not run.started:  # queued runs do not start during a drain
+            if run.phase is Phase.QUEUED:  # queued runs do not start during a drain
                 run.request_end(RunState.INTERRUPTED, "server shutdown")
         logger.info("draining %d active runs for up to %.1fs", len(live), limit)
         await self._wait_ended(live, limit)
@@ -334,7 +336,8 @@ class RunManager:
         live = LiveRun(run, log)
         log.on_fail = partial(live.request_end, RunState.FAILED, LOG_GIVEN_UP)
         live.predecessors = active
-        live.queued = queued
+        if queued:
+            self._queued.add(live.run_id)
         self._admission.add(principal.user, queued=queued)
         self._live[run.run_id] = live
         if request.thread_id:
@@ -354,8 +357,8 @@ class RunManager:
             self._requests.pop((live.run.owner, live.run.request_id), None)
 
     def _on_start(self, live: LiveRun) -> None:
-        if live.queued:
-            live.queued = False
+        if live.run_id in self._queued:
+            self._queued.discard(live.run_id)
             self._admission.promote(live.run.owner)
 
     def _on_lost(self, live: LiveRun) -> None:
@@ -368,7 +371,8 @@ class RunManager:
 
     def _release(self, live: LiveRun) -> None:
         """A run ended (or was never committed): free its cap slot and its thread place."""
-        self._admission.remove(live.run.owner, queued=live.queued)
+        self._admission.remove(live.run.owner, queued=live.run_id in self._queued)
+        self._queued.discard(live.run_id)
         key = (live.run.owner, live.run.thread_id)
         line = self._threads.get(key)
         if line is not None:
