@@ -21,7 +21,6 @@ from uuid6 import uuid7
 from runservice.domain.errors import (
     AdminOnlyError,
     DatabaseUnavailableError,
-    InvalidArgumentError,
     RequestIdReusedError,
     RunActiveError,
     RunNotFoundError,
@@ -29,7 +28,6 @@ from runservice.domain.errors import (
     ServerDrainingError,
     StoreError,
     StoreUnavailableError,
-    ThreadBusyError,
 )
 from runservice.domain.model import (
     AgentInfo,
@@ -47,6 +45,7 @@ from runservice.domain.model import (
 from runservice.domain.ports import Clock, EventEncoder, RunStore
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.feed import ChangeFeed
+from runservice.runtime.gate import StartGate
 from runservice.runtime.lifecycle import (
     LOG_GIVEN_UP,
     MAX_EVENT_BYTES,
@@ -56,7 +55,7 @@ from runservice.runtime.lifecycle import (
     reconcile_orphans,
     start_now,
 )
-from runservice.runtime.policies import Admission, Limits, request_fingerprint
+from runservice.runtime.policies import Limits, request_fingerprint
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.subscription import ReadLimits, Subscription
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -130,10 +129,7 @@ class RunManager:
         self._draining = False
         self._hurry = asyncio.Event()
         self._closed = asyncio.Event()
-        self._admission = Admission(self._settings.limits)
-        self._threads: dict[tuple[str, str], list[LiveRun]] = {}
-        self._requests: dict[tuple[str, str], LiveRun] = {}
-        self._queued: set[str] = set()  # runs counted as queued by admission, not active
+        self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout)
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -231,18 +227,21 @@ class RunManager:
         if self._writer.problem is not None:
             raise DatabaseUnavailableError(self._writer.problem)
         agent = self._agents.get(request.agent)
-        request = self._with_timeout(request)
+        request = self._gate.with_timeout(request)
         fingerprint = request_fingerprint(request)
+        user = principal.user
         if request.request_id:
-            existing = await self._find_request(principal, request.request_id, fingerprint)
+            existing = await self._find_request(user, request.request_id, fingerprint)
             if existing is not None:
                 return existing
         # From here to the registration there is no await: the decision is atomic.
-        if request.request_id:
-            twin = self._requests.get((principal.user, request.request_id))
-            if twin is not None:
-                return await self._same_request(twin, request.request_id, fingerprint)
-        live = self._admit(principal, request, fingerprint)
+        twin = self._gate.twin(user, request.request_id, fingerprint)
+        if twin is not None:
+            return await self._same_request(twin)
+        predecessors = self._gate.decide(user, request)
+        live = self._new_live_run(user, request, fingerprint)
+        self._gate.register(live, predecessors)
+        self._live[live.run_id] = live
         if live.predecessors:
             live.committed = self._writer.commit_run(new=live.run)
         else:
@@ -269,27 +268,16 @@ class RunManager:
             self._writer,
             self._clock,
             grace=self._settings.stop_grace,
-            on_start=self._on_start,
+            on_start=self._gate.started,
             on_lost=self._on_lost,
             max_event_bytes=self._settings.max_event_bytes,
         )
 
-    def _with_timeout(self, request: StartRequest) -> StartRequest:
-        s = self._settings
-        timeout = request.timeout or s.default_timeout or None
-        if timeout is not None and s.max_timeout and timeout > s.max_timeout:
-            raise InvalidArgumentError(
-                "timeout", f"must be at most {s.max_timeout:g}s on this server (--max-timeout)"
-            )
-        return dataclasses.replace(request, timeout=timeout)
-
-    async def _find_request(
-        self, principal: Principal, request_id: str, fingerprint: str
-    ) -> Run | None:
-        twin = self._requests.get((principal.user, request_id))
+    async def _find_request(self, user: str, request_id: str, fingerprint: str) -> Run | None:
+        twin = self._gate.twin(user, request_id, fingerprint)
         if twin is not None:
-            return await self._same_request(twin, request_id, fingerprint)
-        run = await self._store.find_by_request_id(Scope(principal.user), request_id)
+            return await self._same_request(twin)
+        run = await self._store.find_by_request_id(Scope(user), request_id)
         if run is None:
             return None
         if run.request_hash != fingerprint:
@@ -297,26 +285,16 @@ class RunManager:
         live = self._live.get(run.run_id)
         return self._view(live) if live is not None else run
 
-    async def _same_request(self, twin: LiveRun, request_id: str, fingerprint: str) -> Run:
-        if twin.run.request_hash != fingerprint:
-            raise RequestIdReusedError(request_id, twin.run_id)
+    async def _same_request(self, twin: LiveRun) -> Run:
         if twin.committed is not None:
             await asyncio.shield(twin.committed)
         return self._view(twin)
 
-    def _admit(self, principal: Principal, request: StartRequest, fingerprint: str) -> LiveRun:
-        """Checks the thread strategy and caps and registers the run; never awaits."""
-        key = (principal.user, request.thread_id)
-        line = self._threads.get(key, []) if request.thread_id else []
-        active = [r for r in line if not r.ended.is_set()]
-        strategy = request.multitask_strategy
-        if active and strategy is MultitaskStrategy.REJECT:
-            raise ThreadBusyError(request.thread_id, active[0].run_id)
-        queued = bool(active)
-        self._admission.check(principal.user, queued=queued)
+    def _new_live_run(self, user: str, request: StartRequest, fingerprint: str) -> LiveRun:
+        """The admitted run, PENDING, with its log; not yet registered or committed."""
         run = Run(
             run_id=str(uuid7()),
-            owner=principal.user,
+            owner=user,
             agent=request.agent,
             state=RunState.PENDING,
             created_at=self._clock.now(),
@@ -324,7 +302,7 @@ class RunManager:
             thread_id=request.thread_id,
             labels=dict(request.labels),
             request_id=request.request_id,
-            multitask_strategy=strategy,
+            multitask_strategy=request.multitask_strategy,
             timeout=request.timeout,
             request_hash=fingerprint if request.request_id else "",
         )
@@ -335,50 +313,24 @@ class RunManager:
         )
         live = LiveRun(run, log)
         log.on_fail = partial(live.request_end, RunState.FAILED, LOG_GIVEN_UP)
-        live.predecessors = active
-        if queued:
-            self._queued.add(live.run_id)
-        self._admission.add(principal.user, queued=queued)
-        self._live[run.run_id] = live
-        if request.thread_id:
-            self._threads.setdefault(key, []).append(live)
-        if request.request_id:
-            self._requests[(principal.user, request.request_id)] = live
         return live
 
     def _interrupts(self, live: LiveRun) -> bool:
         return live.run.multitask_strategy is MultitaskStrategy.INTERRUPT
 
     def _forget(self, live: LiveRun) -> None:
-        """Undoes _admit for a run whose row could not be committed."""
+        """Undoes the admission of a run whose row could not be committed."""
         self._live.pop(live.run_id, None)
-        self._release(live)
-        if live.run.request_id:
-            self._requests.pop((live.run.owner, live.run.request_id), None)
-
-    def _on_start(self, live: LiveRun) -> None:
-        if live.run_id in self._queued:
-            self._queued.discard(live.run_id)
-            self._admission.promote(live.run.owner)
+        self._gate.release(live)
+        self._gate.forget_request(live)
 
     def _on_lost(self, live: LiveRun) -> None:
         """Not even the run's terminal state could be stored: it leaves memory unfinished,
         as after a crash, and the next start reconciles it."""
         live.log.abandon()
         live.idle_since = self._clock.now()
-        self._release(live)
+        self._gate.release(live)
         self._evict(live.run_id)
-
-    def _release(self, live: LiveRun) -> None:
-        """A run ended (or was never committed): free its cap slot and its thread place."""
-        self._admission.remove(live.run.owner, queued=live.run_id in self._queued)
-        self._queued.discard(live.run_id)
-        key = (live.run.owner, live.run.thread_id)
-        line = self._threads.get(key)
-        if line is not None:
-            line[:] = [r for r in line if r is not live]
-            if not line:
-                del self._threads[key]
 
     async def get_run(self, principal: Principal, run_id: str) -> Run:
         """The run, from memory while live, else from the store."""
@@ -503,7 +455,7 @@ class RunManager:
             live.run = run
             if run.state.terminal:
                 live.idle_since = run.ended_at
-                self._release(live)
+                self._gate.release(live)
         if self._feed.watched:
             change = RunChange.CREATED if created else RunChange.STATE_CHANGED
             view = self._view(live) if live is not None else run
@@ -538,8 +490,8 @@ class RunManager:
 
     def _evict(self, run_id: str) -> None:
         live = self._live.pop(run_id, None)
-        if live is not None and live.run.request_id:
-            self._requests.pop((live.run.owner, live.run.request_id), None)
+        if live is not None:
+            self._gate.forget_request(live)
 
     async def _purge_loop(self) -> None:
         while True:
