@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -50,12 +50,12 @@ from runservice.runtime.lifecycle import (
     LOG_GIVEN_UP,
     MAX_EVENT_BYTES,
     LiveRun,
-    Phase,
     drive_run,
     reconcile_orphans,
     start_now,
 )
 from runservice.runtime.policies import Limits, request_fingerprint
+from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.subscription import ReadLimits, Subscription
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -116,8 +116,6 @@ class RunManager:
             s.page_max_bytes,
             s.read_ahead_hold,
         )
-        self._live: dict[str, LiveRun] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._feed = ChangeFeed()
         self._writer = Writer(
             store,
@@ -127,9 +125,9 @@ class RunManager:
             max_pending_events=self._settings.writer_max_pending,
         )
         self._draining = False
-        self._hurry = asyncio.Event()
         self._closed = asyncio.Event()
         self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout)
+        self._registry = Registry(on_evict=self._gate.forget_request)
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -137,8 +135,8 @@ class RunManager:
         """Reconciles runs orphaned by a previous process, then starts the background tasks."""
         await reconcile_orphans(self._store, self._clock)
         self._writer.start()
-        self._spawn(self._sweep_loop(), name="runservice-sweeper")
-        self._spawn(self._purge_loop(), name="runservice-purger")
+        self._registry.spawn(self._sweep_loop(), name="runservice-sweeper")
+        self._registry.spawn(self._purge_loop(), name="runservice-purger")
 
     @property
     def draining(self) -> bool:
@@ -160,31 +158,11 @@ class RunManager:
         loop = asyncio.get_running_loop()
         timeout = self._settings.drain_timeout if drain_timeout is None else drain_timeout
         deadline = loop.time() + timeout + self._settings.stop_grace + SHUTDOWN_SLACK_S
-        await self._drain(timeout)
+        await self._registry.drain(timeout, self._settings.stop_grace)
         self._feed.close()
         await self._writer.close(max(0.5, deadline - loop.time()))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._registry.cancel_all()
         self._closed.set()
-
-    async def _wait_ended(self, live: list[LiveRun], limit: float) -> None:
-        """Waits until every run in `live` ended, `limit` passed, or hurry() was called."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
-        pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(r.ended.wait()) for r in live}
-        try:
-            while pending and not hurry.done() and loop.time() < deadline:
-                _, pending = await asyncio.wait(
-                    pending | {hurry},
-                    timeout=deadline - loop.time(),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                pending.discard(hurry)
-        finally:
-            for waiter in (*pending, hurry):
-                waiter.cancel()
 
     def on_store_health(self, listener: Callable[[str | None], None]) -> None:
         """Calls `listener` with the cause when the store stops taking writes, and with
@@ -193,27 +171,7 @@ class RunManager:
 
     def hurry(self) -> None:
         """Cuts the drain short: runs still active are interrupted now."""
-        self._hurry.set()
-
-    async def _drain(self, limit: float) -> None:
-        live = [r for r in self._live.values() if not r.ended.is_set()]
-        if not live:
-            return
-        for run in live:
-            if run.phase is Phase.QUEUED:  # queued runs do not start during a drain
-                run.request_end(RunState.INTERRUPTED, "server shutdown")
-        logger.info("draining %d active runs for up to %.1fs", len(live), limit)
-        await self._wait_ended(live, limit)
-        for run in live:
-            run.request_end(RunState.INTERRUPTED, "server shutdown")
-        grace = self._settings.stop_grace + 0.5
-        tasks = [r.task for r in live if r.task is not None and not r.task.done()]
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=grace)
-            for task in stuck:  # the supervisor itself is stuck: cancel it, it records INTERRUPTED
-                task.cancel()
-            if stuck:  # (its terminal state is then queued: the writer's close waits for it)
-                await asyncio.wait(stuck, timeout=0.5)
+        self._registry.hurry()
 
     # -- use cases ----------------------------------------------------------------------
 
@@ -241,14 +199,14 @@ class RunManager:
         predecessors = self._gate.decide(user, request)
         live = self._new_live_run(user, request, fingerprint)
         self._gate.register(live, predecessors)
-        self._live[live.run_id] = live
+        self._registry.add(live)
         if live.predecessors:
             live.committed = self._writer.commit_run(new=live.run)
         else:
             live.committed = start_now(live, self._writer, self._clock)
         # The supervisor is spawned before this call waits for the commit: a caller that
         # gives up (a deadline, a closed connection) cancels only its wait, never the run.
-        live.task = self._spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
+        live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
         await asyncio.shield(live.committed)
         return live.run
 
@@ -282,7 +240,7 @@ class RunManager:
             return None
         if run.request_hash != fingerprint:
             raise RequestIdReusedError(request_id, run.run_id)
-        live = self._live.get(run.run_id)
+        live = self._registry.get(run.run_id)
         return self._view(live) if live is not None else run
 
     async def _same_request(self, twin: LiveRun) -> Run:
@@ -320,7 +278,7 @@ class RunManager:
 
     def _forget(self, live: LiveRun) -> None:
         """Undoes the admission of a run whose row could not be committed."""
-        self._live.pop(live.run_id, None)
+        self._registry.discard(live)
         self._gate.release(live)
         self._gate.forget_request(live)
 
@@ -330,12 +288,12 @@ class RunManager:
         live.log.abandon()
         live.idle_since = self._clock.now()
         self._gate.release(live)
-        self._evict(live.run_id)
+        self._registry.evict(live.run_id)
 
     async def get_run(self, principal: Principal, run_id: str) -> Run:
         """The run, from memory while live, else from the store."""
         scope = principal.own_scope()
-        live = self._live.get(run_id)
+        live = self._registry.get(run_id)
         if live is not None:
             if not scope.allows(live.run.owner):
                 raise RunNotFoundError(run_id)
@@ -357,12 +315,16 @@ class RunManager:
         """A page of runs newest first; live runs carry their current log position."""
         scope = self._list_scope(principal, all_users, "listing all users' runs")
         runs = await self._store.list_runs(scope, run_filter, before_run_id, limit)
-        return [self._view(self._live[r.run_id]) if r.run_id in self._live else r for r in runs]
+        views = []
+        for run in runs:
+            live = self._registry.get(run.run_id)
+            views.append(self._view(live) if live is not None else run)
+        return views
 
     async def stop_run(self, principal: Principal, run_id: str, reason: str) -> Run:
         """Stops the run and returns it once terminal; a finished run is returned unchanged."""
         run = await self.get_run(principal, run_id)
-        live = self._live.get(run_id)
+        live = self._registry.get(run_id)
         if live is None or run.state.terminal:
             return run
         live.request_end(RunState.STOPPED, reason or f"stopped by {principal.user}")
@@ -376,8 +338,8 @@ class RunManager:
             raise RunActiveError(run_id, "deleting it")
         if not await self._store.delete_run(principal.own_scope(), run_id):
             raise RunNotFoundError(run_id)
-        live = self._live.get(run_id)
-        self._evict(run_id)  # its request_id is free again, too
+        live = self._registry.get(run_id)
+        self._registry.evict(run_id)  # its request_id is free again, too
         if live is not None:
             live.log.finished = True
         self._feed.publish(WatchUpdate(RunChange.DELETED, run))
@@ -400,7 +362,7 @@ class RunManager:
         subscription = Subscription(
             self._store,
             run_id,
-            self._live.get(run_id),
+            self._registry.get(run_id),
             cursor,
             limits=self._read_limits,
             clock=self._clock,
@@ -433,7 +395,7 @@ class RunManager:
     async def _watch_stream(self, watcher: Any, runs: list[Run]) -> AsyncIterator[WatchUpdate]:
         for run in runs:
             watcher.seen.add(run.run_id)
-            live = self._live.get(run.run_id)
+            live = self._registry.get(run.run_id)
             yield WatchUpdate(RunChange.EXISTING, self._view(live) if live else run)
         yield WatchUpdate(RunChange.SNAPSHOT_END, None)
         async for update in self._feed.follow(watcher):
@@ -450,7 +412,7 @@ class RunManager:
         return live.run.replace(last_seq=live.log.committed_seq)
 
     def _on_run_committed(self, run: Run, created: bool) -> None:
-        live = self._live.get(run.run_id)
+        live = self._registry.get(run.run_id)
         if live is not None:
             live.run = run
             if run.state.terminal:
@@ -461,12 +423,6 @@ class RunManager:
             view = self._view(live) if live is not None else run
             self._feed.publish(WatchUpdate(change, view))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._settings.sweep_interval)
@@ -474,24 +430,7 @@ class RunManager:
 
     def sweep(self) -> int:
         """Evicts finished runs idle for the memory grace period; returns how many left memory."""
-        grace = timedelta(seconds=self._settings.memory_grace)
-        now = self._clock.now()
-        gone = [
-            run_id
-            for run_id, live in self._live.items()
-            if live.ended.is_set()
-            and live.subscribers == 0
-            and live.idle_since is not None
-            and now - live.idle_since >= grace
-        ]
-        for run_id in gone:
-            self._evict(run_id)
-        return len(gone)
-
-    def _evict(self, run_id: str) -> None:
-        live = self._live.pop(run_id, None)
-        if live is not None:
-            self._gate.forget_request(live)
+        return self._registry.sweep(self._clock.now(), self._settings.memory_grace)
 
     async def _purge_loop(self) -> None:
         while True:
@@ -509,7 +448,7 @@ class RunManager:
             purged = await self._store.purge_ended_before(cutoff, self._settings.purge_batch)
             total += len(purged)
             for run_id in purged:  # retention outranks the memory grace period
-                self._evict(run_id)
+                self._registry.evict(run_id)
             if len(purged) < self._settings.purge_batch:
                 break
         if total:
@@ -518,4 +457,4 @@ class RunManager:
 
     def in_memory(self, run_id: str) -> bool:
         """True while the run is held in memory (for tests and metrics)."""
-        return run_id in self._live
+        return run_id in self._registry
