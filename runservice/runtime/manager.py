@@ -1,8 +1,11 @@
 """RunManager: the use cases behind every RPC (start, get, list, stop, subscribe, delete, watch).
 
-It owns every live run and every background task: no task is created in an RPC handler's
-scope, so a run outlives the call that started it. Runs are read from memory while live
-and from the store afterwards, transparently.
+A facade: each use case asks the parts that hold the state. The registry holds every
+live run and every task (no task is created in an RPC handler's scope, so a run outlives
+the call that started it); the start gate decides idempotency, thread strategies and
+caps; lifecycle writes every lifecycle state; the writer commits; a subscription reads a
+run's log from memory or the store. Runs are read from memory while live and from the
+store afterwards, transparently.
 """
 
 from __future__ import annotations
