@@ -295,3 +295,27 @@ async def test_reconciliation_at_start_waits_out_a_lock_held_by_another_process(
     got = await store.get_run(Scope("alice"), "orphan")
     assert got is not None and (got.state, got.last_seq) == (RunState.INTERRUPTED, 1)
     await store.close()
+
+
+async def test_an_idle_server_notices_an_outage_and_its_end_on_its_own(
+    make_server: Callable[..., Awaitable[Harness]], failing: list[FailingStore]
+) -> None:
+    """With no work at all, a store that stops taking writes turns readiness NOT_SERVING
+    within seconds (the writer probes it), and SERVING again once it recovers."""
+    server = await make_server()
+    store = failing[0]
+    store.down = DISK_FULL
+
+    async def status() -> int:
+        return await _health(server, SERVICE_NAME)
+
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    await wait_for(lambda: _is(status, not_serving), limit=15, message="idle outage never noticed")
+    assert await _health(server, "") == health_pb2.HealthCheckResponse.SERVING
+    store.down = None
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await wait_for(lambda: _is(status, serving), limit=15, message="recovery never noticed")
+
+
+async def _is(check: Callable[[], Awaitable[int]], expected: int) -> bool:
+    return await check() == expected

@@ -11,8 +11,9 @@ it lasts, so every log stays a gap-free prefix of what its run emitted and the o
 ends with nothing lost. Once it has lasted `unhealthy_after` (five times that for a lock
 another process holds, which it lets go on its own), the writer reports the store
 unhealthy (the server stops taking new runs) and withdraws the rows of runs not yet
-committed, so their callers hear "unavailable" rather than wait; while idle and unhealthy
-it probes the store until it takes writes again. A store that refuses one run's data for
+committed, so their callers hear "unavailable" rather than wait. While idle it probes the
+store with a small write now and then (every second while it is failing), so an outage
+is noticed, and its end too, without waiting for work. A store that refuses one run's data for
 good gives up that run alone: its uncommitted events are dropped and the run can still end
 with its terminal event at the next seq, so its log never has a hole.
 """
@@ -39,6 +40,7 @@ RETRY_BACKOFF_MAX_S = 1.0
 UNHEALTHY_AFTER_S = 1.0
 LOCK_PATIENCE = 5  # times UNHEALTHY_AFTER_S: another writer's lock is waited out longer
 PROBE_INTERVAL_S = 1.0
+IDLE_PROBE_S = 5.0
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Writer:
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_pending_events: int = MAX_PENDING_EVENTS,
         unhealthy_after: float = UNHEALTHY_AFTER_S,
+        idle_probe: float = IDLE_PROBE_S,
     ) -> None:
         self._store = store
         self._encoder = encoder
@@ -145,6 +148,7 @@ class Writer:
         self._max_batch = max_batch_events
         self._max_pending = max_pending_events
         self._unhealthy_after = unhealthy_after
+        self._idle_probe = idle_probe
         self._pending = _Batch()
         self._wake = asyncio.Event()
         # Appenders waiting for room, served first come first served: an agent that
@@ -263,22 +267,30 @@ class Writer:
                 return
 
     async def _idle(self) -> None:
-        """Waits for work; while the store is unhealthy, probes it meanwhile."""
-        while True:
-            if self._problem is None or self._closing:
-                await self._wake.wait()
-                break
+        """Waits for work, probing the store meanwhile: every `idle_probe` seconds while
+        it seems healthy (so readiness tells the truth on an idle server too), every
+        PROBE_INTERVAL_S while it is failing."""
+        while not self._closing:
+            failing = self._failing_since is not None
+            interval = PROBE_INTERVAL_S if failing else self._idle_probe
             try:
-                await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL_S)
+                await asyncio.wait_for(self._wake.wait(), interval)
                 break
             except TimeoutError:
-                try:
-                    await self._store.probe()
-                except StoreError as exc:
-                    logger.debug("store probe failed: %s", exc)
-                else:
-                    self._healthy()
+                await self._probe()
+        else:
+            await self._wake.wait()
         self._wake.clear()
+
+    async def _probe(self) -> None:
+        try:
+            await self._store.probe()
+        except StoreUnavailableError as exc:
+            self._unhealthy(exc)
+        except StoreError as exc:
+            logger.debug("store probe failed: %s", exc)
+        else:
+            self._healthy()
 
     def _take(self) -> _Batch:
         pending = self._pending
