@@ -24,7 +24,6 @@ from runservice.api.auth import (
     Authenticator,
     MtlsIdentity,
     TokensFileAuthenticator,
-    TokensFileError,
     add_authenticated_service,
 )
 from runservice.api.convert import decode_event, encode_event
@@ -42,7 +41,7 @@ from runservice.runtime.policies import Limits
 from runservice.store import SqlRunStore, open_store
 from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
 from runservice.store.preflight import DatabaseRefusedError
-from runservice.tokens import ensure_dev_token
+from runservice.tokens import TokensFileError, ensure_dev_token
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 
 logger = logging.getLogger(__name__)

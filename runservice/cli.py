@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runservice import config
@@ -158,9 +159,16 @@ def _close_loop(loop: asyncio.AbstractEventLoop, limit: float = 2.0) -> None:
 
 
 def _tokens_add(args: argparse.Namespace) -> int:
-    from runservice.tokens import add_token
+    from runservice.tokens import TokensFileError, add_token
 
-    token = add_token(args.file, args.user, args.role)
+    try:
+        token = add_token(args.file, args.user, args.role)
+    except TokensFileError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}; the file was left as it is")
+        return 1
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot write {escape(str(args.file))}: {exc.strerror}")
+        return 1
     err.print(f"added a token for user [bold]{args.user}[/] to {args.file}; it is shown once:")
     print(token)
     return 0
@@ -191,7 +199,7 @@ def _client(args: argparse.Namespace, run: Callable[..., Coroutine[Any, Any, int
     try:
         return asyncio.run(go())
     except RunServiceError as exc:
-        err.print(f"[red]error:[/] {exc.code.name}: {exc.message}")
+        err.print(f"[red]error:[/] {exc.code.name}: {escape(exc.message)}")
         return 1
     except KeyboardInterrupt:
         return 130
@@ -272,7 +280,7 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.input)
     except json.JSONDecodeError as exc:
-        err.print(f"[red]error:[/] --input is not JSON: {exc}")
+        err.print(f"[red]error:[/] --input is not JSON: {escape(str(exc))}")
         return 2
     if not isinstance(data, dict):
         err.print("[red]error:[/] --input must be a JSON object")

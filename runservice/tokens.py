@@ -5,11 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import string
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from runservice.domain.model import Principal
+
+
+class TokensFileError(ValueError):
+    """The tokens file cannot be read or is not valid; the message names it and the problem."""
+
+
+SHA256_HEX_LEN = 64
 
 
 def hash_token(token: str) -> str:
@@ -27,6 +37,7 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
     token = token or new_token()
     doc: dict[str, Any] = {"tokens": []}
     if path.exists():
+        load_tokens(path)  # TokensFileError for a file that is not valid: left as it is
         with path.open("rb") as f:
             doc = tomllib.load(f)
         doc.setdefault("tokens", [])
@@ -67,3 +78,43 @@ def ensure_dev_token(data_dir: Path, tokens_file: Path) -> str:
     if not has_token(tokens_file, token):
         add_token(tokens_file, "dev", ["admin"], token)
     return token
+
+
+def load_tokens(path: Path) -> dict[str, Principal]:
+    """Token digests → principals; TokensFileError names the file and its first problem
+    (for TOML that does not parse, its line and column)."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
+    items = doc.get("tokens", [])
+    if not isinstance(items, list):
+        raise TokensFileError(
+            f"{path}: tokens must be an array of [[tokens]] tables, each with user and sha256"
+        )
+    entries: dict[str, Principal] = {}
+    for i, item in enumerate(items):
+        digest, principal = _token_entry(path, i, item)
+        entries[digest] = principal
+    return entries
+
+
+def _token_entry(path: Path, i: int, item: object) -> tuple[str, Principal]:
+    """One [[tokens]] table as (digest, principal); TokensFileError names what is wrong."""
+    if not isinstance(item, dict):
+        raise TokensFileError(f"{path}: tokens[{i}] must be a table with user and sha256")
+    user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
+    if not isinstance(user, str) or not user:
+        raise TokensFileError(f"{path}: tokens[{i}] needs a non-empty user")
+    if not isinstance(digest, str) or not _is_sha256_hex(digest):
+        raise TokensFileError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise TokensFileError(f"{path}: tokens[{i}].roles must be a list of strings")
+    return digest.lower(), Principal(user, frozenset(roles))
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == SHA256_HEX_LEN and all(c in string.hexdigits for c in text)

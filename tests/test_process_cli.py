@@ -216,3 +216,27 @@ async def test_ls_prints_whole_run_ids_when_its_output_is_piped(setup: Setup) ->
     """A plain `ls` whose stdout is a pipe shows each run id in full."""
     run_id = ok(await run_cli("start", "echo", "--input", '{"text":"x"}', env=setup.env)).out
     assert run_id.strip() in ok(await run_cli("ls", env=setup.env)).out
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('tokens = [\n  { user = "a"\n', "is not valid TOML: Unclosed inline table (at line 2"),
+        ('tokens = "x"\n', "tokens must be an array of [[tokens]] tables"),
+    ],
+)
+async def test_tokens_add_refuses_an_invalid_tokens_file_in_one_line(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    """`runservice tokens add` on a tokens file that is not valid exits 1 with one line
+    naming the file and the problem, and leaves the file byte for byte as it was."""
+    path = tmp_path / "tokens.toml"
+    path.write_text(content)
+    result = await run_cli(
+        "tokens", "add", "--file", str(path), "--user", "bob", env=cli_env(tmp_path)
+    )
+    assert result.code == 1, result
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and problem in lines[0], result.err
+    assert "Traceback" not in result.err and result.out == ""
+    assert path.read_text() == content

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import string
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +24,10 @@ from runservice.api import status
 from runservice.api.limits import StreamLimiter
 from runservice.domain.errors import AuthenticationError, CredentialsMissingError
 from runservice.domain.model import Principal
-from runservice.tokens import hash_token
+from runservice.tokens import TokensFileError, hash_token, load_tokens
 
 logger = logging.getLogger(__name__)
 
-SHA256_HEX_LEN = 64
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 
@@ -48,10 +45,6 @@ class Authenticator(Protocol):
     def authenticate(self, token: str) -> Principal:
         """The principal the token stands for."""
         ...
-
-
-class TokensFileError(ValueError):
-    """The tokens file cannot be read or is not valid; the message names it and the problem."""
 
 
 class TokensFileAuthenticator:
@@ -110,46 +103,6 @@ class TokensFileAuthenticator:
         self._stamp = stamp  # an invalid file is reported once, not on every call
         self._by_hash = load_tokens(self._path)
         logger.info("loaded %d tokens from %s", len(self._by_hash), self._path)
-
-
-def load_tokens(path: Path) -> dict[str, Principal]:
-    """Token digests → principals; TokensFileError names the file and its first problem
-    (for TOML that does not parse, its line and column)."""
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
-    items = doc.get("tokens", [])
-    if not isinstance(items, list):
-        raise TokensFileError(
-            f"{path}: tokens must be an array of [[tokens]] tables, each with user and sha256"
-        )
-    entries: dict[str, Principal] = {}
-    for i, item in enumerate(items):
-        digest, principal = _token_entry(path, i, item)
-        entries[digest] = principal
-    return entries
-
-
-def _token_entry(path: Path, i: int, item: object) -> tuple[str, Principal]:
-    """One [[tokens]] table as (digest, principal); TokensFileError names what is wrong."""
-    if not isinstance(item, dict):
-        raise TokensFileError(f"{path}: tokens[{i}] must be a table with user and sha256")
-    user, digest, roles = item.get("user"), item.get("sha256"), item.get("roles", [])
-    if not isinstance(user, str) or not user:
-        raise TokensFileError(f"{path}: tokens[{i}] needs a non-empty user")
-    if not isinstance(digest, str) or not _is_sha256_hex(digest):
-        raise TokensFileError(f"{path}: tokens[{i}] needs sha256, a 64-character hex digest")
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise TokensFileError(f"{path}: tokens[{i}].roles must be a list of strings")
-    return digest.lower(), Principal(user, frozenset(roles))
-
-
-def _is_sha256_hex(text: str) -> bool:
-    return len(text) == SHA256_HEX_LEN and all(c in string.hexdigits for c in text)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
