@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import pg, report
 from bench.clients import Workers
 from bench.noise import ForeignLoad, loadavg
 from bench.scenarios import QUICK, SCENARIOS, Bench, Sizes
@@ -56,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
         help="event loop of the load clients (default uvloop)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data, server logs)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="write only the scenarios measured now; by default a full-size run of some "
+        "scenarios keeps the others' results from the results.json already in --out",
+    )
     p.add_argument(
         "--render",
         type=Path,
@@ -109,6 +115,16 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help=f"--max-streams-per-user of the isolation server ({d.isolation_stream_cap})",
     )
+    sizes.add_argument(
+        "--stores-live-runs",
+        type=int,
+        help=f"stores: runs at --latency-rate events/s, a subscriber each ({d.stores_live_runs})",
+    )
+    sizes.add_argument(
+        "--stores-live-seconds",
+        type=float,
+        help=f"stores: duration of the fixed-load phase ({d.stores_live_seconds})",
+    )
     return p
 
 
@@ -123,12 +139,24 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return dataclasses.replace(base, **changes)
 
 
-async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Runs the chosen scenarios; the results document."""
+def chosen_scenarios(args: argparse.Namespace) -> list[str]:
+    """The scenarios to run, in the order given; exits on an unknown one, and when the
+    stores scenario is chosen but cannot run here (see bench.pg.unavailable)."""
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise SystemExit(f"unknown scenarios: {', '.join(unknown)}; pick from {list(SCENARIOS)}")
+    if "stores" in chosen:  # before anything is measured: say now that it cannot run
+        try:
+            pg.unavailable(sizes_from(args).pg_optional)
+        except pg.PgUnavailableError as exc:
+            raise SystemExit(f"the stores scenario needs PostgreSQL: {exc}") from None
+    return chosen
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Runs the chosen scenarios; the results document."""
+    chosen = chosen_scenarios(args)
     sizes = sizes_from(args)
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -165,12 +193,16 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             results["scenarios"].append(
                 {
                     "key": outcome.key,
+                    "started": results["started"],
+                    "revision": results["machine"]["revision"],
+                    "reps": args.reps,
                     "title": outcome.title,
                     "params": outcome.params,
                     "seconds": outcome.seconds,
                     "figures": [f.to_json() for f in outcome.figures],
                     "details": outcome.details,
                     "foreign_cpu_pct": noise,
+                    **({"skipped": outcome.skipped} if outcome.skipped else {}),
                 }
             )
     finally:
@@ -179,6 +211,26 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         foreign.close()
     results["seconds"] = time.monotonic() - started
     results["loadavg_end"] = loadavg()
+    return results
+
+
+def merged(results: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """`results`, plus the scenarios of `previous` (a results.json) not measured now, each
+    stamped with the date, commit and reps of the run that measured it."""
+    old = json.loads(previous.read_text())
+    measured = {sc["key"] for sc in results["scenarios"]}
+    kept = [sc for sc in old["scenarios"] if sc["key"] not in measured]
+    for sc in kept:
+        sc.setdefault("started", old["started"])
+        sc.setdefault("revision", old["machine"]["revision"])
+        sc.setdefault("reps", old["reps"])
+    if kept:
+        order = list(SCENARIOS)
+        rank = {key: i for i, key in enumerate(order)}
+        results["scenarios"] = sorted(
+            [*results["scenarios"], *kept], key=lambda sc: rank.get(sc["key"], len(order))
+        )
+        log.info("kept the results of %s from %s", ", ".join(sc["key"] for sc in kept), previous)
     return results
 
 
@@ -191,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         print(report.text_table(results))
         print("wrote " + ", ".join(str(p) for p in report.write(results, args.out)))
         return 0
+    chosen_scenarios(args)
     work = Path(tempfile.mkdtemp(prefix="runservice-bench-"))
     try:
         results = asyncio.run(run(args, work))
     except BaseException:
         log.error("bench failed; servers' logs are in %s", work)
         raise
+    previous = args.out / "results.json"
+    if not (args.replace or args.quick) and previous.exists():
+        results = merged(results, previous)
     print()
     print(report.text_table(results))
     paths = report.write(results, args.out)

@@ -54,6 +54,7 @@ def machine() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "sqlalchemy": version("sqlalchemy"),
         "aiosqlite": version("aiosqlite"),
+        "asyncpg": version("asyncpg"),
         "uvloop": version("uvloop"),
     }
 
@@ -121,9 +122,12 @@ COLUMNS = ("figure", "unit", "runservice", "baseline", "ratio", "target", "")
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
-    """One row per figure, in scenario order."""
+    """One row per figure against a baseline server, in scenario order (the stores
+    scenario has a table of its own)."""
     out: list[tuple[str, ...]] = []
     for sc in results["scenarios"]:
+        if sc["key"] == STORES:
+            continue
         for fig in sc["figures"]:
             out.append(
                 (
@@ -137,6 +141,65 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                 )
             )
     return out
+
+
+STORES = "stores"
+STORES_COLUMNS = ("figure", "unit", "SQLite", "PostgreSQL", "PostgreSQL / SQLite", "target", "")
+STORES_CPU_COLUMNS = ("phase", "server on SQLite", "server on PostgreSQL", "PostgreSQL processes")
+
+
+def stores_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The stores scenario's figures: SQLite's beside PostgreSQL's, and their ratio."""
+    out: list[tuple[str, ...]] = []
+    for sc in results["scenarios"]:
+        if sc["key"] != STORES:
+            continue
+        for fig in sc["figures"]:
+            out.append(
+                (
+                    fig["name"],
+                    fig["unit"],
+                    spread(fig["baseline"]) if fig["baseline"] else "(in the server)",
+                    spread(fig["runservice"]),
+                    ratio_text(fig),
+                    fig["target"],
+                    met_text(fig),
+                )
+            )
+    return out
+
+
+def stores_cpu_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per phase of the stores scenario, the CPU % of each server and of PostgreSQL."""
+    out: list[tuple[str, ...]] = []
+    for sc in results["scenarios"]:
+        if sc["key"] != STORES or sc.get("skipped"):
+            continue
+        for phase, parts in sc["details"]["cpu_pct"].items():
+            cells = [
+                spread(summary(parts[k])) + " %" if parts.get(k) else "—"
+                for k in ("sqlite server", "postgresql server", "postgresql db")
+            ]
+            out.append((phase, *cells))
+    return out
+
+
+def stores_text(results: dict[str, Any]) -> list[str]:
+    """The stores scenario for the terminal: its table, or why it was skipped."""
+    for sc in results["scenarios"]:
+        if sc["key"] == STORES and sc.get("skipped"):
+            return ["", f"Stores: skipped: {sc['skipped']}"]
+    body = stores_rows(results)
+    if not body:
+        return []
+    return [
+        "",
+        "Stores, the same server on PostgreSQL beside SQLite:",
+        *aligned(STORES_COLUMNS, body),
+        "",
+        "Stores, CPU % (100 = one core) while measured:",
+        *aligned(STORES_CPU_COLUMNS, stores_cpu_rows(results)),
+    ]
 
 
 ISOLATION_COLUMNS = (
@@ -198,10 +261,12 @@ def aligned(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
 
 def text_table(results: dict[str, Any]) -> str:
     """The table for the terminal."""
-    lines = aligned(COLUMNS, rows(results))
+    body = rows(results)
+    lines = aligned(COLUMNS, body) if body else []
     isolated = isolation_rows(results)
     if isolated:
         lines += ["", "Isolation, per phase:", *aligned(ISOLATION_COLUMNS, isolated)]
+    lines += stores_text(results)
     m = results["machine"]
     lines.append("")
     lines.append(
@@ -246,6 +311,7 @@ def markdown(results: dict[str, Any]) -> str:
         "interleaved with runservice. *ratio* = runservice median / baseline median; a "
         "target is printed beside it, measured and never asserted. "
         "[performance.md](../performance.md) explains each scenario and how to read them.",
+        *kept_note(results),
         "",
         *markdown_table(tuple(c or "met?" for c in COLUMNS), rows(results)),
         "",
@@ -275,10 +341,13 @@ def markdown(results: dict[str, Any]) -> str:
                 ]
                 out.append(f"| {sc['title']}: {fig['name']} | " + " | ".join(cells) + " |")
     out += isolation_markdown(results)
+    out += stores_markdown(results)
     out += ["", "## Parameters", ""]
     for sc in results["scenarios"]:
         params = ", ".join(f"{k} {v}" for k, v in sc["params"].items())
-        out.append(f"- **{sc['title']}** ({sc['seconds']:.0f} s): {params}")
+        out.append(
+            f"- **{sc['title']}** ({sc['seconds']:.0f} s{provenance(results, sc)}): {params}"
+        )
     out += [
         "",
         "## Machine",
@@ -286,13 +355,32 @@ def markdown(results: dict[str, Any]) -> str:
         f"- runservice at commit `{m['revision']}`",
         f"- {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}",
         f"- Python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
-        f"SQLite {m['sqlite']}, SQLAlchemy {m['sqlalchemy']}, aiosqlite {m['aiosqlite']}",
+        f"SQLite {m['sqlite']}, SQLAlchemy {m['sqlalchemy']}, aiosqlite {m['aiosqlite']}, "
+        f"asyncpg {m.get('asyncpg', '?')}",
         f"- load clients: {results['workers']} processes on {results['client_loop']}; "
         f"both servers (runservice and bare) on {results.get('server_loop', 'uvloop')}",
         f"- {noise_text(results)}",
         "",
     ]
     return "\n".join(out)
+
+
+def kept_note(results: dict[str, Any]) -> list[str]:
+    """A sentence naming the scenarios kept from earlier runs, if any."""
+    old = [sc["title"] for sc in results["scenarios"] if provenance(results, sc)]
+    if not old:
+        return []
+    return [
+        "",
+        f"Kept from earlier runs (date, commit and reps under Parameters): {', '.join(old)}.",
+    ]
+
+
+def provenance(results: dict[str, Any], sc: dict[str, Any]) -> str:
+    """', measured DATE at COMMIT, N reps' for a scenario kept from an earlier run."""
+    if sc.get("started", results["started"]) == results["started"]:
+        return ""
+    return f", measured {sc['started']} at `{sc['revision']}`, {sc['reps']} reps"
 
 
 def markdown_table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
@@ -320,6 +408,34 @@ def isolation_markdown(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def stores_markdown(results: dict[str, Any]) -> list[str]:
+    """The stores scenario's section: PostgreSQL beside SQLite, and the CPU per phase."""
+    head = ["", "## Stores: the same server on PostgreSQL beside SQLite", ""]
+    for sc in results["scenarios"]:
+        if sc["key"] == STORES and sc.get("skipped"):
+            return [*head, f"Skipped: {sc['skipped']}"]
+    body = stores_rows(results)
+    if not body:
+        return []
+    return [
+        *head,
+        "One runservice server on SQLite (its default store) and one on a private "
+        "PostgreSQL started by the bench, measured in turn on the same workloads (the "
+        "first of the two alternating per repetition). *CPU per event* is the CPU time "
+        "(user + system) of the runservice process, or of all PostgreSQL's processes, "
+        "over the measured interval divided by the events committed (ingest) or "
+        "delivered (fixed load) in it; per StartRun, by the calls completed. "
+        f"Median (min{EN}max) of the repetitions; the 1.3{TIMES} target is measured, "
+        "never asserted.",
+        "",
+        *markdown_table((*STORES_COLUMNS[:-1], "met?"), body),
+        "",
+        f"CPU % (100 = one core) while measured, median (min{EN}max):",
+        "",
+        *markdown_table(STORES_CPU_COLUMNS, stores_cpu_rows(results)),
+    ]
+
+
 # -- charts ------------------------------------------------------------------------------
 
 
@@ -331,7 +447,11 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     figs = [f for sc in results["scenarios"] for f in sc["figures"]]
-    rates = [f for f in figs if "/s" in f["unit"] and f["baseline"]]
+    rates = [
+        f
+        for f in figs
+        if "/s" in f["unit"] and f["baseline"] and not f["id"].startswith(f"{STORES}.")
+    ]
     fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.38
     for offset, key, label, color in (

@@ -1,7 +1,8 @@
-"""The seven scenarios. Each starts its own servers (runservice and bare), runs its
+"""The eight scenarios. Each starts its own servers (runservice and bare), runs its
 repetitions interleaved (runservice then bare, the order swapped every other rep, so
-that drift hits both alike), and returns figures with every repetition's value. The
-isolation scenario is the exception: its baseline is the same server with no abuse.
+that drift hits both alike), and returns figures with every repetition's value. Two are
+exceptions: the isolation scenario's baseline is the same server with no abuse, and the
+stores scenario's is the same server on SQLite, beside one on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench import clients, isolation
+from bench import clients, isolation, pg
 from bench.clients import Workers
 from bench.report import TIMES
 from bench.servers import Server, start_bare, start_runservice
@@ -61,6 +62,11 @@ class Sizes:
     isolation_seconds: float = 5.0
     isolation_rate: float = 50.0
     isolation_stream_cap: int = 100
+    # One server process does not use more cores as there are more: the default offered
+    # load is a third of what one server delivers here, whatever the core count.
+    stores_live_runs: int = 300
+    stores_live_seconds: float = 10.0
+    pg_optional: bool = False  # True: the stores scenario is skipped without PostgreSQL
     limit_s: float = 300.0  # the most any one measurement may take
     slack_s: float = 1.0  # lead time between starting a scenario's runs and their first tick
     fresh_servers: bool = True  # False: one runservice and one bare server for everything
@@ -84,6 +90,9 @@ QUICK = Sizes(
     isolation_seconds=0.5,
     isolation_rate=40.0,
     isolation_stream_cap=10,
+    stores_live_runs=20,
+    stores_live_seconds=1.0,
+    pg_optional=True,
     limit_s=60.0,
     slack_s=0.3,
     fresh_servers=False,
@@ -148,6 +157,7 @@ class Outcome:
     figures: list[Figure]
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped: str = ""  # why the scenario measured nothing, when it did not
 
 
 class Meter:
@@ -562,9 +572,21 @@ class Bench:
         self, server: Server, cpu: dict[str, list[float]]
     ) -> tuple[np.ndarray, dict[str, int]]:
         s = self.s
+        ids, start_at = await self._start_live(server, s.latency_runs, s.latency_seconds)
+        meter = Meter(server, self.workers)
+        result = await self._follow_live(server, ids, start_at, s.latency_seconds)
+        meter.record(cpu)
+        return result
+
+    async def _start_live(
+        self, server: Server, runs: int, seconds: float
+    ) -> tuple[list[str], float]:
+        """`runs` paced runs of `latency_rate` ticks/s for `seconds`, each at a random
+        phase; their ids and the wall time of their first ticks."""
+        s = self.s
         interval = 1.0 / s.latency_rate
-        count = round(s.latency_rate * s.latency_seconds)
-        start_at = time.time() + s.slack_s + 0.003 * s.latency_runs
+        count = round(s.latency_rate * seconds)
+        start_at = time.time() + s.slack_s + 0.003 * runs
         rnd = random.Random(7)
         requests = [
             paced(
@@ -577,16 +599,22 @@ class Bench:
                 # handler (a timer per stream); runservice's bench agent ignores the key.
                 inline=1,
             )
-            for _ in range(s.latency_runs)
+            for _ in range(runs)
         ]
         ids = await start_runs(server, requests)
         if time.time() > start_at:
             log.warning("latency: starting %d runs took past the scheduled start", len(ids))
-        meter = Meter(server, self.workers)
+        return ids, start_at
+
+    async def _follow_live(
+        self, server: Server, ids: list[str], start_at: float, seconds: float
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """One subscriber per run from seq 1 until the runs end: every tick's emit→receive
+        latency (ms) and the counts; raises unless every tick arrived."""
+        count = round(self.s.latency_rate * seconds)
         parts = split(ids, self.workers.n)
-        limit_s = s.latency_seconds + s.limit_s
+        limit_s = seconds + self.s.limit_s
         results = await self._subscribe(server, parts, start_at, latency=True, limit_s=limit_s)
-        meter.record(cpu)
         lat = array("d")
         for r in results:
             lat.frombytes(r["latencies_ms"])
@@ -892,6 +920,149 @@ class Bench:
             "isolation", "7. Isolation", params, isolation_figures(phases, cpu), {"phases": phases}
         )
 
+    # -- 8. stores -------------------------------------------------------------------------
+
+    async def stores(self) -> Outcome:
+        """The same workloads on a server on SQLite and on one on a private PostgreSQL,
+        interleaved: ingest at saturation, live latency at a fixed load, StartRun/s, and
+        the CPU each costs per event or run (server process and database separately)."""
+        s = self.s
+        reason = pg.unavailable(s.pg_optional)
+        if reason:
+            log.warning("stores: skipped: %s", reason)
+            return Outcome("stores", STORES_TITLE, {}, [], skipped=reason)
+        db = pg.PgServer(self.work / "postgres.log")
+        await asyncio.to_thread(db.start)
+        try:
+            servers = await self._store_servers(db)
+            try:
+                values, cpu = await self._stores_reps(servers, db)
+            finally:
+                await self.stop(*servers.values())
+        finally:
+            await asyncio.to_thread(db.stop)
+        params = {
+            "postgresql": db.version(),
+            "postgresql_settings": "fsync, synchronous_commit, full_page_writes on (defaults)",
+            "sqlite_settings": "WAL, synchronous=NORMAL (runservice's)",
+            "ingest_runs": s.ingest_runs,
+            "ingest_events_per_run": s.ingest_events,
+            "live_runs": s.stores_live_runs,
+            "live_events_per_s_per_run": s.latency_rate,
+            "live_seconds": s.stores_live_seconds,
+            "live_offered_events_per_s": s.stores_live_runs * s.latency_rate,
+            "startrun_callers": s.startrun_callers,
+            "startrun_seconds": s.startrun_seconds,
+            "payload_bytes": s.payload,
+        }
+        details = {"cpu_pct": cpu}
+        return Outcome("stores", STORES_TITLE, params, stores_figures(values), details)
+
+    async def _store_servers(self, db: pg.PgServer) -> dict[str, Server]:
+        """A runservice server on SQLite and one on `db`, each with a fresh data dir."""
+
+        def start(store: str, extra: list[str]) -> Callable[[str], Server]:
+            return lambda n: start_runservice(
+                self.work / f"{n}-stores-{store}", extra, loop=self.server_loop
+            )
+
+        sqlite = await self._server("runservice", start(SQLITE, []), shareable=False)
+        try:
+            on_pg = await self._server(
+                "runservice", start(POSTGRESQL, ["--db", db.url]), shareable=False
+            )
+        except BaseException:
+            await self.stop(sqlite)
+            raise
+        log.info("stores: on SQLite pid %d, on PostgreSQL pid %d", sqlite.pid, on_pg.pid)
+        return {SQLITE: sqlite, POSTGRESQL: on_pg}
+
+    async def _stores_reps(
+        self, servers: dict[str, Server], db: pg.PgServer
+    ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
+        """Each phase of each rep on both servers, the first of the two alternating; every
+        figure's values per store, and CPU % per phase and part."""
+        phases = {"ingest": self._stores_ingest, "live": self._stores_live}
+        phases["startrun"] = self._stores_startrun
+        values: dict[str, dict[str, list[float]]] = {SQLITE: {}, POSTGRESQL: {}}
+        cpu: dict[str, dict[str, list[float]]] = {p: {} for p in phases}
+        for rep in range(self.reps):
+            for phase, measure in phases.items():
+                order = (SQLITE, POSTGRESQL) if rep % 2 == 0 else (POSTGRESQL, SQLITE)
+                for store in order:
+                    got, used = await measure(servers[store], db if store == POSTGRESQL else None)
+                    for key, value in got.items():
+                        values[store].setdefault(key, []).append(value)
+                    for part, pct in cpu_pct(used).items():
+                        if part != "db" or store == POSTGRESQL:
+                            cpu[phase].setdefault(f"{store} {part}", []).append(pct)
+                    log.info("stores: rep %d %s on %s: %s", rep + 1, phase, store, got)
+        return values, cpu
+
+    async def _stores_ingest(
+        self, server: Server, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """R runs emitting as fast as the server accepts: committed events/s and CPU."""
+        s = self.s
+        start_at = time.time() + s.slack_s + 0.005 * s.ingest_runs
+        request = paced(count=s.ingest_events, interval=0, size=s.payload, start_at=start_at)
+        await start_runs(server, [request] * s.ingest_runs)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        meter = StoreMeter(server, db, self.workers)
+        await wait_none_active(server, s.limit_s, "paced")
+        rate = s.ingest_runs * s.ingest_events / (time.time() - start_at)
+        used = meter.read()
+        events = s.ingest_runs * s.ingest_events
+        return {"ingest.events_per_s": rate, **cpu_per("ingest", used, events)}, used
+
+    async def _stores_live(
+        self, server: Server, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """N runs at `latency_rate` events/s, a subscriber each: latency and CPU per event."""
+        s = self.s
+        runs, seconds = s.stores_live_runs, s.stores_live_seconds
+        ids, start_at = await self._start_live(server, runs, seconds)
+        follow = asyncio.ensure_future(self._follow_live(server, ids, start_at, seconds))
+        # From the first tick: the subscribers' attaching is not an event's cost.
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        meter = StoreMeter(server, db, self.workers)
+        lat, info = await follow
+        used = meter.read()
+        p50, p99 = percentiles(lat, [50, 99])
+        got = {"live.p50": p50, "live.p99": p99, **cpu_per("live", used, info["ticks"])}
+        return got, used
+
+    async def _stores_startrun(
+        self, server: Server, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """C callers of StartRun (`ticker {count: 0}`): runs/s, and CPU per run over the
+        measured seconds (the meter starts when the callers' warm-up ends)."""
+        s = self.s
+        call = asyncio.ensure_future(
+            self.workers.call(
+                clients.start_calls,
+                server.addr,
+                server.token,
+                "ticker",
+                {"count": 0},
+                callers=s.startrun_callers,
+                warmup=s.startrun_warmup,
+                duration=s.startrun_seconds,
+                loop=self.loop,
+            )
+        )
+        await asyncio.sleep(s.startrun_warmup)
+        meter = StoreMeter(server, db, self.workers)
+        await asyncio.sleep(s.startrun_seconds)
+        used = meter.read()
+        res = await call
+        if res["errors"]:
+            raise RuntimeError(f"stores: {res['errors']} StartRun errors")
+        got = {"startrun.runs_per_s": res["calls"] / s.startrun_seconds}
+        got.update(cpu_per("startrun", used, res["calls"]))
+        del got["startrun.total_cpu_us"]
+        return got, used
+
     async def _isolation_phase(
         self, server: Server, phase: str, run_id: str, cpu: dict[str, list[float]]
     ) -> dict[str, Any]:
@@ -922,6 +1093,88 @@ class Bench:
         )
         server_cpu = meter.record(cpu)
         return {"victim": victim_summary(seen), "abuser": abuser, "server_cpu_pct": server_cpu}
+
+
+class StoreMeter:
+    """CPU seconds used over a measured interval by a server process, by its database's
+    processes (PostgreSQL's; none for SQLite) and by the load clients, and the wall time."""
+
+    def __init__(self, server: Server, db: pg.PgServer | None, workers: Workers) -> None:
+        self.server = server
+        self.db = db
+        self.workers = workers
+        self.t0 = time.monotonic()
+        self.start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        return {
+            "server": self.server.cpu_seconds(),
+            "db": self.db.cpu_seconds() if self.db else 0.0,
+            "clients": self.workers.cpu_seconds(),
+        }
+
+    def read(self) -> dict[str, float]:
+        """Seconds of CPU per part since the meter was made, and 'wall'."""
+        now = self._now()
+        used = {k: now[k] - self.start[k] for k in now}
+        used["wall"] = max(time.monotonic() - self.t0, 1e-9)
+        return used
+
+
+def cpu_per(phase: str, used: dict[str, float], count: int) -> dict[str, float]:
+    """Microseconds of CPU per item (event or run) of `phase`: the server's, the
+    database's and both together."""
+    per = 1e6 / max(1, count)
+    return {
+        f"{phase}.cpu_us": used["server"] * per,
+        f"{phase}.db_cpu_us": used["db"] * per,
+        f"{phase}.total_cpu_us": (used["server"] + used["db"]) * per,
+    }
+
+
+def cpu_pct(used: dict[str, float]) -> dict[str, float]:
+    """CPU % (100 = one core) of the server, the database and the clients."""
+    return {k: 100.0 * used[k] / used["wall"] for k in ("server", "db", "clients")}
+
+
+STORES_TITLE = "8. Stores: PostgreSQL beside SQLite"
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+STORE_PHASES = ("ingest", "live", "startrun")
+CPU_TARGET = f"≤ 1.3{TIMES} SQLite"
+# The stores figures: (key, name, unit, better, whether SQLite has the figure, target).
+STORE_FIGURES = (
+    ("ingest.events_per_s", "ingest committed events/s", "events/s", "higher", True, ""),
+    ("ingest.cpu_us", "server CPU per committed event, ingest", "µs", "lower", True, CPU_TARGET),
+    ("ingest.db_cpu_us", "database processes' CPU per event, ingest", "µs", "lower", False, ""),
+    ("ingest.total_cpu_us", "server + database CPU per event, ingest", "µs", "lower", True, ""),
+    ("live.p50", "live latency p50, fixed load", "ms", "lower", True, ""),
+    ("live.p99", "live latency p99, fixed load", "ms", "lower", True, ""),
+    ("live.cpu_us", "server CPU per event, fixed load", "µs", "lower", True, CPU_TARGET),
+    ("live.db_cpu_us", "database processes' CPU per event, fixed load", "µs", "lower", False, ""),
+    ("live.total_cpu_us", "server + database CPU per event, fixed load", "µs", "lower", True, ""),
+    ("startrun.runs_per_s", "StartRun runs/s", "runs/s", "higher", True, ""),
+    ("startrun.cpu_us", "server CPU per StartRun", "µs", "lower", True, ""),
+    ("startrun.db_cpu_us", "database processes' CPU per StartRun", "µs", "lower", False, ""),
+)
+
+
+def stores_figures(values: dict[str, dict[str, list[float]]]) -> list[Figure]:
+    """The stores scenario's figures: PostgreSQL's values, SQLite's as the baseline."""
+    return [
+        Figure(
+            f"stores.{key}",
+            name,
+            unit,
+            better,
+            values[POSTGRESQL][key],
+            values[SQLITE][key] if on_sqlite else None,
+            "the same server on SQLite" if on_sqlite else "",
+            target,
+            "ratio_max" if target else "",
+            1.3 if target else 0.0,
+        )
+        for key, name, unit, better, on_sqlite, target in STORE_FIGURES
+    ]
 
 
 def victim_summary(seen: dict[str, Any]) -> dict[str, Any]:
@@ -985,4 +1238,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
     "ingest": Bench.ingest,
     "capacity": Bench.capacity,
     "isolation": Bench.isolation,
+    "stores": Bench.stores,
 }
