@@ -319,3 +319,34 @@ async def test_an_idle_server_notices_an_outage_and_its_end_on_its_own(
 
 async def _is(check: Callable[[], Awaitable[int]], expected: int) -> bool:
     return await check() == expected
+
+
+async def test_start_runs_queued_behind_a_failing_commit_are_refused_too(
+    make_server: Callable[..., Awaitable[Harness]], failing: list[FailingStore]
+) -> None:
+    """StartRun calls made while an emitting run's commit is being retried (their rows
+    queued behind it) are refused STORE_UNAVAILABLE about a second into the outage, like
+    the rows of the commit itself, not kept waiting until the store is back; none of those
+    runs is ever stored."""
+    server = await make_server()
+    store = failing[0]
+    alice = server.caller("alice")
+    ticking = await start(alice, "ticker", count=2000, interval=0.005)
+    store.down = DISK_FULL
+    await wait_for(lambda: store.failed_commits > 0, limit=5, message="no commit failed")
+
+    async def refused_within(limit: float) -> str:
+        request = pb.StartRunRequest(agent="echo", input=struct(text="queued"))
+        try:
+            await alice.StartRun(request, timeout=limit)
+        except grpc.aio.AioRpcError as exc:
+            info = error_info(exc)
+            return f"{exc.code().name}:{info.reason if info else ''}"
+        return "OK"
+
+    outcomes = await asyncio.gather(*(refused_within(5.0) for _ in range(3)))
+    store.down = None
+    assert outcomes == ["UNAVAILABLE:STORE_UNAVAILABLE"] * 3
+    await wait_for(await _ends(server, ticking.run_id), limit=30)
+    listed = (await alice.ListRuns(pb.ListRunsRequest())).runs
+    assert [r.run_id for r in listed] == [ticking.run_id]

@@ -315,6 +315,9 @@ class Writer:
                 self._unhealthy(exc)
                 if self._problem is not None:
                     batch = self._withdraw_new_runs(batch, self._problem)
+                    # Rows queued behind this batch would wait for the outage's end too.
+                    if self._pending.new_runs:
+                        self._pending = self._withdraw_new_runs(self._pending, self._problem)
                 self._in_flight = batch
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
