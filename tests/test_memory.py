@@ -11,7 +11,7 @@ from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness, wait_for
 from tests.fakes import gate
-from tests.helpers import TERMINAL, struct
+from tests.helpers import TERMINAL, read_all, start, struct
 
 RUNS = 30
 
@@ -49,3 +49,27 @@ async def test_runs_queued_on_a_thread_that_never_idles_leave_memory_when_evicte
             assert manager.sweep() == 1
         previous = run.run_id
     assert _live_runs_held() <= 2  # the last run, and the one before while it is freed
+
+
+def _live_runs_tracked() -> int:
+    """LiveRun objects the collector knows of, garbage not yet collected included."""
+    return sum(isinstance(o, LiveRun) for o in gc.get_objects())
+
+
+async def test_evicted_runs_are_freed_at_once_not_at_the_next_full_collection(
+    server: Harness,
+) -> None:
+    """A run that leaves memory is freed by reference counting: no cycle keeps it and its
+    events until a full collection (rare on a busy server, whose old objects go last)."""
+    alice = server.caller("alice")
+    gc.collect()
+    gc.disable()
+    try:
+        runs = [await start(alice, "ticker", count=20) for _ in range(RUNS)]
+        for run in runs:
+            await read_all(alice, run.run_id)
+        server.clock.advance(301)
+        assert server.app.manager.sweep() == RUNS
+        await wait_for(lambda: _live_runs_tracked() == 0, limit=5)
+    finally:
+        gc.enable()

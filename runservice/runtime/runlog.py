@@ -47,7 +47,9 @@ class RunLog:
         self.finished = False
         self.broken: BaseException | None = None
         self.abandoned = False
-        # Called once when the log is given up (the run's supervisor ends the run).
+        # Called once when the log is given up (the run's supervisor ends the run). It
+        # refers to the run that holds this log: dropped once it cannot be called any more,
+        # so that an evicted run is freed at once, not at the next full collection.
         self.on_fail: Callable[[], object] | None = None
         self._next_seq = last_seq + 1
         self._window: deque[bytes] = deque()  # wire forms of seqs _first, _first + 1, ...
@@ -118,6 +120,7 @@ class RunLog:
 
     def _pack(self) -> None:
         """Replaces the finished window's bytes objects by one buffer."""
+        self.on_fail = None  # a finished log is never given up
         window = self._window
         self._packed = b"".join(window)
         self._ends = array("Q", accumulate(map(len, window)))
@@ -152,12 +155,14 @@ class RunLog:
         self._next_seq = self.committed_seq + 1
         if self.broken is None:
             self.broken = exc
-            if self.on_fail is not None:
-                self.on_fail()
+            on_fail, self.on_fail = self.on_fail, None
+            if on_fail is not None:
+                on_fail()
 
     def abandon(self) -> None:
         """Not even the terminal event could be stored: wakes every reader to leave."""
         self.abandoned = True
+        self.on_fail = None
         signal, self._signal = self._signal, asyncio.Event()
         signal.set()
 
