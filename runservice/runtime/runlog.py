@@ -11,10 +11,10 @@ the collections: with 1,000 runs at 10 events/s, 2.3 s of collecting over a 12 s
 full collections of up to 200 ms.)
 
 Once the run has finished, its window is packed into one buffer: a finished run stays in
-memory for the memory grace period, and thousands of small bytes objects living that long,
-scattered among the short-lived objects of every call, keep the interpreter's 1 MiB
-allocation arenas from ever being returned (the soak's RSS rose by the arenas, mostly
-empty pools, not by live objects). One buffer per finished run is freed in one piece.
+memory for the memory grace period, and one buffer costs less than thousands of small bytes
+objects (each with its header, rounded up to its allocator's size class), is not spread
+over the allocator's arenas among the short-lived objects of every call, and is freed in
+one piece.
 """
 
 from __future__ import annotations
