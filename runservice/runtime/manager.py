@@ -79,7 +79,7 @@ class RuntimeSettings:
     memory_grace: float = 300.0
     sweep_interval: float = 1.0
     batch_max_events: int = 2000
-    batch_max_bytes: int = 64 * 1024  # one SubscribeResponse: what a stalled stream holds
+    batch_max_bytes: int = 32 * 1024  # one SubscribeResponse: what a stalled stream holds
     page_max_events: int = 2000
     page_max_bytes: int = 256 * 1024  # one store read, kept while its reader keeps up
     read_ahead_hold: float = 0.25
