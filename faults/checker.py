@@ -15,8 +15,10 @@ And for every stream a subscriber read (recorded in a `SeenLog`):
   deterministic encoding);
 - it saw no seq twice and skipped none: from its first seq on, consecutive.
 
-Logs come from the SQLite file of a stopped server (`records_from_db`, read-only) or from
-a live server through the API (`records_from_api`). `verify` turns them into `Figures`.
+Logs come from the SQLite file of a stopped server (`records_from_db`, read-only), from
+the PostgreSQL database of a stopped server (`records_from_postgres`, one read-only
+transaction), or from a live server through the API (`records_from_api`). `verify` turns
+them into `Figures`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from runservice.client import AsyncRunClient
 from runservice.v1 import run_pb2
@@ -260,25 +264,45 @@ def _readonly(db_path: Path) -> Iterator[sqlite3.Connection]:
             conn.close()
 
 
+_RUNS_SQL = "SELECT run_id, owner, state, last_seq FROM runs"
+_EVENTS_SQL = "SELECT run_id, seq, type, state, wire FROM run_events ORDER BY run_id, seq"
+
+
 def records_from_db(db_path: Path) -> list[RunRecord]:
     """Every run and its log, read from a SQLite file of a server that is not running."""
     with _readonly(Path(db_path)) as conn:
-        runs = {
-            run_id: RunRecord(run_id, owner, state, int(last_seq))
-            for run_id, owner, state, last_seq in conn.execute(
-                "SELECT run_id, owner, state, last_seq FROM runs"
-            )
-        }
-        rows = conn.execute(
-            "SELECT run_id, seq, type, state, wire FROM run_events ORDER BY run_id, seq"
-        )
-        orphans: dict[str, RunRecord] = {}
-        for run_id, seq, type_, state, wire in rows:
-            record = runs.get(run_id)
-            if record is None:  # events with no run row: reported as a run with no state
-                record = orphans.setdefault(run_id, RunRecord(run_id, "?", "NO_ROW", 0))
-            wire_hash = wire_digest(wire) if wire is not None else None
-            record.events.append(LoggedEvent(int(seq), type_, state, wire_hash))
+        return _records(conn.execute(_RUNS_SQL), conn.execute(_EVENTS_SQL))
+
+
+async def records_from_postgres(url: str) -> list[RunRecord]:
+    """Every run and its log, read from the PostgreSQL database of `url` (a runservice --db
+    URL) in one read-only transaction, so runs and logs are of one moment."""
+    engine = create_async_engine(url, poolclass=NullPool)
+    snapshot = engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+    try:
+        async with snapshot.connect() as conn, conn.begin():
+            runs = [tuple(row) for row in await conn.exec_driver_sql(_RUNS_SQL)]
+            events = [tuple(row) for row in await conn.exec_driver_sql(_EVENTS_SQL)]
+    finally:
+        await engine.dispose()
+    return _records(runs, events)
+
+
+def _records(
+    runs_rows: Iterable[tuple[Any, ...]], event_rows: Iterable[tuple[Any, ...]]
+) -> list[RunRecord]:
+    """Records from rows of _RUNS_SQL and _EVENTS_SQL (events in order of run and seq)."""
+    runs = {
+        run_id: RunRecord(run_id, owner, state, int(last_seq))
+        for run_id, owner, state, last_seq in runs_rows
+    }
+    orphans: dict[str, RunRecord] = {}
+    for run_id, seq, type_, state, wire in event_rows:
+        record = runs.get(run_id)
+        if record is None:  # events with no run row: reported as a run with no state
+            record = orphans.setdefault(run_id, RunRecord(run_id, "?", "NO_ROW", 0))
+        wire_hash = wire_digest(bytes(wire)) if wire is not None else None
+        record.events.append(LoggedEvent(int(seq), type_, state, wire_hash))
     return [*runs.values(), *orphans.values()]
 
 

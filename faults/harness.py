@@ -21,7 +21,7 @@ import grpc
 import psutil
 from google.protobuf import duration_pb2, struct_pb2
 
-from faults.checker import SeenLog, SeenStream
+from faults.checker import RunRecord, SeenLog, SeenStream, records_from_db, records_from_postgres
 from runservice.client.errors import error_info
 from runservice.tokens import add_token
 from runservice.v1 import run_pb2
@@ -63,7 +63,11 @@ def state_name(state: int) -> str:
 
 @dataclass
 class Node:
-    """A data directory, its users' tokens, and the server process currently serving it."""
+    """A data directory, its users' tokens, and the server process currently serving it.
+
+    Its runs are stored in the data directory's SQLite file, or with `db_url` in that
+    database (passed to every server as --db).
+    """
 
     data_dir: Path
     tokens: dict[str, str]
@@ -71,11 +75,18 @@ class Node:
     server: ServerProcess | None = None
     port: int | None = None
     log_path: Path | None = None  # the server's output; default DATA_DIR.log beside it
+    db_url: str | None = None
 
     @property
     def db(self) -> Path:
         """The SQLite file."""
         return self.data_dir / "runservice.db"
+
+    async def records(self) -> list[RunRecord]:
+        """Every run and its log as stored (the server should not be running)."""
+        if self.db_url is not None:
+            return await records_from_postgres(self.db_url)
+        return records_from_db(self.db)
 
     @property
     def addr(self) -> str:
@@ -90,8 +101,9 @@ class Node:
     async def start(self, *, limit: float = 60.0) -> float:
         """Starts a server on the node's port; returns seconds until it answered SERVING."""
         began = time.monotonic()
+        args = [*self.args, *(["--db", self.db_url] if self.db_url else [])]
         self.server = await start_server(
-            self.data_dir, args=self.args, port=self.port, limit=limit, log_path=self.log_path
+            self.data_dir, args=args, port=self.port, limit=limit, log_path=self.log_path
         )
         self.port = self.server.port
         return time.monotonic() - began
