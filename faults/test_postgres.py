@@ -203,7 +203,7 @@ def database_of(node: Node) -> str:
 
 async def test_sigkill_at_random_points_during_load_on_postgresql(pg_node: Node, row: Row) -> None:
     """On PostgreSQL: runs start, emit and are followed by resuming subscribers while the
-    server is SIGKILLed at a random moment, KILL_ROUNDS times, and restarted on the same
+    server is SIGKILLed at a random moment, 4 times, and restarted on the same
     port each time. Afterwards every log in the database is gap-free and ends with one
     terminal event, nothing a subscriber saw is missing or changed, no run is left active,
     users stay isolated. Reports restart time."""
@@ -250,7 +250,7 @@ async def test_sigkill_at_random_points_during_load_on_postgresql(pg_node: Node,
 
 
 async def test_postgresql_restarted_under_load(pg_node: Node, postgres: FaultPg, row: Row) -> None:
-    """`pg_ctl restart -m fast` of the database, RESTARTS times 1 s apart, while runs emit,
+    """`pg_ctl restart -m fast` of the database, 3 times 1 s apart, while runs emit,
     subscribers follow and StartRun is called every 0.3 s: StartRun answers OK or
     UNAVAILABLE (STORE_UNAVAILABLE), never INTERNAL; the runs in flight all SUCCEED once the
     database is back; readiness is SERVING again on its own and a new run is accepted;
