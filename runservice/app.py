@@ -433,6 +433,27 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+CLAIM_CHECK_INTERVAL_S = 1.0
+
+
+async def hold_claim(
+    store: SqlRunStore,
+    on_lost: Callable[[DatabaseInUseError], None],
+    interval: float = CLAIM_CHECK_INTERVAL_S,
+) -> None:
+    """Keeps this server's claim on its database (PostgreSQL) across a lost session; calls
+    `on_lost` if another server took the database meanwhile."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.keep_claim()
+        except StoreUnavailableError:
+            continue  # the database is away: the writer reports it; try again later
+        except DatabaseInUseError as exc:
+            on_lost(exc)
+            return
+
+
 MEMORY_TRIM_INTERVAL_S = 10.0
 
 
@@ -493,10 +514,23 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    lost: list[DatabaseInUseError] = []
+
+    def on_claim_lost(exc: DatabaseInUseError) -> None:
+        lost.append(exc)
+        stop.set()
+        app.manager.hurry()
+
     tune_garbage_collector()
-    trimmer = asyncio.create_task(return_freed_memory(), name="runservice-memory-trim")
+    chores = [
+        asyncio.create_task(return_freed_memory(), name="runservice-memory-trim"),
+        asyncio.create_task(hold_claim(app.store, on_claim_lost), name="runservice-claim"),
+    ]
     await stop.wait()
-    trimmer.cancel()
+    for chore in chores:
+        chore.cancel()
+    if lost:
+        logger.error("%s: this server stops, its runs are the other server's now", lost[0])
     logger.info("shutting down: draining runs for up to %.0fs", settings.drain_timeout)
     await app.stop()
-    return 0
+    return 1 if lost else 0

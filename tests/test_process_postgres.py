@@ -91,3 +91,50 @@ async def test_a_server_on_postgresql_serves_survives_a_kill_and_stays_alone(
             assert replay[-1].state == run_pb2.RUN_STATE_SUCCEEDED
     finally:
         postgres.drop_database(db)
+
+
+async def test_a_server_keeps_its_claim_when_its_database_session_ends(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """The database ends every session of a running server (as a restart would): the server
+    takes its claim again on its own, so a second server on that database is still
+    refused, and the first goes on serving."""
+    db = postgres.create_database()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    md = bearer(add_token(data_dir / "tokens.toml", "alice", []))
+    args = ["--db", postgres.url(db)]
+    try:
+        async with running_server(data_dir, args=args) as server:
+            postgres.psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+            )
+            await wait_for(
+                lambda: "took the claim on the database again" in server.log_text(),
+                limit=15,
+                message="the claim was not taken again",
+            )
+            second = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "runservice",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--data-dir",
+                str(tmp_path / "second"),
+                *args,
+                stderr=asyncio.subprocess.PIPE,
+                env=server_env(),
+            )
+            _, err = await asyncio.wait_for(second.communicate(), 30)
+            assert second.returncode == 1, err.decode()
+            assert "another runservice server" in err.decode()
+            async with grpc.aio.insecure_channel(server.addr) as channel:
+                stub = pb_grpc.RunServiceStub(channel)
+                run = (await stub.StartRun(_ticker(5, 0.0), metadata=md)).run
+                events = await read_log(stub, md, run.run_id)
+                assert events[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+    finally:
+        postgres.drop_database(db)

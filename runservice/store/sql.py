@@ -111,6 +111,7 @@ class SqlRunStore:
     ) -> None:
         self._engine = engine
         self._claim: AsyncConnection | None = None
+        self._claimed = False  # claim() succeeded once: keep_claim() keeps it
         self._writer = None if writer is None else _CommitThread(writer)
         self._encoder = encoder
         self._decoder = decoder
@@ -169,6 +170,29 @@ class SqlRunStore:
                 "servers on one database are not supported yet: stop it, or give this one "
                 "a database of its own"
             )
+        self._claimed = True
+
+    async def keep_claim(self) -> None:
+        """Checks that the claim's session is alive and takes the claim again on a new one
+        if it ended (the database restarted, or an operator ended the session).
+
+        Raises DatabaseInUseError if another server took the database meanwhile (this one
+        must stop), StoreUnavailableError while the database cannot be reached (call
+        again later).
+        """
+        if not self._claimed:
+            return
+        if self._claim is not None:
+            try:
+                await self._claim.exec_driver_sql("SELECT 1")
+                return
+            except Exception:  # the session is gone, whatever the driver calls it
+                logger.warning("the session holding this server's claim on the database ended")
+                with contextlib.suppress(Exception):
+                    await self._claim.invalidate()
+                self._claim = None
+        await self.claim()
+        logger.warning("took the claim on the database again")
 
     async def close(self) -> None:
         """Releases every pooled connection (and the claim on the database)."""
@@ -469,7 +493,10 @@ _CAUSES = (
     (("disk i/o error",), "the disk holding the database reports I/O errors"),
     (("unable to open",), "the database file cannot be opened"),
     (("malformed", "not a database", "corrupt"), "the database file is corrupt"),
-    (("connection", "connect", "closed", "terminat"), "the database cannot be reached"),
+    (
+        ("connection", "connect", "closed", "terminat", "cannot switch to state"),
+        "the database cannot be reached",
+    ),
 )
 
 

@@ -201,3 +201,35 @@ async def test_one_server_per_database_until_replicas_exist(postgres: PgServer) 
         await first.close()
         await second.close()
         postgres.drop_database(name)
+
+
+async def test_a_claim_lost_with_its_session_is_taken_again_or_reported(
+    postgres: PgServer,
+) -> None:
+    """When the session holding a server's claim ends (a database restart, an operator),
+    keep_claim takes it again, so a second server is still refused; if another server took
+    the database in between, keep_claim says so (the first must stop)."""
+    name = postgres.create_database()
+    first = await open_store(postgres.url(name))
+    second = await open_store(postgres.url(name))
+    end_sessions = (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    )
+    try:
+        await first.claim()
+        postgres.psql(end_sessions)
+        await first.keep_claim()
+        with pytest.raises(DatabaseInUseError):
+            await second.claim()
+
+        postgres.psql(end_sessions)
+        await second.close()
+        second = await open_store(postgres.url(name))
+        await second.claim()  # the claim was free: another server takes the database
+        with pytest.raises(DatabaseInUseError):
+            await first.keep_claim()
+    finally:
+        await first.close()
+        await second.close()
+        postgres.drop_database(name)
