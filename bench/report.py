@@ -270,7 +270,7 @@ def text_table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines.append("")
     lines.append(
-        f"median (min{EN}max) of {results['reps']} reps; ratio = runservice median / baseline "
+        f"median (min{EN}max) of {reps_text(results)}; ratio = runservice median / baseline "
         f"median. {m['cores']} cores, {m['cpu']}; Python {m['python']}, grpcio {m['grpcio']}, "
         f"SQLite {m['sqlite']}."
     )
@@ -307,7 +307,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run {results['started']} with `{results['command']}` in "
         f"{results['seconds']:.0f} s. Every figure is the **median (min{EN}max) of "
-        f"{results['reps']} repetitions**; the baseline ran in the same process tree, "
+        f"{reps_text(results, 'repetitions')}**; the baseline ran in the same process tree, "
         "interleaved with runservice. *ratio* = runservice median / baseline median; a "
         "target is printed beside it, measured and never asserted. "
         "[performance.md](../performance.md) explains each scenario and how to read them.",
@@ -363,6 +363,14 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def reps_text(results: dict[str, Any], word: str = "reps") -> str:
+    """'3 reps', or '3-5 reps' when scenarios kept from earlier runs had other counts."""
+    counts = sorted({sc.get("reps", results["reps"]) for sc in results["scenarios"]})
+    if len(counts) > 1:
+        return f"{counts[0]}{EN}{counts[-1]} {word} (per scenario under Parameters)"
+    return f"{counts[0] if counts else results['reps']} {word}"
 
 
 def kept_note(results: dict[str, Any]) -> list[str]:
@@ -439,6 +447,14 @@ def stores_markdown(results: dict[str, Any]) -> list[str]:
 # -- charts ------------------------------------------------------------------------------
 
 
+def rate_figures(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The rate figures against a baseline server (throughput.png's bars), and the
+    repetitions they are medians of."""
+    shown = [sc for sc in results["scenarios"] if sc["key"] != STORES]
+    rates = [f for sc in shown for f in sc["figures"] if "/s" in f["unit"] and f["baseline"]]
+    return rates, reps_text({**results, "scenarios": shown})
+
+
 def charts(results: dict[str, Any], out: Path) -> list[Path]:
     """throughput.png (every rate figure) and latency.png (latency distributions)."""
     import matplotlib  # noqa: PLC0415 - heavy; only needed at the end
@@ -446,12 +462,7 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    figs = [f for sc in results["scenarios"] for f in sc["figures"]]
-    rates = [
-        f
-        for f in figs
-        if "/s" in f["unit"] and f["baseline"] and not f["id"].startswith(f"{STORES}.")
-    ]
+    rates, reps = rate_figures(results)
     fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.38
     for offset, key, label, color in (
@@ -472,7 +483,7 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
             top = max(f["runservice"]["max"], f["baseline"]["max"])
             ax.annotate(ratio_text(f), (i, top), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("per second (log scale)")
-    ax.set_title(f"Throughput per scenario: median, min{EN}max of {results['reps']} reps")
+    ax.set_title(f"Throughput per scenario: median, min{EN}max of {reps}")
     ax.legend()
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()

@@ -63,7 +63,8 @@ class Sizes:
     isolation_rate: float = 50.0
     isolation_stream_cap: int = 100
     # One server process does not use more cores as there are more: the default offered
-    # load is a third of what one server delivers here, whatever the core count.
+    # load (3k events/s) is about a third of what one server delivers to live
+    # subscribers (scenario 3), whatever the core count.
     stores_live_runs: int = 300
     stores_live_seconds: float = 10.0
     pg_optional: bool = False  # True: the stores scenario is skipped without PostgreSQL
