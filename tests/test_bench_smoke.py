@@ -2,7 +2,8 @@
 
 Runs `python -m bench --quick --reps 1` (tiny sizes, one runservice and one bare server
 shared by the scenarios; isolation starts a server of its own) into a temporary
-directory. It asserts only that each scenario finished, that each figure has a finite
+directory. It asserts only that each scenario finished (the PostgreSQL one may be skipped where
+PostgreSQL is not installed, never under CI), that each figure has a finite
 value and that every isolation phase made victim calls; it never asserts a time or a
 ratio: the figures are measurements, and the full run (`make bench`) is where they are
 read.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,9 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     results = json.loads((out / "results.json").read_text())
     assert [s["key"] for s in results["scenarios"]] == list(SCENARIOS)
     for scenario in results["scenarios"]:
+        if scenario.get("skipped"):  # stores, without PostgreSQL installed (never under CI)
+            assert scenario["key"] == "stores" and not os.environ.get("CI"), scenario
+            continue
         assert scenario["figures"], f"{scenario['key']} produced no figures"
         for figure in scenario["figures"]:
             values = figure["runservice"]["values"]
