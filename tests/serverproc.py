@@ -305,3 +305,57 @@ def assert_gap_free(events: Sequence[Any], first: int = 1) -> None:
     if seqs != expected:
         bad = next(i for i, (a, b) in enumerate(zip(seqs, expected, strict=True)) if a != b)
         raise AssertionError(f"seq {seqs[bad]} at position {bad}, expected {expected[bad]}")
+
+
+@dataclass(frozen=True)
+class Exit:
+    """What a `runservice serve` process wrote to stderr before it exited."""
+
+    code: int
+    lines: list[str]
+
+    @property
+    def last(self) -> str:
+        """The last line that is not blank."""
+        return next((line for line in reversed(self.lines) if line.strip()), "")
+
+    @property
+    def text(self) -> str:
+        """Everything it wrote to stderr."""
+        return "\n".join(self.lines)
+
+
+async def serve_until_exit(
+    data_dir: Path, args: Sequence[str] = (), limit: float = STARTUP_TIMEOUT_S
+) -> Exit:
+    """Runs `runservice serve` on a free port with `data_dir` and `args` until it exits (a
+    server refusing to start); one that starts after all is killed once it says so."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "runservice",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--data-dir",
+        str(data_dir),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(limit):
+            async for raw in proc.stderr:
+                lines.append(raw.decode(errors="replace").rstrip("\n"))
+                if "listening on" in lines[-1]:
+                    proc.kill()
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return Exit(code, lines)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 import grpc
@@ -17,10 +15,9 @@ from tests.pgserver import PgServer
 from tests.serverproc import (
     assert_gap_free,
     bearer,
-    free_port,
     read_log,
     running_server,
-    server_env,
+    serve_until_exit,
     wait_for,
 )
 
@@ -57,24 +54,10 @@ async def test_a_server_on_postgresql_serves_survives_a_kill_and_stays_alone(
                     return got.run.last_seq >= 10
 
                 await wait_for(ticked, limit=10)
-            second = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "runservice",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--data-dir",
-                str(tmp_path / "second"),
-                *args,
-                stderr=asyncio.subprocess.PIPE,
-                env=server_env(),
-            )
-            _, err = await asyncio.wait_for(second.communicate(), 30)
-            lines = [line for line in err.decode().splitlines() if line.strip()]
-            assert second.returncode == 1, lines
-            assert "another runservice server is using this PostgreSQL database" in lines[-1]
-            assert not any("Traceback" in line for line in lines)
+            refused = await serve_until_exit(tmp_path / "second", args)
+            assert refused.code == 1, refused.text
+            assert "another runservice server is using this PostgreSQL database" in refused.last
+            assert "Traceback" not in refused.text
             await server.kill()
         async with (
             running_server(data_dir, args=args) as server,
@@ -115,22 +98,9 @@ async def test_a_server_keeps_its_claim_when_its_database_session_ends(
                 limit=15,
                 message="the claim was not taken again",
             )
-            second = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "runservice",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--data-dir",
-                str(tmp_path / "second"),
-                *args,
-                stderr=asyncio.subprocess.PIPE,
-                env=server_env(),
-            )
-            _, err = await asyncio.wait_for(second.communicate(), 30)
-            assert second.returncode == 1, err.decode()
-            assert "another runservice server" in err.decode()
+            refused = await serve_until_exit(tmp_path / "second", args)
+            assert refused.code == 1, refused.text
+            assert "another runservice server" in refused.last
             async with grpc.aio.insecure_channel(server.addr) as channel:
                 stub = pb_grpc.RunServiceStub(channel)
                 run = (await stub.StartRun(_ticker(5, 0.0), metadata=md)).run

@@ -7,9 +7,7 @@ checks what the new process reports.
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,9 @@ from tests.serverproc import (
     assert_gap_free,
     bearer,
     error_reason,
-    free_port,
     read_log,
     running_server,
-    server_env,
+    serve_until_exit,
     wait_for,
 )
 
@@ -312,28 +309,9 @@ async def test_a_second_server_on_the_same_data_dir_leaves_the_running_one_undis
 
             await read_through(2)  # RUNNING, then the first token
             # Another port, so only the data directory is shared.
-            second = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "runservice",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--data-dir",
-                str(data_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=server_env(),
-            )
-            try:
-                output, _ = await asyncio.wait_for(second.communicate(), 30)
-            finally:
-                if second.returncode is None:
-                    second.kill()
-                    await second.wait()
-            assert second.returncode != 0
-            assert f"pid {server.pid}" in output.decode(), output.decode()
+            second = await serve_until_exit(data_dir)
+            assert second.code != 0
+            assert f"pid {server.pid}" in second.text, second.text
             # The live server goes on committing its run, and can still stop it cleanly.
             await read_through((await client.get(run.run_id)).last_seq + 1)
             stopped = (

@@ -14,9 +14,7 @@ import hashlib
 import logging
 import os
 import sqlite3
-import sys
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,58 +26,12 @@ from runservice.store.engine import sqlite_url
 from runservice.store.migrations import LATEST_VERSION
 from runservice.v1 import run_service_pb2 as pb
 from tests.conftest import Harness
-from tests.serverproc import free_port, server_env
+from tests.serverproc import Exit, serve_until_exit
 
 MakeServer = Callable[..., Awaitable[Harness]]
-START_LIMIT_S = 30.0
 GARBAGE = bytes(range(256)) * 20
 CORRUPT = "is not a runservice database: the file is corrupt or not SQLite"
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
-
-
-@dataclass(frozen=True)
-class Exit:
-    """What a `runservice serve` process wrote to stderr before it exited."""
-
-    code: int
-    lines: list[str]
-
-    @property
-    def last(self) -> str:
-        """The last line that is not blank."""
-        return next((line for line in reversed(self.lines) if line.strip()), "")
-
-
-async def serve_until_exit(data_dir: Path) -> Exit:
-    """Runs `runservice serve` on `data_dir` until it exits; a server that starts is killed."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "runservice",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{free_port()}",
-        "--data-dir",
-        str(data_dir),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=server_env(),
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    try:
-        async with asyncio.timeout(START_LIMIT_S):
-            async for raw in proc.stderr:
-                lines.append(raw.decode(errors="replace").rstrip("\n"))
-                if "listening on" in lines[-1]:
-                    proc.kill()
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return Exit(code, lines)
 
 
 def digest(path: Path) -> str:
