@@ -87,16 +87,25 @@ def spawn_stuck(node: Node, run_id: str, streams: int = 1) -> subprocess.Popen[b
     )
 
 
-async def settled_rss(server: psutil.Process) -> int:
-    """The server's RSS once it has stopped changing by more than 1% over a second."""
+TRIM_INTERVAL_S = 10.0  # the server returns freed C heap memory this often (app.py)
+
+
+async def settled_rss(server: psutil.Process) -> tuple[int, int]:
+    """The server's RSS once it has stopped changing by more than 1% over a second, and
+    the lowest it reaches over the next trim interval and a half (the freed memory it
+    still held when first sampled is returned by its next trim)."""
     last = int(server.memory_info().rss)
     for _ in range(15):
         await asyncio.sleep(1.0)
         now = int(server.memory_info().rss)
         if abs(now - last) <= last // 100:
-            return now
+            break
         last = now
-    return last
+    lowest = settled = int(server.memory_info().rss)
+    for _ in range(int(TRIM_INTERVAL_S * 1.5)):
+        await asyncio.sleep(1.0)
+        lowest = min(lowest, int(server.memory_info().rss))
+    return settled, lowest
 
 
 async def rss_back(
@@ -134,7 +143,7 @@ async def test_never_reading_subscribers(node: Node, row: Row) -> None:
         began = time.monotonic()
         alone_peak, _ = await big_run_peak(node, load, nothing)
         alone_s = time.monotonic() - began
-        alone_settled = await settled_rss(server)
+        alone_settled, alone_low = await settled_rss(server)
         clients: list[subprocess.Popen[bytes]] = []
 
         async def attach(run_id: str) -> None:
@@ -151,7 +160,7 @@ async def test_never_reading_subscribers(node: Node, row: Row) -> None:
             began = time.monotonic()
             stuck_peak, big_id = await big_run_peak(node, load, attach)
             stuck_s = time.monotonic() - began
-            stuck_settled = await settled_rss(server)
+            stuck_settled, stuck_low = await settled_rss(server)
             server.cpu_percent(None)
             await asyncio.sleep(2.0)
             idle_cpu = server.cpu_percent(None)
@@ -165,12 +174,14 @@ async def test_never_reading_subscribers(node: Node, row: Row) -> None:
         big = await load.get(big_id)
     await node.terminate()
     figures = verify(records_from_db(node.db))
-    per_stuck_kb = max(0, stuck_settled - alone_settled) / streams / 1024
+    per_stuck_kb = max(0, stuck_low - alone_low) / streams / 1024
     row.set(
         **figures.as_dict(),
         stuck_streams=streams,
         rss_settled_without_stuck_mb=round(alone_settled / MB, 1),
         rss_settled_with_stuck_mb=round(stuck_settled / MB, 1),
+        rss_lowest_without_stuck_mb=round(alone_low / MB, 1),
+        rss_lowest_with_stuck_mb=round(stuck_low / MB, 1),
         rss_per_stuck_stream_kb=round(per_stuck_kb),
         rss_peak_without_stuck_mb=round(alone_peak / MB, 1),
         rss_peak_with_stuck_mb=round(stuck_peak / MB, 1),
