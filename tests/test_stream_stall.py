@@ -115,11 +115,9 @@ async def stop_until_stalled(proc: subprocess.Popen[str], server: Any) -> None:
     proc.stdin.flush()
 
 
-async def test_a_stopped_subscriber_sees_its_data_then_unavailable_stream_stalled(
-    tmp_path: Path,
-) -> None:
-    """A subscriber that stops reading is ended after --stream-stall-timeout; resumed, it
-    reads the events it had been sent, gap-free from seq 1, then UNAVAILABLE STREAM_STALLED."""
+async def stalled_report(tmp_path: Path, mode: str) -> dict[str, Any]:
+    """What a subscriber of `mode` reports once it was stopped past a 2 s stall timeout
+    on a big run, then let go."""
     data_dir = tmp_path / "data"
     token = add_token(data_dir / "tokens.toml", "alice", [])
     args = ["--stream-stall-timeout", "2s"]
@@ -128,9 +126,18 @@ async def test_a_stopped_subscriber_sees_its_data_then_unavailable_stream_stalle
         grpc.aio.insecure_channel(server.addr) as channel,
     ):
         run_id = await big_run(pb_grpc.RunServiceStub(channel), bearer(token))
-        with subscriber(server.addr, token, run_id, "raw") as proc:
+        with subscriber(server.addr, token, run_id, mode) as proc:
             await stop_until_stalled(proc, server)
-            report = json.loads(await line(proc))
+            report: dict[str, Any] = json.loads(await line(proc))
+    return report
+
+
+async def test_a_stopped_subscriber_sees_its_data_then_unavailable_stream_stalled(
+    tmp_path: Path,
+) -> None:
+    """A subscriber that stops reading is ended after --stream-stall-timeout; resumed, it
+    reads the events it had been sent, gap-free from seq 1, then UNAVAILABLE STREAM_STALLED."""
+    report = await stalled_report(tmp_path, "raw")
     print(f"read {report['count']} of {TOTAL} events before the status")
     assert (report["code"], report["reason"]) == ("UNAVAILABLE", "STREAM_STALLED")
     assert report["first"] == 1 and report["consecutive"]
@@ -142,17 +149,7 @@ async def test_the_python_client_resumes_a_stalled_stream_and_gets_every_event_o
 ) -> None:
     """AsyncRunClient.subscribe rides through a STREAM_STALLED end: it resumes from its
     cursor and delivers every event of the run exactly once, in order."""
-    data_dir = tmp_path / "data"
-    token = add_token(data_dir / "tokens.toml", "alice", [])
-    args = ["--stream-stall-timeout", "2s"]
-    async with (
-        running_server(data_dir, args=args) as server,
-        grpc.aio.insecure_channel(server.addr) as channel,
-    ):
-        run_id = await big_run(pb_grpc.RunServiceStub(channel), bearer(token))
-        with subscriber(server.addr, token, run_id, "client") as proc:
-            await stop_until_stalled(proc, server)
-            report = json.loads(await line(proc))
+    report = await stalled_report(tmp_path, "client")
     assert report == {"count": TOTAL, "first": 1, "last": TOTAL, "consecutive": True}
 
 
