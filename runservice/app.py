@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +275,11 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
                 f"cannot write the development token in {settings.data_dir}: {exc.strerror}"
             ) from exc
     # Reconciliation marks every unfinished run INTERRUPTED: that is only right when no
-    # other live server owns them, so a SQLite file serves one process at a time.
+    # other live server owns them, so a SQLite file serves one process at a time. On
+    # PostgreSQL, replicas share the database and each has a data dir of its own.
     lock = lock_for(settings.db_url)
+    if make_url(settings.db_url).get_backend_name() == "postgresql":
+        lock = replica_lock(settings.data_dir)
     if lock is not None:
         _acquire(lock)
     try:
@@ -285,6 +289,33 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         if lock is not None:
             lock.release()
         raise
+
+
+REPLICA_ID_FILE = "replica-id"
+
+
+def replica_name(data_dir: Path) -> str:
+    """This replica's name, kept in its data dir across restarts (a new one the first
+    time): at a restart the replica ends its earlier life's lease at once, so its runs are
+    reconciled then rather than when that lease expires."""
+    path = data_dir / REPLICA_ID_FILE
+    try:
+        name = path.read_text().strip() if path.exists() else ""
+        if not name:
+            name = uuid.uuid4().hex
+            path.write_text(name + "\n")
+    except OSError as exc:
+        raise StartupError(f"cannot use the replica id file {path}: {exc.strerror}") from exc
+    return name
+
+
+def replica_lock(data_dir: Path) -> FileLock:
+    """The lock that keeps a data dir to one replica of a PostgreSQL deployment."""
+    return FileLock(
+        data_dir / "replica.lock",
+        "another runservice replica (pid {pid}) uses this data dir; give each replica a "
+        "--data-dir of its own",
+    )
 
 
 def _prepare_data_dir(path: Path) -> None:
@@ -360,10 +391,12 @@ async def _build_locked(
                 max_queued=settings.max_queued,
                 max_queued_per_user=settings.max_queued_per_user,
             ),
+            lease_ttl=settings.lease_ttl,
         ),
+        cluster=store.cluster,
+        replica=replica_name(settings.data_dir) if store.cluster is not None else "",
     )
     try:
-        await store.claim()
         await manager.start()  # reads every unfinished run first: a damaged file shows here
         page_tokens = PageTokens(await store.shared_secret(PAGE_TOKEN_SECRET, proposed))
     except BaseException:
@@ -433,27 +466,6 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-CLAIM_CHECK_INTERVAL_S = 1.0
-
-
-async def hold_claim(
-    store: SqlRunStore,
-    on_lost: Callable[[DatabaseInUseError], None],
-    interval: float = CLAIM_CHECK_INTERVAL_S,
-) -> None:
-    """Keeps this server's claim on its database (PostgreSQL) across a lost session; calls
-    `on_lost` if another server took the database meanwhile."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await store.keep_claim()
-        except StoreUnavailableError:
-            continue  # the database is away: the writer reports it; try again later
-        except DatabaseInUseError as exc:
-            on_lost(exc)
-            return
-
-
 MEMORY_TRIM_INTERVAL_S = 10.0
 
 
@@ -514,23 +526,11 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    lost: list[DatabaseInUseError] = []
-
-    def on_claim_lost(exc: DatabaseInUseError) -> None:
-        lost.append(exc)
-        stop.set()
-        app.manager.hurry()
-
     tune_garbage_collector()
-    chores = [
-        asyncio.create_task(return_freed_memory(), name="runservice-memory-trim"),
-        asyncio.create_task(hold_claim(app.store, on_claim_lost), name="runservice-claim"),
-    ]
+    chores = [asyncio.create_task(return_freed_memory(), name="runservice-memory-trim")]
     await stop.wait()
     for chore in chores:
         chore.cancel()
-    if lost:
-        logger.error("%s: this server stops, its runs are the other server's now", lost[0])
     logger.info("shutting down: draining runs for up to %.0fs", settings.drain_timeout)
     await app.stop()
-    return 1 if lost else 0
+    return 0

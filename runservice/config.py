@@ -51,6 +51,18 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
+def _at_least(least: float) -> Any:
+    """A parser of durations of at least `least` seconds."""
+
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is shorter than {least:g}s")
+        return seconds
+
+    return parse
+
+
 def _count(least: int) -> Any:
     """A parser of whole numbers of at least `least`."""
 
@@ -124,6 +136,7 @@ class Settings:
     max_metadata_size: int = 16 * 1024
     max_streams_per_user: int = 100
     stream_stall_timeout: float = 60.0
+    lease_ttl: float = 15.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -186,6 +199,13 @@ OPTIONS: tuple[_Option, ...] = (
         "PostgreSQL connections opened beyond --db-pool-size for a burst, then closed",
         _count(0),
         str(Settings.db_max_overflow),
+    ),
+    _Option(
+        "lease-ttl",
+        "replicas on PostgreSQL: how long a silent replica's runs stay its own before a "
+        "peer interrupts them",
+        _at_least(1.0),
+        "15s",
     ),
     _Option("tokens-file", "TOML file of hashed bearer tokens", Path, "DATA_DIR/tokens.toml"),
     _Option("stop-grace", "how long a stopped agent may clean up", parse_duration, "5s"),

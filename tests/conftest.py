@@ -91,17 +91,39 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--store: the database of the in-process servers (`make_server`), so the acceptance
+    suite runs on PostgreSQL too (one replica)."""
+    parser.addoption(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="database of the in-process test servers (default: a SQLite file)",
+    )
+
+
 @pytest.fixture
 async def make_server(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, clock: FakeClock, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
-    """Starts servers with settings overrides; stops them (runs drained briefly) afterwards."""
+    """Starts servers with settings overrides; stops them (runs drained briefly) afterwards.
+
+    With `--store postgresql`, each server gets a database of its own on the session's
+    private PostgreSQL server, unless the test chose its own `db`.
+    """
     GATES.clear()
     TIMELINE.clear()
     started: list[Harness] = []
+    databases: list[str] = []
+    pg: PgServer | None = None
+    if request.config.getoption("--store") == "postgresql":
+        pg = request.getfixturevalue("postgres")
 
     async def make(**overrides: Any) -> Harness:
         settings = {"stop_grace": 2.0, "drain_timeout": 0.5, **overrides}
+        if pg is not None and "db" not in overrides:
+            databases.append(pg.create_database())
+            settings["db"] = pg.url(databases[-1])
         data_dir = tmp_path / f"server{len(started)}"
         data_dir.mkdir()
         harness = await start_harness(data_dir, clock, **settings)
@@ -116,6 +138,9 @@ async def make_server(
         for harness in started:
             await harness.channel.close()
             await harness.app.stop()
+        for name in databases:
+            assert pg is not None
+            pg.drop_database(name)
 
 
 @pytest.fixture

@@ -223,3 +223,8 @@ class StoreUnavailableError(StoreError):
         self.cause = cause
         # Another writer holds the database: it lets go on its own, usually soon.
         self.contended = contended
+
+
+class RunFencedError(StoreError):
+    """This replica lost its lease on the run (a peer declared it gone and interrupted the
+    run): the database refuses every write of the run from here."""

@@ -88,6 +88,9 @@ class Run:
     multitask_strategy: MultitaskStrategy = MultitaskStrategy.REJECT
     timeout: float | None = None
     request_hash: str = ""  # digest of the StartRun request, to tell a retry from a reuse
+    # The lease under which a replica executes the run ("" on a single server): only
+    # while that lease lives may anything of the run be written (see store/cluster.py).
+    executor: str = ""
 
     def replace(self, **changes: Any) -> Run:
         """A copy with `changes` applied."""

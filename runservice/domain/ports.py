@@ -32,8 +32,12 @@ class RunStore(Protocol):
 
     async def commit(
         self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
-    ) -> None:
+    ) -> frozenset[str] | None:
         """Commits new runs, appended events and updated run rows in one transaction.
+
+        Returns the runs it left out because this server's lease on them is gone (fenced
+        by another replica, see runtime/cluster.py): nothing of them was written. A store
+        with no replicas returns an empty set (or None).
 
         One attempt: StoreUnavailableError when the store cannot take it now (the caller
         retries), StoreError when it refuses this data for good.

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from runservice.domain.errors import WatchLaggedError
-from runservice.domain.model import RunChange, RunFilter, Scope, WatchUpdate
+from runservice.domain.model import Run, RunChange, RunFilter, RunState, Scope, WatchUpdate, utcnow
 
 WATCH_QUEUE_LIMIT = 10_000
 
@@ -56,6 +56,15 @@ class ChangeFeed:
             if not watcher.lagged and watcher.admits(update):
                 self._put(watcher, update)
 
+    def publish_deleted(self, run_id: str, owner: str) -> None:
+        """Queues the deletion of a run another replica deleted, for the watchers that
+        reported the run (all that is known of it is its id and owner)."""
+        update = WatchUpdate(RunChange.DELETED, _deleted_run(run_id, owner))
+        for watcher in self._watchers:
+            if not watcher.lagged and run_id in watcher.seen and watcher.scope.allows(owner):
+                watcher.seen.discard(run_id)
+                self._put(watcher, update)
+
     def close(self) -> None:
         """Ends every watch (the server is shutting down)."""
         for watcher in self._watchers:
@@ -90,3 +99,8 @@ class ChangeFeed:
     def discard(self, watcher: _Watcher) -> None:
         """Unregisters a watcher that will not be followed."""
         self._watchers.discard(watcher)
+
+
+def _deleted_run(run_id: str, owner: str) -> Run:
+    """What a DELETED update says of a run deleted on another replica."""
+    return Run(run_id=run_id, owner=owner, agent="", state=RunState.STOPPED, created_at=utcnow())

@@ -14,7 +14,7 @@ import dataclasses
 
 from runservice.domain.errors import InvalidArgumentError, RequestIdReusedError, ThreadBusyError
 from runservice.domain.model import MultitaskStrategy, StartRequest
-from runservice.runtime.lifecycle import LiveRun
+from runservice.runtime.lifecycle import LiveRun, Predecessor
 from runservice.runtime.policies import Admission, Limits
 
 
@@ -47,18 +47,18 @@ class StartGate:
             raise RequestIdReusedError(request_id, twin.run_id)
         return twin
 
-    def decide(self, user: str, request: StartRequest) -> list[LiveRun]:
+    def decide(self, user: str, request: StartRequest) -> list[Predecessor]:
         """The active runs of the request's thread the new run must wait for (empty: it
         starts now); raises ThreadBusyError under REJECT and TooManyActiveRunsError at a
         cap."""
         line = self._threads.get((user, request.thread_id), []) if request.thread_id else []
-        active = [r for r in line if not r.ended.is_set()]
+        active: list[Predecessor] = [r for r in line if not r.ended.is_set()]
         if active and request.multitask_strategy is MultitaskStrategy.REJECT:
             raise ThreadBusyError(request.thread_id, active[0].run_id)
         self._admission.check(user, queued=bool(active))
         return active
 
-    def register(self, live: LiveRun, predecessors: list[LiveRun]) -> None:
+    def register(self, live: LiveRun, predecessors: list[Predecessor]) -> None:
         """Counts the admitted run, lines it up on its thread, indexes its request id."""
         run = live.run
         queued = bool(predecessors)

@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from runservice.domain.errors import StoreError, StoreUnavailableError
+from runservice.domain.errors import RunFencedError, StoreError, StoreUnavailableError
 from runservice.domain.model import (
     STATE_EVENT,
     Run,
@@ -62,6 +62,24 @@ class Phase(enum.IntEnum):
     ENDED = 4  # its terminal state is committed (or it was abandoned unfinished)
 
 
+class Predecessor(Protocol):
+    """A run of the same thread that a queued run waits for: here, or on another replica."""
+
+    @property
+    def run_id(self) -> str:
+        """The run's identifier."""
+        ...
+
+    @property
+    def ended(self) -> asyncio.Event:
+        """Set once the run is terminal."""
+        ...
+
+    def request_end(self, state: RunState, reason: str) -> bool:
+        """Asks for the run to end (INTERRUPT)."""
+        ...
+
+
 class LiveRun:
     """A run this process owns: its committed view, its log, its tasks and its end request."""
 
@@ -76,7 +94,9 @@ class LiveRun:
         self.subscribers = 0
         self.idle_since: datetime | None = None
         # Runs of the same thread this one waits for (ENQUEUE, INTERRUPT); empty otherwise.
-        self.predecessors: list[LiveRun] = []
+        self.predecessors: list[Predecessor] = []
+        # Admitted by the start gate of this process (False: decided in the database).
+        self.gated = True
         self.committed: asyncio.Future[None] | None = None
         # Resolved by request_end; waited on with asyncio.wait (which never cancels it).
         self.end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -208,6 +228,13 @@ async def drive_run(
         await _drive(
             live, agent, writer, clock, grace=grace, on_start=on_start, limit=max_event_bytes
         )
+    except RunFencedError:
+        live.advance(Phase.ENDED)
+        logger.error(
+            "run %s dropped here: this server's lease on it is gone (another replica ended it)",
+            live.run_id,
+        )
+        on_lost(live)
     except StoreError:
         live.advance(Phase.ENDED)
         logger.error("run %s abandoned: its log could not be stored", live.run_id)
@@ -234,7 +261,7 @@ async def _drive(
                     event, running = running_change(live, clock)
                     await writer.commit_run(event=(live.log, event), updated=running)
             except StoreError:
-                if live.log.broken is None:
+                if live.log.broken is None or live.log.fenced:
                     raise
                 started = False  # its log was given up (end requested): end it now
             if not started:
@@ -410,7 +437,7 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
     try:
         await _commit_end(live, writer, clock, outcome)
     except StoreError:
-        if live.log.broken is None:
+        if live.log.broken is None or live.log.fenced:
             raise
         # Its log was given up while this event waited (it was dropped with the rest):
         # whatever the agent did, events are lost, so the run failed; its end goes at the
@@ -470,31 +497,46 @@ async def reconcile_orphans(store: RunStore, clock: Clock) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def orphan_end(
+    run: Run, clock: Clock, reason: str = "server restarted", failure: RunFailure = ORPHAN_FAILURE
+) -> tuple[RunEvent, Run]:
+    """The INTERRUPTED end of a run no server executes any more (`run.last_seq` is the
+    last seq its log really reached): its terminal event and its row."""
+    now = clock.now()
+    end = RunEvent(
+        run_id=run.run_id,
+        seq=run.last_seq + 1,
+        at=now,
+        type=STATE_EVENT,
+        state=RunState.INTERRUPTED,
+        error=failure,
+    )
+    row = run.replace(
+        state=RunState.INTERRUPTED,
+        error=failure,
+        ended_at=now,
+        stop_reason=reason,
+        last_seq=end.seq,
+    )
+    return end, row
+
+
+LEASE_FAILURE = RunFailure(
+    "UNAVAILABLE", "interrupted: the server executing the run stopped answering"
+)
+LEASE_LOST = "its server's lease expired"
+
+
+def lease_orphan_end(clock: Clock) -> Callable[[Run], tuple[RunEvent, Run]]:
+    """orphan_end for runs whose replica's lease expired (a peer ends them)."""
+    return lambda run: orphan_end(run, clock, LEASE_LOST, LEASE_FAILURE)
+
+
 async def _reconcile_once(store: RunStore, clock: Clock) -> int:
     orphans = await store.unfinished_runs()
     if not orphans:
         return 0
-    now = clock.now()
-    events, updated = [], []
-    for run in orphans:
-        end = RunEvent(
-            run_id=run.run_id,
-            seq=run.last_seq + 1,
-            at=now,
-            type=STATE_EVENT,
-            state=RunState.INTERRUPTED,
-            error=ORPHAN_FAILURE,
-        )
-        events.append(end)
-        updated.append(
-            run.replace(
-                state=RunState.INTERRUPTED,
-                error=ORPHAN_FAILURE,
-                ended_at=now,
-                stop_reason="server restarted",
-                last_seq=end.seq,
-            )
-        )
-    await store.commit([], events, updated)
+    ends = [orphan_end(run, clock) for run in orphans]
+    await store.commit([], [event for event, _ in ends], [row for _, row in ends])
     logger.warning("marked %d runs orphaned by the previous process INTERRUPTED", len(orphans))
     return len(orphans)

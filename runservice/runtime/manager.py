@@ -11,9 +11,10 @@ store afterwards, transparently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -26,11 +27,13 @@ from runservice.domain.errors import (
     DatabaseUnavailableError,
     RequestIdReusedError,
     RunActiveError,
+    RunFencedError,
     RunNotFoundError,
     SeqOutOfRangeError,
     ServerDrainingError,
     StoreError,
     StoreUnavailableError,
+    ThreadBusyError,
 )
 from runservice.domain.model import (
     AgentInfo,
@@ -39,6 +42,7 @@ from runservice.domain.model import (
     Principal,
     Run,
     RunChange,
+    RunEvent,
     RunFilter,
     RunState,
     Scope,
@@ -46,18 +50,24 @@ from runservice.domain.model import (
     WatchUpdate,
 )
 from runservice.domain.ports import Clock, EventEncoder, RunStore
+from runservice.domain.replicas import Notice, StartFacts, StartWrite
 from runservice.runtime.agent import Agent, AgentRegistry
+from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.gate import StartGate
 from runservice.runtime.lifecycle import (
     LOG_GIVEN_UP,
     MAX_EVENT_BYTES,
     LiveRun,
+    Phase,
+    Predecessor,
     drive_run,
+    lease_orphan_end,
     reconcile_orphans,
+    running_change,
     start_now,
 )
-from runservice.runtime.policies import Limits, request_fingerprint
+from runservice.runtime.policies import Counts, Limits, check_caps, request_fingerprint
 from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.subscription import ReadLimits, Subscription
@@ -94,6 +104,7 @@ class RuntimeSettings:
     max_event_bytes: int = MAX_EVENT_BYTES
     purge_interval: float = 60.0
     purge_batch: int = 500
+    lease_ttl: float = 15.0  # replicas (PostgreSQL): how long a silent replica's runs stay its own
 
 
 class RunManager:
@@ -106,6 +117,9 @@ class RunManager:
         clock: Clock,
         encoder: EventEncoder,
         settings: RuntimeSettings | None = None,
+        *,
+        cluster: ClusterStore | None = None,
+        replica: str = "",
     ) -> None:
         self._store = store
         self._agents = agents
@@ -126,17 +140,37 @@ class RunManager:
             encoder,
             max_batch_events=self._settings.writer_max_batch,
             max_pending_events=self._settings.writer_max_pending,
+            on_fenced=self._on_runs_fenced,
         )
         self._draining = False
         self._closed = asyncio.Event()
         self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout)
         self._registry = Registry(on_evict=self._gate.forget_request)
+        # Replicas on one database: this server's lease and its view of the others' runs.
+        self._replica: Replica | None = None
+        if cluster is not None:
+            self._replica = Replica(
+                cluster,
+                replica,
+                s.lease_ttl,
+                end_orphan=lease_orphan_end(clock),
+                on_notice=self._notices_put,
+                on_requests=self._on_requests,
+                on_fenced=self._on_lease_lost,
+                on_swept=self._on_swept,
+            )
+        self._notices: asyncio.Queue[Notice] = asyncio.Queue()
 
     # -- lifecycle of the manager -------------------------------------------------------
 
     async def start(self) -> None:
-        """Reconciles runs orphaned by a previous process, then starts the background tasks."""
-        await reconcile_orphans(self._store, self._clock)
+        """Reconciles runs orphaned by a previous process (with replicas: the runs no
+        replica's lease covers), then starts the background tasks."""
+        if self._replica is not None:
+            await self._replica.start()
+            self._registry.spawn(self._notice_loop(), name="runservice-notices")
+        else:
+            await reconcile_orphans(self._store, self._clock)
         self._writer.start()
         self._registry.spawn(self._sweep_loop(), name="runservice-sweeper")
         self._registry.spawn(self._purge_loop(), name="runservice-purger")
@@ -165,6 +199,8 @@ class RunManager:
         self._feed.close()
         await self._writer.close(max(0.5, deadline - loop.time()))
         await self._registry.cancel_all()
+        if self._replica is not None:
+            await self._replica.close()
         self._closed.set()
 
     def on_store_health(self, listener: Callable[[str | None], None]) -> None:
@@ -191,6 +227,8 @@ class RunManager:
         request = self._gate.with_timeout(request)
         fingerprint = request_fingerprint(request)
         user = principal.user
+        if self._replica is not None and self._decided_in_store(request):
+            return await self._start_decided_in_store(user, request, fingerprint, agent)
         if request.request_id:
             existing = await self._find_request(user, request.request_id, fingerprint)
             if existing is not None:
@@ -212,6 +250,97 @@ class RunManager:
         live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
         await asyncio.shield(live.committed)
         return live.run
+
+    def _decided_in_store(self, request: StartRequest) -> bool:
+        """True when starting the request is a decision replicas must take together."""
+        limits = self._settings.limits
+        return bool(request.thread_id or request.request_id or limits.any)
+
+    async def _start_decided_in_store(
+        self, user: str, request: StartRequest, fingerprint: str, agent: Agent
+    ) -> Run:
+        """StartRun across replicas: idempotency, the thread's strategy and the caps are
+        decided in one transaction under the user's lock in the database, which writes
+        the run's row (and its RUNNING event when it starts now) before any other
+        replica may decide for the same user."""
+        assert self._replica is not None
+        limits = self._settings.limits
+        started: list[RunEvent] = []
+        admitted: list[LiveRun] = []
+
+        def decide(facts: StartFacts) -> Run | StartWrite:
+            same = facts.same_request
+            if same is not None:
+                if same.request_hash != fingerprint:
+                    raise RequestIdReusedError(request.request_id, same.run_id)
+                return same
+            thread = facts.thread_active
+            if thread and request.multitask_strategy is MultitaskStrategy.REJECT:
+                raise ThreadBusyError(request.thread_id, thread[0].run_id)
+            counts = Counts(facts.active, facts.queued, facts.all_active, facts.all_queued)
+            check_caps(limits, counts, queued=bool(thread))
+            # Made under the lock: run ids (time-ordered) follow the order of admission.
+            live = self._new_live_run(user, request, fingerprint)
+            live.gated = False
+            live.predecessors = [self._predecessor(run) for run in thread]
+            admitted.append(live)
+            if thread:
+                return StartWrite(new=live.run)
+            event, running = running_change(live, self._clock)
+            event.wire = self._writer.encode(event)
+            started.append(event)
+            return StartWrite(new=live.run, events=[event], updated=running)
+
+        try:
+            run = await self._replica.sql.decide_start(
+                self._replica.holder,
+                owner=user,
+                request_id=request.request_id,
+                thread_id=request.thread_id,
+                count_all=limits.server_wide,
+                decide=decide,
+            )
+        except RunFencedError as exc:
+            raise DatabaseUnavailableError("this server is taking a new lease") from exc
+        if not admitted:  # the same request's run, decided before
+            existing = self._registry.get(run.run_id)
+            return self._view(existing) if existing is not None else run
+        live = admitted[0]
+        queued = live.run
+        if started:
+            live.advance(Phase.RUNNING)
+            live.log.publish(started)
+        self._registry.add(live)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        live.committed = done
+        live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
+        self._on_run_committed(queued, created=True)  # as the writer publishes a start
+        if started:
+            self._on_run_committed(run, created=False)
+        return self._view(live)
+
+    def _predecessor(self, run: Run) -> Predecessor:
+        """The thread's active run `run`: the live run here, or a remote one."""
+        live = self._registry.get(run.run_id)
+        if live is not None:
+            return live
+        assert self._replica is not None
+        return RemoteRun(
+            run.run_id,
+            self._replica,
+            self._finished,
+            lambda coro, name: self._registry.spawn(coro, name=name),
+            self._now_us,
+        )
+
+    def _now_us(self) -> int:
+        return int(self._clock.now().timestamp() * 1_000_000)
+
+    async def _finished(self, run_id: str) -> bool:
+        """True once the run's row is terminal, or gone."""
+        run = await self._store.get_run(Scope("", everyone=True), run_id)
+        return run is None or run.state.terminal
 
     async def _supervise(self, live: LiveRun, agent: Agent) -> None:
         """Drives a run once its row is committed; forgets it if the row never was."""
@@ -266,6 +395,7 @@ class RunManager:
             multitask_strategy=request.multitask_strategy,
             timeout=request.timeout,
             request_hash=fingerprint if request.request_id else "",
+            executor=self._replica.holder if self._replica is not None else "",
         )
         log = RunLog(
             run.run_id,
@@ -282,15 +412,19 @@ class RunManager:
     def _forget(self, live: LiveRun) -> None:
         """Undoes the admission of a run whose row could not be committed."""
         self._registry.discard(live)
-        self._gate.release(live)
+        self._release(live)
         self._gate.forget_request(live)
+
+    def _release(self, live: LiveRun) -> None:
+        if live.gated:
+            self._gate.release(live)
 
     def _on_lost(self, live: LiveRun) -> None:
         """Not even the run's terminal state could be stored: it leaves memory unfinished,
         as after a crash, and the next start reconciles it."""
         live.log.abandon()
         live.idle_since = self._clock.now()
-        self._gate.release(live)
+        self._release(live)
         self._registry.evict(live.run_id)
 
     async def get_run(self, principal: Principal, run_id: str) -> Run:
@@ -304,7 +438,18 @@ class RunManager:
         run = await self._store.get_run(scope, run_id)
         if run is None:
             raise RunNotFoundError(run_id)
-        return run
+        return (await self._reached([run]))[0]
+
+    async def _reached(self, runs: list[Run]) -> list[Run]:
+        """`runs` from the store, those that another replica executes with the last seq
+        their logs reached (their rows' is as of their last state change)."""
+        if self._replica is None:
+            return runs
+        active = [run.run_id for run in runs if not run.state.terminal]
+        if not active:
+            return runs
+        reached = await self._replica.sql.reached(active)
+        return [run.replace(last_seq=max(run.last_seq, reached.get(run.run_id, 0))) for run in runs]
 
     async def list_runs(
         self,
@@ -319,7 +464,7 @@ class RunManager:
         scope = self._list_scope(principal, all_users, "listing all users' runs")
         runs = await self._store.list_runs(scope, run_filter, before_run_id, limit)
         views = []
-        for run in runs:
+        for run in await self._reached(runs):
             live = self._registry.get(run.run_id)
             views.append(self._view(live) if live is not None else run)
         return views
@@ -328,11 +473,28 @@ class RunManager:
         """Stops the run and returns it once terminal; a finished run is returned unchanged."""
         run = await self.get_run(principal, run_id)
         live = self._registry.get(run_id)
-        if live is None or run.state.terminal:
+        reason = reason or f"stopped by {principal.user}"
+        if run.state.terminal:
             return run
-        live.request_end(RunState.STOPPED, reason or f"stopped by {principal.user}")
-        await live.ended.wait()
-        return self._view(live)
+        if live is not None and not live.log.fenced:
+            live.request_end(RunState.STOPPED, reason)
+            await live.ended.wait()
+            if not live.log.fenced:
+                return self._view(live)
+        elif self._replica is None:
+            return run
+        else:  # another replica executes it: ask it through the database, wait for the end
+            await self._replica.request_stop(run_id, reason, self._now_us())
+        return await self._remote_end(principal, run_id)
+
+    async def _remote_end(self, principal: Principal, run_id: str) -> Run:
+        """The run once it is terminal, as another replica ends it."""
+        with self._follow(run_id) as heard:
+            while True:
+                run = await self.get_run(principal, run_id)
+                if run.state.terminal:
+                    return run
+                await heard.wait_beyond(max(run.last_seq, heard.committed_seq))
 
     async def delete_run(self, principal: Principal, run_id: str) -> None:
         """Deletes a finished run and its log."""
@@ -369,8 +531,88 @@ class RunManager:
             cursor,
             limits=self._read_limits,
             clock=self._clock,
+            remote=self if self._replica is not None else None,
         )
         return subscription.batches()
+
+    # -- runs other replicas execute (RemoteRuns, for subscriptions) ------------------------
+
+    @contextlib.contextmanager
+    def _follow(self, run_id: str) -> Iterator[RemoteLog]:
+        assert self._replica is not None
+        with self._replica.follow(run_id) as heard:
+            yield heard
+
+    def follow(self, run_id: str) -> contextlib.AbstractContextManager[RemoteLog]:
+        """The run's log as heard of from the replica that executes it."""
+        return self._follow(run_id)
+
+    async def finished(self, run_id: str) -> bool:
+        """True once the run's row is terminal (or gone)."""
+        return await self._finished(run_id)
+
+    def _notices_put(self, notice: Notice) -> None:
+        if self._feed.watched or notice.deleted:
+            self._notices.put_nowait(notice)
+
+    async def _notice_loop(self) -> None:
+        """Publishes other replicas' run changes to this replica's watchers, in order."""
+        while True:
+            notice = await self._notices.get()
+            try:
+                await self._publish_notice(notice)
+            except StoreError as exc:
+                logger.warning("could not read runs another replica changed (%s)", exc)
+
+    async def _publish_notice(self, notice: Notice) -> None:
+        for run_id, owner in notice.deleted.items():
+            self._registry.evict(run_id)
+            self._feed.publish_deleted(run_id, owner)
+        if not self._feed.watched or not (notice.new or notice.changed):
+            return
+        everyone = Scope("", everyone=True)
+        for run_id in (*notice.new, *notice.changed):
+            found = await self._store.get_run(everyone, run_id)
+            if found is None:
+                continue
+            run = (await self._reached([found]))[0]
+            if run_id in notice.new:  # as on its own replica: CREATED, then the change
+                queued = run.replace(state=RunState.PENDING, started_at=None)
+                self._feed.publish(WatchUpdate(RunChange.CREATED, queued))
+                if run.state is RunState.PENDING:
+                    continue
+            self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
+
+    def _on_requests(self, requests: list[tuple[str, str, str]]) -> None:
+        """Requests other replicas recorded for runs executed here (a stop, today)."""
+        for run_id, _kind, body in requests:
+            live = self._registry.get(run_id)
+            if live is not None:
+                live.request_end(RunState.STOPPED, body)
+
+    def _on_runs_fenced(self, run_ids: frozenset[str]) -> None:
+        """The database refused runs' writes: another replica ended them. They leave."""
+        for run_id in run_ids:
+            live = self._registry.get(run_id)
+            if live is not None:
+                self._drop_fenced(live)
+
+    def _on_lease_lost(self, holder: str) -> None:
+        """This server's lease `holder` was ended by a peer: every run under it leaves."""
+        for live in self._registry:
+            if live.run.executor == holder:
+                self._drop_fenced(live)
+
+    def _drop_fenced(self, live: LiveRun) -> None:
+        if not live.log.fenced:
+            live.log.fence(RunFencedError("this server's lease on the run is gone"))
+        live.request_end(RunState.INTERRUPTED, "this server lost its lease")
+
+    def _on_swept(self, runs: list[Run]) -> None:
+        """This replica ended runs no lease covered: its own watchers hear of it here."""
+        for run in runs:
+            if self._feed.watched:
+                self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
 
     async def watch(
         self, principal: Principal, run_filter: RunFilter, *, all_users: bool
@@ -420,7 +662,7 @@ class RunManager:
             live.run = run
             if run.state.terminal:
                 live.idle_since = run.ended_at
-                self._gate.release(live)
+                self._release(live)
         if self._feed.watched:
             change = RunChange.CREATED if created else RunChange.STATE_CHANGED
             view = self._view(live) if live is not None else run

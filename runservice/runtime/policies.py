@@ -25,6 +25,18 @@ class Limits:
     max_queued: int = 0
     max_queued_per_user: int = 0
 
+    @property
+    def any(self) -> bool:
+        """True if any cap is set."""
+        return any(
+            (self.max_active, self.max_active_per_user, self.max_queued, self.max_queued_per_user)
+        )
+
+    @property
+    def server_wide(self) -> bool:
+        """True if a cap counts every user's runs."""
+        return bool(self.max_active or self.max_queued)
+
 
 class Admission:
     """Counts each user's active and queued runs and refuses past the caps."""
@@ -36,23 +48,10 @@ class Admission:
 
     def check(self, owner: str, *, queued: bool) -> None:
         """Raises TooManyActiveRunsError if one more run for `owner` would pass a cap."""
-        lim = self._limits
-        if queued:
-            _cap(
-                self._queued[owner],
-                lim.max_queued_per_user,
-                "queued runs per user",
-                "--max-queued-per-user",
-            )
-            _cap(self._queued.total(), lim.max_queued, "queued runs on this server", "--max-queued")
-        else:
-            _cap(
-                self._active[owner],
-                lim.max_active_per_user,
-                "active runs per user",
-                "--max-active-per-user",
-            )
-            _cap(self._active.total(), lim.max_active, "active runs on this server", "--max-active")
+        counts = Counts(
+            self._active[owner], self._queued[owner], self._active.total(), self._queued.total()
+        )
+        check_caps(self._limits, counts, queued=queued)
 
     def add(self, owner: str, *, queued: bool) -> None:
         """Counts a new run."""
@@ -73,6 +72,36 @@ class Admission:
     def active(self, owner: str | None = None) -> int:
         """Active runs of `owner`, or of everyone."""
         return self._active.total() if owner is None else self._active[owner]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A user's active and queued runs, and everyone's."""
+
+    active: int
+    queued: int
+    all_active: int
+    all_queued: int
+
+
+def check_caps(limits: Limits, counts: Counts, *, queued: bool) -> None:
+    """Raises TooManyActiveRunsError if one more run (queued or active) would pass a cap."""
+    if queued:
+        _cap(
+            counts.queued,
+            limits.max_queued_per_user,
+            "queued runs per user",
+            "--max-queued-per-user",
+        )
+        _cap(counts.all_queued, limits.max_queued, "queued runs on this server", "--max-queued")
+    else:
+        _cap(
+            counts.active,
+            limits.max_active_per_user,
+            "active runs per user",
+            "--max-active-per-user",
+        )
+        _cap(counts.all_active, limits.max_active, "active runs on this server", "--max-active")
 
 
 def _cap(current: int, cap: int, what: str, flag: str) -> None:

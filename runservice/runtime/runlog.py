@@ -47,6 +47,7 @@ class RunLog:
         self.finished = False
         self.broken: BaseException | None = None
         self.abandoned = False
+        self.fenced = False  # another replica ended the run: it is read from the store now
         # Called once when the log is given up (the run's supervisor ends the run). It
         # refers to the run that holds this log: dropped once it cannot be called any more,
         # so that an evicted run is freed at once, not at the next full collection.
@@ -158,6 +159,14 @@ class RunLog:
             on_fail, self.on_fail = self.on_fail, None
             if on_fail is not None:
                 on_fail()
+
+    def fence(self, exc: BaseException) -> None:
+        """Another replica ended the run (this server lost its lease on it): nothing more
+        of it is written from here, and readers go on from the store."""
+        self.fenced = True
+        self.broken = exc
+        self.on_fail = None
+        self.abandon()
 
     def abandon(self) -> None:
         """Not even the terminal event could be stored: wakes every reader to leave."""

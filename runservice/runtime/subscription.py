@@ -14,17 +14,32 @@ when it reads again its pages grow back (doubling) to `page_max_bytes`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from runservice.domain.errors import DatabaseUnavailableError
 from runservice.domain.model import EncodedEvent
 from runservice.domain.ports import Clock, RunStore
+from runservice.runtime.cluster import RemoteLog
 from runservice.runtime.lifecycle import LiveRun
 
 FIRST_PAGE_EVENTS = 64
 """The first store read of a subscription, before the size of its events is known."""
+
+
+class RemoteRuns(Protocol):
+    """Runs that other replicas execute: their logs as heard of here, and their state."""
+
+    def follow(self, run_id: str) -> contextlib.AbstractContextManager[RemoteLog]:
+        """The run's RemoteLog while inside."""
+        ...
+
+    async def finished(self, run_id: str) -> bool:
+        """True once the run's row is terminal (or gone)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,12 @@ class Subscription:
         *,
         limits: ReadLimits,
         clock: Clock,
+        remote: RemoteRuns | None = None,
     ) -> None:
         self._store = store
+        self._remote = remote  # None: a run not in memory is finished (one server)
+        self._heard: RemoteLog | None = None  # while following a run another replica writes
+        self._following = contextlib.ExitStack()
         self._run_id = run_id
         self._live = live
         self._cursor = cursor  # the seq of the next event the reader has not been given
@@ -71,6 +90,8 @@ class Subscription:
         live = self._live
         if live is not None:
             live.subscribers += 1
+        if self._remote is not None and live is None:
+            self._heard = self._following.enter_context(self._remote.follow(self._run_id))
         try:
             while not self._ended:
                 if not self._ahead and not await self._fill():
@@ -81,6 +102,7 @@ class Subscription:
                 self._disarm_shed()
         finally:
             self._disarm_shed()
+            self._following.close()
             if live is not None:
                 live.subscribers -= 1
                 live.idle_since = self._clock.now()
@@ -113,6 +135,10 @@ class Subscription:
         limits = self._limits
         live = self._live
         while True:
+            if live is not None and live.log.fenced and self._remote is not None:
+                # Another replica ended the run: go on from the store, as a follower.
+                live = self._live = None
+                self._heard = self._following.enter_context(self._remote.follow(self._run_id))
             if live is not None and live.log.abandoned:
                 raise DatabaseUnavailableError("this run's end could not be stored")
             if live is not None:
@@ -132,8 +158,28 @@ class Subscription:
                 self._ahead.extend(_cut(events, limits.batch_max_events, limits.batch_max_bytes))
                 self._grow_page(events)
                 return True
-            if live is None:
+            if live is None and self._heard is None:
                 return False  # finished and evicted: the store holds the whole log
+            if live is None and not await self._wait_remote():
+                return False
+
+    async def _wait_remote(self) -> bool:
+        """Waits for another replica to commit past the cursor; False once the run is
+        finished with nothing past the cursor (its row is terminal: its whole log is in
+        the store)."""
+        heard = self._heard
+        assert heard is not None and self._remote is not None
+        seen = self._cursor - 1
+        if heard.committed_seq > seen:
+            return True
+        await heard.wait_beyond(seen)
+        if heard.committed_seq > seen:
+            return True
+        if not await self._remote.finished(self._run_id):
+            return True
+        # Terminal with all its events committed with it: one last look for what follows.
+        events = await self._store.read_encoded(self._run_id, self._cursor, 1)
+        return bool(events)
 
     def _page_size(self) -> int:
         """Events to read from the store: about `_page_bytes` worth, judging by the last

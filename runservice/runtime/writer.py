@@ -26,7 +26,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runservice.domain.errors import DatabaseUnavailableError, StoreError, StoreUnavailableError
+from runservice.domain.errors import (
+    DatabaseUnavailableError,
+    RunFencedError,
+    StoreError,
+    StoreUnavailableError,
+)
 from runservice.domain.model import Run, RunEvent
 from runservice.domain.ports import EventEncoder, RunStore
 from runservice.runtime.runlog import RunLog
@@ -123,6 +128,9 @@ class _Batch:
 RunCommitted = Callable[[Run, bool], None]
 """Called after a run row is committed: (run, created)."""
 
+RunsFenced = Callable[[frozenset[str]], None]
+"""Called with the runs a commit left out because this server's lease on them is gone."""
+
 HealthChanged = Callable[[str | None], None]
 """Called when the store stops taking writes (with the cause) and when it takes them again
 (with None)."""
@@ -141,8 +149,10 @@ class Writer:
         max_pending_events: int = MAX_PENDING_EVENTS,
         unhealthy_after: float = UNHEALTHY_AFTER_S,
         idle_probe: float = IDLE_PROBE_S,
+        on_fenced: RunsFenced | None = None,
     ) -> None:
         self._store = store
+        self._on_fenced = on_fenced
         self._encoder = encoder
         self._on_run_committed = on_run_committed
         self._max_batch = max_batch_events
@@ -218,7 +228,8 @@ class Writer:
         seq = 0
         if event is not None:
             run_id, seq = event[1].run_id, event[1].seq
-            if event[0].broken is not None and not event[1].terminal:
+            broken = event[0].broken
+            if broken is not None and (not event[1].terminal or isinstance(broken, RunFencedError)):
                 waiter.set_exception(StoreError("this run's log could not be stored"))
                 return waiter
         if new is not None:
@@ -306,7 +317,7 @@ class Writer:
         self._in_flight = batch
         while batch:
             try:
-                await self._store.commit(
+                fenced = await self._store.commit(
                     batch.new_runs,
                     [event for _, event in batch.events],
                     [run for run, _ in batch.updated_runs],
@@ -331,6 +342,8 @@ class Writer:
                     self._give_up(batch, exc)
                 break
             self._healthy()
+            if fenced:
+                self._fence(batch.take_runs(set(fenced)), fenced)
             self._publish(batch)
             break
         self._in_flight = _Batch()
@@ -397,6 +410,30 @@ class Writer:
         dropped = self._pending.take_runs({log.run_id for log in logs})
         self._fail(batch, exc)
         self._fail(dropped, exc)
+
+    def _fence(self, batch: _Batch, run_ids: frozenset[str]) -> None:
+        """Drops the work of runs whose lease is gone (the database refused it: another
+        replica ended them); new runs among them are withdrawn, never stored."""
+        logger.error(
+            "runs %s are no longer this server's (its lease on them is gone): their "
+            "uncommitted work is dropped",
+            ", ".join(sorted(run_ids)),
+        )
+        dropped = self._pending.take_runs(set(run_ids))
+        batch.merge(dropped)
+        new = {run.run_id for run in batch.new_runs}
+        exc = RunFencedError("this server's lease on the run is gone")
+        for log, _ in batch.events:
+            log.fence(exc)
+        for run_id, _, waiter in batch.waiters:
+            if waiter.done():
+                continue
+            if run_id in new:
+                waiter.set_exception(DatabaseUnavailableError("this server lost its lease"))
+            else:
+                waiter.set_exception(exc)
+        if self._on_fenced is not None:
+            self._on_fenced(run_ids)
 
     def _fail(self, batch: _Batch, exc: StoreError) -> None:
         """Fails a batch: its runs' logs are given up, its waiters fail."""

@@ -16,8 +16,13 @@ class DatabaseInUseError(RuntimeError):
 class FileLock:
     """An exclusive, non-blocking flock on a file beside the database; released on close."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, refusal: str = "") -> None:
         self.path = path
+        self._refusal = refusal or (
+            "another runservice server (pid {pid}) is using this database; stop it, or give "
+            "this one its own --data-dir or --db (lock: {path}). Several servers on one "
+            "database need PostgreSQL (see docs/scaling.md)"
+        )
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -28,10 +33,7 @@ class FileLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DatabaseInUseError(
-                f"another runservice server (pid {holder}) is using this database; stop it, "
-                f"or give this one its own --data-dir or --db (lock: {self.path})"
-            ) from None
+            raise DatabaseInUseError(self._refusal.format(pid=holder, path=self.path)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -31,14 +31,14 @@ class Migration:
 
 def _initial_schema(conn: Connection) -> None:
     # The tables as they were at version 1; later columns come from later migrations.
-    runs_v1 = _as_created(conn, tables.runs, without="request_hash")
+    runs_v1 = _as_created(conn, tables.runs, without=("request_hash", "executor"))
     events_v1 = _as_created(conn, tables.events, without="wire")
     for table in (runs_v1, _as_created(conn, tables.run_labels), events_v1):
         table.create(conn)
 
 
-def _as_created(conn: Connection, table: Table, without: str = "") -> Table:
-    """`table` without the column `without`, as `conn`'s database creates it.
+def _as_created(conn: Connection, table: Table, without: str | tuple[str, ...] = ()) -> Table:
+    """`table` without the columns `without`, as `conn`'s database creates it.
 
     PostgreSQL compares run ids in the "C" collation, byte by byte as SQLite does: ListRuns
     pages by run id, and a locale's collation may order ids otherwise (it skips
@@ -56,7 +56,7 @@ def _as_created(conn: Connection, table: Table, without: str = "") -> Table:
                 nullable=c.nullable,
             )
             for c in table.columns
-            if c.name != without
+            if c.name not in ((without,) if isinstance(without, str) else without)
         ),
         *(Index(i.name, *(c.name for c in i.columns), unique=i.unique) for i in table.indexes),
     )
@@ -84,11 +84,18 @@ def _secrets(conn: Connection) -> None:
     tables.secrets.create(conn)
 
 
+def _replicas(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE runs ADD COLUMN executor VARCHAR(64) NOT NULL DEFAULT ''"))
+    _as_created(conn, tables.leases).create(conn)
+    _as_created(conn, tables.run_requests).create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
     Migration(2, "idempotency keys and the retention index", _request_ids),
     Migration(3, "encoded events for replay", _add_wire),
     Migration(4, "secrets every server of the database shares", _secrets),
+    Migration(5, "replicas: leases, run executors and run requests", _replicas),
 )
 
 

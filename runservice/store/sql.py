@@ -43,9 +43,10 @@ from runservice.domain.model import (
     encoded_event,
 )
 from runservice.domain.ports import EventDecoder, EventEncoder
+from runservice.domain.replicas import deleted_notice
 from runservice.store import migrations, tables
+from runservice.store.cluster import ClusterSql
 from runservice.store.engine import make_engine, make_writer_engine
-from runservice.store.lock import DatabaseInUseError
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ _Plan = list[tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]]
 LOCK_RETRIES = 8
 LOCK_BACKOFF_S = 0.05
 INSERT_CHUNK = 512  # rows per INSERT: 4,608 parameters, under every driver's limit
-
-SERVER_LOCK_KEY = 0x72756E73657276  # "runserv": the PostgreSQL advisory lock of claim()
 
 # Portable SQL that writes a page: it rewrites the newest schema row as it is.
 _PROBE_SQL = (
@@ -110,8 +109,9 @@ class SqlRunStore:
         writer: Engine | None = None,
     ) -> None:
         self._engine = engine
-        self._claim: AsyncConnection | None = None
-        self._claimed = False  # claim() succeeded once: keep_claim() keeps it
+        # PostgreSQL: what replicas of one database share (leases, notifications).
+        self.cluster = ClusterSql(self, engine) if engine.dialect.name == "postgresql" else None
+        self._holder: str | None = None  # the lease this server's commits are fenced by
         self._writer = None if writer is None else _CommitThread(writer)
         self._encoder = encoder
         self._decoder = decoder
@@ -144,81 +144,85 @@ class SqlRunStore:
             value = (await self._read(conn, query)).scalar_one()
         return bytes(value)
 
-    async def claim(self) -> None:
-        """Makes this process the only server on a PostgreSQL database, for as long as the
-        store is open (a SQLite file has its FileLock instead).
-
-        Raises DatabaseInUseError while another server holds the database: at start a
-        server reconciles every unfinished run, which is only right when no other server
-        runs them.
-        """
-        if self._engine.dialect.name != "postgresql" or self._claim is not None:
-            return
-
-        async def take() -> bool:
-            conn = await self._engine.connect()
-            result = await conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({SERVER_LOCK_KEY})")
-            if result.scalar():
-                self._claim = conn
-                return True
-            await conn.close()
-            return False
-
-        if not await _once(take):
-            raise DatabaseInUseError(
-                "another runservice server is using this PostgreSQL database; several "
-                "servers on one database are not supported yet: stop it, or give this one "
-                "a database of its own"
-            )
-        self._claimed = True
-
-    async def keep_claim(self) -> None:
-        """Checks that the claim's session is alive and takes the claim again on a new one
-        if it ended (the database restarted, or an operator ended the session).
-
-        Raises DatabaseInUseError if another server took the database meanwhile (this one
-        must stop), StoreUnavailableError while the database cannot be reached (call
-        again later).
-        """
-        if not self._claimed:
-            return
-        if self._claim is not None:
-            try:
-                await self._claim.exec_driver_sql("SELECT 1")
-                return
-            except Exception:  # the session is gone, whatever the driver calls it
-                logger.warning("the session holding this server's claim on the database ended")
-                with contextlib.suppress(Exception):
-                    await self._claim.invalidate()
-                self._claim = None
-        await self.claim()
-        logger.warning("took the claim on the database again")
-
     async def close(self) -> None:
-        """Releases every pooled connection (and the claim on the database)."""
-        if self._claim is not None:
-            with contextlib.suppress(Exception):  # a connection the server already dropped
-                await self._claim.close()
-            self._claim = None
+        """Releases every pooled connection."""
         await self._engine.dispose()
         if self._writer is not None:
             self._writer.close()
 
+    def fence_by(self, holder: str) -> None:
+        """From now on every commit writes only runs whose lease lives, and notifies the
+        other replicas of what it wrote (PostgreSQL; see store/cluster.py). `holder` is
+        this server's lease, which new runs are written under."""
+        if self.cluster is None:
+            raise StoreError("leases need a PostgreSQL database")
+        self._holder = holder
+
     async def commit(
         self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
-    ) -> None:
-        """Commits runs, events and run updates in one transaction."""
-        plan = self._commit_plan(new_runs, events, updated_runs)
+    ) -> frozenset[str]:
+        """Commits runs, events and run updates in one transaction; returns the runs left
+        out because their lease is gone (fenced: nothing of them was written)."""
         writer = self._writer
         if writer is not None:
+            plan = self._commit_plan(new_runs, events, updated_runs)
             await _once(lambda: writer.run(plan))
-            return
+            return frozenset()
+        fenced: set[str] = set()
+        cluster, holder = self.cluster, self._holder
 
         async def work(conn: AsyncConnection) -> None:
-            for sql, values in plan:
-                await conn.exec_driver_sql(sql, values)
+            nonlocal new_runs, events, updated_runs
+            fenced.clear()
+            if cluster is not None and holder is not None:
+                run_ids = {e.run_id for e in events} | {r.run_id for r in updated_runs}
+                fenced.update(await cluster.fenced(conn, new_runs, run_ids))
+                if fenced:
+                    new_runs = [r for r in new_runs if r.run_id not in fenced]
+                    events = [e for e in events if e.run_id not in fenced]
+                    updated_runs = [r for r in updated_runs if r.run_id not in fenced]
+            await self.write(conn, new_runs, events, updated_runs)
+            if cluster is not None and holder is not None:
+                await cluster.after_commit(conn, holder, new_runs, events, updated_runs)
 
         await self._write(work, retry=False)
+        return frozenset(fenced)
+
+    async def write(
+        self,
+        conn: AsyncConnection,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+    ) -> None:
+        """Writes runs, events and run updates in `conn`'s transaction."""
+        for sql, values in self._commit_plan(new_runs, events, updated_runs):
+            await conn.exec_driver_sql(sql, values)
+
+    async def transaction(
+        self, work: Callable[[AsyncConnection], Awaitable[None]], *, retry: bool = True
+    ) -> None:
+        """Runs `work` in a transaction; driver errors become store errors."""
+        await self._write(work, retry=retry)
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A pooled connection for reads; driver errors become store errors."""
+        return self._connect()
+
+    async def runs_reached(self, conn: AsyncConnection, run_ids: Sequence[str]) -> list[Run]:
+        """The runs, each with the last seq its log really reached, in `run_ids`' order."""
+        r, e = tables.runs.c, tables.events.c
+        reached = select(func.max(e.seq)).where(e.run_id == r.run_id).scalar_subquery()
+        query = select(tables.runs, func.coalesce(reached, 0).label("reached")).where(
+            r.run_id.in_(list(run_ids))
+        )
+        rows = {row.run_id: row for row in (await self._read(conn, query)).all()}
+        labels = await self._labels(conn, list(rows))
+        return [
+            _run_from_row(rows[i], labels.get(i, {})).replace(last_seq=rows[i].reached)
+            for i in run_ids
+            if i in rows
+        ]
 
     async def probe(self) -> None:
         """Rewrites the newest schema row in a transaction of its own (a page to write)."""
@@ -332,6 +336,10 @@ class SqlRunStore:
     async def delete_run(self, scope: Scope, run_id: str) -> bool:
         """Deletes the run, its labels and its events in one transaction."""
         deleted = False
+        owner = scope.user if not scope.everyone else ""
+        if scope.everyone:
+            found = await self.get_run(scope, run_id)
+            owner = found.owner if found is not None else ""
 
         async def work(conn: AsyncConnection) -> None:
             nonlocal deleted
@@ -345,6 +353,11 @@ class SqlRunStore:
                 await conn.execute(
                     delete(tables.run_labels).where(tables.run_labels.c.run_id == run_id)
                 )
+                await conn.execute(
+                    delete(tables.run_requests).where(tables.run_requests.c.run_id == run_id)
+                )
+                if self.cluster is not None and self._holder is not None and owner:
+                    await self.cluster.notify(conn, self._holder, deleted_notice(run_id, owner))
 
         await self._write(work)
         return deleted
@@ -379,6 +392,9 @@ class SqlRunStore:
                 await conn.execute(delete(tables.events).where(tables.events.c.run_id.in_(run_ids)))
                 await conn.execute(
                     delete(tables.run_labels).where(tables.run_labels.c.run_id.in_(run_ids))
+                )
+                await conn.execute(
+                    delete(tables.run_requests).where(tables.run_requests.c.run_id.in_(run_ids))
                 )
                 await conn.execute(delete(tables.runs).where(r.run_id.in_(run_ids)))
             purged = run_ids
@@ -602,6 +618,7 @@ def _run_row(run: Run) -> tuple[Any, ...]:
         "multitask_strategy": run.multitask_strategy.value,
         "timeout_s": run.timeout,
         "request_hash": run.request_hash,
+        "executor": run.executor,
     }
     return tuple(row[c] for c in _RUN_COLUMNS)
 
@@ -628,6 +645,7 @@ def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
         multitask_strategy=MultitaskStrategy(row.multitask_strategy),
         timeout=row.timeout_s,
         request_hash=row.request_hash,
+        executor=row.executor,
     )
 
 

@@ -48,6 +48,8 @@ runs = Table(
     Column("timeout_s", Float, nullable=True),
     # Added by migration 2: a digest of the StartRun request, to tell a retry from a reuse.
     Column("request_hash", String(64), nullable=False, default="", server_default=""),
+    # Added by migration 5: the lease (runservice_leases.holder) the run executes under.
+    Column("executor", String(64), nullable=False, default="", server_default=""),
     Index("ix_runs_owner_run_id", "owner", "run_id"),
     Index("ix_runs_owner_thread", "owner", "thread_id"),
     Index("ix_runs_state", "state"),
@@ -84,4 +86,25 @@ secrets = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", LargeBinary, nullable=False),
+)
+
+# Added by migration 5: each replica's lease on the runs it executes (PostgreSQL replicas).
+leases = Table(
+    "runservice_leases",
+    metadata,
+    Column("holder", String(64), primary_key=True),  # one per process life
+    Column("replica", String(64), nullable=False),  # one per data dir, across restarts
+    Column("expires_us", BigInteger, nullable=False),  # by the database's clock
+    Index("ix_leases_replica", "replica"),
+)
+
+# Added by migration 5: appends that do not come from a run's own agent (a stop today),
+# durable until the replica executing the run takes them.
+run_requests = Table(
+    "run_requests",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("at_us", BigInteger, nullable=False),
 )

@@ -9,15 +9,28 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from runservice.api.convert import decode_event as decode
+from runservice.api.convert import encode_event as encode
 from runservice.domain.errors import StoreUnavailableError
-from runservice.domain.model import RunFilter, RunState, Scope
+from runservice.domain.model import RunEvent, RunFilter, RunState, Scope
+from runservice.domain.replicas import PAYLOAD_LIMIT, Notice, commit_notice
+from runservice.runtime.clock import SystemClock
+from runservice.runtime.lifecycle import lease_orphan_end
 from runservice.store import SqlRunStore, open_store
 from runservice.store.engine import check_url
-from runservice.store.lock import DatabaseInUseError, lock_for
+from runservice.store.lock import lock_for
 from runservice.store.migrations import MIGRATIONS
 from runservice.store.preflight import DatabaseRefusedError, check_sqlite_file
 from tests.pgserver import PgServer, free_port
-from tests.store.conftest import make_run, query
+from tests.store.conftest import T0, make_run, query
+
+
+def event(run_id: str, seq: int) -> RunEvent:
+    """An encoded event of the run."""
+    ev = RunEvent(run_id, seq, T0, "tick", text=f"{seq}")
+    ev.wire = encode(ev)
+    return ev
+
 
 ALICE = Scope("alice")
 UNREACHABLE = "the database cannot be reached"
@@ -185,51 +198,55 @@ def test_only_supported_urls_are_accepted() -> None:
     assert check_url("postgresql+asyncpg://u:pw@h:5432/db").get_backend_name() == "postgresql"
 
 
-async def test_one_server_per_database_until_replicas_exist(postgres: PgServer) -> None:
-    """A second store claiming a PostgreSQL database another one holds is refused (its start
-    would interrupt the first one's runs); once the first closes, the claim succeeds."""
+async def test_a_run_whose_lease_is_gone_is_fenced_alone(postgres: PgServer) -> None:
+    """Replica A's lease expires and B ends its runs: A's later commit of those runs'
+    events writes nothing of them (the database refuses them), while a run of A's new lease
+    in the same commit is written; lease renewal tells on time, late and gone apart."""
     name = postgres.create_database()
-    first = await open_store(postgres.url(name))
-    second = await open_store(postgres.url(name))
+    a = await open_store(postgres.url(name), encode, decode)
+    b = await open_store(postgres.url(name), encode, decode)
     try:
-        await first.claim()
-        with pytest.raises(DatabaseInUseError, match="another runservice server"):
-            await second.claim()
-        await first.close()
-        await second.claim()
+        assert a.cluster is not None and b.cluster is not None
+        await a.cluster.begin_lease("replica-a", "a1", 30)
+        await b.cluster.begin_lease("replica-b", "b1", 30)
+        a.fence_by("a1")
+        b.fence_by("b1")
+        old = make_run("r1", executor="a1", state=RunState.RUNNING)
+        assert await a.commit([old], [event("r1", 1)], []) == frozenset()
+        assert await a.cluster.renew("a1", 30) is True
+        postgres.psql("UPDATE runservice_leases SET expires_us = 0 WHERE holder = 'a1'", name)
+        assert await b.cluster.expire_leases() == ["a1"]
+        ended = await b.cluster.end_orphans("b1", lease_orphan_end(SystemClock()))
+        assert [(r.run_id, r.state, r.last_seq) for r in ended] == [("r1", RunState.INTERRUPTED, 2)]
+        assert await a.cluster.renew("a1", 30) is None  # gone: a peer ended it
+        await a.cluster.begin_lease("replica-a", "a2", 30)
+        a.fence_by("a2")
+        new = make_run("r2", executor="a2")
+        fenced = await a.commit([new], [event("r1", 2), event("r2", 1)], [old])
+        assert fenced == frozenset({"r1"})
+        log = await a.read_events("r1", 1, 10)
+        assert [(e.seq, e.state) for e in log] == [(1, None), (2, RunState.INTERRUPTED)]
+        assert [e.seq for e in await a.read_events("r2", 1, 10)] == [1]
+        assert (await a.get_run(ALICE, "r1")).state is RunState.INTERRUPTED  # type: ignore[union-attr]
+        postgres.psql("UPDATE runservice_leases SET expires_us = 0 WHERE holder = 'a2'", name)
+        assert await a.cluster.renew("a2", 30) is False  # late, but nobody ended it
     finally:
-        await first.close()
-        await second.close()
+        await a.close()
+        await b.close()
         postgres.drop_database(name)
 
 
-async def test_a_claim_lost_with_its_session_is_taken_again_or_reported(
-    postgres: PgServer,
-) -> None:
-    """When the session holding a server's claim ends (a database restart, an operator),
-    keep_claim takes it again, so a second server is still refused; if another server took
-    the database in between, keep_claim says so (the first must stop)."""
-    name = postgres.create_database()
-    first = await open_store(postgres.url(name))
-    second = await open_store(postgres.url(name))
-    end_sessions = (
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-    )
-    try:
-        await first.claim()
-        postgres.psql(end_sessions)
-        await first.keep_claim()
-        with pytest.raises(DatabaseInUseError):
-            await second.claim()
-
-        postgres.psql(end_sessions)
-        await second.close()
-        second = await open_store(postgres.url(name))
-        await second.claim()  # the claim was free: another server takes the database
-        with pytest.raises(DatabaseInUseError):
-            await first.keep_claim()
-    finally:
-        await first.close()
-        await second.close()
-        postgres.drop_database(name)
+def test_notices_stay_under_the_payload_limit() -> None:
+    """A commit of thousands of runs is told in a few notifications, each under the
+    limit, and they say it all."""
+    events = [RunEvent(f"run-{i:05d}-{'x' * 28}", 7, T0, "tick") for i in range(3000)]
+    notice = commit_notice([], events, [])
+    payloads = notice.payloads("holder")
+    assert all(len(p.encode()) < PAYLOAD_LIMIT + 200 for p in payloads)
+    assert len(payloads) <= 3000 * 50 // PAYLOAD_LIMIT + 1
+    heard: dict[str, int] = {}
+    for payload in payloads:
+        holder, part = Notice.parse(payload)
+        assert holder == "holder"
+        heard.update(part.seqs)
+    assert heard == {e.run_id: 7 for e in events}

@@ -1,0 +1,104 @@
+"""What replicas tell each other through the database: plain data, no SQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runservice.domain.model import Run, RunEvent
+
+PAYLOAD_LIMIT = 7000  # bytes of one notification's payload; PostgreSQL's limit is 8,000
+
+
+@dataclass
+class Notice:
+    """What one commit changed, for the other replicas (see the module doc)."""
+
+    seqs: dict[str, int] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    deleted: dict[str, str] = field(default_factory=dict)
+
+    def payloads(self, holder: str) -> list[str]:
+        """The notice as NOTIFY payloads, each under PAYLOAD_LIMIT bytes."""
+        items: list[tuple[str, Any]] = [
+            *(("e", kv) for kv in self.seqs.items()),
+            *(("n", run_id) for run_id in self.new),
+            *(("c", run_id) for run_id in self.changed),
+            *(("q", run_id) for run_id in self.requests),
+            *(("d", kv) for kv in self.deleted.items()),
+        ]
+        out: list[str] = []
+        part: dict[str, Any] = {}
+        size = 0
+        for key, item in items:
+            cost = len(json.dumps(item)) + 4
+            if part and size + cost > PAYLOAD_LIMIT:
+                out.append(_dump(holder, part))
+                part, size = {}, 0
+            if isinstance(item, tuple):
+                part.setdefault(key, {})[item[0]] = item[1]
+            else:
+                part.setdefault(key, []).append(item)
+            size += cost
+        if part:
+            out.append(_dump(holder, part))
+        return out
+
+    @classmethod
+    def parse(cls, payload: str) -> tuple[str, Notice]:
+        """The holder that sent `payload`, and its notice."""
+        raw = json.loads(payload)
+        return raw.get("h", ""), cls(
+            seqs={str(k): int(v) for k, v in raw.get("e", {}).items()},
+            new=[str(r) for r in raw.get("n", ())],
+            changed=[str(r) for r in raw.get("c", ())],
+            requests=[str(r) for r in raw.get("q", ())],
+            deleted={str(k): str(v) for k, v in raw.get("d", {}).items()},
+        )
+
+
+def _dump(holder: str, part: dict[str, Any]) -> str:
+    return json.dumps({"h": holder, **part}, separators=(",", ":"))
+
+
+def commit_notice(
+    new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+) -> Notice:
+    """The notice of one group commit: each run's last seq in it and the rows it wrote."""
+    seqs: dict[str, int] = {}
+    for event in events:
+        seqs[event.run_id] = event.seq
+    new = [run.run_id for run in new_runs]
+    fresh = set(new)
+    changed = list(dict.fromkeys(r.run_id for r in updated_runs if r.run_id not in fresh))
+    return Notice(seqs=seqs, new=new, changed=changed)
+
+
+@dataclass(frozen=True)
+class StartFacts:
+    """What a start decision needs to know, read under the owner's lock."""
+
+    same_request: Run | None  # the owner's run with the request's request_id
+    thread_active: list[Run]  # the thread's PENDING and RUNNING runs, oldest first
+    active: int  # the owner's RUNNING runs
+    queued: int  # the owner's PENDING runs
+    all_active: int  # everyone's (counted only when a server-wide cap is set)
+    all_queued: int
+
+
+@dataclass(frozen=True)
+class StartWrite:
+    """What a start decision writes: a new run's row, its first events, its row's update."""
+
+    new: Run
+    events: Sequence[RunEvent] = ()
+    updated: Run | None = None
+
+
+def deleted_notice(run_id: str, owner: str) -> Notice:
+    """The notice of a deleted run."""
+    return Notice(deleted={run_id: owner})

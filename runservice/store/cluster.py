@@ -1,0 +1,354 @@
+"""What replicas on one PostgreSQL database share: leases, fencing, notifications, requests
+and the start decisions, in SQL (PostgreSQL's own: advisory locks, LISTEN/NOTIFY).
+
+Leases. Each server process holds one lease row (`holder`, new at each start) that it
+renews; the runs it executes name that holder as their `executor`. Expiry is reckoned by
+the database's clock only. A peer deletes an expired lease row and then ends the runs
+whose executor has no lease row any more (INTERRUPTED, terminal event at the next seq,
+under the run row's lock), in its own transactions.
+
+Fencing. Every commit of a replica's writer first takes a KEY SHARE lock on the lease row
+of each run it writes (through the run row's executor) and drops, from that transaction,
+every run whose lease row is gone. Deleting a lease row needs a lock that conflicts with
+KEY SHARE, so a sweep waits for commits in flight and every commit after it sees the
+lease gone: the database, not timing, refuses a fenced replica's writes.
+
+Notifications. A commit that changes runs sends one NOTIFY on CHANNEL (more only past
+PAYLOAD_LIMIT) in the same transaction: {"h": holder, "e": {run: last seq}, "n": [new
+runs], "c": [changed rows], "q": [runs with a new request], "d": {deleted run: owner}}.
+PostgreSQL delivers it at commit, to one LISTEN connection per replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from runservice.domain.errors import RunFencedError
+from runservice.domain.model import Run, RunEvent, RunState
+from runservice.domain.replicas import Notice, StartFacts, StartWrite, commit_notice
+
+if TYPE_CHECKING:
+    from runservice.store.sql import SqlRunStore
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "runservice"
+
+# The database's clock, in integer microseconds since the epoch (the tables' unit).
+_NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+_ACTIVE = "('PENDING', 'RUNNING')"
+_USER_LOCK = "pg_advisory_xact_lock(hashtextextended('runservice:user:' || $1, 0))"
+_ALL_LOCK = "pg_advisory_xact_lock(hashtextextended('runservice:all', 0))"
+
+
+class ClusterSql:
+    """The replicas' SQL, over the store's engine (PostgreSQL only)."""
+
+    def __init__(self, store: SqlRunStore, engine: AsyncEngine) -> None:
+        self._store = store
+        self._engine = engine
+
+    # -- leases ------------------------------------------------------------------------
+
+    def fence_by(self, holder: str) -> None:
+        """Fences every later commit of the store by `holder`'s lease (SqlRunStore.fence_by)."""
+        self._store.fence_by(holder)
+
+    async def begin_lease(self, replica: str, holder: str, ttl: float) -> None:
+        """Ends the leases of this replica's earlier lives and takes a new one."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.exec_driver_sql(
+                "DELETE FROM runservice_leases WHERE replica = $1", (replica,)
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO runservice_leases (holder, replica, expires_us)"
+                f" VALUES ($1, $2, {_NOW_US} + $3)",
+                (holder, replica, int(ttl * 1_000_000)),
+            )
+
+        await self._store.transaction(work)
+
+    async def renew(self, holder: str, ttl: float) -> bool | None:
+        """Extends the lease by `ttl` from now (the database's now). True if it had not
+        expired yet, False if it had (but no peer had ended it), None if it is gone."""
+        found: list[Any] = []
+
+        async def work(conn: AsyncConnection) -> None:
+            result = await conn.exec_driver_sql(
+                f"UPDATE runservice_leases l SET expires_us = {_NOW_US} + $2"
+                " FROM (SELECT holder, expires_us AS before FROM runservice_leases"
+                " WHERE holder = $1) o"
+                f" WHERE l.holder = o.holder RETURNING o.before > {_NOW_US}",
+                (holder, int(ttl * 1_000_000)),
+            )
+            found.extend(_rows(result))
+
+        await self._store.transaction(work, retry=False)
+        return bool(found[0][0]) if found else None
+
+    async def end_lease(self, holder: str) -> None:
+        """Gives the lease up (a clean shutdown): whatever of its runs is unfinished is
+        ended by the next sweep, of any replica."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.exec_driver_sql("DELETE FROM runservice_leases WHERE holder = $1", (holder,))
+
+        await self._store.transaction(work, retry=False)
+
+    async def expire_leases(self) -> list[str]:
+        """Deletes every expired lease (waiting for the commits that hold one); returns the
+        holders."""
+        gone: list[str] = []
+
+        async def work(conn: AsyncConnection) -> None:
+            result = await conn.exec_driver_sql(
+                f"DELETE FROM runservice_leases WHERE expires_us < {_NOW_US} RETURNING holder"
+            )
+            gone.extend(row[0] for row in _rows(result))
+
+        await self._store.transaction(work, retry=False)
+        return gone
+
+    async def end_orphans(
+        self, holder: str, end: Callable[[Run], tuple[RunEvent, Run]], limit: int = 500
+    ) -> list[Run]:
+        """Ends up to `limit` unfinished runs whose executor holds no lease, each with the
+        terminal event and row that `end` makes of it (given the run with the last seq its
+        log reached), under the run rows' locks; returns them as ended."""
+        ended: list[Run] = []
+
+        async def work(conn: AsyncConnection) -> None:
+            result = await conn.exec_driver_sql(
+                "SELECT r.run_id FROM runs r WHERE r.state IN " + _ACTIVE + " AND NOT EXISTS"
+                " (SELECT 1 FROM runservice_leases l WHERE l.holder = r.executor)"
+                " ORDER BY r.run_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED",
+                (limit,),
+            )
+            run_ids = [row[0] for row in _rows(result)]
+            if not run_ids:
+                return
+            orphans = await self._store.runs_reached(conn, run_ids)
+            events, rows = zip(*(end(run) for run in orphans), strict=True)
+            await self._store.write(conn, [], list(events), list(rows))
+            await self._drop_requests(conn, run_ids)
+            await self.notify(conn, holder, commit_notice([], list(events), list(rows)))
+            ended.extend(rows)
+
+        await self._store.transaction(work, retry=False)
+        return ended
+
+    # -- fencing, inside the writer's commit ----------------------------------------------
+
+    async def fenced(
+        self, conn: AsyncConnection, new_runs: Sequence[Run], run_ids: Iterable[str]
+    ) -> set[str]:
+        """The runs of a commit whose lease is gone (KEY SHARE locks on the others' leases,
+        held to the end of `conn`'s transaction)."""
+        fenced: set[str] = set()
+        existing = sorted(set(run_ids) - {r.run_id for r in new_runs})
+        if existing:
+            result = await conn.exec_driver_sql(
+                "SELECT r.run_id FROM runs r JOIN runservice_leases l ON l.holder = r.executor"
+                " WHERE r.run_id = ANY($1::text[]) FOR KEY SHARE OF l",
+                (existing,),
+            )
+            fenced |= set(existing) - {row[0] for row in _rows(result)}
+        holders = sorted({r.executor for r in new_runs})
+        if holders:
+            result = await conn.exec_driver_sql(
+                "SELECT holder FROM runservice_leases WHERE holder = ANY($1::text[]) FOR KEY SHARE",
+                (holders,),
+            )
+            alive = {row[0] for row in _rows(result)}
+            fenced |= {r.run_id for r in new_runs if r.executor not in alive}
+        return fenced
+
+    async def after_commit(
+        self,
+        conn: AsyncConnection,
+        holder: str,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+    ) -> None:
+        """In the commit's transaction: drops the requests of runs that ended, notifies."""
+        ended = [r.run_id for r in updated_runs if r.state.terminal]
+        if ended:
+            await self._drop_requests(conn, ended)
+        await self.notify(conn, holder, commit_notice(new_runs, events, updated_runs))
+
+    async def notify(self, conn: AsyncConnection, holder: str, notice: Notice) -> None:
+        """Sends `notice` when `conn`'s transaction commits."""
+        for payload in notice.payloads(holder):
+            await conn.exec_driver_sql("SELECT pg_notify($1, $2)", (CHANNEL, payload))
+
+    # -- requests: appends that do not come from the run's own agent ------------------------
+
+    async def request(self, holder: str, run_id: str, kind: str, body: str, at_us: int) -> bool:
+        """Records a request for the run's executor unless one of `kind` is there or the
+        run is finished; True if recorded (and notified)."""
+        recorded = False
+
+        async def work(conn: AsyncConnection) -> None:
+            nonlocal recorded
+            result = await conn.exec_driver_sql(
+                "INSERT INTO run_requests (run_id, kind, body, at_us)"
+                " SELECT run_id, $2, $3, $4 FROM runs WHERE run_id = $1 AND state IN "
+                + _ACTIVE
+                + " ON CONFLICT DO NOTHING",
+                (run_id, kind, body, at_us),
+            )
+            recorded = result.rowcount > 0
+            if recorded:
+                await self.notify(conn, holder, Notice(requests=[run_id]))
+
+        await self._store.transaction(work)
+        return recorded
+
+    async def requests_for(self, holder: str) -> list[tuple[str, str, str]]:
+        """(run_id, kind, body) of every request waiting for a run executed under `holder`."""
+        async with self._store.connection() as conn:
+            result = await conn.exec_driver_sql(
+                "SELECT q.run_id, q.kind, q.body FROM run_requests q JOIN runs r"
+                " ON r.run_id = q.run_id WHERE r.executor = $1 AND r.state IN "
+                + _ACTIVE
+                + " ORDER BY q.at_us",
+                (holder,),
+            )
+            return [(row[0], row[1], row[2]) for row in _rows(result)]
+
+    async def _drop_requests(self, conn: AsyncConnection, run_ids: Sequence[str]) -> None:
+        await conn.exec_driver_sql(
+            "DELETE FROM run_requests WHERE run_id = ANY($1::text[])", (list(run_ids),)
+        )
+
+    # -- reading other replicas' runs ---------------------------------------------------
+
+    async def reached(self, run_ids: Sequence[str]) -> dict[str, int]:
+        """The last committed seq of each run's log (runs with no events are left out)."""
+        if not run_ids:
+            return {}
+        async with self._store.connection() as conn:
+            result = await conn.exec_driver_sql(
+                "SELECT run_id, MAX(seq) FROM run_events WHERE run_id = ANY($1::text[])"
+                " GROUP BY run_id",
+                (list(run_ids),),
+            )
+            return {row[0]: int(row[1]) for row in _rows(result)}
+
+    # -- start decisions ----------------------------------------------------------------
+
+    async def decide_start(
+        self,
+        holder: str,
+        *,
+        owner: str,
+        request_id: str,
+        thread_id: str,
+        count_all: bool,
+        decide: Callable[[StartFacts], Run | StartWrite],
+    ) -> Run:
+        """Takes a start decision atomically across replicas: under the owner's advisory
+        lock (and the server-wide one when `count_all`), reads the facts, lets `decide`
+        choose (an existing run to return, a run to write, or an exception), writes it.
+        Returns the run as written, or the existing one."""
+        outcome: list[Run] = []
+
+        async def work(conn: AsyncConnection) -> None:
+            outcome.clear()
+            if count_all:
+                await conn.exec_driver_sql(f"SELECT {_ALL_LOCK}")
+            await conn.exec_driver_sql(f"SELECT {_USER_LOCK}", (owner,))
+            facts = await self._facts(conn, owner, request_id, thread_id, count_all)
+            decision = decide(facts)
+            if isinstance(decision, Run):
+                outcome.append(decision)
+                return
+            if await self.fenced(conn, [decision.new], ()):
+                raise RunFencedError("this server's lease is gone")
+            updated = [decision.updated] if decision.updated is not None else []
+            await self._store.write(conn, [decision.new], list(decision.events), updated)
+            await self.notify(conn, holder, commit_notice([decision.new], decision.events, updated))
+            outcome.append(decision.updated or decision.new)
+
+        await self._store.transaction(work, retry=False)  # `decide` takes seqs: once only
+        return outcome[0]
+
+    async def _facts(
+        self, conn: AsyncConnection, owner: str, request_id: str, thread_id: str, count_all: bool
+    ) -> StartFacts:
+        same: Run | None = None
+        if request_id:
+            result = await conn.exec_driver_sql(
+                "SELECT run_id FROM runs WHERE owner = $1 AND request_id = $2", (owner, request_id)
+            )
+            row = result.first()
+            if row is not None:
+                same = (await self._store.runs_reached(conn, [row[0]]))[0]
+        thread: list[Run] = []
+        if thread_id:
+            result = await conn.exec_driver_sql(
+                "SELECT run_id FROM runs WHERE owner = $1 AND thread_id = $2 AND state IN "
+                + _ACTIVE
+                + " ORDER BY run_id",
+                (owner, thread_id),
+            )
+            ids = [row[0] for row in _rows(result)]
+            thread = await self._store.runs_reached(conn, ids) if ids else []
+        counts = await _counts(conn, "owner = $1 AND ", (owner,))
+        all_counts = await _counts(conn, "", ()) if count_all else {}
+        return StartFacts(
+            same_request=same,
+            thread_active=thread,
+            active=counts.get(RunState.RUNNING.value, 0),
+            queued=counts.get(RunState.PENDING.value, 0),
+            all_active=all_counts.get(RunState.RUNNING.value, 0),
+            all_queued=all_counts.get(RunState.PENDING.value, 0),
+        )
+
+    # -- notifications ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def listening(
+        self, on_notice: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> AsyncIterator[None]:
+        """LISTENs on CHANNEL on a connection of its own while inside: `on_notice` gets
+        each payload, `on_lost` is called if the connection ends."""
+        conn = await self._engine.connect()
+        try:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+
+            def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                on_notice(payload)
+
+            def terminated(_conn: Any) -> None:
+                on_lost()
+
+            raw.add_termination_listener(terminated)
+            await raw.add_listener(CHANNEL, received)
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()  # never back to the pool: it was LISTENing
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+async def _counts(conn: AsyncConnection, where: str, values: tuple[Any, ...]) -> dict[str, int]:
+    result = await conn.exec_driver_sql(
+        f"SELECT state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE} GROUP BY state",
+        values,
+    )
+    return {row[0]: int(row[1]) for row in _rows(result)}
+
+
+def _rows(result: Any) -> list[Any]:
+    """A driver result's rows, as plain tuples to index."""
+    return [tuple(row) for row in result.fetchall()]
