@@ -6,7 +6,8 @@
 #   make proto-check  fail if the committed generated code is stale
 #   make buf          install the pinned buf CLI into protos/node_modules
 #   make lint         buf lint, ruff check, ruff format --check, mypy --strict (runservice, bench)
-#   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...)
+#   make test         lint, proto-check, then pytest (extra args: PYTEST_ARGS=...), then test-postgres
+#   make test-postgres  the API acceptance suite with each server on a private PostgreSQL
 #   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
 #   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
 #   make faults       the fault matrix against real server processes (docs/reliability/faults.md)
@@ -187,6 +188,14 @@ test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
 		rc=0; \
 	fi; \
 	exit "$$rc"
+	$(MAKE) --no-print-directory test-postgres
+
+# The acceptance suite of the API again, each server on a private PostgreSQL database
+# (one replica); tests/test_replicas.py runs two and three in the main suite.
+ACCEPTANCE := tests/test_api_runs.py tests/test_api_policies.py tests/test_api_access.py
+.PHONY: test-postgres
+test-postgres: $(VENV_STAMP)
+	$(VENV_PY) -m pytest -q --store postgresql $(ACCEPTANCE)
 
 .PHONY: test-go
 test-go:
