@@ -345,3 +345,70 @@ async def test_a_draining_replica_refuses_new_runs_while_others_take_them(
         one_terminal(log)
         assert log[-1].state == run_pb2.RUN_STATE_INTERRUPTED
         assert await c.servers[0].wait_exit() == 0
+
+
+async def test_a_thread_s_queue_and_interrupts_span_the_replicas(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """ENQUEUE on B behind a run executing on A starts only once A's run ended; INTERRUPT
+    on B stops A's run of the thread; DeleteRun on A reaches B's watchers."""
+    async with cluster(tmp_path, postgres) as c:
+        a, b = c.stubs
+        enqueue = run_pb2.MULTITASK_STRATEGY_ENQUEUE
+        first = (await a.StartRun(ticker(20, 0.02, thread_id="q"), metadata=c.md)).run
+        second = (
+            await b.StartRun(
+                ticker(3, 0.0, thread_id="q", multitask_strategy=enqueue), metadata=c.md
+            )
+        ).run
+        first_log = await read_log(b, c.md, first.run_id)
+        second_log = await read_log(a, c.md, second.run_id)
+        one_terminal(first_log)
+        one_terminal(second_log)
+        assert first_log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+        assert [e.state for e in second_log[:2]] == [
+            run_pb2.RUN_STATE_PENDING,
+            run_pb2.RUN_STATE_RUNNING,
+        ]
+        assert second_log[1].time.ToDatetime() >= first_log[-1].time.ToDatetime()
+        assert second_log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+
+        interrupt = run_pb2.MULTITASK_STRATEGY_INTERRUPT
+        long = (await a.StartRun(ticker(100_000, 0.01, thread_id="i"), metadata=c.md)).run
+        await wait_for(lambda: reached(b, c.md, long.run_id, 3), limit=10)
+        newer = (
+            await b.StartRun(
+                ticker(3, 0.0, thread_id="i", multitask_strategy=interrupt), metadata=c.md
+            )
+        ).run
+        long_log = await read_log(b, c.md, long.run_id)
+        one_terminal(long_log)
+        assert long_log[-1].state == run_pb2.RUN_STATE_STOPPED
+        assert newer.run_id in long_log[-1].error.message or long_log[-1].error.message
+        newer_log = await read_log(a, c.md, newer.run_id)
+        one_terminal(newer_log)
+        assert newer_log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+
+        watch = b.WatchRuns(pb.WatchRunsRequest(), metadata=c.md)
+        seen: set[str] = set()
+        while True:
+            update = await asyncio.wait_for(watch.read(), 10)
+            if update.change == pb.RUN_CHANGE_SNAPSHOT_END:
+                break
+            seen.add(update.run.run_id)
+        done = (await a.StartRun(ticker(1, 0.0), metadata=c.md)).run
+        await read_log(a, c.md, done.run_id)
+        await a.DeleteRun(pb.DeleteRunRequest(run_id=done.run_id), metadata=c.md)
+
+        async def deleted() -> None:
+            while True:
+                update = await watch.read()
+                if update.change == pb.RUN_CHANGE_DELETED and update.run.run_id == done.run_id:
+                    assert update.run.state == run_pb2.RUN_STATE_SUCCEEDED
+                    return
+
+        await asyncio.wait_for(deleted(), 15)
+        watch.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await get(b, c.md, done.run_id)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND

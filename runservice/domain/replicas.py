@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from runservice.domain.model import Run, RunEvent
+from runservice.domain.model import Run, RunEvent, RunState
 
 PAYLOAD_LIMIT = 7000  # bytes of one notification's payload; PostgreSQL's limit is 8,000
 
@@ -20,7 +21,8 @@ class Notice:
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
-    deleted: dict[str, str] = field(default_factory=dict)
+    # Deleted runs: what WatchRuns tells of them (owner, agent, state, thread, times).
+    deleted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def payloads(self, holder: str) -> list[str]:
         """The notice as NOTIFY payloads, each under PAYLOAD_LIMIT bytes."""
@@ -57,7 +59,7 @@ class Notice:
             new=[str(r) for r in raw.get("n", ())],
             changed=[str(r) for r in raw.get("c", ())],
             requests=[str(r) for r in raw.get("q", ())],
-            deleted={str(k): str(v) for k, v in raw.get("d", {}).items()},
+            deleted={str(k): dict(v) for k, v in raw.get("d", {}).items()},
         )
 
 
@@ -99,6 +101,33 @@ class StartWrite:
     updated: Run | None = None
 
 
-def deleted_notice(run_id: str, owner: str) -> Notice:
-    """The notice of a deleted run."""
-    return Notice(deleted={run_id: owner})
+def deleted_notice(run: Run) -> Notice:
+    """The notice of a deleted run: its identity and state, not its input or result."""
+    return Notice(
+        deleted={
+            run.run_id: {
+                "owner": run.owner,
+                "agent": run.agent,
+                "state": run.state.value,
+                "thread_id": run.thread_id,
+                "created": run.created_at.isoformat(),
+                "ended": run.ended_at.isoformat() if run.ended_at else None,
+                "last_seq": run.last_seq,
+            }
+        }
+    )
+
+
+def deleted_run(run_id: str, told: dict[str, Any]) -> Run:
+    """A deleted run as its notice tells it."""
+    ended = told.get("ended")
+    return Run(
+        run_id=run_id,
+        owner=str(told["owner"]),
+        agent=str(told.get("agent", "")),
+        state=RunState(told["state"]),
+        created_at=datetime.fromisoformat(told["created"]),
+        thread_id=str(told.get("thread_id", "")),
+        ended_at=datetime.fromisoformat(ended) if ended else None,
+        last_seq=int(told.get("last_seq", 0)),
+    )

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from runservice.domain.errors import WatchLaggedError
-from runservice.domain.model import Run, RunChange, RunFilter, RunState, Scope, WatchUpdate, utcnow
+from runservice.domain.model import Run, RunChange, RunFilter, Scope, WatchUpdate
 
 WATCH_QUEUE_LIMIT = 10_000
 
@@ -56,13 +56,17 @@ class ChangeFeed:
             if not watcher.lagged and watcher.admits(update):
                 self._put(watcher, update)
 
-    def publish_deleted(self, run_id: str, owner: str) -> None:
-        """Queues the deletion of a run another replica deleted, for the watchers that
-        reported the run (all that is known of it is its id and owner)."""
-        update = WatchUpdate(RunChange.DELETED, _deleted_run(run_id, owner))
+    def publish_deleted(self, run: Run) -> None:
+        """Queues the deletion of a run another replica deleted (as its notice tells it,
+        without input, result or labels) for the watchers that reported the run."""
+        update = WatchUpdate(RunChange.DELETED, run)
         for watcher in self._watchers:
-            if not watcher.lagged and run_id in watcher.seen and watcher.scope.allows(owner):
-                watcher.seen.discard(run_id)
+            if (
+                not watcher.lagged
+                and run.run_id in watcher.seen
+                and watcher.scope.allows(run.owner)
+            ):
+                watcher.seen.discard(run.run_id)
                 self._put(watcher, update)
 
     def close(self) -> None:
@@ -99,8 +103,3 @@ class ChangeFeed:
     def discard(self, watcher: _Watcher) -> None:
         """Unregisters a watcher that will not be followed."""
         self._watchers.discard(watcher)
-
-
-def _deleted_run(run_id: str, owner: str) -> Run:
-    """What a DELETED update says of a run deleted on another replica."""
-    return Run(run_id=run_id, owner=owner, agent="", state=RunState.STOPPED, created_at=utcnow())

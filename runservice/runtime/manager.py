@@ -50,7 +50,7 @@ from runservice.domain.model import (
     WatchUpdate,
 )
 from runservice.domain.ports import Clock, EventEncoder, RunStore
-from runservice.domain.replicas import Notice, StartFacts, StartWrite
+from runservice.domain.replicas import Notice, StartFacts, StartWrite, deleted_run
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
 from runservice.runtime.feed import ChangeFeed
@@ -565,9 +565,9 @@ class RunManager:
                 logger.warning("could not read runs another replica changed (%s)", exc)
 
     async def _publish_notice(self, notice: Notice) -> None:
-        for run_id, owner in notice.deleted.items():
+        for run_id, told in notice.deleted.items():
             self._registry.evict(run_id)
-            self._feed.publish_deleted(run_id, owner)
+            self._feed.publish_deleted(deleted_run(run_id, told))
         if not self._feed.watched or not (notice.new or notice.changed):
             return
         everyone = Scope("", everyone=True)

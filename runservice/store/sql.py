@@ -334,30 +334,26 @@ class SqlRunStore:
         return EncodedEvent(event.seq, self._encoder(event), event.terminal)
 
     async def delete_run(self, scope: Scope, run_id: str) -> bool:
-        """Deletes the run, its labels and its events in one transaction."""
+        """Deletes the run, its labels, events and requests in one transaction (telling the
+        other replicas, when there are any)."""
         deleted = False
-        owner = scope.user if not scope.everyone else ""
-        if scope.everyone:
-            found = await self.get_run(scope, run_id)
-            owner = found.owner if found is not None else ""
 
         async def work(conn: AsyncConnection) -> None:
             nonlocal deleted
             cond = [tables.runs.c.run_id == run_id]
             if not scope.everyone:
                 cond.append(tables.runs.c.owner == scope.user)
-            result = await conn.execute(delete(tables.runs).where(*cond))
-            deleted = result.rowcount > 0
-            if deleted:
-                await conn.execute(delete(tables.events).where(tables.events.c.run_id == run_id))
-                await conn.execute(
-                    delete(tables.run_labels).where(tables.run_labels.c.run_id == run_id)
-                )
-                await conn.execute(
-                    delete(tables.run_requests).where(tables.run_requests.c.run_id == run_id)
-                )
-                if self.cluster is not None and self._holder is not None and owner:
-                    await self.cluster.notify(conn, self._holder, deleted_notice(run_id, owner))
+            row = (
+                await conn.execute(delete(tables.runs).where(*cond).returning(tables.runs))
+            ).first()
+            deleted = row is not None
+            if row is None:
+                return
+            for table in (tables.events, tables.run_labels, tables.run_requests):
+                await conn.execute(delete(table).where(table.c.run_id == run_id))
+            if self.cluster is not None and self._holder is not None:
+                notice = deleted_notice(_run_from_row(row, {}))
+                await self.cluster.notify(conn, self._holder, notice)
 
         await self._write(work)
         return deleted
