@@ -4,8 +4,10 @@ A replica holds one lease (renewed every third of `--lease-ttl`, by the database
 and executes its runs under it; every commit of its writer is fenced by it in the
 database (store/cluster.py). Right after a renewal that came in time, and only then, it
 sweeps: expired leases are deleted and the runs that were executed under them end
-INTERRUPTED. So a replica that was cut off (its own renewal came late) never interrupts
-the others when the database comes back: they renew in the meantime.
+INTERRUPTED. A replica that was cut off (its renewal failed or came late), or that just
+started, sweeps nothing for one lease-ttl more: when the database comes back after an
+outage, the other replicas get a whole lease to renew theirs (a connection attempt may
+take seconds to get through), so nobody interrupts a peer that was only cut off too.
 
 Runs another replica executes are followed through notifications: one LISTEN connection
 per replica, each notice fanned out in process to the RemoteLog of each run that someone
@@ -245,6 +247,8 @@ class Replica:
     # -- the lease --------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        calm_until = loop.time() + self._ttl  # no sweep yet: peers may be catching up
         interval = self._ttl / 3
         while True:
             await asyncio.sleep(interval)
@@ -253,18 +257,22 @@ class Replica:
             except StoreUnavailableError as exc:
                 logger.warning("could not renew the lease (%s); retrying", exc.cause)
                 interval = min(RETRY_S, self._ttl / 3)
+                calm_until = loop.time() + self._ttl
                 continue
             except StoreError:
                 logger.exception("renewing the lease failed; retrying")
                 interval = min(RETRY_S, self._ttl / 3)
+                calm_until = loop.time() + self._ttl
                 continue
             interval = self._ttl / 3
             if on_time is None:
                 await self._fenced()
-            elif on_time:
+                calm_until = loop.time() + self._ttl
+            elif not on_time:
+                logger.warning("the lease was renewed late; no sweep for %gs", self._ttl)
+                calm_until = loop.time() + self._ttl
+            elif loop.time() >= calm_until:
                 await self._sweep()
-            else:
-                logger.warning("the lease was renewed late; no sweep this time")
 
     async def _fenced(self) -> None:
         old = self.holder
