@@ -13,6 +13,7 @@
 #   make faults       the fault matrix against real server processes (docs/reliability/faults.md)
 #   make soak         mixed load for DURATION (default 30m), sampled and plotted (docs/reliability/soak.md)
 #   make run          start a development server
+#   make cluster      three replicas on a private PostgreSQL (.cluster/); Ctrl-C stops them
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
 SHELL := /bin/bash
@@ -174,7 +175,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	cd $(PROTO_DIR) && ./node_modules/.bin/buf lint
 	$(VENV_PY) -m ruff check .
 	$(VENV_PY) -m ruff format --check .
-	$(VENV_PY) -m mypy --strict runservice bench
+	$(VENV_PY) -m mypy --strict runservice bench tools
 	$(VENV_PY) -m mypy --strict --follow-imports=silent faults
 
 test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
@@ -209,6 +210,12 @@ test-typescript:
 
 run: $(VENV_STAMP)
 	$(VENV)/bin/runservice serve --dev-token
+
+# Three replicas on 127.0.0.1:50061-50063 sharing a private PostgreSQL (127.0.0.1:50060) and
+# a tokens file, all kept in .cluster/; CLUSTER_PORTS, CLUSTER_PG_PORT, CLUSTER_DIR move them.
+.PHONY: cluster
+cluster: $(VENV_STAMP)
+	$(VENV_PY) tools/cluster.py
 
 .PHONY: grpcurl
 grpcurl: $(GRPCURL)

@@ -431,7 +431,7 @@ class RunManager:
         """The run, from memory while live, else from the store."""
         scope = principal.own_scope()
         live = self._registry.get(run_id)
-        if live is not None:
+        if live is not None and not live.log.fenced:  # fenced: the store has its end
             if not scope.allows(live.run.owner):
                 raise RunNotFoundError(run_id)
             return self._view(live)
