@@ -328,3 +328,17 @@ async def test_a_second_server_on_the_same_data_dir_leaves_the_running_one_undis
         finally:
             # Should the live server's writer be wedged, SIGTERM would wait it out.
             await server.kill()
+
+
+async def test_a_second_server_on_a_sqlite_file_is_refused_and_pointed_to_postgresql(
+    tmp_path: Path,
+) -> None:
+    """SQLite serves one process: a second server on the same file exits 1 with one line
+    naming the first one's pid and pointing to PostgreSQL for several servers."""
+    data_dir = tmp_path / "data"
+    async with running_server(data_dir) as server:
+        refused = await serve_until_exit(data_dir)
+        assert refused.code == 1, refused.text
+        assert f"another runservice server (pid {server.pid})" in refused.last
+        assert "need PostgreSQL" in refused.last
+        assert "Traceback" not in refused.text
