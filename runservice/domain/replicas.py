@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -90,6 +90,17 @@ class StartFacts:
     queued: int  # the owner's PENDING runs
     all_active: int  # everyone's (counted only when a server-wide cap is set)
     all_queued: int
+
+
+@dataclass(frozen=True)
+class StartAsk:
+    """One StartRun's question to the database: whose run, its keys, and how to decide."""
+
+    owner: str
+    request_id: str
+    thread_id: str
+    count_all: bool  # a cap counts every user's runs
+    decide: Callable[[StartFacts], Run | StartWrite]
 
 
 @dataclass(frozen=True)

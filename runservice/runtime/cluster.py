@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Protocol
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent, RunState
-from runservice.domain.replicas import Notice, StartFacts, StartWrite
+from runservice.domain.replicas import Notice, StartAsk
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,9 @@ class ClusterStore(Protocol):
     async def request(self, holder: str, run_id: str, kind: str, body: str, at_us: int) -> bool: ...
     async def requests_for(self, holder: str) -> list[tuple[str, str, str]]: ...
     async def reached(self, run_ids: list[str]) -> dict[str, int]: ...
-    async def decide_start(
-        self,
-        holder: str,
-        *,
-        owner: str,
-        request_id: str,
-        thread_id: str,
-        count_all: bool,
-        decide: Callable[[StartFacts], Run | StartWrite],
-    ) -> Run: ...
+    async def decide_starts(
+        self, holder: str, asks: Sequence[StartAsk]
+    ) -> list[Run | Exception]: ...
     def listening(
         self, on_notice: Callable[[str], None], on_lost: Callable[[], None]
     ) -> contextlib.AbstractAsyncContextManager[None]: ...
@@ -353,3 +346,70 @@ class RemoteRun:
             self._replica.request_stop(self.run_id, reason, self._now_us()), f"stop:{self.run_id}"
         )
         return True
+
+
+Settle = Callable[["Run | Exception"], None]
+"""Told an ask's outcome right after its transaction, whether or not its caller still waits."""
+
+
+class StartDecisions:
+    """StartRun decisions taken in the database in batches, as commits are grouped: while
+    one transaction decides, new asks gather, and the next takes them all (one lock per
+    owner, one count, one commit)."""
+
+    def __init__(self, replica: Replica, max_batch: int = 256) -> None:
+        self._replica = replica
+        self._max_batch = max_batch
+        self._pending: list[tuple[StartAsk, Settle, asyncio.Future[Run]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Starts deciding."""
+        self._task = asyncio.create_task(self._loop(), name="runservice-start-decisions")
+
+    async def close(self) -> None:
+        """Stops deciding; asks still waiting fail."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, _, future in self._pending:
+            if not future.done():
+                future.set_exception(StoreUnavailableError("shutting down", "not decided"))
+        self._pending.clear()
+
+    async def decide(self, ask: StartAsk, settle: Settle) -> Run:
+        """The run `ask` made or found; raises its refusal. `settle` is called with the
+        outcome as soon as it is committed, even if this call is cancelled meanwhile."""
+        future: asyncio.Future[Run] = asyncio.get_running_loop().create_future()
+        self._pending.append((ask, settle, future))
+        self._wake.set()
+        return await asyncio.shield(future)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await asyncio.sleep(0)  # let ready callers join this batch
+                batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]
+                await self._decide(batch)
+
+    async def _decide(self, batch: list[tuple[StartAsk, Settle, asyncio.Future[Run]]]) -> None:
+        asks = [ask for ask, _, _ in batch]
+        try:
+            outcomes = await self._replica.sql.decide_starts(self._replica.holder, asks)
+        except Exception as exc:  # the transaction failed: no ask was decided
+            outcomes = [exc] * len(batch)
+        for (_, settle, future), outcome in zip(batch, outcomes, strict=True):
+            try:
+                settle(outcome)
+            except Exception:
+                logger.exception("settling a start decision failed")
+            if future.done():
+                continue
+            if isinstance(outcome, Run):
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)

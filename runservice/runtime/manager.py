@@ -50,9 +50,15 @@ from runservice.domain.model import (
     WatchUpdate,
 )
 from runservice.domain.ports import Clock, EventEncoder, RunStore
-from runservice.domain.replicas import Notice, StartFacts, StartWrite, deleted_run
+from runservice.domain.replicas import Notice, StartAsk, StartFacts, StartWrite, deleted_run
 from runservice.runtime.agent import Agent, AgentRegistry
-from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
+from runservice.runtime.cluster import (
+    ClusterStore,
+    RemoteLog,
+    RemoteRun,
+    Replica,
+    StartDecisions,
+)
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.gate import StartGate
 from runservice.runtime.lifecycle import (
@@ -160,6 +166,8 @@ class RunManager:
                 on_swept=self._on_swept,
             )
         self._notices: asyncio.Queue[Notice] = asyncio.Queue()
+        self._decisions = StartDecisions(self._replica) if self._replica is not None else None
+        self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -169,6 +177,8 @@ class RunManager:
         if self._replica is not None:
             await self._replica.start()
             self._registry.spawn(self._notice_loop(), name="runservice-notices")
+            assert self._decisions is not None
+            self._decisions.start()
         else:
             await reconcile_orphans(self._store, self._clock)
         self._writer.start()
@@ -199,6 +209,8 @@ class RunManager:
         self._feed.close()
         await self._writer.close(max(0.5, deadline - loop.time()))
         await self._registry.cancel_all()
+        if self._decisions is not None:
+            await self._decisions.close()
         if self._replica is not None:
             await self._replica.close()
         self._closed.set()
@@ -263,7 +275,7 @@ class RunManager:
         decided in one transaction under the user's lock in the database, which writes
         the run's row (and its RUNNING event when it starts now) before any other
         replica may decide for the same user."""
-        assert self._replica is not None
+        assert self._decisions is not None
         limits = self._settings.limits
         started: list[RunEvent] = []
         admitted: list[LiveRun] = []
@@ -284,6 +296,7 @@ class RunManager:
             live.gated = False
             live.predecessors = [self._predecessor(run) for run in thread]
             admitted.append(live)
+            self._admitting[live.run_id] = live
             if thread:
                 return StartWrite(new=live.run)
             event, running = running_change(live, self._clock)
@@ -291,38 +304,39 @@ class RunManager:
             started.append(event)
             return StartWrite(new=live.run, events=[event], updated=running)
 
-        try:
-            run = await self._replica.sql.decide_start(
-                self._replica.holder,
-                owner=user,
-                request_id=request.request_id,
-                thread_id=request.thread_id,
-                count_all=limits.server_wide,
-                decide=decide,
+        def settle(outcome: Run | Exception) -> None:
+            """Runs right after the decision's commit, whether or not the caller waits."""
+            for live in admitted:
+                self._admitting.pop(live.run_id, None)
+            if not admitted or not isinstance(outcome, Run) or outcome.run_id != admitted[0].run_id:
+                return
+            live = admitted[0]
+            queued = live.run
+            if started:
+                live.advance(Phase.RUNNING)
+                live.log.publish(started)
+            self._registry.add(live)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            live.committed = done
+            live.task = self._registry.spawn(
+                self._supervise(live, agent), name=f"run:{live.run_id}"
             )
+            self._on_run_committed(queued, created=True)  # as the writer publishes a start
+            if started:
+                self._on_run_committed(outcome, created=False)
+
+        ask = StartAsk(user, request.request_id, request.thread_id, limits.server_wide, decide)
+        try:
+            run = await self._decisions.decide(ask, settle)
         except RunFencedError as exc:
             raise DatabaseUnavailableError("this server is taking a new lease") from exc
-        if not admitted:  # the same request's run, decided before
-            existing = self._registry.get(run.run_id)
-            return self._view(existing) if existing is not None else run
-        live = admitted[0]
-        queued = live.run
-        if started:
-            live.advance(Phase.RUNNING)
-            live.log.publish(started)
-        self._registry.add(live)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        live.committed = done
-        live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
-        self._on_run_committed(queued, created=True)  # as the writer publishes a start
-        if started:
-            self._on_run_committed(run, created=False)
-        return self._view(live)
+        live = self._registry.get(run.run_id)
+        return self._view(live) if live is not None else run
 
     def _predecessor(self, run: Run) -> Predecessor:
         """The thread's active run `run`: the live run here, or a remote one."""
-        live = self._registry.get(run.run_id)
+        live = self._registry.get(run.run_id) or self._admitting.get(run.run_id)
         if live is not None:
             return live
         assert self._replica is not None

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import RunFencedError
 from runservice.domain.model import Run, RunEvent, RunState
-from runservice.domain.replicas import Notice, StartFacts, StartWrite, commit_notice
+from runservice.domain.replicas import Notice, StartAsk, StartFacts, StartWrite, commit_notice
 
 if TYPE_CHECKING:
     from runservice.store.sql import SqlRunStore
@@ -244,72 +244,79 @@ class ClusterSql:
 
     # -- start decisions ----------------------------------------------------------------
 
-    async def decide_start(
-        self,
-        holder: str,
-        *,
-        owner: str,
-        request_id: str,
-        thread_id: str,
-        count_all: bool,
-        decide: Callable[[StartFacts], Run | StartWrite],
-    ) -> Run:
-        """Takes a start decision atomically across replicas: under the owner's advisory
-        lock (and the server-wide one when `count_all`), reads the facts, lets `decide`
-        choose (an existing run to return, a run to write, or an exception), writes it.
-        Returns the run as written, or the existing one."""
-        outcome: list[Run] = []
+    async def decide_starts(self, holder: str, asks: Sequence[StartAsk]) -> list[Run | Exception]:
+        """Takes the start decisions of `asks` atomically across replicas, in one
+        transaction: under the owners' advisory locks (and the server-wide one when an ask
+        counts every user's runs), each ask's `decide` is given the facts (including the
+        decisions taken before it in the batch) and chooses: an existing run to return, a
+        run to write, or an exception. Returns, per ask, the run as written, the existing
+        run, or the exception."""
+        outcome: list[Run | Exception] = []
 
         async def work(conn: AsyncConnection) -> None:
             outcome.clear()
-            if count_all:
+            if any(ask.count_all for ask in asks):
                 await conn.exec_driver_sql(f"SELECT {_ALL_LOCK}")
-            await conn.exec_driver_sql(f"SELECT {_USER_LOCK}", (owner,))
-            facts = await self._facts(conn, owner, request_id, thread_id, count_all)
-            decision = decide(facts)
-            if isinstance(decision, Run):
-                outcome.append(decision)
+            owners = sorted({ask.owner for ask in asks})
+            for owner in owners:  # in one order everywhere: no deadlock between replicas
+                await conn.exec_driver_sql(f"SELECT {_USER_LOCK}", (owner,))
+            batch = _Batch(
+                await _counts(conn, "owner = ANY($1::text[]) AND ", (owners,), by_owner=True),
+                await _counts(conn, "", ()) if any(a.count_all for a in asks) else {},
+            )
+            for ask in asks:
+                try:
+                    facts = await self._facts(conn, ask, batch)
+                    decision = ask.decide(facts)
+                except Exception as exc:  # the ask's own refusal (or bug): its answer alone
+                    outcome.append(exc)
+                    continue
+                if isinstance(decision, Run):
+                    outcome.append(decision)
+                    continue
+                outcome.append(batch.add(decision))
+            if not batch.new:
                 return
-            if await self.fenced(conn, [decision.new], ()):
+            if await self.fenced(conn, batch.new, ()):
                 raise RunFencedError("this server's lease is gone")
-            updated = [decision.updated] if decision.updated is not None else []
-            await self._store.write(conn, [decision.new], list(decision.events), updated)
-            await self.notify(conn, holder, commit_notice([decision.new], decision.events, updated))
-            outcome.append(decision.updated or decision.new)
+            await self._store.write(conn, batch.new, batch.events, batch.updated)
+            await self.notify(conn, holder, commit_notice(batch.new, batch.events, batch.updated))
 
         await self._store.transaction(work, retry=False)  # `decide` takes seqs: once only
-        return outcome[0]
+        return outcome
 
-    async def _facts(
-        self, conn: AsyncConnection, owner: str, request_id: str, thread_id: str, count_all: bool
-    ) -> StartFacts:
-        same: Run | None = None
-        if request_id:
+    async def _facts(self, conn: AsyncConnection, ask: StartAsk, batch: _Batch) -> StartFacts:
+        owner = ask.owner
+        same = batch.requests.get((owner, ask.request_id)) if ask.request_id else None
+        if ask.request_id and same is None:
             result = await conn.exec_driver_sql(
-                "SELECT run_id FROM runs WHERE owner = $1 AND request_id = $2", (owner, request_id)
+                "SELECT run_id FROM runs WHERE owner = $1 AND request_id = $2",
+                (owner, ask.request_id),
             )
             row = result.first()
             if row is not None:
                 same = (await self._store.runs_reached(conn, [row[0]]))[0]
         thread: list[Run] = []
-        if thread_id:
-            result = await conn.exec_driver_sql(
-                "SELECT run_id FROM runs WHERE owner = $1 AND thread_id = $2 AND state IN "
-                + _ACTIVE
-                + " ORDER BY run_id",
-                (owner, thread_id),
-            )
-            ids = [row[0] for row in _rows(result)]
-            thread = await self._store.runs_reached(conn, ids) if ids else []
-        counts = await _counts(conn, "owner = $1 AND ", (owner,))
-        all_counts = await _counts(conn, "", ()) if count_all else {}
+        if ask.thread_id:
+            key = (owner, ask.thread_id)
+            if key not in batch.threads:
+                result = await conn.exec_driver_sql(
+                    "SELECT run_id FROM runs WHERE owner = $1 AND thread_id = $2 AND state IN "
+                    + _ACTIVE
+                    + " ORDER BY run_id",
+                    (owner, ask.thread_id),
+                )
+                ids = [row[0] for row in _rows(result)]
+                batch.threads[key] = await self._store.runs_reached(conn, ids) if ids else []
+            thread = list(batch.threads[key])
+        counts = batch.counts.get(owner, {})
         return StartFacts(
             same_request=same,
             thread_active=thread,
             active=counts.get(RunState.RUNNING.value, 0),
             queued=counts.get(RunState.PENDING.value, 0),
-            all_active=all_counts.get(RunState.RUNNING.value, 0),
-            all_queued=all_counts.get(RunState.PENDING.value, 0),
+            all_active=batch.all_counts.get(RunState.RUNNING.value, 0),
+            all_queued=batch.all_counts.get(RunState.PENDING.value, 0),
         )
 
     # -- notifications ----------------------------------------------------------------
@@ -341,12 +348,55 @@ class ClusterSql:
                 await conn.close()
 
 
-async def _counts(conn: AsyncConnection, where: str, values: tuple[Any, ...]) -> dict[str, int]:
+async def _counts(
+    conn: AsyncConnection, where: str, values: tuple[Any, ...], *, by_owner: bool = False
+) -> Any:
+    """Active runs by state ({state: n}), or by owner and state ({owner: {state: n}})."""
+    if not by_owner:
+        result = await conn.exec_driver_sql(
+            f"SELECT state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE} GROUP BY state",
+            values,
+        )
+        return {row[0]: int(row[1]) for row in _rows(result)}
     result = await conn.exec_driver_sql(
-        f"SELECT state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE} GROUP BY state",
+        f"SELECT owner, state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE}"
+        " GROUP BY owner, state",
         values,
     )
-    return {row[0]: int(row[1]) for row in _rows(result)}
+    counts: dict[str, dict[str, int]] = {}
+    for owner, state, n in _rows(result):
+        counts.setdefault(owner, {})[state] = int(n)
+    return counts
+
+
+class _Batch:
+    """The start decisions of one transaction so far, as later decisions must see them."""
+
+    def __init__(self, counts: dict[str, dict[str, int]], all_counts: dict[str, int]) -> None:
+        self.counts = counts
+        self.all_counts = all_counts
+        self.threads: dict[tuple[str, str], list[Run]] = {}
+        self.requests: dict[tuple[str, str], Run] = {}
+        self.new: list[Run] = []
+        self.events: list[RunEvent] = []
+        self.updated: list[Run] = []
+
+    def add(self, write: StartWrite) -> Run:
+        """Counts a run to write; returns it as written."""
+        run = write.updated or write.new
+        self.new.append(write.new)
+        self.events.extend(write.events)
+        if write.updated is not None:
+            self.updated.append(write.updated)
+        state = run.state.value
+        owner = self.counts.setdefault(run.owner, {})
+        owner[state] = owner.get(state, 0) + 1
+        self.all_counts[state] = self.all_counts.get(state, 0) + 1
+        if run.thread_id:
+            self.threads.setdefault((run.owner, run.thread_id), []).append(run)
+        if run.request_id:
+            self.requests[(run.owner, run.request_id)] = run
+        return run
 
 
 def _rows(result: Any) -> list[Any]:
