@@ -24,6 +24,7 @@ from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
+from tests.helpers import TERMINAL
 from tests.pgserver import PgServer
 from tests.serverproc import (
     ServerProcess,
@@ -36,13 +37,6 @@ from tests.serverproc import (
 )
 
 LEASE_TTL = 2.0
-TERMINAL = {
-    run_pb2.RUN_STATE_SUCCEEDED,
-    run_pb2.RUN_STATE_FAILED,
-    run_pb2.RUN_STATE_STOPPED,
-    run_pb2.RUN_STATE_INTERRUPTED,
-    run_pb2.RUN_STATE_TIMED_OUT,
-}
 
 
 @dataclass
