@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 
 from runservice.tokens import add_token
@@ -15,6 +16,7 @@ from tests.pgserver import PgServer
 from tests.serverproc import (
     assert_gap_free,
     bearer,
+    error_reason,
     read_log,
     running_server,
     serve_until_exit,
@@ -81,7 +83,8 @@ async def test_a_server_listens_again_when_its_database_sessions_end(
     tmp_path: Path, postgres: PgServer
 ) -> None:
     """The database ends every session of a running server (as a restart would): the server
-    LISTENs again on a new connection on its own and goes on serving."""
+    LISTENs again on a new connection on its own and goes on serving; its watches, which
+    may have missed other replicas' changes meanwhile, end ABORTED (WATCH_LAGGED)."""
     db = postgres.create_database()
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -91,6 +94,9 @@ async def test_a_server_listens_again_when_its_database_sessions_end(
         async with running_server(data_dir, args=args) as server:
             listening = "listening for other replicas' notifications"
             await wait_for(lambda: listening in server.log_text(), limit=15)
+            watching = grpc.aio.insecure_channel(server.addr)
+            watch = pb_grpc.RunServiceStub(watching).WatchRuns(pb.WatchRunsRequest(), metadata=md)
+            assert (await watch.read()).change == pb.RUN_CHANGE_SNAPSHOT_END
             postgres.psql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 f"WHERE datname = '{db}' AND pid <> pg_backend_pid()"
@@ -100,6 +106,11 @@ async def test_a_server_listens_again_when_its_database_sessions_end(
                 limit=15,
                 message="the server did not LISTEN again",
             )
+            with pytest.raises(grpc.aio.AioRpcError) as lagged:
+                await watch.read()
+            assert lagged.value.code() == grpc.StatusCode.ABORTED
+            assert error_reason(lagged.value) == "WATCH_LAGGED"
+            await watching.close()
             async with grpc.aio.insecure_channel(server.addr) as channel:
                 stub = pb_grpc.RunServiceStub(channel)
                 run = (await stub.StartRun(_ticker(5, 0.0), metadata=md)).run

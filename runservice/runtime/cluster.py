@@ -101,6 +101,7 @@ class Replica:
         on_requests: Callable[[list[tuple[str, str, str]]], None],
         on_fenced: Callable[[str], None],
         on_swept: Callable[[list[Run]], None],
+        on_deaf: Callable[[], None] = lambda: None,
     ) -> None:
         self.sql = sql
         self.replica = replica
@@ -111,6 +112,7 @@ class Replica:
         self._on_requests = on_requests
         self._on_fenced = on_fenced
         self._on_swept = on_swept
+        self._on_deaf = on_deaf  # notifications may have been missed
         self._remote: dict[str, RemoteLog] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = False
@@ -216,6 +218,7 @@ class Replica:
                 logger.exception("listening for notifications failed")
             if self._listening:
                 logger.warning("lost the notification connection; polling until it is back")
+                self._on_deaf()
             self._listening = False
             await asyncio.sleep(RETRY_S)
 

@@ -69,6 +69,14 @@ class ChangeFeed:
                 watcher.seen.discard(run.run_id)
                 self._put(watcher, update)
 
+    def lag_all(self) -> None:
+        """Ends every watch as lagged (WATCH_LAGGED): changes were missed (another replica's
+        notifications, while this one was not listening); watchers open a new watch."""
+        for watcher in self._watchers:
+            if not watcher.lagged:
+                watcher.lagged = True
+                watcher.queue.put_nowait(None)
+
     def close(self) -> None:
         """Ends every watch (the server is shutting down)."""
         for watcher in self._watchers:

@@ -164,6 +164,7 @@ class RunManager:
                 on_requests=self._on_requests,
                 on_fenced=self._on_lease_lost,
                 on_swept=self._on_swept,
+                on_deaf=self._feed.lag_all,  # what other replicas changed meanwhile is unknown
             )
         self._notices: asyncio.Queue[Notice] = asyncio.Queue()
         self._decisions = StartDecisions(self._replica) if self._replica is not None else None
