@@ -223,7 +223,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         *_connection_age(settings),
         ("grpc.server.max_pending_requests", 20_000),
         ("grpc.server.max_pending_requests_hard_limit", 20_000),
-        ("grpc.so_reuseport", 0),
+        # Only the workers of --workers share their port; a second server fails to bind.
+        ("grpc.so_reuseport", int(settings.worker_index is not None)),
     ]
 
 
@@ -507,8 +508,11 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def serve(settings: Settings) -> int:
-    """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code."""
+async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    """Runs the server until SIGINT or SIGTERM, then shuts down in order; returns the exit code.
+
+    `on_ready` is called once the server listens and handles those signals.
+    """
     try:
         app = await build(settings)
     except (DatabaseInUseError, AgentLoadError, ListenError, ConfigError, StartupError) as exc:
@@ -526,6 +530,8 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    if on_ready is not None:
+        on_ready()
     tune_garbage_collector()
     chores = [asyncio.create_task(return_freed_memory(), name="runservice-memory-trim")]
     await stop.wait()

@@ -116,16 +116,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from runservice import workers
     from runservice.app import serve
 
     settings = config.settings_from_args(args)
+    # A worker's lines go to its parent's stderr, among its peers': each says whose it is.
+    who = "" if settings.worker_index is None else f"[worker {settings.worker_index}] "
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
     )
+    if settings.workers > 1 and settings.worker_index is None:
+        return workers.serve(settings)
+    ready = args.worker_ready_fd
+    on_ready = None if ready is None else workers.ready_reporter(ready)
     loop = new_event_loop(settings.event_loop)
     try:
-        return loop.run_until_complete(serve(settings))
+        return loop.run_until_complete(serve(settings, on_ready))
     finally:
         _close_loop(loop)
 

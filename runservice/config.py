@@ -137,6 +137,10 @@ class Settings:
     max_streams_per_user: int = 100
     stream_stall_timeout: float = 60.0
     lease_ttl: float = 15.0
+    workers: int = 1
+    worker_index: int | None = None
+    """Set by the parent of `--workers N` on each worker (0 to N-1), never by people: a
+    worker shares its port with its peers (SO_REUSEPORT)."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -172,6 +176,9 @@ class _Option:
     help: str
     type: Any = str
     default_text: str = ""
+    secret: bool = False
+    """May hold a password: passed on to another process in its variable, never as a flag
+    (any user of the machine can read a command line)."""
 
 
 OPTIONS: tuple[_Option, ...] = (
@@ -187,6 +194,7 @@ OPTIONS: tuple[_Option, ...] = (
         "database URL, sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER[:PASS]@HOST:PORT/DB",
         str,
         "a SQLite file in the data directory",
+        secret=True,
     ),
     _Option(
         "db-pool-size",
@@ -206,6 +214,17 @@ OPTIONS: tuple[_Option, ...] = (
         "peer interrupts them",
         _at_least(1.0),
         "15s",
+    ),
+    _Option(
+        "workers",
+        "replica processes serving the one --listen port, so one machine uses every core; "
+        "needs PostgreSQL (--db) and a fixed port. Worker i is a replica with "
+        "DATA_DIR/worker-<i> as its data dir; all share the tokens file, the database and "
+        "every listener (the gRPC port with its health service: a check reaches any worker, "
+        "whose readiness is its own store's health). SIGTERM/SIGINT stop them all; a worker "
+        "that dies is restarted (see docs/operations.md)",
+        _count(1),
+        str(Settings.workers),
     ),
     _Option("tokens-file", "TOML file of hashed bearer tokens", Path, "DATA_DIR/tokens.toml"),
     _Option("stop-grace", "how long a stopped agent may clean up", parse_duration, "5s"),
@@ -357,6 +376,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent "
         "(env RUNSERVICE_DEV_TOKEN=1)",
     )
+    # Set by the parent of --workers on the workers it starts (runservice/workers.py).
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
@@ -382,4 +404,48 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         args.insecure_no_auth or env.get("RUNSERVICE_INSECURE_NO_AUTH", "").lower() in truthy
     )
     values["dev_token"] = args.dev_token or env.get("RUNSERVICE_DEV_TOKEN", "").lower() in truthy
+    values["worker_index"] = getattr(args, "worker_index", None)
     return Settings(**values)
+
+
+_OTHER_FLAGS = ("agent", "admin", "insecure-no-auth", "dev-token")
+
+
+def server_variables() -> frozenset[str]:
+    """The environment variables `runservice serve` takes its options from."""
+    return frozenset(env_name(flag) for flag in (*(opt.flag for opt in OPTIONS), *_OTHER_FLAGS))
+
+
+def serve_invocation(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """Flags and variables of `runservice serve` that give back `settings` where none of
+    server_variables() is otherwise set: --data-dir and every option not at its default,
+    as a flag or, if it may hold a password, as its variable."""
+    defaults = Settings(data_dir=settings.data_dir)
+    argv = [f"--data-dir={settings.data_dir}"]
+    env: dict[str, str] = {}
+    for opt in OPTIONS:
+        attr = opt.flag.replace("-", "_")
+        value = getattr(settings, attr)
+        if value == getattr(defaults, attr):
+            continue
+        if opt.secret:
+            env[env_name(opt.flag)] = _flag_text(value)
+        else:
+            argv.append(f"--{opt.flag}={_flag_text(value)}")
+    argv += [f"--agent={spec}" for spec in settings.agents]
+    argv += [f"--admin={user}" for user in settings.admins]
+    if settings.insecure_no_auth:
+        argv.append("--insecure-no-auth")
+    if settings.dev_token:
+        argv.append("--dev-token")
+    if settings.worker_index is not None:
+        argv.append(f"--worker-index={settings.worker_index}")
+    return argv, env
+
+
+def _flag_text(value: object) -> str:
+    """`value` as its flag takes it: durations in seconds, to the nanosecond."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text if "e" not in text else f"{value:.9f}"
+    return str(value)
