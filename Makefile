@@ -227,7 +227,7 @@ $(GRPCURL):
 
 # runservice (real server, SQLite, temp dir) beside a bare grpc.aio server streaming the
 # same messages: prints the table and writes docs/performance/ (results.md, results.json,
-# PNG charts). 10-12 minutes on 2 cores. Extra flags: BENCH_ARGS="--scenarios replay".
+# PNG charts). About 15 minutes on 2 cores. Extra flags: BENCH_ARGS="--scenarios replay".
 BENCH_ARGS ?=
 
 .PHONY: bench

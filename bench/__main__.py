@@ -125,6 +125,60 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help=f"stores: duration of the fixed-load phase ({d.stores_live_seconds})",
     )
+    replicas = p.add_argument_group(
+        "replicas scenario (loads marked 'per core' are the defaults on this machine)"
+    )
+    replicas.add_argument(
+        "--replicas",
+        type=_ints,
+        help=f"replica counts on one PostgreSQL ({','.join(map(str, d.replicas))})",
+    )
+    replicas.add_argument(
+        "--serve-workers",
+        type=int,
+        help="also measure one `runservice serve --workers N` on one port, once the server "
+        f"has that option; 0 = never ({d.serve_workers})",
+    )
+    replicas.add_argument(
+        "--replicas-ingest-runs",
+        type=int,
+        help=f"runs emitting as fast as accepted (50 per core: {d.replicas_ingest_runs})",
+    )
+    replicas.add_argument(
+        "--replicas-ingest-events", type=int, help=f"events per run ({d.replicas_ingest_events})"
+    )
+    replicas.add_argument(
+        "--replicas-live-runs",
+        type=int,
+        help=f"runs at --latency-rate events/s, a subscriber each (25 per core, at most "
+        f"300: "
+        f"{d.replicas_live_runs})",
+    )
+    replicas.add_argument(
+        "--replicas-live-seconds",
+        type=float,
+        help=f"duration of the fixed-load phase ({d.replicas_live_seconds})",
+    )
+    replicas.add_argument(
+        "--replicas-startrun-callers",
+        type=int,
+        help=f"concurrent StartRun callers (25 per core: {d.replicas_startrun_callers})",
+    )
+    replicas.add_argument(
+        "--replicas-startrun-users",
+        type=int,
+        help=f"users the StartRun callers are spread over ({d.replicas_startrun_users})",
+    )
+    replicas.add_argument(
+        "--replicas-startrun-seconds",
+        type=float,
+        help=f"measured duration of the StartRun phase ({d.replicas_startrun_seconds})",
+    )
+    replicas.add_argument(
+        "--replicas-held",
+        type=int,
+        help=f"runs each held with a subscriber (250 per core: {d.replicas_held})",
+    )
     return p
 
 
@@ -139,18 +193,27 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return dataclasses.replace(base, **changes)
 
 
+NEEDS_POSTGRESQL = ("stores", "replicas")
+
+
 def chosen_scenarios(args: argparse.Namespace) -> list[str]:
-    """The scenarios to run, in the order given; exits on an unknown one, and when the
-    stores scenario is chosen but cannot run here (see bench.pg.unavailable)."""
+    """The scenarios to run, in the order given; exits on an unknown one, and when a
+    scenario that needs PostgreSQL is chosen but cannot run here (bench.pg.unavailable)."""
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise SystemExit(f"unknown scenarios: {', '.join(unknown)}; pick from {list(SCENARIOS)}")
-    if "stores" in chosen:  # before anything is measured: say now that it cannot run
+    sizes = sizes_from(args)
+    if any(s < 1 for s in sizes.replicas):
+        raise SystemExit(f"--replicas: counts of 1 or more, not {sizes.replicas}")
+    needing = [s for s in chosen if s in NEEDS_POSTGRESQL]
+    if needing:  # before anything is measured: say now that it cannot run
         try:
-            pg.unavailable(sizes_from(args).pg_optional)
+            pg.unavailable(sizes.pg_optional)
         except pg.PgUnavailableError as exc:
-            raise SystemExit(f"the stores scenario needs PostgreSQL: {exc}") from None
+            raise SystemExit(
+                f"the {' and '.join(needing)} scenarios need PostgreSQL: {exc}"
+            ) from None
     return chosen
 
 

@@ -16,6 +16,14 @@ import time
 import psutil
 
 INTERVAL_S = 1.0
+_ADOPTED: set[int] = set()  # daemons the bench started, not its children (see adopt)
+
+
+def adopt(pid: int) -> None:
+    """Counts process `pid` and its descendants as the bench's own from now on: a daemon
+    the bench started that is not its child (PostgreSQL's postmaster is reparented to
+    init by pg_ctl), whose CPU would otherwise be counted as other processes' load."""
+    _ADOPTED.add(pid)
 
 
 class ForeignLoad:
@@ -32,11 +40,13 @@ class ForeignLoad:
         self._thread.start()
 
     def _ours(self) -> set[int]:
-        try:
-            me = psutil.Process(self._me)
-            return {self._me, *(c.pid for c in me.children(recursive=True))}
-        except psutil.Error:
-            return {self._me}
+        ours = {self._me}
+        for root in (self._me, *_ADOPTED):
+            try:
+                ours |= {root, *(c.pid for c in psutil.Process(root).children(recursive=True))}
+            except psutil.Error:
+                continue
+        return ours
 
     def _read(self) -> float:
         """Seconds of CPU other processes used since the previous read."""

@@ -1,4 +1,5 @@
-"""A private PostgreSQL server for the stores scenario, started and stopped by the bench.
+"""A private PostgreSQL server for the stores and replicas scenarios, started and stopped
+by the bench.
 
 `initdb` into a temporary directory (as the `postgres` user when running as root, since
 initdb refuses root), trust authentication on 127.0.0.1 only, a free port, and the
@@ -9,7 +10,9 @@ they are looked for there first.
 
 The CPU the database uses is that of the postmaster and all its processes (backends,
 WAL writer, checkpointer, autovacuum), the exited ones included: the postmaster reaps
-them, so their time is in its children's times.
+them, so their time is in its children's times. pg_ctl leaves the postmaster a child of
+init, so it is adopted into the bench's own processes (bench.noise.adopt): its CPU is
+not reported as other processes' load.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import noise
 from bench.servers import free_port
 
 SUPERUSER = "postgres"
@@ -91,7 +95,21 @@ class PgServer:
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the bench's database, as the superuser."""
-        return f"postgresql+asyncpg://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
+        return self.url_of(DATABASE)
+
+    def url_of(self, database: str) -> str:
+        """runservice's --db URL of `database`, as the superuser."""
+        return f"postgresql+asyncpg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def dsn(self, database: str) -> str:
+        """The libpq-style DSN of `database` (asyncpg.connect), as the superuser."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Creates one more database, `name`; its --db URL. Notifications stay within a
+        database, so deployments in separate databases do not hear each other."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, name)
+        return self.url_of(name)
 
     def version(self) -> str:
         """The server's version, as `postgres --version` prints it."""
@@ -135,7 +153,9 @@ class PgServer:
             conf.write(
                 "\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\n"
-                "max_connections = 200\n"
+                # Up to 7 servers at once (replicas scenario), each with a pool of up
+                # to 20 connections and one LISTEN connection.
+                "max_connections = 300\n"
             )
         for _attempt in range(3):  # a port taken between free_port() and the bind: again
             self.port = free_port()
@@ -148,6 +168,7 @@ class PgServer:
                     raise
                 continue
             self._started = True
+            noise.adopt(self.postmaster_pid())
             self._run(
                 "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, DATABASE
             )
@@ -166,11 +187,14 @@ class PgServer:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = Path()
 
+    def postmaster_pid(self) -> int:
+        """The process id of the running server's postmaster."""
+        return int((self.datadir / "postmaster.pid").read_text().split()[0])
+
     def cpu_seconds(self) -> float:
         """User + system CPU time of the postmaster and every process it started so far
         (live ones, and the exited ones it reaped)."""
-        pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
-        master = psutil.Process(pid)
+        master = psutil.Process(self.postmaster_pid())
         t = master.cpu_times()
         total = float(t.user + t.system + t.children_user + t.children_system)
         for child in master.children():

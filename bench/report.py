@@ -122,11 +122,11 @@ COLUMNS = ("figure", "unit", "runservice", "baseline", "ratio", "target", "")
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
-    """One row per figure against a baseline server, in scenario order (the stores
-    scenario has a table of its own)."""
+    """One row per figure against a baseline server, in scenario order (the stores and
+    replicas scenarios have tables of their own)."""
     out: list[tuple[str, ...]] = []
     for sc in results["scenarios"]:
-        if sc["key"] == STORES:
+        if sc["key"] in OWN_TABLES:
             continue
         for fig in sc["figures"]:
             out.append(
@@ -144,6 +144,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 STORES = "stores"
+REPLICAS = "replicas"
+OWN_TABLES = (STORES, REPLICAS)  # scenarios printed in tables of their own
 STORES_COLUMNS = ("figure", "unit", "SQLite", "PostgreSQL", "PostgreSQL / SQLite", "target", "")
 STORES_CPU_COLUMNS = ("phase", "server on SQLite", "server on PostgreSQL", "PostgreSQL processes")
 
@@ -267,6 +269,7 @@ def text_table(results: dict[str, Any]) -> str:
     if isolated:
         lines += ["", "Isolation, per phase:", *aligned(ISOLATION_COLUMNS, isolated)]
     lines += stores_text(results)
+    lines += replicas_text(results)
     m = results["machine"]
     lines.append("")
     lines.append(
@@ -342,6 +345,7 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(f"| {sc['title']}: {fig['name']} | " + " | ".join(cells) + " |")
     out += isolation_markdown(results)
     out += stores_markdown(results)
+    out += replicas_markdown(results)
     out += ["", "## Parameters", ""]
     for sc in results["scenarios"]:
         params = ", ".join(f"{k} {v}" for k, v in sc["params"].items())
@@ -444,13 +448,141 @@ def stores_markdown(results: dict[str, Any]) -> list[str]:
     ]
 
 
+# -- replicas ----------------------------------------------------------------------------
+
+ONE_REPLICA, SQLITE = "pg-1", "sqlite"  # the replicas scenario's two baselines
+REPLICAS_CPU_COLUMNS = (
+    "phase",
+    "deployment",
+    "each server",
+    "all servers",
+    "PostgreSQL processes",
+    "load clients",
+)
+
+
+def replicas_scenario(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The replicas scenario's results, if this run has them."""
+    return next((sc for sc in results["scenarios"] if sc["key"] == REPLICAS), None)
+
+
+def replicas_columns(sc: dict[str, Any]) -> tuple[str, ...]:
+    """The replicas table's columns: a figure, then each deployment, then one replica
+    on PostgreSQL against SQLite."""
+    labels = sc["details"]["columns"]
+    return ("figure", "unit", *labels.values(), "1 replica / SQLite", "target", "")
+
+
+def replicas_rows(sc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per figure, every deployment's median (min-max) side by side, and one replica's
+    ratio to SQLite with the target where there is one."""
+    d = sc["details"]
+    figures = {f["id"]: f for f in sc["figures"]}
+    out: list[tuple[str, ...]] = []
+    for row in d["rows"]:
+        cells = [
+            spread(summary(v)) if (v := d["values"].get(dep, {}).get(row["key"])) else "—"
+            for dep in d["columns"]
+        ]
+        if all(c == "—" for c in cells):
+            continue
+        fig = figures.get(f"replicas.{ONE_REPLICA}.{row['key']}")
+        against_sqlite = fig is not None and fig["baseline_name"] == d["columns"].get(SQLITE)
+        ratio = ratio_text(fig) if fig is not None and against_sqlite else "—"
+        target = (fig["target"], met_text(fig)) if fig is not None else ("", "")
+        out.append((row["name"], row["unit"], *cells, ratio, *target))
+    return out
+
+
+def _median_pct(values: list[float] | None) -> str:
+    return f"{num(summary(values)['median'])} %" if values else "—"
+
+
+def replicas_cpu_rows(sc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per phase and deployment, the median CPU % of each server, of all of them, of
+    PostgreSQL's processes and of the load clients."""
+    labels = sc["details"]["columns"]
+    out: list[tuple[str, ...]] = []
+    for phase, by_dep in sc["details"]["cpu_pct"].items():
+        for dep, parts in by_dep.items():
+            each = sorted((k for k in parts if k.startswith("replica ")), key=lambda k: int(k[8:]))
+            shares = " + ".join(num(summary(parts[k])["median"]) for k in each)
+            out.append(
+                (
+                    phase,
+                    labels.get(dep, dep),
+                    f"{shares} %" if each else "—",
+                    _median_pct(parts.get("replicas")),
+                    _median_pct(parts.get("db")),
+                    _median_pct(parts.get("clients")),
+                )
+            )
+    return out
+
+
+def replicas_notes(sc: dict[str, Any]) -> list[str]:
+    """A line per deployment asked for that could not be measured, with why."""
+    missing = sc["details"].get("not_measured", {})
+    return [f"Not measured: {label}: {why}." for label, why in missing.items()]
+
+
+def replicas_text(results: dict[str, Any]) -> list[str]:
+    """The replicas scenario for the terminal: its tables, or why it was skipped."""
+    sc = replicas_scenario(results)
+    if sc is None:
+        return []
+    if sc.get("skipped"):
+        return ["", f"Replicas: skipped: {sc['skipped']}"]
+    return [
+        "",
+        "Replicas on one PostgreSQL, beside one server on SQLite:",
+        *aligned(replicas_columns(sc), replicas_rows(sc)),
+        *replicas_notes(sc),
+        "",
+        "Replicas, CPU % (100 = one core) while measured, median of the reps:",
+        *aligned(REPLICAS_CPU_COLUMNS, replicas_cpu_rows(sc)),
+    ]
+
+
+def replicas_markdown(results: dict[str, Any]) -> list[str]:
+    """The replicas scenario's section: every deployment side by side, and the CPU."""
+    sc = replicas_scenario(results)
+    if sc is None:
+        return []
+    head = ["", "## Replicas: N replicas on one PostgreSQL, beside SQLite", ""]
+    if sc.get("skipped"):
+        return [*head, f"Skipped: {sc['skipped']}"]
+    columns = replicas_columns(sc)
+    return [
+        *head,
+        "Each deployment (one server on SQLite; N replicas, each its own process and port, "
+        "on one database of a private PostgreSQL started by the bench) measured in turn on "
+        "the same workloads, the order rotated per repetition. Runs are started "
+        "round-robin over the replicas; with 2 or more, half of the live subscribers are "
+        "on another replica than the run's executor (*another replica* rows), so they "
+        "hear of new events through NOTIFY. NOTIFYs are counted on a LISTEN connection of "
+        "the bench's own. *CPU per event* is the CPU time (user + system) of all the "
+        "servers together, or of all PostgreSQL's processes, over the measured interval "
+        "divided by the events committed (ingest) or delivered (fixed load), or the "
+        f"StartRun calls completed. Median (min{EN}max) of the repetitions; the "
+        f"1.3{TIMES} target is measured, never asserted.",
+        "",
+        *markdown_table((*columns[:-1], "met?"), replicas_rows(sc)),
+        *(["", *replicas_notes(sc)] if replicas_notes(sc) else []),
+        "",
+        "CPU % (100 = one core) while measured, median of the repetitions:",
+        "",
+        *markdown_table(REPLICAS_CPU_COLUMNS, replicas_cpu_rows(sc)),
+    ]
+
+
 # -- charts ------------------------------------------------------------------------------
 
 
 def rate_figures(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """The rate figures against a baseline server (throughput.png's bars), and the
     repetitions they are medians of."""
-    shown = [sc for sc in results["scenarios"] if sc["key"] != STORES]
+    shown = [sc for sc in results["scenarios"] if sc["key"] not in OWN_TABLES]
     rates = [f for sc in shown for f in sc["figures"] if "/s" in f["unit"] and f["baseline"]]
     return rates, reps_text({**results, "scenarios": shown})
 

@@ -1,8 +1,10 @@
-"""The eight scenarios. Each starts its own servers (runservice and bare), runs its
+"""The nine scenarios. Each starts its own servers (runservice and bare), runs its
 repetitions interleaved (runservice then bare, the order swapped every other rep, so
-that drift hits both alike), and returns figures with every repetition's value. Two are
-exceptions: the isolation scenario's baseline is the same server with no abuse, and the
-stores scenario's is the same server on SQLite, beside one on PostgreSQL.
+that drift hits both alike), and returns figures with every repetition's value. Three
+are exceptions: the isolation scenario's baseline is the same server with no abuse, the
+stores scenario's is the same server on SQLite, beside one on PostgreSQL, and the
+replicas scenario's are one replica on PostgreSQL and one server on SQLite, beside 2
+and 3 replicas.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench import clients, isolation, pg
+from bench import clients, isolation, pg, replicas
 from bench.clients import Workers
-from bench.report import TIMES
-from bench.servers import Server, start_bare, start_runservice
+from bench.replicas import ClusterMeter, Deployment, per_core
+from bench.report import REPLICAS, TIMES
+from bench.servers import Server, serve_has, start_bare, start_runservice
 from bench.stats import cdf, percentiles, summary
 from runservice.client import TERMINAL_STATES
 from runservice.runtime.writer import MAX_BATCH_EVENTS
@@ -67,7 +71,23 @@ class Sizes:
     # subscribers (scenario 3), whatever the core count.
     stores_live_runs: int = 300
     stores_live_seconds: float = 10.0
-    pg_optional: bool = False  # True: the stores scenario is skipped without PostgreSQL
+    # The replicas scenario: replica counts, and loads that grow with the cores, so that
+    # it runs unchanged on a bigger machine. The fixed load (250 events/s per core) stays
+    # under what 3 replicas and their database take on the machine, where a subscriber
+    # on another replica costs several times the CPU of one on the run's own, and under
+    # what one replica takes alone (one process uses about one core, however many there
+    # are): it stops growing at 3k events/s, a third of what one server delivers live.
+    replicas: tuple[int, ...] = (1, 2, 3)
+    serve_workers: int = 2  # also `serve --workers N` on one port, if the server has it; 0: never
+    replicas_ingest_runs: int = field(default_factory=lambda: per_core(50))
+    replicas_ingest_events: int = 500
+    replicas_live_runs: int = field(default_factory=lambda: min(300, per_core(25)))
+    replicas_live_seconds: float = 6.0
+    replicas_startrun_callers: int = field(default_factory=lambda: per_core(25))
+    replicas_startrun_users: int = 10
+    replicas_startrun_seconds: float = 3.0
+    replicas_held: int = field(default_factory=lambda: per_core(100))
+    pg_optional: bool = False  # True: stores and replicas are skipped without PostgreSQL
     limit_s: float = 300.0  # the most any one measurement may take
     slack_s: float = 1.0  # lead time between starting a scenario's runs and their first tick
     fresh_servers: bool = True  # False: one runservice and one bare server for everything
@@ -93,6 +113,15 @@ QUICK = Sizes(
     isolation_stream_cap=10,
     stores_live_runs=20,
     stores_live_seconds=1.0,
+    replicas=(1, 2),
+    replicas_ingest_runs=4,
+    replicas_ingest_events=100,
+    replicas_live_runs=10,
+    replicas_live_seconds=1.0,
+    replicas_startrun_callers=4,
+    replicas_startrun_users=2,
+    replicas_startrun_seconds=0.5,
+    replicas_held=20,
     pg_optional=True,
     limit_s=60.0,
     slack_s=0.3,
@@ -248,6 +277,41 @@ async def start_runs(
         return await clients.start_many(stub, md, requests, SETUP_CALLERS)
 
 
+async def start_spread(dep: Deployment, requests: list[pb.StartRunRequest]) -> list[str]:
+    """Starts request i on server i mod N of `dep` (all servers at once, SETUP_CALLERS
+    calls at a time on each); the run ids in request order."""
+    n = len(dep.servers)
+    groups = await asyncio.gather(
+        *(start_runs(server, requests[i::n]) for i, server in enumerate(dep.servers))
+    )
+    ids = [""] * len(requests)
+    for i, got in enumerate(groups):
+        ids[i::n] = got
+    return ids
+
+
+async def stop_runs(server: Server, run_ids: list[str]) -> None:
+    """StopRun of every run, SETUP_CALLERS at a time (each call returns once its run ended)."""
+    channel, stub, md = stub_of(server)
+    async with channel:
+        pending = iter(run_ids)
+
+        async def caller() -> None:
+            for run_id in pending:
+                request = pb.StopRunRequest(run_id=run_id, reason="bench")
+                await stub.StopRun(request, metadata=md, timeout=60)
+
+        await asyncio.gather(*(caller() for _ in range(SETUP_CALLERS)))
+
+
+async def stop_spread(dep: Deployment, run_ids: list[str]) -> None:
+    """Stops run i on server i mod N of `dep`, its executor (as start_spread started it)."""
+    n = len(dep.servers)
+    await asyncio.gather(
+        *(stop_runs(server, run_ids[i::n]) for i, server in enumerate(dep.servers))
+    )
+
+
 class Bench:
     """Runs scenarios against fresh servers under `work`, with `workers` as load clients."""
 
@@ -269,6 +333,7 @@ class Bench:
         self.server_loop = server_loop  # both servers' event loop
         self._n = 0
         self._shared: dict[str, Server] = {}
+        self._start_rates: dict[str, float] = {}  # runs/s of the last setup, per deployment
 
     # -- servers --------------------------------------------------------------------------
 
@@ -584,10 +649,22 @@ class Bench:
     ) -> tuple[list[str], float]:
         """`runs` paced runs of `latency_rate` ticks/s for `seconds`, each at a random
         phase; their ids and the wall time of their first ticks."""
+        requests, start_at = self._live_requests(runs, seconds)
+        ids = await start_runs(server, requests)
+        if time.time() > start_at:
+            log.warning("latency: starting %d runs took past the scheduled start", len(ids))
+        return ids, start_at
+
+    def _live_requests(
+        self, runs: int, seconds: float, lead: float | None = None
+    ) -> tuple[list[pb.StartRunRequest], float]:
+        """StartRuns of `runs` paced runs of `latency_rate` ticks/s for `seconds`, each at
+        a random phase, and the wall time of their first ticks (`lead` seconds from now,
+        by default the slack and 3 ms a run)."""
         s = self.s
         interval = 1.0 / s.latency_rate
         count = round(s.latency_rate * seconds)
-        start_at = time.time() + s.slack_s + 0.003 * runs
+        start_at = time.time() + (s.slack_s + 0.003 * runs if lead is None else lead)
         rnd = random.Random(7)
         requests = [
             paced(
@@ -602,10 +679,7 @@ class Bench:
             )
             for _ in range(runs)
         ]
-        ids = await start_runs(server, requests)
-        if time.time() > start_at:
-            log.warning("latency: starting %d runs took past the scheduled start", len(ids))
-        return ids, start_at
+        return requests, start_at
 
     async def _follow_live(
         self, server: Server, ids: list[str], start_at: float, seconds: float
@@ -1064,6 +1138,271 @@ class Bench:
         del got["startrun.total_cpu_us"]
         return got, used
 
+    # -- 9. replicas -----------------------------------------------------------------------
+
+    async def replicas(self) -> Outcome:
+        """1, 2 and 3 replicas (`--replicas`) on one private PostgreSQL beside one server
+        on SQLite, each deployment in turn in each phase: ingest at saturation, live
+        latency at a fixed load (subscribers on the executing replica and on another
+        one), StartRun/s and held subscribers; NOTIFYs/s, and the CPU per event of the
+        servers and, separately, of the database."""
+        s = self.s
+        reason = pg.unavailable(s.pg_optional)
+        if reason:
+            log.warning("replicas: skipped: %s", reason)
+            return Outcome(REPLICAS, REPLICAS_TITLE, {}, [], skipped=reason)
+        chosen, not_measured = replica_plans(s)
+        for label, why in not_measured.items():
+            log.warning("replicas: not measuring %s: %s", label, why)
+        db = pg.PgServer(self.work / "replicas-postgres.log")
+        await asyncio.to_thread(db.start)
+        try:
+            async with replicas.deployments(
+                chosen, self.work, db, self._starters(), self.server_loop
+            ) as deps:
+                values, cpu = await self._replicas_reps(deps, db)
+        finally:
+            await asyncio.to_thread(db.stop)
+        details = {
+            "columns": {p.key: p.label for p in chosen},
+            "rows": [{"key": k, "name": n, "unit": u} for k, n, u, _b, _t in REPLICA_FIGURES],
+            "values": values,
+            "cpu_pct": cpu,
+            "not_measured": not_measured,
+        }
+        figures = replicas_figures(values, chosen)
+        return Outcome(REPLICAS, REPLICAS_TITLE, self._replicas_params(db), figures, details)
+
+    async def _start_on(
+        self, dep: Deployment, requests: list[pb.StartRunRequest], start_at: float = 0.0
+    ) -> list[str]:
+        """start_spread, timed: the rate sets the lead of the deployment's next schedule
+        (see _lead). Warns when the runs' scheduled first tick (`start_at`) came first."""
+        t0 = time.monotonic()
+        ids = await start_spread(dep, requests)
+        self._start_rates[dep.key] = len(ids) / max(time.monotonic() - t0, 1e-3)
+        if start_at and time.time() > start_at:
+            log.warning(
+                "replicas: %s: starting %d runs took past their first tick", dep.key, len(ids)
+            )
+        return ids
+
+    def _lead(self, dep: Deployment, runs: int) -> float:
+        """Seconds from now to the first tick of `runs` runs about to be started on `dep`:
+        the slack, and twice what starting them took last time (at 100 runs/s, before
+        any), so that every run and subscriber is in place before the first tick even
+        where StartRun is slow."""
+        return self.s.slack_s + 2.0 * runs / self._start_rates.get(dep.key, 100.0)
+
+    def _starters(self) -> list[str]:
+        """The users whose StartRun calls the StartRun phase spreads over."""
+        return [f"starter-{i}" for i in range(self.s.replicas_startrun_users)]
+
+    def _replicas_params(self, db: pg.PgServer) -> dict[str, Any]:
+        s = self.s
+        return {
+            "postgresql": db.version(),
+            "cores": os.cpu_count(),
+            "replicas": list(s.replicas),
+            "ingest_runs": s.replicas_ingest_runs,
+            "ingest_events_per_run": s.replicas_ingest_events,
+            "live_runs": s.replicas_live_runs,
+            "live_events_per_s_per_run": s.latency_rate,
+            "live_seconds": s.replicas_live_seconds,
+            "live_offered_events_per_s": s.replicas_live_runs * s.latency_rate,
+            "live_subscribers": "one per run; with 2+ replicas half on another replica",
+            "startrun_callers": s.replicas_startrun_callers,
+            "startrun_users": s.replicas_startrun_users,
+            "startrun_seconds": s.replicas_startrun_seconds,
+            "held_subscribers": s.replicas_held,
+            "payload_bytes": s.payload,
+        }
+
+    async def _replicas_reps(
+        self, deps: list[Deployment], db: pg.PgServer
+    ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, dict[str, list[float]]]]]:
+        """Each phase of each rep on every deployment in turn (the order rotated each
+        rep); every figure's values per deployment, and CPU % per phase, deployment and
+        part."""
+        phases = {
+            "ingest": self._replicas_ingest,
+            "live": self._replicas_live,
+            "startrun": self._replicas_startrun,
+            "held": self._replicas_held,
+        }
+        values: dict[str, dict[str, list[float]]] = {d.key: {} for d in deps}
+        cpu: dict[str, dict[str, dict[str, list[float]]]] = {
+            p: {d.key: {} for d in deps} for p in phases
+        }
+        for rep in range(self.reps):
+            turn = rep % len(deps)
+            for phase, measure in phases.items():
+                for dep in deps[turn:] + deps[:turn]:
+                    got, used = await measure(dep, db if dep.plan.on_pg else None)
+                    for key, value in got.items():
+                        values[dep.key].setdefault(key, []).append(value)
+                    for part, pct in replicas_cpu_pct(used, dep.plan.on_pg).items():
+                        cpu[phase][dep.key].setdefault(part, []).append(pct)
+                    shown = {k: round(v, 1) for k, v in got.items()}
+                    log.info("replicas: rep %d %s, %s: %s", rep + 1, phase, dep.plan.label, shown)
+        return values, cpu
+
+    async def _replicas_ingest(
+        self, dep: Deployment, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """R runs emitting as fast as the servers accept, spread over them: committed
+        events/s, NOTIFYs/s and CPU per event."""
+        s = self.s
+        runs, events = s.replicas_ingest_runs, s.replicas_ingest_events
+        start_at = time.time() + self._lead(dep, runs)
+        request = paced(count=events, interval=0, size=s.payload, start_at=start_at)
+        await self._start_on(dep, [request] * runs, start_at)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        meter = ClusterMeter(dep, db, self.workers)
+        await wait_none_active(dep.servers[0], s.limit_s, "paced")
+        used = meter.read()
+        total = runs * events
+        got = {"ingest.events_per_s": total / used["wall"]}
+        got.update(cpu_per("ingest", used, total, "replicas"))
+        return by_store("ingest", got, used, db is not None), used
+
+    async def _replicas_live(
+        self, dep: Deployment, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """N runs at `latency_rate` events/s started round-robin over the servers, a
+        subscriber each (half on another replica): latency per kind of subscriber,
+        NOTIFYs/s and CPU per event."""
+        s = self.s
+        runs, seconds = s.replicas_live_runs, s.replicas_live_seconds
+        requests, start_at = self._live_requests(runs, seconds, self._lead(dep, runs))
+        ids = await self._start_on(dep, requests, start_at)
+        follow = asyncio.ensure_future(self._follow_spread(dep, ids, start_at, seconds))
+        # From the first tick: the subscribers' attaching is not an event's cost.
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        meter = ClusterMeter(dep, db, self.workers)
+        lat, ticks = await follow
+        used = meter.read()
+        got = {"live.events_per_s": ticks / used["wall"], **live_percentiles(lat)}
+        got.update(cpu_per("live", used, ticks, "replicas"))
+        return by_store("live", got, used, db is not None), used
+
+    async def _follow_spread(
+        self, dep: Deployment, ids: list[str], start_at: float, seconds: float
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """A subscriber per run (Deployment.targets) until the runs end: latencies (ms)
+        per kind of subscriber, and the ticks; raises unless every tick arrived."""
+        count = round(self.s.latency_rate * seconds)
+        results = await asyncio.gather(
+            *(
+                self.workers.call(
+                    replicas.follow,
+                    part,
+                    dep.token,
+                    start_at=start_at,
+                    limit_s=seconds + self.s.limit_s,
+                    loop=self.loop,
+                )
+                for part in replicas.parts(dep.targets(ids), self.workers.n)
+            )
+        )
+        info = {k: sum(r[k] for r in results) for k in ("ticks", "late", "excluded", "errors")}
+        if info["errors"] or info["ticks"] != count * len(ids):
+            failures = [r["failures"] for r in results]
+            raise RuntimeError(f"replicas: {dep.plan.label}: live runs delivered {info} {failures}")
+        if info["late"] or info["excluded"]:
+            log.info("replicas: %s: %s", dep.plan.label, info)
+        lat: dict[str, array[float]] = {}
+        for r in results:
+            for tag, raw in r["latencies_ms"].items():
+                lat.setdefault(tag, array("d")).frombytes(raw)
+        return {tag: np.frombuffer(a, dtype=np.float64) for tag, a in lat.items()}, info["ticks"]
+
+    async def _replicas_startrun(
+        self, dep: Deployment, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """C callers of StartRun (`ticker {count: 0}`) spread over the servers and over
+        `replicas_startrun_users` users: runs/s, and CPU per run over the measured
+        seconds (the meter starts when the callers' warm-up ends)."""
+        s = self.s
+        tokens = [dep.tokens.tokens[u] for u in self._starters()]
+        seconds = s.replicas_startrun_seconds
+        calls = asyncio.gather(
+            *(
+                self.workers.call(
+                    replicas.start_spread,
+                    dep.addrs,
+                    tokens,
+                    "ticker",
+                    {"count": 0},
+                    callers=part,
+                    connections=max(1, 2 * dep.plan.serve_workers),
+                    warmup=s.startrun_warmup,
+                    duration=seconds,
+                    loop=self.loop,
+                )
+                for part in replicas.parts(range(s.replicas_startrun_callers), self.workers.n)
+            )
+        )
+        await asyncio.sleep(s.startrun_warmup)
+        meter = ClusterMeter(dep, db, self.workers)
+        await asyncio.sleep(seconds)
+        used = meter.read()
+        results = await calls
+        errors = sum(r["errors"] for r in results)
+        if errors:
+            raise RuntimeError(f"replicas: {dep.plan.label}: {errors} StartRun errors")
+        done = sum(r["calls"] for r in results)
+        got = {"startrun.runs_per_s": done / seconds, **cpu_per("startrun", used, done, "replicas")}
+        del got["startrun.total_cpu_us"]
+        return by_store("startrun", got, used, db is not None), used
+
+    async def _replicas_held(
+        self, dep: Deployment, db: pg.PgServer | None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """H runs (one tick, then holding) started round-robin, a subscriber each (half on
+        another replica) held open: how many were held at once, how fast they attached,
+        the RSS each run + subscriber added over all servers, and the CPU while they are
+        held (over `settle_s`); then every run is stopped, which ends the streams."""
+        s = self.s
+        before = dep.rss()
+        request = paced(count=1, interval=0, size=s.payload, hold=HOLD_S)
+        ids = await self._start_on(dep, [request] * s.replicas_held)
+        self._n += 1
+        groups = replicas.parts(dep.targets(ids), self.workers.n)
+        ready = [self.work / f"held-{self._n}-{i}.ready" for i in range(len(groups))]
+        calls = [
+            asyncio.ensure_future(
+                self.workers.call(
+                    replicas.hold,
+                    group,
+                    dep.token,
+                    ready_path=str(ready[i]),
+                    limit_s=s.limit_s,
+                    loop=self.loop,
+                )
+            )
+            for i, group in enumerate(groups)
+        ]
+        try:
+            states = await held_states(ready, calls, s.limit_s)
+            meter = ClusterMeter(dep, db, self.workers)
+            await asyncio.sleep(s.settle_s)
+            after = dep.rss()
+            used = meter.read()
+        finally:
+            await stop_spread(dep, ids)
+            ended = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [e for e in ended if isinstance(e, BaseException)]
+        if failed:
+            raise failed[0]
+        held = sum(st["ready"] for st in states)
+        got = {
+            "held.subscribers": float(held),
+            "held.attach_per_s": held / max(st["attach_s"] for st in states),
+            "held.rss_kb": (after - before) / max(1, held) / KB,
+        }
+        return got, used
+
     async def _isolation_phase(
         self, server: Server, phase: str, run_id: str, cpu: dict[str, list[float]]
     ) -> dict[str, Any]:
@@ -1122,14 +1461,16 @@ class StoreMeter:
         return used
 
 
-def cpu_per(phase: str, used: dict[str, float], count: int) -> dict[str, float]:
-    """Microseconds of CPU per item (event or run) of `phase`: the server's, the
-    database's and both together."""
+def cpu_per(
+    phase: str, used: dict[str, float], count: int, server: str = "server"
+) -> dict[str, float]:
+    """Microseconds of CPU per item (event or run) of `phase`: the server's (`used`'s
+    part named `server`), the database's and both together."""
     per = 1e6 / max(1, count)
     return {
-        f"{phase}.cpu_us": used["server"] * per,
+        f"{phase}.cpu_us": used[server] * per,
         f"{phase}.db_cpu_us": used["db"] * per,
-        f"{phase}.total_cpu_us": (used["server"] + used["db"]) * per,
+        f"{phase}.total_cpu_us": (used[server] + used["db"]) * per,
     }
 
 
@@ -1176,6 +1517,125 @@ def stores_figures(values: dict[str, dict[str, list[float]]]) -> list[Figure]:
         )
         for key, name, unit, better, on_sqlite, target in STORE_FIGURES
     ]
+
+
+REPLICAS_TITLE = "9. Replicas on one PostgreSQL"
+# The replicas figures: (key, name, unit, better, target of one replica against SQLite).
+REPLICA_FIGURES = (
+    ("ingest.events_per_s", "ingest committed events/s, at saturation", "events/s", "higher", ""),
+    ("ingest.notifies_per_s", "NOTIFYs/s, ingest", "NOTIFYs/s", "lower", ""),
+    ("ingest.cpu_us", "servers' CPU per committed event, ingest", "µs", "lower", CPU_TARGET),
+    ("ingest.db_cpu_us", "PostgreSQL's CPU per committed event, ingest", "µs", "lower", ""),
+    ("ingest.total_cpu_us", "servers + PostgreSQL CPU per event, ingest", "µs", "lower", ""),
+    ("live.events_per_s", "events/s delivered, fixed load", "events/s", "higher", ""),
+    ("live.notifies_per_s", "NOTIFYs/s, fixed load", "NOTIFYs/s", "lower", ""),
+    ("live.p50", "live latency p50, every subscriber", "ms", "lower", ""),
+    ("live.p99", "live latency p99, every subscriber", "ms", "lower", ""),
+    ("live.same.p50", "live latency p50, subscriber on the executing server", "ms", "lower", ""),
+    ("live.same.p99", "live latency p99, subscriber on the executing server", "ms", "lower", ""),
+    ("live.cross.p50", "live latency p50, subscriber on another replica", "ms", "lower", ""),
+    ("live.cross.p99", "live latency p99, subscriber on another replica", "ms", "lower", ""),
+    ("live.cpu_us", "servers' CPU per event, fixed load", "µs", "lower", CPU_TARGET),
+    ("live.db_cpu_us", "PostgreSQL's CPU per event, fixed load", "µs", "lower", ""),
+    ("live.total_cpu_us", "servers + PostgreSQL CPU per event, fixed load", "µs", "lower", ""),
+    ("startrun.runs_per_s", "StartRun runs/s", "runs/s", "higher", ""),
+    ("startrun.notifies_per_s", "NOTIFYs/s, StartRun", "NOTIFYs/s", "lower", ""),
+    ("startrun.cpu_us", "servers' CPU per StartRun", "µs", "lower", ""),
+    ("startrun.db_cpu_us", "PostgreSQL's CPU per StartRun", "µs", "lower", ""),
+    ("held.subscribers", "subscribers held at once", "subscribers", "higher", ""),
+    ("held.attach_per_s", "held subscribers attached/s", "subscribers/s", "higher", ""),
+    ("held.rss_kb", "RSS per held run + subscriber, all servers", "KB", "lower", ""),
+)
+
+
+def replica_plans(s: Sizes) -> tuple[list[replicas.Plan], dict[str, str]]:
+    """The deployments to measure, and those asked for that cannot be, with why."""
+    workers = s.serve_workers
+    missing: dict[str, str] = {}
+    if workers and not serve_has("--workers"):
+        missing[f"1 port, --workers {workers}"] = (
+            "this version's `runservice serve` has no --workers option (measured once it has)"
+        )
+        workers = 0
+    return replicas.plans(s.replicas, workers), missing
+
+
+def by_store(
+    phase: str, got: dict[str, float], used: dict[str, float], on_pg: bool
+) -> dict[str, float]:
+    """`got`, with the phase's NOTIFYs/s on PostgreSQL, or without its database CPU on
+    SQLite (which has no database processes)."""
+    if on_pg:
+        return {**got, f"{phase}.notifies_per_s": used["notifies"] / used["wall"]}
+    return {k: v for k, v in got.items() if k != f"{phase}.db_cpu_us"}
+
+
+def replicas_cpu_pct(used: dict[str, float], on_pg: bool) -> dict[str, float]:
+    """CPU % (100 = one core) of each server, of all of them, of PostgreSQL (on
+    PostgreSQL) and of the load clients."""
+    parts = [k for k in used if k.startswith("replica ")]
+    parts += ["replicas", *(["db"] if on_pg else []), "clients"]
+    return {k: 100.0 * used[k] / used["wall"] for k in parts}
+
+
+def live_percentiles(lat: dict[str, np.ndarray]) -> dict[str, float]:
+    """p50 and p99 of every subscriber's latencies (ms), and of each kind's (same
+    server as the run's executor, another replica) that has any."""
+    out: dict[str, float] = {}
+    kinds = {"": [a for a in lat.values() if a.size]}
+    kinds.update({f"{tag}.": [lat[tag]] for tag in (replicas.SAME, replicas.CROSS) if tag in lat})
+    for prefix, samples in kinds.items():
+        if samples and sum(a.size for a in samples):  # none: every tick came before its subscriber
+            both = percentiles(np.concatenate(samples), [50, 99])
+            out[f"live.{prefix}p50"], out[f"live.{prefix}p99"] = both
+    return out
+
+
+async def held_states(
+    ready: list[Path], calls: Sequence[asyncio.Future[dict[str, Any]]], limit: float
+) -> list[dict[str, Any]]:
+    """What each holding client wrote once its streams were attached; raises at once if
+    a client failed before that."""
+
+    async def written() -> bool:
+        return all(p.exists() for p in ready) or any(c.done() for c in calls)
+
+    await wait_until(written, limit + 10, "every held subscriber attached")
+    for c in calls:
+        if c.done() and c.exception() is not None:
+            raise RuntimeError("a holding client failed") from c.exception()
+    return [json.loads(p.read_text()) for p in ready]
+
+
+def replicas_figures(
+    values: dict[str, dict[str, list[float]]], chosen: list[replicas.Plan]
+) -> list[Figure]:
+    """Per figure and PostgreSQL deployment, its values beside one replica's; one
+    replica's (or, without it, every deployment's) beside SQLite's, with the CPU target."""
+    labels = {p.key: p.label for p in chosen}
+    out: list[Figure] = []
+    for key, name, unit, better, target in REPLICA_FIGURES:
+        for plan in chosen:
+            if plan.key == replicas.SQLITE or key not in values[plan.key]:
+                continue
+            against = "pg-1" if "pg-1" in values and plan.key != "pg-1" else replicas.SQLITE
+            base = values[against].get(key)
+            aim = target if plan.key == "pg-1" else ""
+            out.append(
+                Figure(
+                    f"replicas.{plan.key}.{key}",
+                    f"{name}, {plan.label}",
+                    unit,
+                    better,
+                    values[plan.key][key],
+                    base,
+                    labels[against] if base else "",
+                    aim,
+                    "ratio_max" if aim else "",
+                    1.3 if aim else 0.0,
+                )
+            )
+    return out
 
 
 def victim_summary(seen: dict[str, Any]) -> dict[str, Any]:
@@ -1240,4 +1700,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
     "capacity": Bench.capacity,
     "isolation": Bench.isolation,
     "stores": Bench.stores,
+    "replicas": Bench.replicas,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from runservice import tokens as token_files
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
 
@@ -44,11 +46,20 @@ CAPS = ("--max-active", "--max-active-per-user", "--max-streams-per-user")
 
 
 @functools.cache
-def _caps_off() -> tuple[str, ...]:
+def _serve_help() -> str:
     done = subprocess.run(
         [*_cli(), "serve", "--help"], capture_output=True, text=True, check=True, env=_env()
     )
-    return tuple(x for flag in CAPS if flag in done.stdout for x in (flag, "0"))
+    return done.stdout
+
+
+def serve_has(option: str) -> bool:
+    """Whether this version's `runservice serve` has `option` (e.g. "--workers")."""
+    return re.search(re.escape(option) + r"(?![\w-])", _serve_help()) is not None
+
+
+def _caps_off() -> tuple[str, ...]:
+    return tuple(x for flag in CAPS if serve_has(flag) for x in (flag, "0"))
 
 
 def free_port() -> int:
@@ -142,6 +153,21 @@ def add_token(data_dir: Path, user: str) -> str:
     return added.stdout.strip().splitlines()[-1]
 
 
+@dataclass(frozen=True)
+class TokensFile:
+    """A tokens file that several servers read (replicas of one deployment), and the
+    token of each user in it."""
+
+    path: Path
+    tokens: dict[str, str]  # user -> token; "bench" among them
+
+    @classmethod
+    def make(cls, path: Path, users: Sequence[str]) -> TokensFile:
+        """A new tokens file at `path` with a token for `bench` and for each of `users`."""
+        made = {u: token_files.add_token(path, u, []) for u in dict.fromkeys(("bench", *users))}
+        return cls(path, made)
+
+
 def start_runservice(
     data_dir: Path,
     extra: list[str] | None = None,
@@ -149,16 +175,25 @@ def start_runservice(
     caps: Sequence[str] | None = None,
     users: Sequence[str] = (),
     loop: str = "uvloop",
+    tokens_file: TokensFile | None = None,
 ) -> Server:
     """`runservice serve` on a free port over a fresh data dir, bench agent added.
 
     Every cap is off unless `caps` is given: then exactly those flags (with their values)
     are passed and the other caps keep the server's defaults. The token of user `bench`
-    is `Server.token`; each of `users` gets one too, in `Server.users`.
+    is `Server.token`; each of `users` gets one too, in `Server.users`. With
+    `tokens_file`, the server reads that file (`--tokens-file`) and its tokens are the
+    ones already there (`users` is then ignored).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    token = add_token(data_dir, "bench")
-    tokens = {user: add_token(data_dir, user) for user in users}
+    if tokens_file is None:
+        token = add_token(data_dir, "bench")
+        tokens = {user: add_token(data_dir, user) for user in users}
+        auth: list[str] = []
+    else:
+        token = tokens_file.tokens["bench"]
+        tokens = {u: t for u, t in tokens_file.tokens.items() if u != "bench"}
+        auth = ["--tokens-file", str(tokens_file.path)]
     port = free_port()
     cmd = [
         *_cli(),
@@ -178,6 +213,7 @@ def start_runservice(
         "paced=bench.agents:paced",
         "--event-loop",
         loop,
+        *auth,
         *(extra or []),
     ]
     log_path = data_dir.with_name(data_dir.name + ".log")
