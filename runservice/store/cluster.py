@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from runservice.domain.errors import RunFencedError
 from runservice.domain.model import Run, RunEvent, RunState
 from runservice.domain.replicas import Notice, StartAsk, StartFacts, StartWrite, commit_notice
+from runservice.store.driver import SaSql, Sql
 
 if TYPE_CHECKING:
     from runservice.store.sql import SqlRunStore
@@ -135,9 +136,10 @@ class ClusterSql:
                 return
             orphans = await self._store.runs_reached(conn, run_ids)
             events, rows = zip(*(end(run) for run in orphans), strict=True)
-            await self._store.write(conn, [], list(events), list(rows))
-            await self._drop_requests(conn, run_ids)
-            await self.notify(conn, holder, commit_notice([], list(events), list(rows)))
+            sql = SaSql(conn)
+            await self._store.write(sql, [], list(events), list(rows))
+            await self._drop_requests(sql, run_ids)
+            await self.notify(sql, holder, commit_notice([], list(events), list(rows)))
             ended.extend(rows)
 
         await self._store.transaction(work, retry=False)
@@ -145,33 +147,31 @@ class ClusterSql:
 
     # -- fencing, inside the writer's commit ----------------------------------------------
 
-    async def fenced(
-        self, conn: AsyncConnection, new_runs: Sequence[Run], run_ids: Iterable[str]
-    ) -> set[str]:
+    async def fenced(self, sql: Sql, new_runs: Sequence[Run], run_ids: Iterable[str]) -> set[str]:
         """The runs of a commit whose lease is gone (KEY SHARE locks on the others' leases,
-        held to the end of `conn`'s transaction)."""
+        held to the end of the transaction)."""
         fenced: set[str] = set()
         existing = sorted(set(run_ids) - {r.run_id for r in new_runs})
         if existing:
-            result = await conn.exec_driver_sql(
+            rows = await sql.fetch(
                 "SELECT r.run_id FROM runs r JOIN runservice_leases l ON l.holder = r.executor"
                 " WHERE r.run_id = ANY($1::text[]) FOR KEY SHARE OF l",
                 (existing,),
             )
-            fenced |= set(existing) - {row[0] for row in _rows(result)}
+            fenced |= set(existing) - {row[0] for row in rows}
         holders = sorted({r.executor for r in new_runs})
         if holders:
-            result = await conn.exec_driver_sql(
+            rows = await sql.fetch(
                 "SELECT holder FROM runservice_leases WHERE holder = ANY($1::text[]) FOR KEY SHARE",
                 (holders,),
             )
-            alive = {row[0] for row in _rows(result)}
+            alive = {row[0] for row in rows}
             fenced |= {r.run_id for r in new_runs if r.executor not in alive}
         return fenced
 
     async def after_commit(
         self,
-        conn: AsyncConnection,
+        sql: Sql,
         holder: str,
         new_runs: Sequence[Run],
         events: Sequence[RunEvent],
@@ -180,13 +180,13 @@ class ClusterSql:
         """In the commit's transaction: drops the requests of runs that ended, notifies."""
         ended = [r.run_id for r in updated_runs if r.state.terminal]
         if ended:
-            await self._drop_requests(conn, ended)
-        await self.notify(conn, holder, commit_notice(new_runs, events, updated_runs))
+            await self._drop_requests(sql, ended)
+        await self.notify(sql, holder, commit_notice(new_runs, events, updated_runs))
 
-    async def notify(self, conn: AsyncConnection, holder: str, notice: Notice) -> None:
-        """Sends `notice` when `conn`'s transaction commits."""
+    async def notify(self, sql: Sql, holder: str, notice: Notice) -> None:
+        """Sends `notice` when the transaction commits."""
         for payload in notice.payloads(holder):
-            await conn.exec_driver_sql("SELECT pg_notify($1, $2)", (CHANNEL, payload))
+            await sql.execute("SELECT pg_notify($1, $2)", (CHANNEL, payload))
 
     # -- requests: appends that do not come from the run's own agent ------------------------
 
@@ -206,7 +206,7 @@ class ClusterSql:
             )
             recorded = result.rowcount > 0
             if recorded:
-                await self.notify(conn, holder, Notice(requests=[run_id]))
+                await self.notify(SaSql(conn), holder, Notice(requests=[run_id]))
 
         await self._store.transaction(work)
         return recorded
@@ -223,8 +223,8 @@ class ClusterSql:
             )
             return [(row[0], row[1], row[2]) for row in _rows(result)]
 
-    async def _drop_requests(self, conn: AsyncConnection, run_ids: Sequence[str]) -> None:
-        await conn.exec_driver_sql(
+    async def _drop_requests(self, sql: Sql, run_ids: Sequence[str]) -> None:
+        await sql.execute(
             "DELETE FROM run_requests WHERE run_id = ANY($1::text[])", (list(run_ids),)
         )
 
@@ -277,10 +277,11 @@ class ClusterSql:
                 outcome.append(batch.add(decision))
             if not batch.new:
                 return
-            if await self.fenced(conn, batch.new, ()):
+            sql = SaSql(conn)
+            if await self.fenced(sql, batch.new, ()):
                 raise RunFencedError("this server's lease is gone")
-            await self._store.write(conn, batch.new, batch.events, batch.updated)
-            await self.notify(conn, holder, commit_notice(batch.new, batch.events, batch.updated))
+            await self._store.write(sql, batch.new, batch.events, batch.updated)
+            await self.notify(sql, holder, commit_notice(batch.new, batch.events, batch.updated))
 
         await self._store.transaction(work, retry=False)  # `decide` takes seqs: once only
         return outcome

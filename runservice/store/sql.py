@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -46,6 +47,7 @@ from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.domain.replicas import deleted_notice
 from runservice.store import migrations, tables
 from runservice.store.cluster import ClusterSql
+from runservice.store.driver import RawSql, SaSql, Sql
 from runservice.store.engine import make_engine, make_writer_engine
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,8 @@ class SqlRunStore:
         self.cluster = ClusterSql(self, engine) if engine.dialect.name == "postgresql" else None
         self._holder: str | None = None  # the lease this server's commits are fenced by
         self._writer = None if writer is None else _CommitThread(writer)
+        # PostgreSQL: the writer's commits go through a connection of their own.
+        self._pg_writer = _PgCommitConnection(engine) if self.cluster is not None else None
         self._encoder = encoder
         self._decoder = decoder
         self._page_sql = _page_query(engine)
@@ -146,6 +150,8 @@ class SqlRunStore:
 
     async def close(self) -> None:
         """Releases every pooled connection."""
+        if self._pg_writer is not None:
+            await self._pg_writer.close()
         await self._engine.dispose()
         if self._writer is not None:
             self._writer.close()
@@ -168,36 +174,53 @@ class SqlRunStore:
             plan = self._commit_plan(new_runs, events, updated_runs)
             await _once(lambda: writer.run(plan))
             return frozenset()
-        fenced: set[str] = set()
-        cluster, holder = self.cluster, self._holder
+        if self._pg_writer is not None:
+            pg_writer = self._pg_writer
+            return await pg_writer.run(
+                lambda sql: self._commit_in(sql, new_runs, events, updated_runs)
+            )
+        fenced: frozenset[str] = frozenset()
 
         async def work(conn: AsyncConnection) -> None:
-            nonlocal new_runs, events, updated_runs
-            fenced.clear()
-            if cluster is not None and holder is not None:
-                run_ids = {e.run_id for e in events} | {r.run_id for r in updated_runs}
-                fenced.update(await cluster.fenced(conn, new_runs, run_ids))
-                if fenced:
-                    new_runs = [r for r in new_runs if r.run_id not in fenced]
-                    events = [e for e in events if e.run_id not in fenced]
-                    updated_runs = [r for r in updated_runs if r.run_id not in fenced]
-            await self.write(conn, new_runs, events, updated_runs)
-            if cluster is not None and holder is not None:
-                await cluster.after_commit(conn, holder, new_runs, events, updated_runs)
+            nonlocal fenced
+            fenced = await self._commit_in(SaSql(conn), new_runs, events, updated_runs)
 
         await self._write(work, retry=False)
+        return fenced
+
+    async def _commit_in(
+        self,
+        sql: Sql,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+    ) -> frozenset[str]:
+        """A commit's statements in the caller's transaction: with leases, first the runs
+        whose lease is gone are left out, and at the end the other replicas notified."""
+        cluster, holder = self.cluster, self._holder
+        fenced: set[str] = set()
+        if cluster is not None and holder is not None:
+            run_ids = {e.run_id for e in events} | {r.run_id for r in updated_runs}
+            fenced = await cluster.fenced(sql, new_runs, run_ids)
+            if fenced:
+                new_runs = [r for r in new_runs if r.run_id not in fenced]
+                events = [e for e in events if e.run_id not in fenced]
+                updated_runs = [r for r in updated_runs if r.run_id not in fenced]
+        await self.write(sql, new_runs, events, updated_runs)
+        if cluster is not None and holder is not None:
+            await cluster.after_commit(sql, holder, new_runs, events, updated_runs)
         return frozenset(fenced)
 
     async def write(
         self,
-        conn: AsyncConnection,
+        sql: Sql,
         new_runs: Sequence[Run],
         events: Sequence[RunEvent],
         updated_runs: Sequence[Run],
     ) -> None:
-        """Writes runs, events and run updates in `conn`'s transaction."""
-        for sql, values in self._commit_plan(new_runs, events, updated_runs):
-            await conn.exec_driver_sql(sql, values)
+        """Writes runs, events and run updates in the caller's transaction."""
+        for statement, values in self._commit_plan(new_runs, events, updated_runs):
+            await sql.execute(statement, values)
 
     async def transaction(
         self, work: Callable[[AsyncConnection], Awaitable[None]], *, retry: bool = True
@@ -353,7 +376,7 @@ class SqlRunStore:
                 await conn.execute(delete(table).where(table.c.run_id == run_id))
             if self.cluster is not None and self._holder is not None:
                 notice = deleted_notice(_run_from_row(row, {}))
-                await self.cluster.notify(conn, self._holder, notice)
+                await self.cluster.notify(SaSql(conn), self._holder, notice)
 
         await self._write(work)
         return deleted
@@ -536,7 +559,11 @@ _OUT_OF_REACH_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.E
 
 def _sqlstate_cause(exc: DBAPIError) -> str | None:
     """The cause a PostgreSQL error's SQLSTATE names, if it is one worth retrying later."""
-    code = getattr(exc.orig, "sqlstate", None)
+    return _code_cause(getattr(exc.orig, "sqlstate", None))
+
+
+def _code_cause(code: object) -> str | None:
+    """The cause a SQLSTATE code names, if it is one worth retrying later."""
     if not isinstance(code, str):
         return None
     return next((cause for prefix, cause in _SQLSTATE_CAUSES if code.startswith(prefix)), None)
@@ -683,6 +710,105 @@ class _CommitThread:
         """Closes the connection and stops the thread."""
         self._engine.dispose()
         self._thread.shutdown()
+
+
+class _PgCommitConnection:
+    """One PostgreSQL connection kept for the writer's commits, driven through asyncpg
+    itself: no pool checkout (with its ping) per commit, and no SQLAlchemy per statement.
+    A one-event commit took 594 µs of the server's CPU through the pool and SQLAlchemy,
+    181 µs this way (917 and 318 with the fencing and the NOTIFY of replicas). A
+    connection that fails is dropped; the next commit opens a new one.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._raw: Any = None  # the asyncpg Connection under _conn
+
+    async def run(self, work: Callable[[Sql], Awaitable[T]]) -> T:
+        """Runs `work` in a transaction on the connection; driver errors become store
+        errors, as everywhere in the store. A connection found dead at BEGIN (the database
+        ended the session while it was idle) is replaced at once: nothing was sent on it."""
+        raw, transaction = await self._begin()
+        try:
+            result = await work(RawSql(raw))
+            await transaction.commit()
+            return result
+        except asyncpg.PostgresError as exc:
+            await self._rollback(raw, transaction)
+            raise _pg_error(exc) from exc
+        except _CONNECTION_TROUBLE as exc:
+            await self._drop()
+            raise StoreUnavailableError("database operation failed", _UNREACHABLE) from exc
+        except BaseException:  # cancelled mid-transaction: its state is unknown
+            raw.terminate()
+            self._raw = None
+            raise
+
+    async def _begin(self) -> tuple[Any, Any]:
+        retried = False
+        while True:
+            raw = await self._open()
+            transaction = raw.transaction()
+            try:
+                await transaction.start()
+                return raw, transaction
+            except (asyncpg.PostgresError, *_CONNECTION_TROUBLE) as exc:
+                await self._drop()
+                code = str(getattr(exc, "sqlstate", "") or "")
+                gone = not isinstance(exc, asyncpg.PostgresError) or code.startswith(("08", "57P"))
+                if retried or not gone:
+                    if isinstance(exc, asyncpg.PostgresError):
+                        raise _pg_error(exc) from exc
+                    raise StoreUnavailableError("database operation failed", _UNREACHABLE) from exc
+                retried = True
+
+    async def _rollback(self, raw: Any, transaction: Any) -> None:
+        if raw.is_closed():
+            await self._drop()
+            return
+        try:
+            await transaction.rollback()
+        except Exception:  # the connection is unusable: a new one next time
+            await self._drop()
+
+    async def _open(self) -> Any:
+        if self._raw is not None and not self._raw.is_closed():
+            return self._raw
+        await self._drop()
+        with _driver_errors():
+            conn = await self._engine.connect()
+            self._raw = (await conn.get_raw_connection()).driver_connection
+            self._conn = conn
+        return self._raw
+
+    async def _drop(self) -> None:
+        conn, self._conn, self._raw = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        """Closes the connection."""
+        await self._drop()
+
+
+# What asyncpg raises when the connection, not the statement, is the trouble: it was lost
+# (InterfaceError), or it is in a state it cannot go on from (InternalClientError: "cannot
+# switch to state 15; another operation is in progress", after the session was ended).
+_CONNECTION_TROUBLE = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
+
+def _pg_error(exc: Exception) -> StoreError:
+    """The store error for one of asyncpg's own errors, by its SQLSTATE code."""
+    cause = _code_cause(getattr(exc, "sqlstate", None))
+    if cause is not None:
+        return StoreUnavailableError(
+            "database operation failed", cause, contended=cause == _PG_CONTENDED
+        )
+    return StoreError("database refused the operation")
 
 
 class _MultiRow:
