@@ -215,7 +215,7 @@ run: $(VENV_STAMP)
 # a tokens file, all kept in .cluster/; CLUSTER_PORTS, CLUSTER_PG_PORT, CLUSTER_DIR move them.
 .PHONY: cluster
 cluster: $(VENV_STAMP)
-	$(VENV_PY) tools/cluster.py
+	$(VENV_PY) -m tools.cluster
 
 .PHONY: grpcurl
 grpcurl: $(GRPCURL)

@@ -19,6 +19,7 @@ from bench.clients import Workers
 from bench.noise import ForeignLoad, loadavg
 from bench.scenarios import QUICK, SCENARIOS, Bench, Sizes
 from runservice.config import EVENT_LOOPS
+from tools.pg import PgUnavailableError
 
 log = logging.getLogger("bench")
 
@@ -210,7 +211,7 @@ def chosen_scenarios(args: argparse.Namespace) -> list[str]:
     if needing:  # before anything is measured: say now that it cannot run
         try:
             pg.unavailable(sizes.pg_optional)
-        except pg.PgUnavailableError as exc:
+        except PgUnavailableError as exc:
             raise SystemExit(
                 f"the {' and '.join(needing)} scenarios need PostgreSQL: {exc}"
             ) from None

@@ -18,9 +18,7 @@ not reported as other processes' load.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -30,33 +28,10 @@ import psutil
 
 from bench import noise
 from bench.servers import free_port
+from tools.pg import SUPERUSER, PgUnavailableError, find_bindir, postgres_owner
 
-SUPERUSER = "postgres"
 DATABASE = "runservice_bench"
 START_TIMEOUT_S = 60
-INSTALL_HINT = "apt-get install -y --no-install-recommends postgresql"
-
-
-class PgUnavailableError(RuntimeError):
-    """PostgreSQL's server binaries are not installed here."""
-
-
-def find_bindir() -> Path:
-    """The directory of initdb and pg_ctl: Debian's newest version, else PATH."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name),
-        reverse=True,
-    )
-    if found:
-        return Path(found[0]).parent
-    on_path = shutil.which("initdb")
-    if on_path and shutil.which("pg_ctl"):
-        return Path(on_path).resolve().parent
-    raise PgUnavailableError(
-        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb, no initdb on "
-        f"PATH); install it with: {INSTALL_HINT}"
-    )
 
 
 def unavailable(optional: bool) -> str:
@@ -134,13 +109,8 @@ class PgServer:
         # Its own temp dir: the bench's work dir is root's and mode 700, which the
         # postgres user cannot enter.
         self.root = Path(tempfile.mkdtemp(prefix="runservice-bench-pg-"))
-        if os.geteuid() == 0:
-            try:
-                owner = pwd.getpwnam(SUPERUSER)
-            except KeyError:
-                raise PgUnavailableError(
-                    f"running as root and there is no {SUPERUSER!r} user to run initdb as"
-                ) from None
+        owner = postgres_owner()
+        if owner is not None:
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
             self._as_user = ["runuser", "-u", SUPERUSER, "--"]
         # --no-sync only skips initdb's own flush of the new cluster; the server syncs.

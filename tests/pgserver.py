@@ -2,8 +2,8 @@
 
 `initdb` into a temporary directory (as the `postgres` user when running as root, since
 initdb refuses root), trust authentication on 127.0.0.1 only, fsync off, started with
-`pg_ctl -w` and stopped with it. Debian installs the binaries under
-/usr/lib/postgresql/VERSION/bin, off PATH, so they are looked for there first.
+`pg_ctl -w` and stopped with it. Where the binaries are, and whom they run as, is
+tools/pg.py's answer.
 
 Without the binaries, `PgServer.start` raises PgUnavailableError; the pytest fixture
 skips on it, or fails when CI is set (CI must run the PostgreSQL tests).
@@ -12,9 +12,7 @@ skips on it, or fails when CI is set (CI must run the PostgreSQL tests).
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -23,30 +21,11 @@ from pathlib import Path
 
 import pytest
 
-SUPERUSER = "postgres"
+from tools.pg import SUPERUSER, PgUnavailableError, find_bindir, postgres_owner
+
 START_TIMEOUT_S = 60
 
-
-class PgUnavailableError(RuntimeError):
-    """PostgreSQL's server binaries are not installed here."""
-
-
-def find_bindir() -> Path:
-    """The directory of initdb and pg_ctl: Debian's newest version, else PATH."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name),
-        reverse=True,
-    )
-    if found:
-        return Path(found[0]).parent
-    on_path = shutil.which("initdb")
-    if on_path and shutil.which("pg_ctl"):
-        return Path(on_path).resolve().parent
-    raise PgUnavailableError(
-        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb, no initdb on PATH); "
-        "install it with: apt-get install -y --no-install-recommends postgresql"
-    )
+__all__ = ["PgServer", "PgUnavailableError", "find_bindir", "free_port", "start_or_skip"]
 
 
 def free_port() -> int:
@@ -82,13 +61,8 @@ class PgServer:
         # Not under pytest's tmp_path: its parent is mode 700 and root's, which the
         # postgres user cannot enter.
         self.root = Path(tempfile.mkdtemp(prefix="runservice-pg-"))
-        if os.geteuid() == 0:
-            try:
-                owner = pwd.getpwnam(SUPERUSER)
-            except KeyError:
-                raise PgUnavailableError(
-                    f"running as root and there is no {SUPERUSER!r} user to run initdb as"
-                ) from None
+        owner = postgres_owner()
+        if owner is not None:
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
             self._as_user = ["runuser", "-u", SUPERUSER, "--"]
         self._run(

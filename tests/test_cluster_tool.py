@@ -28,7 +28,6 @@ from tests.pgserver import PgUnavailableError, find_bindir
 from tests.serverproc import free_port, server_env, wait_for, wait_healthy
 
 ROOT = Path(__file__).parent.parent
-TOOL = ROOT / "tools" / "cluster.py"
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
 README_PORTS = ("50061", "50062", "50063")
 ROUND_ROBIN_TARGET = "ipv4:127.0.0.1:50061,127.0.0.1:50062,127.0.0.1:50063"
@@ -181,7 +180,7 @@ async def test_the_cluster_serves_any_run_on_any_replica_and_stops_on_sigint(
     pg_port, *ports = distinct_free_ports(4)
     addrs = [f"127.0.0.1:{port}" for port in ports]
     output = home / "cluster.out"
-    command = [sys.executable, str(TOOL), "--dir", str(home / ".cluster")]
+    command = [sys.executable, "-m", "tools.cluster", "--dir", str(home / ".cluster")]
     command += ["--ports", ",".join(map(str, ports)), "--pg-port", str(pg_port)]
     with output.open("wb") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - polled without blocking below

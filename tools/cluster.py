@@ -16,15 +16,15 @@ shutdown), and wait for every process.
 
 tests/pgserver.py starts a throwaway PostgreSQL for the tests (a temp dir, a random port,
 `pg_ctl` in the background, removed when done); this launcher keeps its data and its
-process, so only the binaries' lookup (`find_bindir`) is a copy of that file's.
+process. Both find the binaries, and whom to run them as, through tools/pg.py.
+
+Run it as `python -m tools.cluster` from the repository (`make cluster` does).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import pwd
 import shlex
 import shutil
 import signal
@@ -41,9 +41,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runservice.tokens import ensure_dev_token
+from tools.pg import SUPERUSER, PgUnavailableError, find_bindir, postgres_owner
 
 ROOT = Path(__file__).resolve().parent.parent
-SUPERUSER = "postgres"
 DATABASE = "runservice"
 SERVICE = "runservice.v1.RunService"
 DEFAULT_DIR = ".cluster"
@@ -55,7 +55,6 @@ REPLICA_STOP_TIMEOUT_S = 60.0
 PG_STOP_TIMEOUT_S = 30.0
 POLL_S = 0.05
 LOG_TAIL_LINES = 20
-INSTALL_HINT = "apt-get install -y --no-install-recommends postgresql"
 
 
 class ClusterError(RuntimeError):
@@ -75,24 +74,6 @@ class Signals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
-
-
-def find_bindir() -> Path:
-    """The directory of initdb and postgres: Debian's newest version, else PATH."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name),
-        reverse=True,
-    )
-    if found:
-        return Path(found[0]).parent
-    on_path = shutil.which("initdb")
-    if on_path and shutil.which("postgres"):
-        return Path(on_path).resolve().parent
-    raise ClusterError(
-        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb, no initdb on "
-        f"PATH); install it with: {INSTALL_HINT}"
-    )
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -234,17 +215,22 @@ class Postgres:
         return f"{hint}\nThe end of {self.log_path}:\n{tail}"
 
 
+def _bindir() -> Path:
+    """Where initdb and postgres are; ClusterError if nowhere."""
+    try:
+        return find_bindir(server="postgres")
+    except PgUnavailableError as exc:
+        raise ClusterError(str(exc)) from None
+
+
 def _owner_kwargs() -> dict[str, Any]:
     """Popen arguments that run a PostgreSQL tool as `postgres` when we are root."""
-    if os.geteuid() != 0:
-        return {}
     try:
-        owner = pwd.getpwnam(SUPERUSER)
-    except KeyError:
-        raise ClusterError(
-            f"running as root and there is no {SUPERUSER!r} user to run PostgreSQL as; "
-            f"installing PostgreSQL ({INSTALL_HINT}) creates it"
-        ) from None
+        owner = postgres_owner()
+    except PgUnavailableError as exc:
+        raise ClusterError(str(exc)) from None
+    if owner is None:
+        return {}
     return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
 
 
@@ -316,7 +302,7 @@ class Cluster:
         self.dir = directory.resolve()
         self.tokens_file = self.dir / "tokens.toml"
         self.token_file = self.dir / "dev-token"
-        self.pg = Postgres(find_bindir(), self.dir / "pg", pg_port, self.dir / "postgres.log")
+        self.pg = Postgres(_bindir(), self.dir / "pg", pg_port, self.dir / "postgres.log")
         self.replicas = [
             Replica(f"replica-{i}", port, self.dir / f"replica-{i}", self.dir / f"replica-{i}.log")
             for i, port in enumerate(ports, start=1)
