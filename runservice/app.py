@@ -371,6 +371,9 @@ async def _build_locked(
         decode_event,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
+        # A replica stalled inside a transaction for as long as its lease lets go of its
+        # locks, so a peer's sweep never waits on it.
+        idle_in_transaction=settings.lease_ttl,
     )
     manager = RunManager(
         store,

@@ -26,13 +26,20 @@ logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 def make_engine(
-    url: str, *, pool_size: int | None = None, max_overflow: int | None = None
+    url: str,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+    idle_in_transaction: float | None = None,
 ) -> AsyncEngine:
     """An async engine for `url`; SQLite files get WAL, a busy timeout and synchronous=NORMAL.
 
     A PostgreSQL engine pools up to `pool_size` connections, plus `max_overflow` opened
     for a burst and closed after it (SQLAlchemy's defaults when None), each checked
-    before use (pool_pre_ping), so a restarted database costs no failed statement.
+    before use (pool_pre_ping), so a restarted database costs no failed statement. With
+    `idle_in_transaction` (seconds), the database ends a session that keeps a transaction
+    open with nothing to do for longer: a server paused mid-commit (a long stall, SIGSTOP)
+    then holds no lock that its peers wait on (the lease sweep, store/cluster.py).
     DatabaseRefusedError for a URL of any other database or driver.
     """
     parsed = check_url(url)
@@ -45,7 +52,10 @@ def make_engine(
             hide_parameters=True,
             connect_args={
                 "timeout": PG_CONNECT_TIMEOUT_S,
-                "server_settings": {"application_name": "runservice"},
+                "server_settings": {
+                    "application_name": "runservice",
+                    **_idle_setting(idle_in_transaction),
+                },
             },
             **{name: size for name, size in sizes.items() if size is not None},
         )
@@ -102,3 +112,9 @@ def _set_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
 def sqlite_url(path: str) -> str:
     """The async SQLAlchemy URL of a SQLite file."""
     return f"sqlite+aiosqlite:///{path}"
+
+
+def _idle_setting(seconds: float | None) -> dict[str, str]:
+    if not seconds:
+        return {}
+    return {"idle_in_transaction_session_timeout": str(max(1, int(seconds * 1000)))}

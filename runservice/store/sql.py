@@ -48,7 +48,7 @@ from runservice.domain.replicas import deleted_notice
 from runservice.store import migrations, tables
 from runservice.store.cluster import ClusterSql
 from runservice.store.driver import RawSql, SaSql, Sql
-from runservice.store.engine import make_engine, make_writer_engine
+from runservice.store.engine import PG_CONNECT_TIMEOUT_S, make_engine, make_writer_engine
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,19 @@ async def open_store(
     *,
     pool_size: int | None = None,
     max_overflow: int | None = None,
+    idle_in_transaction: float | None = None,
 ) -> SqlRunStore:
     """A store on `url`, schema migrated, with the codec of events' wire forms (if any).
 
     `pool_size` and `max_overflow` size a database server's connection pool (SQLAlchemy's
     defaults when None); a SQLite file ignores them.
     """
-    engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+    engine = make_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        idle_in_transaction=idle_in_transaction,
+    )
     store = SqlRunStore(engine, encoder, decoder, make_writer_engine(url))
     try:
         await _once(store.migrate)
@@ -115,8 +121,10 @@ class SqlRunStore:
         self.cluster = ClusterSql(self, engine) if engine.dialect.name == "postgresql" else None
         self._holder: str | None = None  # the lease this server's commits are fenced by
         self._writer = None if writer is None else _CommitThread(writer)
-        # PostgreSQL: the writer's commits go through a connection of their own.
+        # PostgreSQL: the writer's commits go through a connection of their own, and replay
+        # pages through asyncpg's own pool.
         self._pg_writer = _PgCommitConnection(engine) if self.cluster is not None else None
+        self._pages = _PgPages(engine) if self.cluster is not None else None
         self._encoder = encoder
         self._decoder = decoder
         self._page_sql = _page_query(engine)
@@ -152,6 +160,8 @@ class SqlRunStore:
         """Releases every pooled connection."""
         if self._pg_writer is not None:
             await self._pg_writer.close()
+        if self._pages is not None:
+            self._pages.close()
         await self._engine.dispose()
         if self._writer is not None:
             self._writer.close()
@@ -338,13 +348,18 @@ class SqlRunStore:
 
     async def read_encoded(self, run_id: str, from_seq: int, limit: int) -> list[EncodedEvent]:
         """A page of the run's log in wire form; rows stored before encoding are encoded now."""
-        async with self._connect() as conn:
-            result = await _retry_locked(
-                lambda: conn.exec_driver_sql(self._page_sql, (run_id, from_seq, limit))
-            )
-            # The driver's rows as they are: no SQLAlchemy Row per event.
-            events: list[EncodedEvent] = list(map(encoded_event, result.cursor.fetchall()))
-            result.close()
+        events: list[EncodedEvent]
+        if self._pages is not None:
+            rows = await self._pages.fetch(self._page_sql, run_id, from_seq, limit)
+            events = list(map(encoded_event, rows))
+        else:
+            async with self._connect() as conn:
+                result = await _retry_locked(
+                    lambda: conn.exec_driver_sql(self._page_sql, (run_id, from_seq, limit))
+                )
+                # The driver's rows as they are: no SQLAlchemy Row per event.
+                events = list(map(encoded_event, result.cursor.fetchall()))
+                result.close()
         if any(event.wire is None for event in events):
             return [
                 self._encode(event) for event in await self.read_events(run_id, from_seq, limit)
@@ -793,6 +808,64 @@ class _PgCommitConnection:
     async def close(self) -> None:
         """Closes the connection."""
         await self._drop()
+
+
+class _PgPages:
+    """Replay pages on PostgreSQL, read through asyncpg's own pool of a few connections:
+    a page costs a third of the server's CPU it takes through SQLAlchemy's pool (whose
+    checkout pings the connection). A subscriber that follows a run another replica
+    executes reads a page per notification, so this is on the path of every event
+    delivered across replicas. A connection that turns out dead is replaced and the
+    read made once more (a read may be repeated)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        pool_size = getattr(engine.pool, "size", lambda: 5)()
+        self._max = max(2, pool_size // 2)
+        self._pool: Any = None
+        self._opening = asyncio.Lock()
+
+    async def fetch(self, sql: str, *values: Any) -> list[tuple[Any, ...]]:
+        """The rows of a query, as tuples."""
+        for attempt in range(2):
+            try:
+                pool = await self._open()
+                async with pool.acquire() as raw:
+                    return [tuple(row) for row in await raw.fetch(sql, *values)]
+            except asyncpg.PostgresError as exc:
+                code = str(getattr(exc, "sqlstate", "") or "")
+                if attempt or not code.startswith(("08", "57P")):
+                    raise _pg_error(exc) from exc
+            except _CONNECTION_TROUBLE as exc:
+                if attempt:
+                    raise StoreUnavailableError("database operation failed", _UNREACHABLE) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._max,
+                    timeout=PG_CONNECT_TIMEOUT_S,
+                    reset=_no_reset,
+                    server_settings={"application_name": "runservice"},
+                )
+        return self._pool
+
+    def close(self) -> None:
+        """Closes every connection at once."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+
+async def _no_reset(_conn: Any) -> None:
+    """A page read changes no session state: nothing to reset between reads (asyncpg's
+    default reset is a round trip per read)."""
 
 
 # What asyncpg raises when the connection, not the statement, is the trouble: it was lost

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runservice.api.convert import decode_event as decode
 from runservice.api.convert import encode_event as encode
@@ -17,6 +18,7 @@ from runservice.domain.replicas import PAYLOAD_LIMIT, Notice, commit_notice
 from runservice.runtime.clock import SystemClock
 from runservice.runtime.lifecycle import lease_orphan_end
 from runservice.store import SqlRunStore, open_store
+from runservice.store.driver import SaSql
 from runservice.store.engine import check_url
 from runservice.store.lock import lock_for
 from runservice.store.migrations import MIGRATIONS
@@ -250,3 +252,38 @@ def test_notices_stay_under_the_payload_limit() -> None:
         assert holder == "holder"
         heard.update(part.seqs)
     assert heard == {e.run_id: 7 for e in events}
+
+
+async def test_a_replica_stalled_mid_commit_does_not_hold_up_the_sweep(postgres: PgServer) -> None:
+    """Replica A stalls inside a commit (a long pause, SIGSTOP) holding the lock on its
+    expired lease: the database ends A's session after the idle-in-transaction limit, so
+    B's sweep deletes the lease then, instead of waiting for A forever; A's commit fails
+    as unavailable."""
+    name = postgres.create_database()
+    a = await open_store(postgres.url(name), encode, decode, idle_in_transaction=1.0)
+    b = await open_store(postgres.url(name), encode, decode)
+    try:
+        assert a.cluster is not None and b.cluster is not None
+        await a.cluster.begin_lease("replica-a", "a1", 30)
+        a.fence_by("a1")
+        await a.commit([make_run("r1", executor="a1", state=RunState.RUNNING)], [], [])
+        stalled = asyncio.Event()
+
+        async def stall(conn: AsyncConnection) -> None:  # the KEY SHARE lock, then a stall
+            assert a.cluster is not None
+            await a.cluster.fenced(SaSql(conn), [], ["r1"])
+            stalled.set()
+            await asyncio.sleep(30)
+
+        commit = asyncio.create_task(a.transaction(stall, retry=False))
+        await asyncio.wait_for(stalled.wait(), 5)
+        postgres.psql("UPDATE runservice_leases SET expires_us = 0 WHERE holder = 'a1'", name)
+        started = time.monotonic()
+        assert await asyncio.wait_for(b.cluster.expire_leases(), 10) == ["a1"]
+        assert time.monotonic() - started < 5
+        commit.cancel()
+        await asyncio.gather(commit, return_exceptions=True)
+    finally:
+        await a.close()
+        await b.close()
+        postgres.drop_database(name)
