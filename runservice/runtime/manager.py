@@ -11,10 +11,9 @@ store afterwards, transparently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -50,13 +49,10 @@ from runservice.domain.model import (
     WatchUpdate,
 )
 from runservice.domain.ports import Clock, EventEncoder, RunStore
-from runservice.domain.replicas import Notice, StartAsk, StartFacts, StartWrite, deleted_run
+from runservice.domain.replicas import StartAsk, StartFacts, StartWrite
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.cluster import (
     ClusterStore,
-    RemoteLog,
-    RemoteRun,
-    Replica,
     StartDecisions,
 )
 from runservice.runtime.feed import ChangeFeed
@@ -66,13 +62,12 @@ from runservice.runtime.lifecycle import (
     MAX_EVENT_BYTES,
     LiveRun,
     Phase,
-    Predecessor,
     drive_run,
-    lease_orphan_end,
     reconcile_orphans,
     running_change,
     start_now,
 )
+from runservice.runtime.peers import Peers
 from runservice.runtime.policies import Counts, Limits, check_caps, request_fingerprint
 from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
@@ -146,28 +141,26 @@ class RunManager:
             encoder,
             max_batch_events=self._settings.writer_max_batch,
             max_pending_events=self._settings.writer_max_pending,
-            on_fenced=self._on_runs_fenced,
+            on_fenced=self._runs_fenced,
         )
         self._draining = False
         self._closed = asyncio.Event()
         self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout)
         self._registry = Registry(on_evict=self._gate.forget_request)
         # Replicas on one database: this server's lease and its view of the others' runs.
-        self._replica: Replica | None = None
+        self._peers: Peers | None = None
+        self._decisions: StartDecisions | None = None
         if cluster is not None:
-            self._replica = Replica(
+            self._peers = Peers(
                 cluster,
                 replica,
                 s.lease_ttl,
-                end_orphan=lease_orphan_end(clock),
-                on_notice=self._notices_put,
-                on_requests=self._on_requests,
-                on_fenced=self._on_lease_lost,
-                on_swept=self._on_swept,
-                on_deaf=self._feed.lag_all,  # what other replicas changed meanwhile is unknown
+                store=store,
+                registry=self._registry,
+                feed=self._feed,
+                clock=clock,
             )
-        self._notices: asyncio.Queue[Notice] = asyncio.Queue()
-        self._decisions = StartDecisions(self._replica) if self._replica is not None else None
+            self._decisions = StartDecisions(self._peers.replica)
         self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
 
     # -- lifecycle of the manager -------------------------------------------------------
@@ -175,9 +168,8 @@ class RunManager:
     async def start(self) -> None:
         """Reconciles runs orphaned by a previous process (with replicas: the runs no
         replica's lease covers), then starts the background tasks."""
-        if self._replica is not None:
-            await self._replica.start()
-            self._registry.spawn(self._notice_loop(), name="runservice-notices")
+        if self._peers is not None:
+            await self._peers.start()
             assert self._decisions is not None
             self._decisions.start()
         else:
@@ -212,8 +204,8 @@ class RunManager:
         await self._registry.cancel_all()
         if self._decisions is not None:
             await self._decisions.close()
-        if self._replica is not None:
-            await self._replica.close()
+        if self._peers is not None:
+            await self._peers.close()
         self._closed.set()
 
     def on_store_health(self, listener: Callable[[str | None], None]) -> None:
@@ -240,7 +232,7 @@ class RunManager:
         request = self._gate.with_timeout(request)
         fingerprint = request_fingerprint(request)
         user = principal.user
-        if self._replica is not None and self._decided_in_store(request):
+        if self._peers is not None and self._decided_in_store(request):
             return await self._start_decided_in_store(user, request, fingerprint, agent)
         if request.request_id:
             existing = await self._find_request(user, request.request_id, fingerprint)
@@ -295,7 +287,8 @@ class RunManager:
             # Made under the lock: run ids (time-ordered) follow the order of admission.
             live = self._new_live_run(user, request, fingerprint)
             live.gated = False
-            live.predecessors = [self._predecessor(run) for run in thread]
+            assert self._peers is not None
+            live.predecessors = [self._peers.predecessor(r, self._admitting) for r in thread]
             admitted.append(live)
             self._admitting[live.run_id] = live
             if thread:
@@ -335,27 +328,9 @@ class RunManager:
         live = self._registry.get(run.run_id)
         return self._view(live) if live is not None else run
 
-    def _predecessor(self, run: Run) -> Predecessor:
-        """The thread's active run `run`: the live run here, or a remote one."""
-        live = self._registry.get(run.run_id) or self._admitting.get(run.run_id)
-        if live is not None:
-            return live
-        assert self._replica is not None
-        return RemoteRun(
-            run.run_id,
-            self._replica,
-            self._finished,
-            lambda coro, name: self._registry.spawn(coro, name=name),
-            self._now_us,
-        )
-
-    def _now_us(self) -> int:
-        return int(self._clock.now().timestamp() * 1_000_000)
-
-    async def _finished(self, run_id: str) -> bool:
-        """True once the run's row is terminal, or gone."""
-        run = await self._store.get_run(Scope("", everyone=True), run_id)
-        return run is None or run.state.terminal
+    def _runs_fenced(self, run_ids: frozenset[str]) -> None:
+        if self._peers is not None:
+            self._peers.runs_fenced(run_ids)
 
     async def _supervise(self, live: LiveRun, agent: Agent) -> None:
         """Drives a run once its row is committed; forgets it if the row never was."""
@@ -410,7 +385,7 @@ class RunManager:
             multitask_strategy=request.multitask_strategy,
             timeout=request.timeout,
             request_hash=fingerprint if request.request_id else "",
-            executor=self._replica.holder if self._replica is not None else "",
+            executor=self._peers.holder if self._peers is not None else "",
         )
         log = RunLog(
             run.run_id,
@@ -456,15 +431,7 @@ class RunManager:
         return (await self._reached([run]))[0]
 
     async def _reached(self, runs: list[Run]) -> list[Run]:
-        """`runs` from the store, those that another replica executes with the last seq
-        their logs reached (their rows' is as of their last state change)."""
-        if self._replica is None:
-            return runs
-        active = [run.run_id for run in runs if not run.state.terminal]
-        if not active:
-            return runs
-        reached = await self._replica.sql.reached(active)
-        return [run.replace(last_seq=max(run.last_seq, reached.get(run.run_id, 0))) for run in runs]
+        return runs if self._peers is None else await self._peers.reached(runs)
 
     async def list_runs(
         self,
@@ -496,20 +463,16 @@ class RunManager:
             await live.ended.wait()
             if not live.log.fenced:
                 return self._view(live)
-        elif self._replica is None:
+        elif self._peers is None:
             return run
         else:  # another replica executes it: ask it through the database, wait for the end
-            await self._replica.request_stop(run_id, reason, self._now_us())
-        return await self._remote_end(principal, run_id)
+            await self._peers.request_stop(run_id, reason)
+        assert self._peers is not None
 
-    async def _remote_end(self, principal: Principal, run_id: str) -> Run:
-        """The run once it is terminal, as another replica ends it."""
-        with self._follow(run_id) as heard:
-            while True:
-                run = await self.get_run(principal, run_id)
-                if run.state.terminal:
-                    return run
-                await heard.wait_beyond(max(run.last_seq, heard.committed_seq))
+        async def get() -> Run:
+            return await self.get_run(principal, run_id)
+
+        return await self._peers.wait_end(run_id, get)
 
     async def delete_run(self, principal: Principal, run_id: str) -> None:
         """Deletes a finished run and its log."""
@@ -546,88 +509,9 @@ class RunManager:
             cursor,
             limits=self._read_limits,
             clock=self._clock,
-            remote=self if self._replica is not None else None,
+            remote=self._peers,
         )
         return subscription.batches()
-
-    # -- runs other replicas execute (RemoteRuns, for subscriptions) ------------------------
-
-    @contextlib.contextmanager
-    def _follow(self, run_id: str) -> Iterator[RemoteLog]:
-        assert self._replica is not None
-        with self._replica.follow(run_id) as heard:
-            yield heard
-
-    def follow(self, run_id: str) -> contextlib.AbstractContextManager[RemoteLog]:
-        """The run's log as heard of from the replica that executes it."""
-        return self._follow(run_id)
-
-    async def finished(self, run_id: str) -> bool:
-        """True once the run's row is terminal (or gone)."""
-        return await self._finished(run_id)
-
-    def _notices_put(self, notice: Notice) -> None:
-        if self._feed.watched or notice.deleted:
-            self._notices.put_nowait(notice)
-
-    async def _notice_loop(self) -> None:
-        """Publishes other replicas' run changes to this replica's watchers, in order."""
-        while True:
-            notice = await self._notices.get()
-            try:
-                await self._publish_notice(notice)
-            except StoreError as exc:
-                logger.warning("could not read runs another replica changed (%s)", exc)
-
-    async def _publish_notice(self, notice: Notice) -> None:
-        for run_id, told in notice.deleted.items():
-            self._registry.evict(run_id)
-            self._feed.publish_deleted(deleted_run(run_id, told))
-        if not self._feed.watched or not (notice.new or notice.changed):
-            return
-        everyone = Scope("", everyone=True)
-        for run_id in (*notice.new, *notice.changed):
-            found = await self._store.get_run(everyone, run_id)
-            if found is None:
-                continue
-            run = (await self._reached([found]))[0]
-            if run_id in notice.new:  # as on its own replica: CREATED, then the change
-                queued = run.replace(state=RunState.PENDING, started_at=None)
-                self._feed.publish(WatchUpdate(RunChange.CREATED, queued))
-                if run.state is RunState.PENDING:
-                    continue
-            self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
-
-    def _on_requests(self, requests: list[tuple[str, str, str]]) -> None:
-        """Requests other replicas recorded for runs executed here (a stop, today)."""
-        for run_id, _kind, body in requests:
-            live = self._registry.get(run_id)
-            if live is not None:
-                live.request_end(RunState.STOPPED, body)
-
-    def _on_runs_fenced(self, run_ids: frozenset[str]) -> None:
-        """The database refused runs' writes: another replica ended them. They leave."""
-        for run_id in run_ids:
-            live = self._registry.get(run_id)
-            if live is not None:
-                self._drop_fenced(live)
-
-    def _on_lease_lost(self, holder: str) -> None:
-        """This server's lease `holder` was ended by a peer: every run under it leaves."""
-        for live in self._registry:
-            if live.run.executor == holder:
-                self._drop_fenced(live)
-
-    def _drop_fenced(self, live: LiveRun) -> None:
-        if not live.log.fenced:
-            live.log.fence(RunFencedError("this server's lease on the run is gone"))
-        live.request_end(RunState.INTERRUPTED, "this server lost its lease")
-
-    def _on_swept(self, runs: list[Run]) -> None:
-        """This replica ended runs no lease covered: its own watchers hear of it here."""
-        for run in runs:
-            if self._feed.watched:
-                self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
 
     async def watch(
         self, principal: Principal, run_filter: RunFilter, *, all_users: bool
