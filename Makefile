@@ -82,6 +82,10 @@ PROTOC_TS = $(VENV_PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 # grpcurl, pinned, installed project-locally: the tests run every README recipe with it.
 GRPCURL_VERSION := v1.9.4
 GRPCURL := .tools/bin/grpcurl
+# ghz, the gRPC load tester, pinned and beside grpcurl: tests/test_reflection.py drives it
+# through reflection alone.
+GHZ_VERSION := v0.121.0
+GHZ := .tools/bin/ghz
 
 PYTEST_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests collected") as success.
@@ -178,7 +182,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	$(VENV_PY) -m mypy --strict runservice bench tools
 	$(VENV_PY) -m mypy --strict --follow-imports=silent faults
 
-test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL)
+test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL) $(GHZ)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory test-go
@@ -222,6 +226,12 @@ grpcurl: $(GRPCURL)
 
 $(GRPCURL):
 	GOBIN=$(CURDIR)/.tools/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+.PHONY: ghz
+ghz: $(GHZ)
+
+$(GHZ):
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
 # --- Benchmarks -------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from runservice.agents import BUILTINS
@@ -32,6 +31,7 @@ from runservice.api.convert import decode_event, encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
+from runservice.api.reflection import enable_reflection
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings, is_loopback
 from runservice.domain.errors import StoreError, StoreUnavailableError
@@ -426,9 +426,7 @@ async def _build_locked(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     manager.on_store_health(_readiness(health_servicer))
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.listen)
