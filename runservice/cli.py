@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -19,40 +22,94 @@ from rich.table import Table
 from runservice import config
 
 DEFAULT_ADDR = "127.0.0.1:50051"
+# A client command says it is still connecting after CONNECT_NOTICE_S, and gives up on a
+# server it never reached after CONNECT_LIMIT_S (once connected, streams resume for longer).
+CONNECT_NOTICE_S = 1.0
+CONNECT_LIMIT_S = 4.0
+FINGERPRINT_MIN = 4  # hex digits `tokens revoke --fingerprint` needs, so a typo matches nothing
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class UsageError(Exception):
+    """The command line is refused before or instead of a call (exit status 2)."""
+
+
+class CommandError(Exception):
+    """A command failed on this machine (exit status 1); `code` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing the usage and exiting, so that `main` reports
+    every usage error in one line (or one JSON object with --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `runservice` console script."""
+    """Entry point of the `runservice` console script.
+
+    Exit status: 0 done, 1 the command failed (the server refused it or was not reached,
+    a followed run did not succeed), 2 usage error, 130 interrupted. With --json, errors
+    are one JSON object on stderr: {"code", "reason", "message"}.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
     parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except UsageError as exc:
+        _print_error("INVALID_ARGUMENT", "", str(exc), as_json, show_code=False)
         return 2
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    except CommandError as exc:
+        _print_error(exc.code, "", exc.message, as_json, show_code=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_error(code: str, reason: str, message: str, as_json: bool, show_code: bool) -> None:
+    """One line on stderr: `error: [CODE: ]message`, or {"code", "reason", "message"}."""
+    if as_json:
+        line = json.dumps({"code": code, "reason": reason, "message": message})
+        print(line, file=sys.stderr, flush=True)
+    else:
+        prefix = f"{code}: " if show_code else ""
+        err.print(f"[red]error:[/] {prefix}{escape(message)}")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("runservice")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="runservice",
         description="Run long jobs on the server and follow their event logs from anywhere.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the server")
     config.add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
 
-    tokens = sub.add_parser("tokens", help="manage the tokens file")
-    tokens_sub = tokens.add_subparsers(metavar="ACTION")
-    add = tokens_sub.add_parser("add", help="add a token; prints it as the last line")
-    add.add_argument("--file", type=Path, required=True, help="the tokens file (TOML)")
-    add.add_argument("--user", required=True, help="the user the token authenticates")
-    add.add_argument("--role", action="append", default=[], help="a role, e.g. admin; repeatable")
-    add.set_defaults(handler=_tokens_add)
+    _add_tokens_command(sub)
 
     def client_command(
         name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]
@@ -63,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"server address (env RUNSERVICE_ADDR; default {DEFAULT_ADDR})",
         )
-        cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        cmd.add_argument(
+            "--token",
+            default=None,
+            help="bearer token (else env RUNSERVICE_TOKEN; else, for a loopback address, "
+            "the development token in RUNSERVICE_HOME)",
+        )
+        cmd.add_argument("--json", action="store_true", help="print JSON, errors too (on stderr)")
         cmd.set_defaults(handler=lambda args: _client(args, run))
         return cmd
 
@@ -109,10 +172,59 @@ def _parser() -> argparse.ArgumentParser:
 
     tail = client_command("tail", "print a run's events, then follow it until it ends", _tail)
     tail.add_argument("run_id")
-    tail.add_argument("--from-seq", type=int, default=1, help="first seq to print (default 1)")
+    tail.add_argument(
+        "--from-seq", type=_seq, default=1, help="first seq to print, 0 or more (default 1)"
+    )
 
     client_command("agents", "list the agents the server runs", _agents)
     return parser
+
+
+def _add_tokens_command(sub: Any) -> None:
+    """`runservice tokens add|list|revoke`: edit the tokens file the server rereads."""
+    tokens = sub.add_parser("tokens", help="manage the tokens file")
+    tokens_sub = tokens.add_subparsers(metavar="ACTION")
+    add = tokens_sub.add_parser("add", help="add a token; prints it as the last line")
+    add.add_argument("--file", type=Path, required=True, help="the tokens file (TOML)")
+    add.add_argument("--user", required=True, help="the user the token authenticates")
+    add.add_argument("--role", action="append", default=[], help="a role, e.g. admin; repeatable")
+    add.add_argument("--json", action="store_true", help="print JSON (it holds the token)")
+    add.set_defaults(handler=_tokens_add)
+    listing = tokens_sub.add_parser(
+        "list", help="show each token's user, roles and fingerprint (never the token)"
+    )
+    listing.add_argument("--file", type=Path, required=True, help="the tokens file (TOML)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_tokens_list)
+    revoke = tokens_sub.add_parser(
+        "revoke", help="remove a user's tokens, or one token by fingerprint"
+    )
+    revoke.add_argument("--file", type=Path, required=True, help="the tokens file (TOML)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="remove every token of this user")
+    which.add_argument(
+        "--fingerprint", type=_fingerprint, help="remove the token whose fingerprint starts so"
+    )
+    revoke.add_argument("--json", action="store_true", help="print JSON")
+    revoke.set_defaults(handler=_tokens_revoke)
+
+
+def _seq(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must not be negative (0 or 1 = from the start)")
+    return value
+
+
+def _fingerprint(text: str) -> str:
+    if len(text) < FINGERPRINT_MIN or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give at least {FINGERPRINT_MIN} hex digits, as `tokens list` shows them"
+        )
+    return text
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -166,26 +278,85 @@ def _close_loop(loop: asyncio.AbstractEventLoop, limit: float = 2.0) -> None:
 
 
 def _tokens_add(args: argparse.Namespace) -> int:
-    from runservice.tokens import TokensFileError, add_token
+    from runservice.tokens import FINGERPRINT_LEN, TokensFileError, add_token, hash_token
 
     try:
         token = add_token(args.file, args.user, args.role)
     except TokensFileError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}; the file was left as it is")
-        return 1
+        raise CommandError("FAILED_PRECONDITION", f"{exc}; the file was left as it is") from None
     except OSError as exc:
-        err.print(f"[red]error:[/] cannot write {escape(str(args.file))}: {exc.strerror}")
-        return 1
+        raise CommandError(
+            "FAILED_PRECONDITION", f"cannot write {args.file}: {exc.strerror}"
+        ) from None
+    if args.json:
+        fingerprint = hash_token(token)[:FINGERPRINT_LEN]
+        entry = {"user": args.user, "roles": args.role, "fingerprint": fingerprint}
+        print(json.dumps({**entry, "token": token}))
+        return 0
     err.print(f"added a token for user [bold]{args.user}[/] to {args.file}; it is shown once:")
     print(token)
+    return 0
+
+
+def _tokens_list(args: argparse.Namespace) -> int:
+    from runservice.tokens import TokensFileError, list_tokens
+
+    try:
+        entries = list_tokens(args.file)
+    except TokensFileError as exc:
+        raise CommandError("FAILED_PRECONDITION", str(exc)) from None
+    if args.json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return 0
+    rows = [
+        {
+            "user": e.user,
+            "roles": ",".join(e.roles),
+            "fingerprint": e.fingerprint,
+            "created": e.created or "",
+        }
+        for e in entries
+    ]
+    _print_rows(["user", "roles", "fingerprint", "created"], rows)
+    return 0
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    from runservice.tokens import (
+        TokenAmbiguousError,
+        TokenNotFoundError,
+        TokensFileError,
+        revoke_tokens,
+    )
+
+    try:
+        removed = revoke_tokens(args.file, user=args.user or "", fingerprint=args.fingerprint or "")
+    except TokenNotFoundError as exc:
+        raise CommandError("NOT_FOUND", str(exc)) from None
+    except TokenAmbiguousError as exc:
+        raise CommandError("INVALID_ARGUMENT", str(exc)) from None
+    except TokensFileError as exc:
+        raise CommandError("FAILED_PRECONDITION", f"{exc}; the file was left as it is") from None
+    except OSError as exc:
+        raise CommandError(
+            "FAILED_PRECONDITION", f"cannot write {args.file}: {exc.strerror}"
+        ) from None
+    if args.json:
+        gone = [{"user": e.user, "fingerprint": e.fingerprint} for e in removed]
+        print(json.dumps({"revoked": gone}))
+        return 0
+    names = ", ".join(f"{e.user} ({e.fingerprint})" for e in removed)
+    plural = "token" if len(removed) == 1 else "tokens"
+    print(f"revoked {len(removed)} {plural} in {args.file}: {names}")
     return 0
 
 
 # -- client commands ------------------------------------------------------------------------
 
 
-def _token(addr: str) -> str | None:
-    token = os.environ.get("RUNSERVICE_TOKEN")
+def _token(flag: str | None, addr: str) -> str | None:
+    """--token, else RUNSERVICE_TOKEN, else (for a loopback address) the development token."""
+    token = flag or os.environ.get("RUNSERVICE_TOKEN")
     if token:
         return token
     dev = config.default_data_dir() / "dev-token"
@@ -200,16 +371,25 @@ def _client(args: argparse.Namespace, run: Callable[..., Coroutine[Any, Any, int
     addr = args.addr or os.environ.get("RUNSERVICE_ADDR") or DEFAULT_ADDR
 
     async def go() -> int:
-        async with AsyncRunClient(addr, token=_token(addr)) as client:
+        async with AsyncRunClient(addr, token=_token(args.token, addr)) as client:
+            await _connect(client, addr, quiet=args.json and not err.is_terminal)
             return await run(client, args)
 
     try:
         return asyncio.run(go())
     except RunServiceError as exc:
-        err.print(f"[red]error:[/] {exc.code.name}: {escape(exc.message)}")
+        _print_error(exc.code.name, exc.reason, exc.message, args.json, show_code=True)
         return 1
-    except KeyboardInterrupt:
-        return 130
+
+
+async def _connect(client: Any, addr: str, *, quiet: bool) -> None:
+    """Returns once connected; says so on stderr while it waits, and raises UnavailableError
+    naming `addr` when the server is not reached within CONNECT_LIMIT_S."""
+    connected = asyncio.ensure_future(client.wait_connected(CONNECT_LIMIT_S))
+    done, _ = await asyncio.wait({connected}, timeout=CONNECT_NOTICE_S)
+    if not done and not quiet:
+        err.print(f"connecting to {escape(addr)}...")
+    await connected
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
@@ -274,11 +454,14 @@ def _print_event(event: Any, as_json: bool) -> None:
         payload = json.dumps(_as_dict(event)["data"])
     elif kind == "binary":
         payload = f"<{len(event.binary)} bytes>"
+    payload = escape(payload)  # an agent's text is not rich markup
     if event.type == "run.state":
         payload = f"[bold]{_state(event)}[/] {payload}".rstrip()
         if event.HasField("error"):
-            payload += f" ({event.error.message})"
-    out.print(f"[dim]{event.seq:>6}[/] [cyan]{event.type}[/] {payload}")
+            payload += f" ({escape(event.error.message)})"
+    # One event per line, never wrapped: scripts and `grep` read these lines.
+    line = f"[dim]{event.seq:>6}[/] [cyan]{escape(event.type)}[/] {payload}"
+    out.print(line, soft_wrap=True)
 
 
 async def _start(client: Any, args: argparse.Namespace) -> int:
@@ -287,11 +470,9 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.input)
     except json.JSONDecodeError as exc:
-        err.print(f"[red]error:[/] --input is not JSON: {escape(str(exc))}")
-        return 2
+        raise UsageError(f"--input is not JSON: {exc}") from None
     if not isinstance(data, dict):
-        err.print("[red]error:[/] --input must be a JSON object")
-        return 2
+        raise UsageError("--input must be a JSON object")
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     strategy = run_pb2.MultitaskStrategy.Value("MULTITASK_STRATEGY_" + args.strategy.upper())
     run = await client.start_run(
@@ -309,7 +490,8 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
         else:
             print(run.run_id)
         return 0
-    err.print(f"run {run.run_id} started; Ctrl-C stops following (the run goes on)")
+    if not args.json:  # with --json, the events carry the run id
+        err.print(f"run {run.run_id} started; Ctrl-C stops following (the run goes on)")
     return await _follow(client, run.run_id, 1, args.json)
 
 
@@ -332,11 +514,9 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
     try:
         states = [run_pb2.RunState.Value("RUN_STATE_" + s.upper()) for s in args.state]
     except ValueError:
-        err.print(
-            "[red]error:[/] --state takes PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, "
-            "INTERRUPTED or TIMED_OUT"
-        )
-        return 2
+        raise UsageError(
+            "--state takes PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED or TIMED_OUT"
+        ) from None
     runs = [
         run
         async for run in client.list_runs(
@@ -351,30 +531,72 @@ async def _ls(client: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_as_dict(r) for r in runs], indent=2))
         return 0
-    columns = ("run_id", "state", "agent", "owner", "created", "last_seq")
     rows = [
-        (
-            run.run_id,
-            _state(run),
-            run.agent,
-            run.owner,
-            run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
-            str(run.last_seq),
-        )
+        {
+            "run_id": run.run_id,
+            "state": _state(run),
+            "agent": run.agent,
+            "owner": run.owner,
+            "created": run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
+            "last_seq": str(run.last_seq),
+        }
         for run in runs
     ]
-    if not out.is_terminal:  # piped: whole values, one run per line, tab-separated
-        for row in (columns, *rows):
-            print("\t".join(row))
-        return 0
+    columns = ["run_id", "state", "agent", "owner", "created", "last_seq"]
+    if not out.is_terminal:
+        _print_rows(columns, rows)
+    else:
+        out.print(_runs_table(rows, out.width))
+    return 0
+
+
+def _print_rows(columns: list[str], rows: list[dict[str, str]]) -> None:
+    """A table as a terminal shows it, or, piped, tab-separated whole values under a header
+    line (no box characters, nothing cut)."""
+    if not out.is_terminal:
+        for values in (columns, *([row[c] for c in columns] for row in rows)):
+            print("\t".join(values))
+        return
     table = Table()
     for column in columns:
-        # Run ids are copied into other commands: never shorten them.
-        table.add_column(column, no_wrap=column in ("run_id", "state", "created"))
+        table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(row[c]) for c in columns))
     out.print(table)
-    return 0
+
+
+# Columns of the `ls` table: what a narrow terminal keeps whole, gives up first, or shortens.
+_WHOLE = ("run_id", "state", "last_seq")  # run ids are copied into other commands
+_DROPPABLE = "created"
+_SHORTENED = ("agent", "owner")
+_GAP = 2  # the space between two columns of the table below
+
+
+def _runs_table(rows: list[dict[str, str]], width: int) -> Table:
+    """The `ls` table fitted to `width`: without `created` when it would not fit, and with
+    agent and owner cut (ending in "…") to what is left."""
+    columns = ["run_id", "state", "agent", "owner", _DROPPABLE, "last_seq"]
+    natural = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in columns}
+    if sum(natural.values()) + _GAP * (len(columns) - 1) > width:
+        columns.remove(_DROPPABLE)
+    fixed = sum(natural[c] for c in columns if c not in _SHORTENED)
+    spare = width - fixed - _GAP * (len(columns) - 1)
+    owner = min(natural["owner"], max(len("owner"), spare - natural["agent"], spare // 2))
+    limits = {"owner": owner, "agent": max(len("agent"), spare - owner)}
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for c in columns:
+        shortened = c in _SHORTENED and natural[c] > limits[c]
+        table.add_column(
+            c,
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=natural[c] if c in _WHOLE else None,
+            max_width=limits[c] if shortened else None,
+            justify="right" if c == "last_seq" else "left",
+        )
+    for row in rows:
+        table.add_row(*(escape(row[c]) for c in columns))
+    return table
 
 
 async def _stop(client: Any, args: argparse.Namespace) -> int:
@@ -384,7 +606,10 @@ async def _stop(client: Any, args: argparse.Namespace) -> int:
 
 async def _rm(client: Any, args: argparse.Namespace) -> int:
     await client.delete_run(args.run_id)
-    err.print(f"deleted {args.run_id}")
+    if args.json:
+        print(json.dumps({"run_id": args.run_id, "deleted": True}))
+    else:
+        err.print(f"deleted {args.run_id}")
     return 0
 
 
@@ -397,12 +622,8 @@ async def _agents(client: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_as_dict(a) for a in agents], indent=2))
         return 0
-    table = Table()
-    table.add_column("agent")
-    table.add_column("description")
-    for agent in agents:
-        table.add_row(agent.name, agent.description)
-    out.print(table)
+    rows = [{"agent": a.name, "description": a.description} for a in agents]
+    _print_rows(["agent", "description"], rows)
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import secrets
 import string
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,86 @@ def _token_entry(path: Path, i: int, item: object) -> tuple[str, Principal]:
 
 def _is_sha256_hex(text: str) -> bool:
     return len(text) == SHA256_HEX_LEN and all(c in string.hexdigits for c in text)
+
+
+FINGERPRINT_LEN = 12
+"""Hex digits of a token's stored digest that name it in `tokens list` and `tokens revoke`."""
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One [[tokens]] table as `tokens list` shows it: never the token, a digest prefix."""
+
+    user: str
+    roles: tuple[str, ...]
+    fingerprint: str
+    created: str | None
+    """The entry's `created` value as written in the file, if it has one."""
+
+
+def list_tokens(path: Path) -> list[TokenEntry]:
+    """The file's entries in file order; TokensFileError if it cannot be read or is not valid."""
+    doc = _read_valid(path)
+    return [_entry(item) for item in doc.get("tokens", [])]
+
+
+def revoke_tokens(path: Path, *, user: str = "", fingerprint: str = "") -> list[TokenEntry]:
+    """Removes every entry of `user`, or the one entry whose fingerprint starts with
+    `fingerprint`, rewriting the file atomically (mode 600); returns what was removed.
+
+    Raises TokensFileError when the file is not valid, TokenNotFoundError when nothing
+    matches, and TokenAmbiguousError when a fingerprint prefix matches several entries
+    (the file is left as it is in all three cases).
+    """
+    doc = _read_valid(path)
+    items: list[dict[str, Any]] = doc.get("tokens", [])
+    prefix = fingerprint.lower()
+    if user:
+        matches = [i for i, item in enumerate(items) if item["user"] == user]
+        what = f"user {user}"
+    else:
+        matches = [i for i, item in enumerate(items) if item["sha256"].lower().startswith(prefix)]
+        what = f"fingerprint {fingerprint}"
+    if not matches:
+        raise TokenNotFoundError(f"no token in {path} matches {what}")
+    if not user and len(matches) > 1:
+        raise TokenAmbiguousError(
+            f"{what} matches {len(matches)} tokens in {path}; give more of the fingerprint"
+        )
+    removed = [_entry(items[i]) for i in matches]
+    doc["tokens"] = [item for i, item in enumerate(items) if i not in matches]
+    _write_doc(path, doc)
+    return removed
+
+
+class TokenNotFoundError(LookupError):
+    """No entry of the tokens file matches; the message names the file and the criterion."""
+
+
+class TokenAmbiguousError(LookupError):
+    """A fingerprint prefix matches several entries; the message says how many."""
+
+
+def _read_valid(path: Path) -> dict[str, Any]:
+    load_tokens(path)  # TokensFileError for a file that is missing or not valid
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _entry(item: dict[str, Any]) -> TokenEntry:
+    created = item.get("created")
+    return TokenEntry(
+        user=item["user"],
+        roles=tuple(item.get("roles", [])),
+        fingerprint=item["sha256"].lower()[:FINGERPRINT_LEN],
+        created=None if created is None else str(created),
+    )
+
+
+def _write_doc(path: Path, doc: dict[str, Any]) -> None:
+    """Replaces the file in one step, so the server's reload never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        tomli_w.dump(doc, f)
+    os.replace(tmp, path)

@@ -106,6 +106,7 @@ class AsyncRunClient:
         stream_timeout: float | None = None,
         channel_options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
+        self.address = address
         options = [*CHANNEL_OPTIONS, *channel_options]
         if tls is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
@@ -132,6 +133,20 @@ class AsyncRunClient:
     async def close(self) -> None:
         """Closes the channel."""
         await self._channel.close()
+
+    async def wait_connected(
+        self,
+        timeout: float,  # noqa: ASYNC109 - how long to wait is this call's whole point
+    ) -> None:
+        """Returns once the channel is connected to the server; UnavailableError naming the
+        address if it is not within `timeout` seconds (the channel keeps its backoff)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise UnavailableError(
+                f"cannot reach the server at {self.address} (not connected within {timeout:g}s)",
+                metadata={"address": self.address},
+            ) from None
 
     async def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._token

@@ -48,6 +48,10 @@ class RunClient:
         self._thread.join()
         self._loop.close()
 
+    def wait_connected(self, timeout: float) -> None:
+        """Returns once connected; UnavailableError after `timeout` seconds (see AsyncRunClient)."""
+        self._run(self._aio.wait_connected(timeout))
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
