@@ -43,7 +43,7 @@ from runservice.runtime.policies import Limits
 from runservice.store import SqlRunStore, open_store
 from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
 from runservice.store.preflight import DatabaseRefusedError
-from runservice.tokens import TokensFileError, ensure_dev_token
+from runservice.tokens import TokensFileError, ensure_dev_token, load_tokens
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -265,16 +265,11 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     StartupError when the data directory, the tokens file or the database cannot be used.
     """
     _prepare_data_dir(settings.data_dir)
+    if settings.dev_token:  # first: on a first start it creates the tokens file read below
+        _ensure_dev_token(settings)
     with _file_refusals():
         authentication = build_authentication(settings)
     credentials = server_credentials(settings)
-    if settings.dev_token:
-        try:
-            ensure_dev_token(settings.data_dir, settings.tokens_path)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot write the development token in {settings.data_dir}: {exc.strerror}"
-            ) from exc
     # Reconciliation marks every unfinished run INTERRUPTED: that is only right when no
     # other live server owns them, so a SQLite file serves one process at a time. On
     # PostgreSQL, replicas share the database and each has a data dir of its own.
@@ -290,6 +285,30 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         if lock is not None:
             lock.release()
         raise
+
+
+DEV_TOKEN_FILE = "dev-token"  # where tokens.ensure_dev_token writes it, in the data dir
+
+
+def _ensure_dev_token(settings: Settings) -> None:
+    """Writes the development token if absent and logs where it is (never what it is).
+
+    StartupError for a tokens file that is not valid (refused before it is touched) or a
+    file that cannot be written.
+    """
+    with _file_refusals():
+        if settings.tokens_path.exists():
+            load_tokens(settings.tokens_path)
+    try:
+        ensure_dev_token(settings.data_dir, settings.tokens_path)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write the development token in {settings.data_dir}: {exc.strerror}"
+        ) from exc
+    logger.info(
+        "development token of the admin user 'dev' is in %s (mode 600)",
+        settings.data_dir / DEV_TOKEN_FILE,
+    )
 
 
 REPLICA_ID_FILE = "replica-id"
@@ -538,6 +557,10 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     await stop.wait()
     for chore in chores:
         chore.cancel()
-    logger.info("shutting down: draining runs for up to %.0fs", settings.drain_timeout)
+    logger.info(
+        "shutting down: draining runs for up to %.0fs; a second Ctrl-C (SIGINT or SIGTERM) "
+        "interrupts them at once",
+        settings.drain_timeout,
+    )
     await app.stop()
     return 0

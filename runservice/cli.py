@@ -228,16 +228,11 @@ def _fingerprint(text: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runservice import workers
+    from runservice import logs, workers
     from runservice.app import serve
 
     settings = config.settings_from_args(args)
-    # A worker's lines go to its parent's stderr, among its peers': each says whose it is.
-    who = "" if settings.worker_index is None else f"[worker {settings.worker_index}] "
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format, settings.worker_index)
     if settings.workers > 1 and settings.worker_index is None:
         return workers.serve(settings)
     ready = args.worker_ready_fd

@@ -48,6 +48,9 @@ def parse_size(text: str) -> int:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
@@ -157,6 +160,7 @@ class Settings:
     admins: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     log_level: str = "info"
+    log_format: str = "text"
     event_loop: str = "uvloop"
 
     @property
@@ -320,6 +324,13 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("jwt-user-claim", "the JWT claim naming the user", str, "sub"),
     _Option("jwt-roles-claim", "the JWT claim listing roles", str, "roles"),
     _Option("log-level", "debug, info, warning or error", lambda v: _choice(v, LOG_LEVELS), "info"),
+    _Option(
+        "log-format",
+        "stderr log lines: text (for people) or json (one object a line: time, level, "
+        "logger, message and fields such as run_id; see docs/operations.md)",
+        lambda v: _choice(v, LOG_FORMATS),
+        Settings.log_format,
+    ),
     _Option(
         "event-loop",
         "the asyncio event loop: uvloop (faster) or asyncio (the standard library's)",

@@ -56,13 +56,22 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
 
 
 def has_token(path: Path, token: str) -> bool:
-    """True when the tokens file holds `token`'s digest."""
+    """True when the tokens file holds `token`'s digest; TokensFileError if it cannot be
+    read as one."""
     if not path.exists():
         return False
     digest = hash_token(token)
-    with path.open("rb") as f:
-        doc = tomllib.load(f)
-    return any(item.get("sha256", "").lower() == digest for item in doc.get("tokens", []))
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
+    tokens = doc.get("tokens", [])
+    return isinstance(tokens, list) and any(
+        isinstance(item, dict) and str(item.get("sha256", "")).lower() == digest for item in tokens
+    )
 
 
 def ensure_dev_token(data_dir: Path, tokens_file: Path) -> str:

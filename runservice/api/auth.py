@@ -91,7 +91,11 @@ class TokensFileAuthenticator:
             st = os.stat(self._path)
         except FileNotFoundError:
             if self._stamp is not None or not self._warned:
-                logger.warning("tokens file %s does not exist: no token is accepted", self._path)
+                logger.warning(
+                    "tokens file %s does not exist: no token is accepted until it is created "
+                    "(`runservice tokens add`)",
+                    self._path,
+                )
                 self._warned = True
             self._by_hash, self._stamp = {}, None
             return

@@ -81,7 +81,7 @@ def to_status(exc: BaseException) -> grpc.Status:
     if isinstance(exc, errors.RunServiceError):
         return rich_status(status_for(exc), exc.message, exc.reason, exc.metadata)
     error_id = uuid.uuid4().hex[:16]
-    logger.error("internal error %s", error_id, exc_info=exc)
+    logger.error("internal error %s", error_id, exc_info=exc, extra={"error_id": error_id})
     return rich_status(
         grpc.StatusCode.INTERNAL,
         f"internal error (error id {error_id}); the server log has the details",

@@ -196,6 +196,19 @@ MAX_EVENT_BYTES = 1024 * 1024
 of the largest result it may return (as JSON): the server's --max-event-size."""
 
 
+def log_fields(run: Run, state: RunState | None = None, **more: object) -> dict[str, object]:
+    """The structured fields of a line about `run` (`extra=` of the logging call): run_id,
+    owner, agent, and `state` (the run's own unless given), then `more` that are not None."""
+    fields: dict[str, object] = {
+        "run_id": run.run_id,
+        "owner": run.owner,
+        "agent": run.agent,
+        "state": (state or run.state).value,
+    }
+    fields.update((key, value) for key, value in more.items() if value is not None)
+    return fields
+
+
 def _json_size(value: Mapping[str, Any]) -> int:
     return len(json.dumps(value, separators=(",", ":"), default=str))
 
@@ -233,11 +246,14 @@ async def drive_run(
         logger.error(
             "run %s dropped here: this server's lease on it is gone (another replica ended it)",
             live.run_id,
+            extra=log_fields(live.run),
         )
         on_lost(live)
     except StoreError:
         live.advance(Phase.ENDED)
-        logger.error("run %s abandoned: its log could not be stored", live.run_id)
+        logger.error(
+            "run %s abandoned: its log could not be stored", live.run_id, extra=log_fields(live.run)
+        )
         on_lost(live)
 
 
@@ -360,12 +376,18 @@ async def _cancel_agent(
             result = returned
     elif agent_task not in done:
         logger.warning(
-            "run %s: agent ignored cancellation for %.1fs; abandoned", live.run_id, grace
+            "run %s: agent ignored cancellation for %.1fs; abandoned",
+            live.run_id,
+            grace,
+            extra=log_fields(live.run, request.state),
         )
         agent_task.add_done_callback(_consume_result)
     elif not agent_task.cancelled() and agent_task.exception() is not None:
         logger.info(
-            "run %s: agent raised during cleanup", live.run_id, exc_info=agent_task.exception()
+            "run %s: agent raised during cleanup",
+            live.run_id,
+            exc_info=agent_task.exception(),
+            extra=log_fields(live.run, request.state),
         )
     live.advance(Phase.CLOSING)
     failure = _failure_for(request)
@@ -389,8 +411,9 @@ def _outcome_of(live: LiveRun, agent_task: asyncio.Task[Any], limit: int) -> _Ou
 
 def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
     error_id = uuid.uuid4().hex[:16]
+    fields = log_fields(live.run, RunState.FAILED, error_id=error_id)
     if isinstance(exc, RunError):
-        logger.info("run %s failed (error id %s): %s", live.run_id, error_id, exc)
+        logger.info("run %s failed (error id %s): %s", live.run_id, error_id, exc, extra=fields)
         failure = RunFailure("UNKNOWN", str(exc) or "the agent reported a failure", error_id)
     else:
         logger.error(
@@ -398,6 +421,7 @@ def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
             live.run_id,
             error_id,
             exc_info=(type(exc), exc, exc.__traceback__),
+            extra=fields,
         )
         failure = RunFailure(
             "INTERNAL", f"the agent failed unexpectedly (error id {error_id})", error_id
@@ -435,7 +459,7 @@ def start_now(live: LiveRun, writer: Writer, clock: Clock) -> asyncio.Future[Non
 async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
     live.advance(Phase.CLOSING)
     try:
-        await _commit_end(live, writer, clock, outcome)
+        ended = await _commit_end(live, writer, clock, outcome)
     except StoreError:
         if live.log.broken is None or live.log.fenced:
             raise
@@ -444,13 +468,21 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
         # seq after the last one committed.
         request = EndRequest(RunState.FAILED, LOG_GIVEN_UP)
         outcome = _Outcome(request.state, live.partial, _failure_for(request), request.reason)
-        await _commit_end(live, writer, clock, outcome)
+        ended = await _commit_end(live, writer, clock, outcome)
     live.advance(Phase.ENDED)
-    logger.info("run %s ended %s", live.run_id, outcome.state.value)
+    logger.info("run %s ended %s", live.run_id, outcome.state.value, extra=_end_fields(ended))
 
 
-async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
-    """Commits the run's terminal event and its row's final state together."""
+def _end_fields(ended: Run) -> dict[str, object]:
+    """log_fields of a run's end line, with how long the run lived (queued time included)."""
+    assert ended.ended_at is not None
+    lived = (ended.ended_at - ended.created_at).total_seconds()
+    error_id = ended.error.error_id if ended.error is not None else None
+    return log_fields(ended, duration_s=round(lived, 3), error_id=error_id)
+
+
+async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> Run:
+    """Commits the run's terminal event and its row's final state together; returns the row."""
     now = clock.now()
     result = dict(outcome.result) if outcome.result is not None else None
     event = RunEvent(
@@ -471,6 +503,7 @@ async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Out
         last_seq=event.seq,
     )
     await writer.commit_run(event=(live.log, event), updated=updated)
+    return updated
 
 
 ORPHAN_FAILURE = RunFailure(
