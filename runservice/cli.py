@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     _add_tokens_command(sub)
+    _add_config_command(sub)
 
     def client_command(
         name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]
@@ -209,6 +210,62 @@ def _add_tokens_command(sub: Any) -> None:
     revoke.set_defaults(handler=_tokens_revoke)
 
 
+def _add_config_command(sub: Any) -> None:
+    """`runservice config check FILE`: the server's configuration file, checked offline."""
+    cfg = sub.add_parser("config", help="check a server configuration file (serve --config)")
+    cfg_sub = cfg.add_subparsers(metavar="ACTION")
+    check = cfg_sub.add_parser(
+        "check",
+        help="report every problem of FILE, one line each (exit 1), else print `FILE: ok`",
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="the configuration file (TOML)")
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the settings FILE gives over the defaults, by key, as JSON (durations in "
+        "seconds, sizes in bytes, --db without its password); flags and RUNSERVICE_* "
+        "variables are not read",
+    )
+    check.set_defaults(handler=_config_check)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        values = config.read_config_file(args.file)
+    except config.ConfigFileError as exc:
+        _print_problems(exc.problems, args.json)
+        return 1
+    if not args.json:
+        print(f"{args.file}: ok")
+        return 0
+    document = config.file_document(config.Settings(**values))
+    if document["db"]:
+        document["db"] = _without_password(document["db"])
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+def _print_problems(problems: list[str], as_json: bool) -> None:
+    """A configuration file's problems on stderr: one line each, or one JSON error object
+    whose `problems` lists them."""
+    if as_json:
+        error = {"code": "INVALID_ARGUMENT", "reason": "", "message": "; ".join(problems)}
+        print(json.dumps({**error, "problems": problems}), file=sys.stderr, flush=True)
+        return
+    for line in problems:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not shown: not a database URL, and it may hold a password)"
+
+
 def _seq(text: str) -> int:
     try:
         value = int(text)
@@ -231,7 +288,11 @@ def _serve(args: argparse.Namespace) -> int:
     from runservice import logs, workers
     from runservice.app import serve
 
-    settings = config.settings_from_args(args)
+    try:
+        settings = config.settings_from_args(args)
+    except config.ConfigFileError as exc:
+        _print_problems(exc.problems, as_json=False)
+        return 1
     logs.configure(settings.log_level, settings.log_format, settings.worker_index)
     if settings.workers > 1 and settings.worker_index is None:
         return workers.serve(settings)

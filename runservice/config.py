@@ -1,4 +1,5 @@
-"""Server settings: every option is a `runservice serve` flag and a RUNSERVICE_* variable.
+"""Server settings: every option is a `runservice serve` flag, a RUNSERVICE_* variable and a
+key of the configuration file (--config), in that order of precedence.
 
 Parsed once, here. Durations are written like `30s`, `5m`, `7d`; sizes like `4MiB`.
 """
@@ -6,9 +7,11 @@ Parsed once, here. Durations are written like `30s`, `5m`, `7d`; sizes like `4Mi
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,16 @@ def _choice(value: str, choices: tuple[str, ...]) -> str:
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
     return value.lower()
+
+
+class _OneOf:
+    """A parser of one of `choices`, in any case; a word, so never a number in a file."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def __call__(self, text: str) -> str:
+        return _choice(text, self.choices)
 
 
 def is_loopback(address: str) -> bool:
@@ -183,6 +196,23 @@ class _Option:
     secret: bool = False
     """May hold a password: passed on to another process in its variable, never as a flag
     (any user of the machine can read a command line)."""
+
+    @property
+    def attr(self) -> str:
+        """The Settings field: --stop-grace → stop_grace."""
+        return self.flag.replace("-", "_")
+
+    @property
+    def takes_number(self) -> bool:
+        """A count, a duration or a size: a configuration file may give it as a number."""
+        return self.type not in (str, Path) and not isinstance(self.type, _OneOf)
+
+    def parse(self, text: str) -> Any:
+        """`text` as the flag takes it; raises argparse.ArgumentTypeError saying why not."""
+        try:
+            return self.type(text)
+        except ValueError:  # from `int`, in Python's words
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 OPTIONS: tuple[_Option, ...] = (
@@ -311,7 +341,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(
         "mtls-identity",
         "the client certificate field naming the user: cn or san",
-        lambda v: _choice(v, ("cn", "san")),
+        _OneOf(("cn", "san")),
         "cn",
     ),
     _Option("jwt-issuer", "accept JWTs from this issuer (iss); enables JWT auth", str, "none"),
@@ -323,18 +353,18 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("jwt-leeway", "clock skew tolerated on exp and nbf", parse_duration, "30s"),
     _Option("jwt-user-claim", "the JWT claim naming the user", str, "sub"),
     _Option("jwt-roles-claim", "the JWT claim listing roles", str, "roles"),
-    _Option("log-level", "debug, info, warning or error", lambda v: _choice(v, LOG_LEVELS), "info"),
+    _Option("log-level", "debug, info, warning or error", _OneOf(LOG_LEVELS), "info"),
     _Option(
         "log-format",
         "stderr log lines: text (for people) or json (one object a line: time, level, "
         "logger, message and fields such as run_id; see docs/operations.md)",
-        lambda v: _choice(v, LOG_FORMATS),
+        _OneOf(LOG_FORMATS),
         Settings.log_format,
     ),
     _Option(
         "event-loop",
         "the asyncio event loop: uvloop (faster) or asyncio (the standard library's)",
-        lambda v: _choice(v, EVENT_LOOPS),
+        _OneOf(EVENT_LOOPS),
         "uvloop",
     ),
 )
@@ -352,6 +382,15 @@ def env_name(flag: str) -> str:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds every server option to `parser`, defaulting from the environment."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='TOML file of server options, keys named as the flags (listen = "HOST:PORT", '
+        'drain-timeout = "30s", agent = [...]); flags and variables win over it; '
+        "`runservice config check FILE` checks it (env RUNSERVICE_CONFIG; default none)",
+    )
     for opt in OPTIONS:
         env = env_name(opt.flag)
         parser.add_argument(
@@ -375,15 +414,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="give USER the admin role whatever authenticated them; repeatable "
         "(env RUNSERVICE_ADMIN, comma-separated)",
     )
+    # --no-*: a flag can also turn off what the environment or a configuration file turned on.
     parser.add_argument(
         "--insecure-no-auth",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="accept calls without credentials as user 'anonymous'; only on a loopback "
         "address (env RUNSERVICE_INSECURE_NO_AUTH=1)",
     )
     parser.add_argument(
         "--dev-token",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="create a development token (admin) in DATA_DIR/dev-token, mode 600, if absent "
         "(env RUNSERVICE_DEV_TOKEN=1)",
     )
@@ -392,34 +434,148 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
+_TRUTHY = ("1", "true", "yes")
+
+
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
-    """Settings from parsed flags, then the environment, then the defaults."""
+    """Settings from parsed flags, then the environment, then the configuration file
+    (--config, else RUNSERVICE_CONFIG), then the defaults.
+
+    Raises ConfigFileError listing every problem of the file, and SystemExit naming a
+    variable that does not parse.
+    """
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) or env.get("RUNSERVICE_CONFIG")
+    values = read_config_file(Path(config_file)) if config_file else {}
     for opt in OPTIONS:
-        attr = opt.flag.replace("-", "_")
-        value = getattr(args, attr, None)
+        value = getattr(args, opt.attr, None)
         if value is None and env_name(opt.flag) in env:
             try:
-                value = opt.type(env[env_name(opt.flag)])
-            except (argparse.ArgumentTypeError, ValueError) as exc:
+                value = opt.parse(env[env_name(opt.flag)])
+            except argparse.ArgumentTypeError as exc:
                 raise SystemExit(f"{env_name(opt.flag)}: {exc}") from None
         if value is not None:
-            values[attr] = value
-    agents = args.agent or _list(env.get("RUNSERVICE_AGENT", ""))
-    values["agents"] = tuple(agents)
-    truthy = ("1", "true", "yes")
-    admins = args.admin or _list(env.get("RUNSERVICE_ADMIN", ""))
-    values["admins"] = tuple(admins)
-    values["insecure_no_auth"] = (
-        args.insecure_no_auth or env.get("RUNSERVICE_INSECURE_NO_AUTH", "").lower() in truthy
-    )
-    values["dev_token"] = args.dev_token or env.get("RUNSERVICE_DEV_TOKEN", "").lower() in truthy
+            values[opt.attr] = value
+    for flag, attr in _LIST_KEYS.items():
+        given = getattr(args, flag, None) or _list(env.get(env_name(flag), ""))
+        if given:
+            values[attr] = tuple(given)
+    for flag, attr in _BOOLEAN_KEYS.items():
+        switch = getattr(args, attr, None)
+        variable = env.get(env_name(flag), "")
+        if switch is not None:
+            values[attr] = switch
+        elif variable:
+            values[attr] = variable.lower() in _TRUTHY
     values["worker_index"] = getattr(args, "worker_index", None)
     return Settings(**values)
 
 
-_OTHER_FLAGS = ("agent", "admin", "insecure-no-auth", "dev-token")
+# -- the configuration file -----------------------------------------------------------------
+
+# Keys of the configuration file beyond OPTIONS' flags, with their Settings fields.
+_LIST_KEYS = {"agent": "agents", "admin": "admins"}
+_BOOLEAN_KEYS = {"insecure-no-auth": "insecure_no_auth", "dev-token": "dev_token"}
+_OPTIONS_BY_FLAG = {opt.flag: opt for opt in OPTIONS}
+FILE_KEYS = (*_OPTIONS_BY_FLAG, *_LIST_KEYS, *_BOOLEAN_KEYS)
+"""Every key a configuration file may hold: the flags of `runservice serve`, without --."""
+
+
+class ConfigFileError(Exception):
+    """A configuration file that cannot be used. `problems` has one line per problem, each
+    naming the file and the key (or the line and column of a TOML syntax error)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _ValueProblemError(Exception):
+    """What is wrong with one key of a configuration file."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The Settings fields a configuration file sets, parsed as their flags are (a TOML
+    number is taken where a count, duration or size is meant, as seconds or bytes).
+
+    Raises ConfigFileError listing every problem, not only the first.
+    """
+    try:
+        document = tomllib.loads(path.read_bytes().decode())
+    except OSError as exc:
+        raise ConfigFileError([f"{path}: cannot read it: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError([f"{path}: not valid TOML: {exc}"]) from None
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, raw in document.items():
+        try:
+            attr, value = _file_value(key, raw)
+        except _ValueProblemError as exc:
+            problems.append(f"{path}: {key}: {exc}")
+        else:
+            values[attr] = value
+    if problems:
+        raise ConfigFileError(problems)
+    return values
+
+
+def _file_value(key: str, raw: object) -> tuple[str, Any]:
+    """The Settings field `key` sets and its value; raises _ValueProblemError."""
+    if key in _LIST_KEYS:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise _ValueProblemError(f"expected an array of strings, got {_toml_type(raw)}")
+        return _LIST_KEYS[key], tuple(raw)
+    if key in _BOOLEAN_KEYS:
+        if not isinstance(raw, bool):
+            raise _ValueProblemError(f"expected true or false, got {_toml_type(raw)}")
+        return _BOOLEAN_KEYS[key], raw
+    opt = _OPTIONS_BY_FLAG.get(key)
+    if opt is None:
+        raise _ValueProblemError(_unknown_key(key))
+    number = isinstance(raw, int | float) and not isinstance(raw, bool)
+    if not isinstance(raw, str) and not (number and opt.takes_number):
+        expected = "a number or a string" if opt.takes_number else "a string"
+        raise _ValueProblemError(f"expected {expected}, got {_toml_type(raw)}")
+    try:
+        return opt.attr, opt.parse(raw if isinstance(raw, str) else _flag_text(raw))
+    except argparse.ArgumentTypeError as exc:
+        raise _ValueProblemError(str(exc)) from None
+
+
+def _unknown_key(key: str) -> str:
+    """Says `key` is unknown, and which key was meant when one is close."""
+    close = difflib.get_close_matches(key.replace("_", "-").lower(), FILE_KEYS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; see `runservice serve --help`"
+    return "unknown key" + hint
+
+
+def _toml_type(value: object) -> str:
+    """What TOML calls the type of `value`, with its article."""
+    if isinstance(value, list):
+        kinds = sorted({_toml_type(item) for item in value if not isinstance(item, str)})
+        return f"an array holding {kinds[0]}" if kinds else "an array"
+    names = [(bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string")]
+    names += [(dict, "a table")]
+    return next((name for kind, name in names if isinstance(value, kind)), "a date or time")
+
+
+def file_document(settings: Settings) -> dict[str, Any]:
+    """`settings` by configuration file key, as JSON: durations in seconds, sizes in bytes,
+    paths as strings, unset paths as null."""
+    document: dict[str, Any] = {}
+    for opt in OPTIONS:
+        value = getattr(settings, opt.attr)
+        document[opt.flag] = str(value) if isinstance(value, Path) else value
+    for flag, attr in (*_LIST_KEYS.items(), *_BOOLEAN_KEYS.items()):
+        value = getattr(settings, attr)
+        document[flag] = list(value) if isinstance(value, tuple) else value
+    return document
+
+
+_OTHER_FLAGS = ("config", "agent", "admin", "insecure-no-auth", "dev-token")
 
 
 def server_variables() -> frozenset[str]:
@@ -430,14 +586,17 @@ def server_variables() -> frozenset[str]:
 def serve_invocation(settings: Settings) -> tuple[list[str], dict[str, str]]:
     """Flags and variables of `runservice serve` that give back `settings` where none of
     server_variables() is otherwise set: --data-dir and every option not at its default,
-    as a flag or, if it may hold a password, as its variable."""
+    as a flag or, if it may hold a password, as its variable.
+
+    Never --config: `settings` already hold what a configuration file gave, and a file read
+    again would bring back values that flags or variables had overridden with the default.
+    """
     defaults = Settings(data_dir=settings.data_dir)
     argv = [f"--data-dir={settings.data_dir}"]
     env: dict[str, str] = {}
     for opt in OPTIONS:
-        attr = opt.flag.replace("-", "_")
-        value = getattr(settings, attr)
-        if value == getattr(defaults, attr):
+        value = getattr(settings, opt.attr)
+        if value == getattr(defaults, opt.attr):
             continue
         if opt.secret:
             env[env_name(opt.flag)] = _flag_text(value)
