@@ -1,5 +1,6 @@
 # runservice developer and CI entry points. Every target installs what it needs:
-# a fresh machine needs only python3 (3.11+), node 20 + npm, and make.
+# `make run` needs only python3 (3.11+) and make; `make test` also node 20 + npm, Go 1.26+
+# and PostgreSQL's server binaries (.ci/run installs them with apt).
 #
 #   make venv         create .venv and install the package with its dev extras
 #   make proto        regenerate runservice/v1 from protos/
@@ -12,7 +13,7 @@
 #   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
 #   make faults       the fault matrix against real server processes (docs/reliability/faults.md)
 #   make soak         mixed load for DURATION (default 30m), sampled and plotted (docs/reliability/soak.md)
-#   make run          start a development server
+#   make run          start a development server (installs the package without its dev extras)
 #   make cluster      three replicas on a private PostgreSQL (.cluster/); Ctrl-C stops them
 #   make clean        remove caches and build output (distclean: also .venv, node_modules)
 
@@ -23,7 +24,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
+# Two stamps: the package with its dev extras (tests, linters, generators) for every
+# target but run, and the package alone (what serving needs) for run. The dev install
+# includes the serving one, so it stamps both.
 VENV_STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 PROTO_DIR := protos
 BUF_STAMP := $(PROTO_DIR)/node_modules/.installed
@@ -105,6 +110,16 @@ $(VENV_STAMP): pyproject.toml
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
 	$(VENV_PY) -m pip install --quiet -e '.[dev]'
+	touch $(RUN_STAMP) $@
+
+# Serving only: no dev extras. A venv whose dev install is current (an older Makefile
+# made no run stamp) already has all of it.
+$(RUN_STAMP): pyproject.toml
+	if [ ! $(VENV_STAMP) -nt pyproject.toml ]; then \
+		test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV); \
+		$(VENV_PY) -m pip install --quiet --upgrade pip; \
+		$(VENV_PY) -m pip install --quiet -e .; \
+	fi
 	touch $@
 
 # --- buf (pinned in protos/package.json, locked in protos/package-lock.json) --
@@ -212,7 +227,7 @@ test-typescript:
 
 # --- Running ----------------------------------------------------------------
 
-run: $(VENV_STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/runservice serve --dev-token
 
 # Three replicas on 127.0.0.1:50061-50063 sharing a private PostgreSQL (127.0.0.1:50060) and

@@ -92,19 +92,35 @@ async def crashable(tmp_path: Path) -> AsyncIterator[Crashable]:
         await server.stop()
 
 
-async def _run_program(command: list[str], server: Crashable, scenario: str) -> dict[str, Any]:
-    """Runs one example; crashes the server at its crash phase; returns its summary."""
+def _dev_token_env(home: Path, token: str) -> dict[str, str]:
+    """An environment whose only token is a dev-token file in RUNSERVICE_HOME, as `make run`'s."""
+    home.mkdir(exist_ok=True)
+    (home / "dev-token").write_text(token + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "RUNSERVICE_TOKEN"}
+    return {**env, "RUNSERVICE_HOME": str(home)}
+
+
+async def _run_program(
+    command: list[str], server: Crashable, scenario: str, *, dev_token_home: Path | None = None
+) -> dict[str, Any]:
+    """Runs one example; crashes the server at its crash phase; returns its summary.
+
+    The token goes on the command line, or, with `dev_token_home`, only in a dev-token file.
+    """
+    if dev_token_home is None:
+        token_args, env = ["--token", server.token], dict(os.environ)
+    else:
+        token_args, env = [], _dev_token_env(dev_token_home, server.token)
     proc = await asyncio.create_subprocess_exec(
         *command,
         "--addr",
         f"127.0.0.1:{server.port}",
-        "--token",
-        server.token,
+        *token_args,
         "--scenario",
         scenario,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(ROOT)},
     )
     assert proc.stdout is not None
     summary: dict[str, Any] | None = None
@@ -122,12 +138,38 @@ async def _run_program(command: list[str], server: Crashable, scenario: str) -> 
     return summary
 
 
-async def test_replay_across_a_restart_is_identical_in_three_languages(
-    programs: dict[str, list[str]], crashable: Crashable
+@pytest.mark.parametrize("lang", ["python", "go", "typescript"])
+def test_help_names_the_token_source_and_never_shows_the_token(
+    programs: dict[str, list[str]], lang: str, tmp_path: Path
 ) -> None:
-    """Replay 1..50, drop, resume from 51 through a SIGKILL restart: the same summary in all."""
+    """--help names where the token comes from and prints neither RUNSERVICE_TOKEN nor dev token."""
+    env = {**_dev_token_env(tmp_path, "dev-secret-1"), "RUNSERVICE_TOKEN": "env-secret-2"}
+    done = subprocess.run(
+        [*programs[lang], "--help"],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    assert "(from RUNSERVICE_TOKEN or the dev token)" in shown
+    assert "secret" not in shown
+
+
+async def test_replay_across_a_restart_is_identical_in_three_languages(
+    programs: dict[str, list[str]], crashable: Crashable, tmp_path: Path
+) -> None:
+    """Replay 1..50, drop, resume from 51 through a SIGKILL restart: the same summary in all.
+
+    No --token here: each program finds the dev token on its own, as the CLI does.
+    """
+    home = tmp_path / "home"
     summaries = {
-        lang: await _run_program(cmd, crashable, "replay") for lang, cmd in programs.items()
+        lang: await _run_program(cmd, crashable, "replay", dev_token_home=home)
+        for lang, cmd in programs.items()
     }
     expected = {
         "scenario": "replay",

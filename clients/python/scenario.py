@@ -2,6 +2,9 @@
 
     python clients/python/scenario.py --addr HOST:PORT --token TOKEN --scenario replay|live
 
+Without --token it uses RUNSERVICE_TOKEN, else, on a loopback address, the development
+token of `make run`, as the runservice CLI does.
+
 Prints JSON lines: progress lines with a "phase" key (a test harness kills and restarts
 the server when it sees them), then a last line {"summary": {...}}. The Go and
 TypeScript examples print the same, so the three can be compared.
@@ -12,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
 import grpc
 
+from runservice import config
 from runservice.client import AsyncRunClient, RetryPolicy
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
@@ -36,15 +41,24 @@ def state_name(state: int) -> str:
     return str(run_pb2.RunState.Name(state)).removeprefix("RUN_STATE_")
 
 
-async def first_events(addr: str, token: str, run_id: str, count: int) -> list[Any]:
+def token_for(addr: str) -> str | None:
+    """RUNSERVICE_TOKEN, else (for a loopback address) the development token, as the CLI."""
+    token = os.environ.get("RUNSERVICE_TOKEN")
+    if token:
+        return token
+    dev = config.default_data_dir() / "dev-token"
+    if config.is_loopback(addr) and dev.exists():
+        return dev.read_text().strip()
+    return None
+
+
+async def first_events(addr: str, token: str | None, run_id: str, count: int) -> list[Any]:
     """The first `count` events through a plain stub: one stream, no resume, then dropped."""
     events: list[Any] = []
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.RunServiceStub(channel)
-        call = stub.Subscribe(
-            pb.SubscribeRequest(run_id=run_id, from_seq=1),
-            metadata=(("authorization", f"Bearer {token}"),),
-        )
+        call = stub.Subscribe(pb.SubscribeRequest(run_id=run_id, from_seq=1), metadata=metadata)
         async for response in call:
             events.extend(response.events)
             if len(events) >= count:
@@ -53,7 +67,7 @@ async def first_events(addr: str, token: str, run_id: str, count: int) -> list[A
     return events[:count]
 
 
-async def replay(client: AsyncRunClient, addr: str, token: str) -> tuple[str, list[Any]]:
+async def replay(client: AsyncRunClient, addr: str, token: str | None) -> tuple[str, list[Any]]:
     """A finished 200-tick run: 50 events, drop, resume from 51 slowly across a crash."""
     run = await client.start_run("ticker", {"count": 200})
     await client.wait(run.run_id)
@@ -99,14 +113,16 @@ def summary(scenario: str, events: list[Any], final: Any) -> dict[str, Any]:
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--addr", required=True)
-    parser.add_argument("--token", required=True)
+    parser.add_argument("--addr", required=True, help="server address, HOST:PORT")
+    # The token's source is named, never its value: --help must not print a secret.
+    parser.add_argument("--token", help="bearer token (from RUNSERVICE_TOKEN or the dev token)")
     parser.add_argument("--scenario", choices=("replay", "live"), required=True)
     args = parser.parse_args()
+    token = args.token or token_for(args.addr)
     retry = RetryPolicy(initial_backoff=0.1, max_backoff=2.0, give_up_after=30.0)
-    async with AsyncRunClient(args.addr, token=args.token, retry=retry) as client:
+    async with AsyncRunClient(args.addr, token=token, retry=retry) as client:
         if args.scenario == "replay":
-            run_id, events = await replay(client, args.addr, args.token)
+            run_id, events = await replay(client, args.addr, token)
         else:
             run_id, events = await live(client)
         final = await client.get_run(run_id)

@@ -5,9 +5,11 @@
  *   RUNSERVICE_ADDR=127.0.0.1:50051 RUNSERVICE_TOKEN=... node dist/examples/quickstart.js
  */
 import { NotFoundError, RunClient, stateName } from "../src/index";
+import { addrFromEnv, tokenFromEnv } from "./env";
 
-const addr = process.env.RUNSERVICE_ADDR ?? "127.0.0.1:50051";
-const token = process.env.RUNSERVICE_TOKEN;
+// As the runservice CLI: without RUNSERVICE_TOKEN, a loopback address gets the dev token.
+const addr = addrFromEnv();
+const token = tokenFromEnv(addr);
 
 async function main(): Promise<void> {
   const client = new RunClient(addr, { token });

@@ -4,6 +4,9 @@
  *
  *   node dist/examples/scenario.js --addr HOST:PORT --token TOKEN --scenario replay|live
  *
+ * Without --token it uses RUNSERVICE_TOKEN, else, on a loopback address, the development
+ * token of `make run`, as the runservice CLI does.
+ *
  * stdout: JSON lines, one per line, each written at once: progress lines carry a
  * "phase" key; the last line is {"summary": {...}}. Diagnostics go to stderr. Exit 0 on
  * success; non-zero, with the reason on stderr, on failure.
@@ -19,6 +22,15 @@
 import { parseArgs } from "node:util";
 
 import { RunClient, RunState, TERMINAL_STATES, isTerminalEvent, stateName, type RunEvent } from "../src/index";
+import { tokenFromEnv } from "./env";
+
+// The token's source is named, never its value: --help must not print a secret.
+const USAGE = `usage: scenario.js --addr HOST:PORT [--token TOKEN] --scenario replay|live
+
+  --addr HOST:PORT   server address
+  --token TOKEN      bearer token (from RUNSERVICE_TOKEN or the dev token)
+  --scenario NAME    replay or live
+`;
 
 function emit(line: object): void {
   process.stdout.write(`${JSON.stringify(line)}\n`);
@@ -96,14 +108,20 @@ async function main(): Promise<number> {
       addr: { type: "string" },
       token: { type: "string" },
       scenario: { type: "string" },
+      help: { type: "boolean", short: "h" },
     },
     strict: true,
   });
-  const { addr, token, scenario } = values;
-  if (!addr || !token || (scenario !== "replay" && scenario !== "live")) {
-    log("usage: scenario.js --addr HOST:PORT --token TOKEN --scenario replay|live");
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const { addr, scenario } = values;
+  if (!addr || (scenario !== "replay" && scenario !== "live")) {
+    process.stderr.write(USAGE);
     return 2;
   }
+  const token = values.token || tokenFromEnv(addr);
 
   // Reads give up after 30 s without progress; the GetRun below retries UNAVAILABLE as long.
   const client = new RunClient(addr, { token, retry: { giveUpAfterMs: 30_000 } });

@@ -2,24 +2,32 @@
 // snippet in docs/clients.md is taken from it.
 //
 //	RUNSERVICE_ADDR=127.0.0.1:50051 RUNSERVICE_TOKEN=... go run ./cmd/quickstart
+//
+// Like the runservice CLI, it defaults to 127.0.0.1:50051 and, with RUNSERVICE_TOKEN
+// unset and a loopback address, uses the development token of `make run`.
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log"
-	"os"
 
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/runservice/runservice/clients/go/internal/clienv"
 	"github.com/runservice/runservice/clients/go/runservice"
 	runservicev1 "github.com/runservice/runservice/clients/go/runservice/v1"
 )
 
 func main() {
 	ctx := context.Background()
-	addr, token := os.Getenv("RUNSERVICE_ADDR"), os.Getenv("RUNSERVICE_TOKEN")
+	addr := clienv.Addr()
+	token, err := clienv.Token(addr)
+	if err != nil {
+		log.Fatal(err)
+	}
 
 	c, err := runservice.Dial(ctx, addr, runservice.WithToken(token))
 	if err != nil {
@@ -36,6 +44,10 @@ func main() {
 		if err != nil {
 			log.Fatal(err) // e.g. errors.Is(err, runservice.ErrRunNotFound)
 		}
+		if ev.GetType() != runservice.StateEventType {
+			fmt.Println(ev.GetSeq(), ev.GetType(), payload(ev))
+			continue
+		}
 		fmt.Println(ev.GetSeq(), ev.GetType(), runservice.StateName(ev.GetState()))
 	}
 
@@ -43,4 +55,22 @@ func main() {
 	if errors.Is(err, runservice.ErrRunNotFound) {
 		fmt.Println("not found:", err)
 	}
+}
+
+// payload is an ordinary event's content as the runservice CLI's tail shows it:
+// the text, the data as JSON, or the size of the bytes.
+func payload(ev *runservicev1.RunEvent) string {
+	switch p := ev.GetPayload().(type) {
+	case *runservicev1.RunEvent_Text:
+		return p.Text
+	case *runservicev1.RunEvent_Data:
+		data, err := json.Marshal(p.Data.AsMap())
+		if err != nil {
+			return fmt.Sprintf("<%v>", err)
+		}
+		return string(data)
+	case *runservicev1.RunEvent_Binary:
+		return fmt.Sprintf("<%d bytes>", len(p.Binary))
+	}
+	return ""
 }

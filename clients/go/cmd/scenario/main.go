@@ -6,6 +6,9 @@
 //
 //	scenario --addr 127.0.0.1:50051 --token TOKEN --scenario replay|live
 //
+// Without --token it uses RUNSERVICE_TOKEN, else, on a loopback address, the
+// development token of `make run`, as the runservice CLI does.
+//
 // replay: start a 200-tick run and wait for it to finish; read events 1..50
 // with a plain Subscribe and cancel it; then follow from 51 with the resuming
 // Subscribe, slowly, across a server restart, to the terminal event.
@@ -23,6 +26,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"os/signal"
@@ -31,6 +35,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/runservice/runservice/clients/go/internal/clienv"
 	"github.com/runservice/runservice/clients/go/runservice"
 	runservicev1 "github.com/runservice/runservice/clients/go/runservice/v1"
 )
@@ -100,13 +105,18 @@ func main() {
 	log.SetPrefix("scenario: ")
 	log.SetOutput(os.Stderr)
 
-	addr := flag.String("addr", "127.0.0.1:50051", "server address, HOST:PORT")
-	token := flag.String("token", os.Getenv("RUNSERVICE_TOKEN"), "bearer token (default $RUNSERVICE_TOKEN)")
-	scenario := flag.String("scenario", "", "replay or live")
-	flag.Parse()
-	if *scenario != "replay" && *scenario != "live" {
-		fmt.Fprintln(os.Stderr, "scenario: --scenario must be replay or live")
+	a, err := parseArgs(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "scenario: %v\n", err)
 		os.Exit(2)
+	}
+	if a.token == "" {
+		if a.token, err = clienv.Token(a.addr); err != nil {
+			log.Fatalf("reading the development token: %v", err)
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -114,10 +124,33 @@ func main() {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 
-	if err := run(ctx, *addr, *token, *scenario); err != nil {
+	if err := run(ctx, a.addr, a.token, a.scenario); err != nil {
 		log.Printf("FAILED: %v", err)
 		os.Exit(1)
 	}
+}
+
+// args is the command line; an empty token means "find one as the CLI does".
+type args struct {
+	addr, token, scenario string
+}
+
+// parseArgs parses the flags, writing usage and errors to out. The token's
+// default is looked up after parsing, never shown: --help must not print it.
+func parseArgs(argv []string, out io.Writer) (args, error) {
+	var a args
+	fs := flag.NewFlagSet("scenario", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&a.addr, "addr", clienv.DefaultAddr, "server address, HOST:PORT")
+	fs.StringVar(&a.token, "token", "", "bearer token (from RUNSERVICE_TOKEN or the dev token)")
+	fs.StringVar(&a.scenario, "scenario", "", "replay or live")
+	if err := fs.Parse(argv); err != nil {
+		return a, err
+	}
+	if a.scenario != "replay" && a.scenario != "live" {
+		return a, errors.New("--scenario must be replay or live")
+	}
+	return a, nil
 }
 
 func run(ctx context.Context, addr, token, scenario string) error {
