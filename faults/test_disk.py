@@ -41,16 +41,17 @@ def small_disk(path: Path) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> int:
-    """Writes a filler file until the file system is full; its size in bytes."""
+    """Writes a filler file until the file system is full; its size in bytes (0 when the
+    server's own writes had filled it already: then not even the file can be created)."""
     written = 0
-    with (directory / "filler").open("wb") as f:
-        try:
+    try:
+        with (directory / "filler").open("wb") as f:
             while True:
                 f.write(b"\0" * CHUNK)
                 f.flush()
                 written += CHUNK
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
     # Squeeze out the last partial chunk too.
     with contextlib.suppress(OSError), (directory / "filler2").open("wb") as f:
         while True:
