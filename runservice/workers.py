@@ -104,6 +104,10 @@ def prepare(settings: Settings) -> str | None:
             return str(exc)
         except OSError as exc:
             return f"cannot write the development token in {settings.data_dir}: {exc.strerror}"
+        logger.info(
+            "development token of the admin user 'dev' is in %s (mode 600)",
+            settings.data_dir / "dev-token",
+        )
     return None
 
 
@@ -284,7 +288,12 @@ class Supervisor:
         if self._stopping.is_set():
             logger.warning("second signal: the workers interrupt their remaining runs now")
         else:
-            logger.info("%s: stopping %d workers", sig.name, len(self._workers))
+            logger.info(
+                "%s: stopping %d workers; a second Ctrl-C (SIGINT or SIGTERM) interrupts "
+                "their runs at once",
+                sig.name,
+                len(self._workers),
+            )
         self._stop_all()
 
     def _give_up(self, reason: str) -> None:
