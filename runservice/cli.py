@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -333,17 +334,25 @@ def _close_loop(loop: asyncio.AbstractEventLoop, limit: float = 2.0) -> None:
     loop.close()
 
 
-def _tokens_add(args: argparse.Namespace) -> int:
-    from runservice.tokens import FINGERPRINT_LEN, TokensFileError, add_token, hash_token
+@contextlib.contextmanager
+def _tokens_file_changes(path: Path) -> Iterator[None]:
+    """A change to the tokens file whose refusals (a file that is not valid, one that
+    cannot be written) are one-line CommandErrors."""
+    from runservice.tokens import TokensFileError
 
     try:
-        token = add_token(args.file, args.user, args.role)
+        yield
     except TokensFileError as exc:
         raise CommandError("FAILED_PRECONDITION", f"{exc}; the file was left as it is") from None
     except OSError as exc:
-        raise CommandError(
-            "FAILED_PRECONDITION", f"cannot write {args.file}: {exc.strerror}"
-        ) from None
+        raise CommandError("FAILED_PRECONDITION", f"cannot write {path}: {exc.strerror}") from None
+
+
+def _tokens_add(args: argparse.Namespace) -> int:
+    from runservice.tokens import FINGERPRINT_LEN, add_token, hash_token
+
+    with _tokens_file_changes(args.file):
+        token = add_token(args.file, args.user, args.role)
     if args.json:
         fingerprint = hash_token(token)[:FINGERPRINT_LEN]
         entry = {"user": args.user, "roles": args.role, "fingerprint": fingerprint}
@@ -378,25 +387,17 @@ def _tokens_list(args: argparse.Namespace) -> int:
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
-    from runservice.tokens import (
-        TokenAmbiguousError,
-        TokenNotFoundError,
-        TokensFileError,
-        revoke_tokens,
-    )
+    from runservice.tokens import TokenAmbiguousError, TokenNotFoundError, revoke_tokens
 
     try:
-        removed = revoke_tokens(args.file, user=args.user or "", fingerprint=args.fingerprint or "")
+        with _tokens_file_changes(args.file):
+            removed = revoke_tokens(
+                args.file, user=args.user or "", fingerprint=args.fingerprint or ""
+            )
     except TokenNotFoundError as exc:
         raise CommandError("NOT_FOUND", str(exc)) from None
     except TokenAmbiguousError as exc:
         raise CommandError("INVALID_ARGUMENT", str(exc)) from None
-    except TokensFileError as exc:
-        raise CommandError("FAILED_PRECONDITION", f"{exc}; the file was left as it is") from None
-    except OSError as exc:
-        raise CommandError(
-            "FAILED_PRECONDITION", f"cannot write {args.file}: {exc.strerror}"
-        ) from None
     if args.json:
         gone = [{"user": e.user, "fingerprint": e.fingerprint} for e in removed]
         print(json.dumps({"revoked": gone}))

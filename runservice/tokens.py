@@ -38,9 +38,7 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
     token = token or new_token()
     doc: dict[str, Any] = {"tokens": []}
     if path.exists():
-        load_tokens(path)  # TokensFileError for a file that is not valid: left as it is
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
+        doc = _read_valid(path)  # TokensFileError for a file that is not valid: left as it is
         doc.setdefault("tokens", [])
     entry: dict[str, Any] = {"user": user, "sha256": hash_token(token)}
     if roles:
@@ -61,14 +59,7 @@ def has_token(path: Path, token: str) -> bool:
     if not path.exists():
         return False
     digest = hash_token(token)
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
-    tokens = doc.get("tokens", [])
+    tokens = _read_document(path).get("tokens", [])
     return isinstance(tokens, list) and any(
         isinstance(item, dict) and str(item.get("sha256", "")).lower() == digest for item in tokens
     )
@@ -93,13 +84,11 @@ def ensure_dev_token(data_dir: Path, tokens_file: Path) -> str:
 def load_tokens(path: Path) -> dict[str, Principal]:
     """Token digests → principals; TokensFileError names the file and its first problem
     (for TOML that does not parse, its line and column)."""
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
+    return _principals(path, _read_document(path))
+
+
+def _principals(path: Path, doc: dict[str, Any]) -> dict[str, Principal]:
+    """The digests → principals of a parsed tokens file; TokensFileError as load_tokens."""
     items = doc.get("tokens", [])
     if not isinstance(items, list):
         raise TokensFileError(
@@ -110,6 +99,17 @@ def load_tokens(path: Path) -> dict[str, Principal]:
         digest, principal = _token_entry(path, i, item)
         entries[digest] = principal
     return entries
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The tokens file as TOML; TokensFileError if it cannot be read or does not parse."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise TokensFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TokensFileError(f"{path} is not valid TOML: {exc}") from exc
 
 
 def _token_entry(path: Path, i: int, item: object) -> tuple[str, Principal]:
@@ -189,9 +189,10 @@ class TokenAmbiguousError(LookupError):
 
 
 def _read_valid(path: Path) -> dict[str, Any]:
-    load_tokens(path)  # TokensFileError for a file that is missing or not valid
-    with path.open("rb") as f:
-        return tomllib.load(f)
+    """The tokens file as TOML, read once; TokensFileError if it is missing or not valid."""
+    doc = _read_document(path)
+    _principals(path, doc)
+    return doc
 
 
 def _entry(item: dict[str, Any]) -> TokenEntry:
