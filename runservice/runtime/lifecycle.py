@@ -352,6 +352,7 @@ async def _execute(
     if agent_task in done and live.log.broken is None:
         return _outcome_of(live, agent_task, limit)
     if agent_task in done:  # it ended on the error of its log, given up meanwhile
+        _consume_result(agent_task)
         request = live.end_request
         assert request is not None
         live.advance(Phase.CLOSING)

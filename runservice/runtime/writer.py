@@ -230,7 +230,7 @@ class Writer:
             run_id, seq = event[1].run_id, event[1].seq
             broken = event[0].broken
             if broken is not None and (not event[1].terminal or isinstance(broken, RunFencedError)):
-                waiter.set_exception(StoreError("this run's log could not be stored"))
+                waiter.set_exception(_closed_error(event[0]))
                 return waiter
         if new is not None:
             self._pending.new_runs.append(new)
@@ -474,4 +474,12 @@ class Writer:
 
 def _check_open(log: RunLog) -> None:
     if log.broken is not None:
-        raise StoreError("this run's log could not be stored")
+        raise _closed_error(log)
+
+
+def _closed_error(log: RunLog) -> StoreError:
+    """Why nothing more of the run may be written: its lease is gone (RunFencedError),
+    or the store refused its log for good."""
+    if log.fenced:
+        return RunFencedError("this server's lease on the run is gone")
+    return StoreError("this run's log could not be stored")
