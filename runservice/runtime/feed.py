@@ -50,6 +50,11 @@ class ChangeFeed:
         """True while anyone watches (so that changes nobody reads are not even built)."""
         return bool(self._watchers)
 
+    @property
+    def watchers(self) -> int:
+        """WatchRuns streams open."""
+        return len(self._watchers)
+
     def publish(self, update: WatchUpdate) -> None:
         """Queues `update` for every watcher whose scope and filter admit the run."""
         for watcher in self._watchers:

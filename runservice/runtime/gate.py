@@ -88,6 +88,10 @@ class StartGate:
             if not line:
                 del self._threads[key]
 
+    def counts(self) -> tuple[int, int]:
+        """The runs this process holds that are active, and those queued on their thread."""
+        return self._admission.active(), len(self._queued)
+
     def forget_request(self, live: LiveRun) -> None:
         """The run left memory: its request id is looked up in the store from now on."""
         if live.run.request_id:

@@ -39,6 +39,9 @@ class Registry:
     def __contains__(self, run_id: object) -> bool:
         return run_id in self._live
 
+    def __len__(self) -> int:
+        return len(self._live)
+
     def __iter__(self) -> Iterator[LiveRun]:
         return iter(list(self._live.values()))
 

@@ -66,8 +66,10 @@ class Subscription:
         limits: ReadLimits,
         clock: Clock,
         remote: RemoteRuns | None = None,
+        opened: set[Subscription] | None = None,
     ) -> None:
         self._store = store
+        self._opened = opened  # the server's open subscriptions, this one among them while open
         self._remote = remote  # None: a run not in memory is finished (one server)
         self._heard: RemoteLog | None = None  # while following a run another replica writes
         self._following = contextlib.ExitStack()
@@ -92,6 +94,8 @@ class Subscription:
             live.subscribers += 1
         if self._remote is not None and live is None:
             self._heard = self._following.enter_context(self._remote.follow(self._run_id))
+        if self._opened is not None:
+            self._opened.add(self)
         try:
             while not self._ended:
                 if not self._ahead and not await self._fill():
@@ -101,11 +105,24 @@ class Subscription:
                 yield self._take()  # not bound to a local: a stalled write holds it alone
                 self._disarm_shed()
         finally:
+            if self._opened is not None:
+                self._opened.discard(self)
             self._disarm_shed()
             self._following.close()
             if live is not None:
                 live.subscribers -= 1
                 live.idle_since = self._clock.now()
+
+    @property
+    def lag(self) -> int:
+        """Events committed that the reader has not been given yet (as far as this server
+        knows: a run another replica executes, as of its last notice)."""
+        seen = self._cursor - 1
+        if self._live is not None:
+            return max(0, self._live.log.committed_seq - seen)
+        if self._heard is not None:
+            return max(0, self._heard.committed_seq - seen)
+        return 0
 
     def _take(self) -> list[EncodedEvent]:
         batch = self._ahead.popleft()

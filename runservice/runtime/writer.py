@@ -153,6 +153,8 @@ class Writer:
     ) -> None:
         self._store = store
         self._on_fenced = on_fenced
+        self.commits = 0  # transactions committed since start
+        self.events_committed = 0  # events in them
         self._encoder = encoder
         self._on_run_committed = on_run_committed
         self._max_batch = max_batch_events
@@ -188,6 +190,11 @@ class Writer:
         """Gives `event` its wire form if it has none yet."""
         if event.wire is None:
             event.wire = self._encoder(event)
+
+    @property
+    def pending_events(self) -> int:
+        """Events queued or in the commit in flight."""
+        return len(self._pending.events) + len(self._in_flight.events)
 
     def start(self) -> None:
         """Starts the writer task."""
@@ -455,6 +462,8 @@ class Writer:
                 waiter.set_exception(StoreError("the run could not be stored"))
 
     def _publish(self, batch: _Batch) -> None:
+        self.commits += 1
+        self.events_committed += len(batch.events)
         for run in batch.new_runs:
             self._on_run_committed(run, True)
         by_log: dict[RunLog, list[RunEvent]] = {}
