@@ -44,6 +44,7 @@ from runservice.store import SqlRunStore, open_store
 from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
 from runservice.store.preflight import DatabaseRefusedError
 from runservice.tokens import TokensFileError, ensure_dev_token, load_tokens
+from runservice.tracing import Tracing, TracingSetupError, start_tracing
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class App:
     health: health.aio.HealthServicer
     port: int
     lock: FileLock | None = None
+    tracing: Tracing | None = None
     _stopped: bool = False
 
     async def stop(self) -> None:
@@ -76,6 +78,8 @@ class App:
         await self.store.close()
         if self.lock is not None:
             self.lock.release()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         logger.info("stopped")
 
 
@@ -382,6 +386,10 @@ async def _build_locked(
 ) -> App:
     # Everything that can refuse the options comes before the store opens.
     agents = build_agents(settings)
+    try:
+        tracing = start_tracing()
+    except TracingSetupError as exc:
+        raise ConfigError(str(exc)) from None
     max_event_bytes = event_size_limit(settings)
     proposed = proposed_secret(settings.data_dir / "secret.key")
     store = await open_store(
@@ -426,7 +434,10 @@ async def _build_locked(
         await manager.shutdown(0)
         await store.close()
         raise
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(
+        options=server_options(settings),
+        interceptors=tracing.interceptors() if tracing is not None else None,
+    )
     servicer = RunServiceServicer(
         manager,
         page_tokens,
@@ -461,7 +472,7 @@ async def _build_locked(
     logger.info(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
-    return App(server, manager, store, health_servicer, port, lock)
+    return App(server, manager, store, health_servicer, port, lock, tracing)
 
 
 def _readiness(health_servicer: health.aio.HealthServicer) -> Callable[[str | None], None]:

@@ -67,6 +67,7 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "recorder=tests.fakes:recorder",
             "stubborn=tests.fakes:stubborn",
             "poisoned=tests.fakes:poisoned",
+            "traced=tests.fakes:traced",
         ),
         **overrides,
     )

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opentelemetry import trace
+
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.runtime.agent import AgentContext, RunError
 
@@ -130,3 +132,14 @@ class FailingStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+async def traced(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Opens a span of its own, as an agent's LLM call would, and marks the run's span."""
+    ctx.span.set_attribute("test.marked", True)
+    with trace.get_tracer("tests.fakes").start_as_current_span("agent work") as span:
+        span.set_attribute("test.step", 1)
+        await ctx.emit("worked", data={"trace_id": f"{span.get_span_context().trace_id:032x}"})
+    if input.get("fail"):
+        raise RunError("traced failure")
+    return {"ok": True}

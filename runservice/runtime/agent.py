@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from runservice.domain.errors import UnknownAgentError
 from runservice.domain.model import AgentInfo
+from runservice.runtime.tracing import Span
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class AgentContext(Protocol):
     @property
     def labels(self) -> Mapping[str, str]:
         """The run's labels."""
+        ...
+
+    @property
+    def span(self) -> Span:
+        """The run's OpenTelemetry span, current while the agent runs: spans the agent
+        opens are its children, in the trace of the StartRun call. A no-op span while
+        tracing is off."""
         ...
 
     async def emit(

@@ -30,6 +30,7 @@ from runservice.domain.model import (
 from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
 from runservice.runtime.runlog import RunLog
+from runservice.runtime.tracing import NO_SPAN, Context, Span, record_state, run_span
 from runservice.runtime.writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,12 @@ class Predecessor(Protocol):
 class LiveRun:
     """A run this process owns: its committed view, its log, its tasks and its end request."""
 
-    def __init__(self, run: Run, log: RunLog) -> None:
+    def __init__(self, run: Run, log: RunLog, trace_parent: Context | None = None) -> None:
         self.run = run
         self.log = log
+        # The trace of the call that started the run, and the run's own span while it runs.
+        self.trace_parent = trace_parent
+        self.span: Span = NO_SPAN
         self.phase = Phase.QUEUED
         self.task: asyncio.Task[None] | None = None
         self.end_request: EndRequest | None = None
@@ -156,6 +160,11 @@ class RunContext:
     def labels(self) -> Mapping[str, str]:
         """The run's labels."""
         return self._live.run.labels
+
+    @property
+    def span(self) -> Span:
+        """The run's OpenTelemetry span (a no-op one while tracing is off)."""
+        return self._live.span
 
     async def emit(
         self,
@@ -238,9 +247,13 @@ async def drive_run(
     and its row stays unfinished until the next start reconciles it to INTERRUPTED.
     """
     try:
-        await _drive(
-            live, agent, writer, clock, grace=grace, on_start=on_start, limit=max_event_bytes
-        )
+        with run_span(live.run, live.trace_parent) as span:
+            live.span, live.trace_parent = span, None
+            if live.phase is Phase.RUNNING:  # its RUNNING event was committed with its row
+                record_state(span, RunState.RUNNING)
+            await _drive(
+                live, agent, writer, clock, grace=grace, on_start=on_start, limit=max_event_bytes
+            )
     except RunFencedError:
         live.advance(Phase.ENDED)
         logger.error(
@@ -276,6 +289,7 @@ async def _drive(
                     on_start(live)
                     event, running = running_change(live, clock)
                     await writer.commit_run(event=(live.log, event), updated=running)
+                    record_state(live.span, RunState.RUNNING, event.seq)
             except StoreError:
                 if live.log.broken is None or live.log.fenced:
                     raise
@@ -313,6 +327,7 @@ async def _wait_turn(live: LiveRun, writer: Writer, clock: Clock) -> bool:
         state=RunState.PENDING,
     )
     await writer.commit_run(event=(live.log, event))
+    record_state(live.span, RunState.PENDING, event.seq)
     end: asyncio.Future[Any] = live.end_requested
     for predecessor in waiting:
         turn: asyncio.Future[Any] = asyncio.ensure_future(predecessor.ended.wait())
@@ -504,6 +519,7 @@ async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Out
         last_seq=event.seq,
     )
     await writer.commit_run(event=(live.log, event), updated=updated)
+    record_state(live.span, outcome.state, event.seq, outcome.failure)
     return updated
 
 

@@ -72,6 +72,7 @@ from runservice.runtime.policies import Counts, Limits, check_caps, request_fing
 from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.subscription import ReadLimits, Subscription
+from runservice.runtime.tracing import Context, parent_context
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class RunManager:
         if twin is not None:
             return await self._same_request(twin)
         predecessors = self._gate.decide(user, request)
-        live = self._new_live_run(user, request, fingerprint)
+        live = self._new_live_run(user, request, fingerprint, parent_context())
         self._gate.register(live, predecessors)
         self._registry.add(live)
         if live.predecessors:
@@ -312,6 +313,7 @@ class RunManager:
         limits = self._settings.limits
         started: list[RunEvent] = []
         admitted: list[LiveRun] = []
+        trace_parent = parent_context()  # decide() runs in the decisions' task
 
         def decide(facts: StartFacts) -> Run | StartWrite:
             same = facts.same_request
@@ -325,7 +327,7 @@ class RunManager:
             counts = Counts(facts.active, facts.queued, facts.all_active, facts.all_queued)
             check_caps(limits, counts, queued=bool(thread))
             # Made under the lock: run ids (time-ordered) follow the order of admission.
-            live = self._new_live_run(user, request, fingerprint)
+            live = self._new_live_run(user, request, fingerprint, trace_parent)
             live.gated = False
             assert self._peers is not None
             live.predecessors = [self._peers.predecessor(r, self._admitting) for r in thread]
@@ -410,7 +412,9 @@ class RunManager:
             await asyncio.shield(twin.committed)
         return self._view(twin)
 
-    def _new_live_run(self, user: str, request: StartRequest, fingerprint: str) -> LiveRun:
+    def _new_live_run(
+        self, user: str, request: StartRequest, fingerprint: str, trace_parent: Context
+    ) -> LiveRun:
         """The admitted run, PENDING, with its log; not yet registered or committed."""
         run = Run(
             run_id=str(uuid7()),
@@ -432,7 +436,7 @@ class RunManager:
             window_events=self._settings.window_events,
             window_bytes=self._settings.window_bytes,
         )
-        live = LiveRun(run, log)
+        live = LiveRun(run, log, trace_parent)
         log.on_fail = partial(live.request_end, RunState.FAILED, LOG_GIVEN_UP)
         return live
 
