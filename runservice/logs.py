@@ -2,8 +2,9 @@
 
 In JSON, each record is one object on one line: `time` (RFC 3339, UTC), `level`, `logger`,
 `message`, then the record's structured fields (what its call passed as `extra=`, such as
-`run_id` or `error_id`), and `exception` holding the whole traceback as one string. Text
-lines print the message only, as they always have.
+`run_id` or `error_id`), `trace_id` and `span_id` when it was logged inside a traced call
+or run, and `exception` holding the whole traceback as one string. Text lines print the
+message only, as they always have.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from opentelemetry import trace
 
 # Everything a LogRecord carries of its own: what is left over came in through `extra=`.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -39,6 +42,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RECORD_ATTRIBUTES and key not in _CORE and not key.startswith("_"):
                 entry[key] = value
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # logged inside a traced call or run: where to find it
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             record.exc_text = record.exc_text or self.formatException(record.exc_info)
         if record.exc_text:

@@ -4,6 +4,7 @@ refused at start."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -195,7 +196,7 @@ async def test_spans_reach_an_otlp_collector_named_by_the_standard_variables(
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_SERVICE_NAME": "runservice-test",
     }
-    server = await start_server(data_dir, env=env)
+    server = await start_server(data_dir, env=env, args=["--log-format", "json"])
     try:
         async with grpc.aio.insecure_channel(server.addr) as channel:
             stub = pb_grpc.RunServiceStub(channel)
@@ -224,7 +225,12 @@ async def test_spans_reach_an_otlp_collector_named_by_the_standard_variables(
     assert start.parent_span_id.hex() == "b7ad6b7169203331"
     assert run.trace_id == start.trace_id and run.parent_span_id == start.span_id
     assert {service for service, _ in collector.spans} == {"runservice-test"}
-    assert "tracing on" in server.log_text()
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    assert any(line["message"].startswith("tracing on") for line in lines)
+    # The run's end line names its trace and span: logs lead to the trace.
+    (end,) = [line for line in lines if line.get("run_id") == run_id and "ended" in line["message"]]
+    assert end["trace_id"] == start.trace_id.hex()
+    assert end["span_id"] == run.span_id.hex()
 
 
 def test_an_unknown_exporter_is_refused_at_start(tmp_path: Path) -> None:
