@@ -770,9 +770,7 @@ class _PgCommitConnection:
                 return raw, transaction
             except (asyncpg.PostgresError, *_CONNECTION_TROUBLE) as exc:
                 await self._drop()
-                code = str(getattr(exc, "sqlstate", "") or "")
-                gone = not isinstance(exc, asyncpg.PostgresError) or code.startswith(("08", "57P"))
-                if retried or not gone:
+                if retried or not _session_gone(exc):
                     if isinstance(exc, asyncpg.PostgresError):
                         raise _pg_error(exc) from exc
                     raise StoreUnavailableError("database operation failed", _UNREACHABLE) from exc
@@ -832,12 +830,10 @@ class _PgPages:
                 pool = await self._open()
                 async with pool.acquire() as raw:
                     return [tuple(row) for row in await raw.fetch(sql, *values)]
-            except asyncpg.PostgresError as exc:
-                code = str(getattr(exc, "sqlstate", "") or "")
-                if attempt or not code.startswith(("08", "57P")):
-                    raise _pg_error(exc) from exc
-            except _CONNECTION_TROUBLE as exc:
-                if attempt:
+            except (asyncpg.PostgresError, *_CONNECTION_TROUBLE) as exc:
+                if attempt or not _session_gone(exc):
+                    if isinstance(exc, asyncpg.PostgresError):
+                        raise _pg_error(exc) from exc
                     raise StoreUnavailableError("database operation failed", _UNREACHABLE) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -872,6 +868,16 @@ async def _no_reset(_conn: Any) -> None:
 # (InterfaceError), or it is in a state it cannot go on from (InternalClientError: "cannot
 # switch to state 15; another operation is in progress", after the session was ended).
 _CONNECTION_TROUBLE = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
+
+def _session_gone(exc: BaseException) -> bool:
+    """True when `exc` says the session itself is gone (connection trouble, or SQLSTATE
+    class 08 connection exception or 57P operator intervention: a terminated backend, a
+    server shutting down), so the same work may be tried once more on a new connection."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    code = str(getattr(exc, "sqlstate", "") or "")
+    return code.startswith(("08", "57P"))
 
 
 def _pg_error(exc: Exception) -> StoreError:
