@@ -8,6 +8,7 @@ import secrets
 import string
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,10 @@ def add_token(path: Path, user: str, roles: list[str], token: str | None = None)
     entry: dict[str, Any] = {"user": user, "sha256": hash_token(token)}
     if roles:
         entry["roles"] = roles
+    entry["created"] = datetime.now(UTC).replace(microsecond=0)  # a TOML date-time
     doc["tokens"].append(entry)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        tomli_w.dump(doc, f)
-    os.replace(tmp, path)
+    _write_doc(path, doc)
     return token
 
 
@@ -201,8 +199,17 @@ def _entry(item: dict[str, Any]) -> TokenEntry:
         user=item["user"],
         roles=tuple(item.get("roles", [])),
         fingerprint=item["sha256"].lower()[:FINGERPRINT_LEN],
-        created=None if created is None else str(created),
+        created=_moment(created),
     )
+
+
+def _moment(value: Any) -> str | None:
+    """A `created` value as text: a TOML date-time in RFC 3339 (UTC as `Z`), else as written."""
+    if value is None:
+        return None
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
 
 
 def _write_doc(path: Path, doc: dict[str, Any]) -> None:

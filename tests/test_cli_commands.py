@@ -14,6 +14,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,10 @@ async def test_tokens_list_and_revoke_edit_the_file_the_running_server_rereads(
     rows = [line.split("\t") for line in lines[1:]]
     expected = [("alice", ""), ("root", "admin"), ("alice", ""), ("carol", "")]
     assert [(r[0], r[1]) for r in rows] == expected
-    assert rows[3][3].startswith("2026-01-02") and rows[0][3] == ""
+    # Entries added by `tokens add` (and add_token) record when; carol's was hand-written.
+    assert rows[3][3] == "2026-01-02T03:04:05Z"
+    added = datetime.fromisoformat(rows[1][3])
+    assert added.tzinfo is not None and abs(datetime.now(UTC) - added) < timedelta(minutes=5)
     for token in (setup.token, root, second):
         assert token not in listed and hash_token(token) not in listed
     as_json = json.loads(
@@ -108,7 +112,7 @@ async def test_tokens_list_and_revoke_edit_the_file_the_running_server_rereads(
         "user": "root",
         "roles": ["admin"],
         "fingerprint": hash_token(root)[:12],
-        "created": None,
+        "created": rows[1][3],
     }
 
     fingerprint = hash_token(setup.token)[:8]
