@@ -91,6 +91,9 @@ GRPCURL := .tools/bin/grpcurl
 # through reflection alone.
 GHZ_VERSION := v0.121.0
 GHZ := .tools/bin/ghz
+# promtool, from Debian's prometheus package (the daemon itself is never installed):
+# tests/test_metrics.py runs `promtool check metrics` on a scrape.
+PROMTOOL := .tools/bin/promtool
 
 PYTEST_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests collected") as success.
@@ -197,7 +200,7 @@ lint: $(VENV_STAMP) $(BUF_STAMP)
 	$(VENV_PY) -m mypy --strict runservice bench tools
 	$(VENV_PY) -m mypy --strict --follow-imports=silent faults
 
-test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL) $(GHZ)
+test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL) $(GHZ) $(PROMTOOL)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory test-go
@@ -247,6 +250,19 @@ ghz: $(GHZ)
 
 $(GHZ):
 	GOBIN=$(CURDIR)/.tools/bin go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+.PHONY: promtool
+promtool: $(PROMTOOL)
+
+# apt-get download fetches the .deb without installing it; the package lists are read
+# first if it finds none. dpkg -x unpacks it aside, and promtool alone is kept.
+$(PROMTOOL):
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; chmod 755 "$$tmp"; \
+	cd "$$tmp" && { apt-get download prometheus || { apt-get update && apt-get download prometheus; }; }; \
+	dpkg -x "$$tmp"/prometheus_*.deb "$$tmp/root"; \
+	mkdir -p $(CURDIR)/$(dir $@); \
+	install -m 755 "$$tmp/root/usr/bin/promtool" $(CURDIR)/$@
+	$@ --version
 
 # --- Benchmarks -------------------------------------------------------------
 

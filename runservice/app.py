@@ -36,6 +36,13 @@ from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings, is_loopback
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.ports import Clock
+from runservice.metrics import (
+    Metrics,
+    MetricsAddressError,
+    MetricsServer,
+    parse_address,
+    worker_multiprocess_dir,
+)
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
 from runservice.runtime.manager import RunManager, RuntimeSettings
@@ -64,6 +71,10 @@ class App:
     port: int
     lock: FileLock | None = None
     tracing: Tracing | None = None
+    metrics: Metrics | None = None
+    metrics_server: MetricsServer | None = None
+    """The endpoint of --metrics-listen (a worker of --workers has none: its parent serves)."""
+    _gauges: asyncio.Task[None] | None = None  # a worker's gauges, written for its parent
     _stopped: bool = False
 
     async def stop(self) -> None:
@@ -76,11 +87,20 @@ class App:
         # Streams of runs that ended got their terminal events; the rest are cut short.
         await self.server.stop(SERVER_STOP_GRACE_S)
         await self.store.close()
+        await self._stop_metrics()
         if self.lock is not None:
             self.lock.release()
         if self.tracing is not None:
             self.tracing.shutdown()
         logger.info("stopped")
+
+    async def _stop_metrics(self) -> None:
+        """Last, so that a scrape can watch the drain."""
+        if self._gauges is not None:
+            self._gauges.cancel()
+            await asyncio.gather(self._gauges, return_exceptions=True)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 def build_agents(settings: Settings) -> AgentRegistry:
@@ -386,6 +406,8 @@ async def _build_locked(
 ) -> App:
     # Everything that can refuse the options comes before the store opens.
     agents = build_agents(settings)
+    metrics = build_metrics(settings)
+    metrics.expect_agents(info.name for info in agents.infos())
     try:
         tracing = start_tracing()
     except TracingSetupError as exc:
@@ -426,6 +448,7 @@ async def _build_locked(
         ),
         cluster=store.cluster,
         replica=replica_name(settings.data_dir) if store.cluster is not None else "",
+        metrics=metrics,
     )
     try:
         await manager.start()  # reads every unfinished run first: a damaged file shows here
@@ -450,6 +473,7 @@ async def _build_locked(
         authentication,
         StreamLimiter(settings.max_streams_per_user),
         stall_timeout=settings.stream_stall_timeout,
+        metrics=metrics,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -468,11 +492,53 @@ async def _build_locked(
         raise ListenError(
             f"cannot listen on {settings.listen} (is another process using it?)"
         ) from exc
+    try:
+        metrics_server = serve_metrics(settings, metrics)
+    except ListenError:
+        await server.stop(None)
+        await manager.shutdown(0)
+        await store.close()
+        raise
     await server.start()
     logger.info(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
-    return App(server, manager, store, health_servicer, port, lock, tracing)
+    app = App(server, manager, store, health_servicer, port, lock, tracing)
+    app.metrics, app.metrics_server = metrics, metrics_server
+    if metrics.multiprocess:
+        app._gauges = asyncio.create_task(
+            metrics.refresh_every(manager.stats), name="runservice-metrics-gauges"
+        )
+    else:
+        metrics.read_gauges_from(manager.stats, asyncio.get_running_loop())
+    return app
+
+
+def build_metrics(settings: Settings) -> Metrics:
+    """The server's metrics; ConfigError for a --metrics-listen that is not HOST:PORT. A
+    worker of --workers writes them to the directory its parent serves them from."""
+    if settings.metrics_listen:
+        try:
+            parse_address(settings.metrics_listen)
+        except MetricsAddressError as exc:
+            raise ConfigError(str(exc)) from None
+    worker = settings.worker_index is not None and worker_multiprocess_dir() is not None
+    return Metrics(multiprocess=worker)
+
+
+def serve_metrics(settings: Settings, metrics: Metrics) -> MetricsServer | None:
+    """The endpoint of --metrics-listen, if asked for; ListenError when it cannot listen."""
+    if not settings.metrics_listen:
+        return None
+    try:
+        endpoint = MetricsServer.start(settings.metrics_listen, metrics.registry)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot serve metrics on {settings.metrics_listen} ({exc.strerror}; is another "
+            "process using it?)"
+        ) from exc
+    logger.info("metrics on %s", endpoint.url)
+    return endpoint
 
 
 def _readiness(health_servicer: health.aio.HealthServicer) -> Callable[[str | None], None]:

@@ -175,6 +175,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     event_loop: str = "uvloop"
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus endpoint; empty: none."""
 
     @property
     def db_url(self) -> str:
@@ -366,6 +368,14 @@ OPTIONS: tuple[_Option, ...] = (
         "the asyncio event loop: uvloop (faster) or asyncio (the standard library's)",
         _OneOf(EVENT_LOOPS),
         "uvloop",
+    ),
+    _Option(
+        "metrics-listen",
+        "serve Prometheus metrics over HTTP on HOST:PORT (e.g. 0.0.0.0:9090, path /metrics); "
+        "with --workers the parent serves every worker's figures on it (see "
+        "docs/operations.md)",
+        str,
+        "none (off)",
     ),
 )
 

@@ -16,6 +16,10 @@ worker's own log line says why). A worker says it serves by writing a byte to a 
 parent gave it. Workers run in process groups of their own, so a terminal's Ctrl-C
 reaches them once, through the parent, and the kernel sends them SIGTERM if the parent
 dies.
+
+With --metrics-listen the parent alone listens there, and serves what its workers write to
+DATA_DIR/metrics (prometheus_client's multiprocess mode, emptied at each start): counters
+summed over every worker and every life of one, gauges over the workers alive now.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from runservice import config
+from runservice import config, metrics
 from runservice.config import Settings
 from runservice.tokens import TokensFileError, ensure_dev_token
 
@@ -62,7 +66,20 @@ def serve(settings: Settings) -> int:
     if problem:
         logger.error("%s", problem)
         return 1
-    return asyncio.run(Supervisor(settings).run())
+    try:
+        endpoint = serve_metrics(settings)
+    except OSError as exc:
+        logger.error(
+            "cannot serve metrics on %s (%s; is another process using it?)",
+            settings.metrics_listen,
+            exc.strerror,
+        )
+        return 1
+    try:
+        return asyncio.run(Supervisor(settings).run())
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
 
 
 def refusal(settings: Settings) -> str | None:
@@ -81,6 +98,11 @@ def refusal(settings: Settings) -> str | None:
             f"--workers needs a fixed port in --listen (got {settings.listen}): the workers "
             "share one known port"
         )
+    if settings.metrics_listen:
+        try:
+            metrics.parse_address(settings.metrics_listen)
+        except metrics.MetricsAddressError as exc:
+            return str(exc)
     return None
 
 
@@ -95,6 +117,8 @@ def prepare(settings: Settings) -> str | None:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for index in range(settings.workers):
             worker_dir(settings, index).mkdir(exist_ok=True, mode=0o700)
+        if settings.metrics_listen:
+            metrics.prepare_multiprocess_dir(metrics_dir(settings))
     except OSError as exc:
         return f"cannot create the data directory {exc.filename}: {exc.strerror}"
     if settings.dev_token:
@@ -137,6 +161,22 @@ def worker_dir(settings: Settings, index: int) -> Path:
     return settings.data_dir / f"worker-{index}"
 
 
+def metrics_dir(settings: Settings) -> Path:
+    """Where the workers write their metrics for the parent to serve."""
+    return settings.data_dir / "metrics"
+
+
+def serve_metrics(settings: Settings) -> metrics.MetricsServer | None:
+    """The parent's endpoint of --metrics-listen, serving every worker's metrics; None
+    without the option. OSError when it cannot listen."""
+    if not settings.metrics_listen:
+        return None
+    registry = metrics.multiprocess_registry(metrics_dir(settings))
+    endpoint = metrics.MetricsServer.start(settings.metrics_listen, registry)
+    logger.info("metrics of the %d workers on %s", settings.workers, endpoint.url)
+    return endpoint
+
+
 def worker_settings(settings: Settings, index: int) -> Settings:
     """Worker `index`'s settings: the parent's, with a data dir of its own, the parent's
     tokens file, and no dev token (the parent wrote it)."""
@@ -147,6 +187,7 @@ def worker_settings(settings: Settings, index: int) -> Settings:
         dev_token=False,
         workers=1,
         worker_index=index,
+        metrics_listen="",  # the parent serves the workers' metrics
     )
 
 
@@ -156,8 +197,10 @@ def worker_invocation(
     """The command line and environment of worker `index`, which reports that it serves
     on `ready_fd`: ours, without the server's variables but those carrying secrets."""
     argv, variables = config.serve_invocation(worker_settings(settings, index))
-    drop = config.server_variables()
+    drop = config.server_variables() | {metrics.MULTIPROCESS_DIR_VARIABLE}
     env = {name: value for name, value in os.environ.items() if name not in drop}
+    if settings.metrics_listen:
+        variables[metrics.MULTIPROCESS_DIR_VARIABLE] = str(metrics_dir(settings))
     command = [sys.executable, "-m", "runservice", "serve", *argv, f"--worker-ready-fd={ready_fd}"]
     return command, env | variables
 
@@ -229,6 +272,8 @@ class Supervisor:
                 return False
             code = await process.wait()
             served = _served(ready_pipe)
+            if self._settings.metrics_listen:
+                metrics.process_gone(process.pid, metrics_dir(self._settings))
             if self._stopping.is_set():
                 if code == 0 or (not served and code == -signal.SIGTERM):
                     return True

@@ -11,6 +11,8 @@ ROOT = pathlib.Path(__file__).parent.parent / "runservice"
 FORBIDDEN = {
     "domain": (
         "grpc",
+        "prometheus_client",
+        "opentelemetry",
         "sqlalchemy",
         "google",
         "runservice.api",
@@ -22,8 +24,11 @@ FORBIDDEN = {
         "grpc",
         "sqlalchemy",
         "google",
+        "prometheus_client",  # it counts through domain.ports.RunMetrics
         "runservice.api",
+        "runservice.metrics",
         "runservice.store",
+        "runservice.tracing",  # the SDK's setup; runtime/tracing.py uses the API alone
         "runservice.v1",
     ),
     "store": ("grpc", "google", "runservice.api", "runservice.runtime", "runservice.v1"),

@@ -10,13 +10,15 @@ calls too.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -24,6 +26,7 @@ from runservice.api import status
 from runservice.api.limits import StreamLimiter
 from runservice.domain.errors import AuthenticationError, CredentialsMissingError
 from runservice.domain.model import Principal
+from runservice.metrics import Metrics
 from runservice.tokens import TokensFileError, hash_token, load_tokens
 
 logger = logging.getLogger(__name__)
@@ -214,17 +217,26 @@ def add_authenticated_service(
     streams: StreamLimiter,
     *,
     stall_timeout: float,
+    metrics: Metrics | None = None,
 ) -> None:
     """Registers a service whose every method authenticates first and maps its errors.
 
     `add_to_server` is the generated `add_<Service>Servicer_to_server`. Its handlers are
     wrapped once, here, rather than per call by an interceptor. The check runs inside the
     handler, where the peer's TLS identity is known, so it covers bearer tokens and client
-    certificates alike.
+    certificates alike. With `metrics`, each call is counted by method and status code,
+    timed, and each refusal at authentication counted by reason.
     """
 
     def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        principal = authentication.principal(context.invocation_metadata(), context.auth_context())
+        try:
+            principal = authentication.principal(
+                context.invocation_metadata(), context.auth_context()
+            )
+        except AuthenticationError as exc:
+            if metrics is not None:
+                metrics.auth_refused(exc.reason)
+            raise
         _principal.set(principal)
         return principal
 
@@ -233,6 +245,8 @@ def add_authenticated_service(
     handlers = {
         name: _wrap(h, prepare, streams, stall_timeout) for name, h in captured.handlers.items()
     }
+    if metrics is not None:
+        handlers = {name: _measured(name, h, metrics) for name, h in handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(captured.service, handlers),)
     )
@@ -273,6 +287,54 @@ def _wrap(
         )
     wrapped: Handler = handler  # RunService has no client-streaming methods
     return wrapped
+
+
+Behavior = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
+
+
+def _measured(method: str, handler: Any, metrics: Metrics) -> Handler:
+    """`handler` (a wrapped one: its behaviours are coroutines, streams write their own
+    responses) counted and timed by `metrics`."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _timed(method, handler.unary_unary, metrics, streaming=False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is None:  # RunService has no client-streaming methods
+        measured: Handler = handler
+        return measured
+    return grpc.unary_stream_rpc_method_handler(
+        _timed(method, handler.unary_stream, metrics, streaming=True),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _timed(method: str, behavior: Behavior, metrics: Metrics, *, streaming: bool) -> Behavior:
+    """`behavior`, recording its status code and duration when it ends: the code it set
+    or aborted with (OK by default), CANCELLED when the call was cancelled (the client left,
+    or the server stopped)."""
+
+    async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        began = time.perf_counter()
+        code: grpc.StatusCode | None = None
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # the status wrapper maps every error: a bug if one gets here
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            # The stubs promise a code; grpc.aio gives None while the handler set none.
+            code = code or cast("grpc.StatusCode | None", context.code()) or grpc.StatusCode.OK
+            metrics.rpc_handled(method, code.name, time.perf_counter() - began, streaming=streaming)
+
+    return timed
 
 
 def _bytes_or(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from runservice.domain.model import EncodedEvent, Run, RunEvent, RunFilter, Scope
 
@@ -101,3 +101,98 @@ class RunStore(Protocol):
     async def close(self) -> None:
         """Releases connections."""
         ...
+
+
+StoreRetryKind = Literal["locked", "unavailable"]
+"""Why a commit is retried: another process's lock, or a store unreachable, full or failing."""
+StoreErrorKind = Literal["refused", "abandoned"]
+"""Work given up: refused for good, or left uncommitted by a shutdown."""
+LeaseRenewal = Literal["on_time", "late", "lost", "failed"]
+"""How a lease renewal went (lost: a peer had ended the lease; failed: no answer)."""
+OrphanCause = Literal["startup", "lease_expired"]
+"""Why runs with nobody executing them were ended INTERRUPTED."""
+
+
+class RunMetrics(Protocol):
+    """What the runtime counts as it goes (runservice/metrics.py exports it to Prometheus)."""
+
+    def run_started(self, agent: str) -> None:
+        """A run's row was committed (a StartRun that created a run)."""
+        ...
+
+    def run_finished(self, agent: str, state: str) -> None:
+        """A run executed here committed its terminal state."""
+        ...
+
+    def orphans_interrupted(self, cause: OrphanCause, runs: int) -> None:
+        """`runs` orphaned runs were ended INTERRUPTED, each with its terminal event."""
+        ...
+
+    def events_committed(self, events: int) -> None:
+        """Events committed outside the writer (a start decided in the database)."""
+        ...
+
+    def committed(self, events: int, seconds: float) -> None:
+        """The writer committed a transaction of `events` events in `seconds`."""
+        ...
+
+    def store_retry(self, kind: StoreRetryKind) -> None:
+        """A commit failed as unavailable and will be retried."""
+        ...
+
+    def store_error(self, kind: StoreErrorKind) -> None:
+        """Work the store did not take was given up."""
+        ...
+
+    def fenced(self, runs: int) -> None:
+        """A commit left out `runs` runs whose lease is gone."""
+        ...
+
+    def lease_renewal(self, outcome: LeaseRenewal) -> None:
+        """This replica tried to renew its lease."""
+        ...
+
+    def lease_lost(self) -> None:
+        """Another replica ended this replica's lease."""
+        ...
+
+    def leases_taken_over(self, leases: int) -> None:
+        """This replica ended `leases` expired leases of silent peers."""
+        ...
+
+
+class NoMetrics:
+    """Counts nothing: the runtime's parts when no metrics are asked for."""
+
+    def run_started(self, agent: str) -> None:
+        """Counts nothing."""
+
+    def run_finished(self, agent: str, state: str) -> None:
+        """Counts nothing."""
+
+    def orphans_interrupted(self, cause: OrphanCause, runs: int) -> None:
+        """Counts nothing."""
+
+    def events_committed(self, events: int) -> None:
+        """Counts nothing."""
+
+    def committed(self, events: int, seconds: float) -> None:
+        """Counts nothing."""
+
+    def store_retry(self, kind: StoreRetryKind) -> None:
+        """Counts nothing."""
+
+    def store_error(self, kind: StoreErrorKind) -> None:
+        """Counts nothing."""
+
+    def fenced(self, runs: int) -> None:
+        """Counts nothing."""
+
+    def lease_renewal(self, outcome: LeaseRenewal) -> None:
+        """Counts nothing."""
+
+    def lease_lost(self) -> None:
+        """Counts nothing."""
+
+    def leases_taken_over(self, leases: int) -> None:
+        """Counts nothing."""

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent, RunState
+from runservice.domain.ports import LeaseRenewal, NoMetrics, OrphanCause, RunMetrics
 from runservice.domain.replicas import Notice, StartAsk
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ class Replica:
         on_fenced: Callable[[str], None],
         on_swept: Callable[[list[Run]], None],
         on_deaf: Callable[[], None] = lambda: None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.sql = sql
+        self._metrics = metrics or NoMetrics()
         self.replica = replica
         self.holder = _new_holder()
         self._ttl = lease_ttl
@@ -124,7 +127,7 @@ class Replica:
         covers, and starts renewing, listening and polling."""
         await self.sql.begin_lease(self.replica, self.holder, self._ttl)
         self.sql.fence_by(self.holder)
-        await self._end_orphans()
+        await self._end_orphans("startup")
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name="runservice-lease"),
             asyncio.create_task(self._listen_loop(), name="runservice-listen"),
@@ -251,16 +254,19 @@ class Replica:
             try:
                 on_time = await self.sql.renew(self.holder, self._ttl)
             except StoreUnavailableError as exc:
+                self._metrics.lease_renewal("failed")
                 logger.warning("could not renew the lease (%s); retrying", exc.cause)
                 interval = min(RETRY_S, self._ttl / 3)
                 calm_until = loop.time() + self._ttl
                 continue
             except StoreError:
+                self._metrics.lease_renewal("failed")
                 logger.exception("renewing the lease failed; retrying")
                 interval = min(RETRY_S, self._ttl / 3)
                 calm_until = loop.time() + self._ttl
                 continue
             interval = self._ttl / 3
+            self._metrics.lease_renewal(_RENEWALS[on_time])
             if on_time is None:
                 await self._fenced()
                 calm_until = loop.time() + self._ttl
@@ -278,6 +284,7 @@ class Replica:
             old,
         )
         self.holder = _new_holder()
+        self._metrics.lease_lost()
         self._on_fenced(old)
         try:
             await self.sql.begin_lease(self.replica, self.holder, self._ttl)
@@ -290,18 +297,20 @@ class Replica:
         try:
             gone = await self.sql.expire_leases()
             if gone:
+                self._metrics.leases_taken_over(len(gone))
                 logger.warning(
                     "leases %s expired: interrupting the runs executed under them", ", ".join(gone)
                 )
-            await self._end_orphans()
+            await self._end_orphans("lease_expired")
         except StoreError as exc:
             logger.warning("the sweep failed (%s); the next one retries", exc)
 
-    async def _end_orphans(self) -> None:
+    async def _end_orphans(self, cause: OrphanCause) -> None:
         while True:
             ended = await self.sql.end_orphans(self.holder, self._end_orphan, SWEEP_BATCH)
             if ended:
                 logger.warning("interrupted %d runs no replica holds", len(ended))
+                self._metrics.orphans_interrupted(cause, len(ended))
                 self._on_swept(ended)
             if len(ended) < SWEEP_BATCH:
                 return
@@ -309,6 +318,10 @@ class Replica:
 
 def _new_holder() -> str:
     return uuid.uuid4().hex
+
+
+_RENEWALS: dict[bool | None, LeaseRenewal] = {True: "on_time", False: "late", None: "lost"}
+"""The outcome of a renewal by what the database answered (None: a peer ended the lease)."""
 
 
 class RemoteRun:

@@ -48,7 +48,7 @@ from runservice.domain.model import (
     StartRequest,
     WatchUpdate,
 )
-from runservice.domain.ports import Clock, EventEncoder, RunStore
+from runservice.domain.ports import Clock, EventEncoder, NoMetrics, RunMetrics, RunStore
 from runservice.domain.replicas import StartAsk, StartFacts, StartWrite
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.cluster import (
@@ -141,8 +141,10 @@ class RunManager:
         *,
         cluster: ClusterStore | None = None,
         replica: str = "",
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or NoMetrics()
         self._agents = agents
         self._clock = clock
         self._settings = settings or RuntimeSettings()
@@ -162,6 +164,7 @@ class RunManager:
             max_batch_events=self._settings.writer_max_batch,
             max_pending_events=self._settings.writer_max_pending,
             on_fenced=self._runs_fenced,
+            metrics=self._metrics,
         )
         self._draining = False
         self._closed = asyncio.Event()
@@ -179,6 +182,7 @@ class RunManager:
                 registry=self._registry,
                 feed=self._feed,
                 clock=clock,
+                metrics=self._metrics,
             )
             self._decisions = StartDecisions(self._peers.replica)
         self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
@@ -194,7 +198,8 @@ class RunManager:
             assert self._decisions is not None
             self._decisions.start()
         else:
-            await reconcile_orphans(self._store, self._clock)
+            ended = await reconcile_orphans(self._store, self._clock)
+            self._metrics.orphans_interrupted("startup", ended)
         self._writer.start()
         self._registry.spawn(self._sweep_loop(), name="runservice-sweeper")
         self._registry.spawn(self._purge_loop(), name="runservice-purger")
@@ -351,6 +356,7 @@ class RunManager:
             if started:
                 live.advance(Phase.RUNNING)
                 live.log.publish(started)
+                self._metrics.events_committed(len(started))
             self._registry.add(live)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
@@ -601,6 +607,10 @@ class RunManager:
         return live.run.replace(last_seq=live.log.committed_seq)
 
     def _on_run_committed(self, run: Run, created: bool) -> None:
+        if created:
+            self._metrics.run_started(run.agent)
+        elif run.state.terminal:  # only its supervisor commits a run's end (lifecycle)
+            self._metrics.run_finished(run.agent, run.state.value)
         live = self._registry.get(run.run_id)
         if live is not None:
             live.run = run

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from runservice.domain.errors import RunFencedError, StoreError
 from runservice.domain.model import Run, RunChange, RunState, Scope, WatchUpdate
-from runservice.domain.ports import Clock, RunStore
+from runservice.domain.ports import Clock, RunMetrics, RunStore
 from runservice.domain.replicas import Notice, deleted_run
 from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
 from runservice.runtime.feed import ChangeFeed
@@ -41,6 +41,7 @@ class Peers:
         registry: Registry,
         feed: ChangeFeed,
         clock: Clock,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -57,6 +58,7 @@ class Peers:
             on_fenced=self._lease_lost,
             on_swept=self._swept,
             on_deaf=feed.lag_all,  # what other replicas changed meanwhile is unknown
+            metrics=metrics,
         )
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from runservice.domain.errors import (
     StoreUnavailableError,
 )
 from runservice.domain.model import Run, RunEvent
-from runservice.domain.ports import EventEncoder, RunStore
+from runservice.domain.ports import EventEncoder, NoMetrics, RunMetrics, RunStore
 from runservice.runtime.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -150,9 +151,11 @@ class Writer:
         unhealthy_after: float = UNHEALTHY_AFTER_S,
         idle_probe: float = IDLE_PROBE_S,
         on_fenced: RunsFenced | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
         self._on_fenced = on_fenced
+        self._metrics = metrics or NoMetrics()
         self.commits = 0  # transactions committed since start
         self.events_committed = 0  # events in them
         self._encoder = encoder
@@ -269,6 +272,7 @@ class Writer:
         abandoned, self._pending = self._pending, _Batch()
         abandoned.merge(self._in_flight)
         if abandoned:
+            self._metrics.store_error("abandoned")
             self._fail(abandoned, StoreUnavailableError("shutting down", "not committed in time"))
         logger.warning("shutdown: the store did not take the last writes in time; abandoned")
 
@@ -323,6 +327,7 @@ class Writer:
         delay = RETRY_BACKOFF_MIN_S
         self._in_flight = batch
         while batch:
+            began = time.perf_counter()  # the loop's clock may be cached per iteration
             try:
                 fenced = await self._store.commit(
                     batch.new_runs,
@@ -330,6 +335,7 @@ class Writer:
                     [run for run, _ in batch.updated_runs],
                 )
             except StoreUnavailableError as exc:
+                self._metrics.store_retry("locked" if exc.contended else "unavailable")
                 self._unhealthy(exc)
                 if self._problem is not None:
                     batch = self._withdraw_new_runs(batch, self._problem)
@@ -348,9 +354,11 @@ class Writer:
                 else:
                     self._give_up(batch, exc)
                 break
+            took = time.perf_counter() - began
             self._healthy()
             if fenced:
                 self._fence(batch.take_runs(set(fenced)), fenced)
+            self._metrics.committed(len(batch.events), took)
             self._publish(batch)
             break
         self._in_flight = _Batch()
@@ -415,6 +423,7 @@ class Writer:
         """
         logs = {log for log, _ in batch.events}
         dropped = self._pending.take_runs({log.run_id for log in logs})
+        self._metrics.store_error("refused")
         self._fail(batch, exc)
         self._fail(dropped, exc)
 
@@ -426,6 +435,7 @@ class Writer:
             "uncommitted work is dropped",
             ", ".join(sorted(run_ids)),
         )
+        self._metrics.fenced(len(run_ids))
         dropped = self._pending.take_runs(set(run_ids))
         batch.merge(dropped)
         new = {run.run_id for run in batch.new_runs}
