@@ -27,6 +27,7 @@ from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import Run, RunEvent, RunState
 from runservice.domain.ports import LeaseRenewal, NoMetrics, OrphanCause, RunMetrics
 from runservice.domain.replicas import Notice, StartAsk
+from runservice.runtime.signal import Signal
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class RemoteLog:
         self.run_id = run_id
         self.committed_seq = committed_seq
         self.followers = 0
-        self._signal = asyncio.Event()
+        self._signal = Signal()
 
     def advance(self, seq: int) -> None:
         """Heard that the log reached `seq`."""
@@ -76,8 +77,7 @@ class RemoteLog:
 
     def wake(self) -> None:
         """Wakes every waiter (to look at the database again)."""
-        signal, self._signal = self._signal, asyncio.Event()
-        signal.set()
+        self._signal.fire()
 
     async def wait_beyond(self, seq: int, patience: float = POLL_S) -> None:
         """Returns once the log is heard to pass `seq`, or after `patience` seconds (to

@@ -19,13 +19,13 @@ one piece.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import accumulate, islice
 
 from runservice.domain.model import EncodedEvent, RunEvent, encoded_event
+from runservice.runtime.signal import Signal
 
 WINDOW_EVENTS = 4096
 WINDOW_BYTES = 4 * 1024 * 1024
@@ -61,7 +61,7 @@ class RunLog:
         self._ends: array[int] | None = None
         self._max_events = window_events
         self._max_bytes = window_bytes
-        self._signal = asyncio.Event()
+        self._signal = Signal()
 
     def assign_seq(self) -> int:
         """The next seq of this log (the caller enqueues the event right away)."""
@@ -96,8 +96,7 @@ class RunLog:
             self._first += 1
         if self.finished and self._ends is None:
             self._pack()
-        signal, self._signal = self._signal, asyncio.Event()
-        signal.set()
+        self._signal.fire()
 
     def read(self, cursor: int, max_events: int, max_bytes: int) -> list[EncodedEvent] | None:
         """Committed events from `cursor` on, bounded; None if `cursor` is older than the window."""
@@ -172,8 +171,7 @@ class RunLog:
         """Not even the terminal event could be stored: wakes every reader to leave."""
         self.abandoned = True
         self.on_fail = None
-        signal, self._signal = self._signal, asyncio.Event()
-        signal.set()
+        self._signal.fire()
 
     async def wait_beyond(self, seq: int) -> None:
         """Returns once an event after `seq` is committed, or the log is finished or abandoned."""
