@@ -424,6 +424,7 @@ async def _build_locked(
         # locks, so a peer's sweep never waits on it.
         idle_in_transaction=settings.lease_ttl,
     )
+    replica = replica_name(settings.data_dir) if store.cluster is not None else ""
     manager = RunManager(
         store,
         agents,
@@ -447,7 +448,7 @@ async def _build_locked(
             lease_ttl=settings.lease_ttl,
         ),
         cluster=store.cluster,
-        replica=replica_name(settings.data_dir) if store.cluster is not None else "",
+        replica=replica,
         metrics=metrics,
     )
     try:
@@ -465,6 +466,7 @@ async def _build_locked(
         manager,
         page_tokens,
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
+        replica=replica,
     )
     add_authenticated_service(
         run_service_pb2_grpc.add_RunServiceServicer_to_server,
@@ -504,14 +506,20 @@ async def _build_locked(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
     app = App(server, manager, store, health_servicer, port, lock, tracing)
-    app.metrics, app.metrics_server = metrics, metrics_server
+    _measure(app, metrics, metrics_server)
+    return app
+
+
+def _measure(app: App, metrics: Metrics, endpoint: MetricsServer | None) -> None:
+    """Gives the app its metrics: gauges read at each scrape, or (a worker of --workers)
+    written every second for the parent to serve."""
+    app.metrics, app.metrics_server = metrics, endpoint
     if metrics.multiprocess:
         app._gauges = asyncio.create_task(
-            metrics.refresh_every(manager.stats), name="runservice-metrics-gauges"
+            metrics.refresh_every(app.manager.stats), name="runservice-metrics-gauges"
         )
     else:
-        metrics.read_gauges_from(manager.stats, asyncio.get_running_loop())
-    return app
+        metrics.read_gauges_from(app.manager.stats, asyncio.get_running_loop())
 
 
 def build_metrics(settings: Settings) -> Metrics:

@@ -1,4 +1,5 @@
-"""The documentation's examples run: every grpcurl recipe in the README, the Python example.
+"""The documentation's examples run: every grpcurl recipe in the README and in
+docs/api.md, the Python example.
 
 The README is the source: the commands are extracted from its code blocks and run as
 written (with the address, token and run id substituted), so a recipe that stops working
@@ -30,9 +31,9 @@ def _sh_blocks(markdown: str, heading: str) -> list[str]:
     return re.findall(r"```sh\n(.*?)```", section, re.S)
 
 
-def grpcurl_commands() -> list[str]:
-    """Every grpcurl invocation in the README's grpcurl section, continuation lines joined."""
-    text = "\n".join(_sh_blocks((ROOT / "README.md").read_text(), "## grpcurl"))
+def grpcurl_commands(page: str = "README.md", heading: str = "## grpcurl") -> list[str]:
+    """Every grpcurl invocation in a section of a page, continuation lines joined."""
+    text = "\n".join(_sh_blocks((ROOT / page).read_text(), heading))
     joined = re.sub(r"\\\n\s*", " ", text)
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("grpcurl ")]
 
@@ -108,6 +109,32 @@ async def test_every_grpcurl_recipe_in_the_readme_runs(tmp_path: Path) -> None:
     assert "RUN_STATE_SUCCEEDED" in outputs["runservice.v1.RunService/StopRun"]
     assert outputs["runservice.v1.RunService/DeleteRun"].strip() == "{}"
     assert "RUN_CHANGE_SNAPSHOT_END" in outputs["runservice.v1.RunService/WatchRuns"]
+
+
+async def test_the_grpcurl_recipe_of_get_server_stats_runs(tmp_path: Path) -> None:
+    """The GetServerStats recipe in docs/api.md answers an admin with this server's figures,
+    and refuses a user without the admin role with PermissionDenied."""
+    binary = _grpcurl_binary()
+    (recipe,) = grpcurl_commands("docs/api.md", "## Server stats")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tokens = {
+        "admin": add_token(data_dir / "tokens.toml", "dev", ["admin"]),
+        "user": add_token(data_dir / "tokens.toml", "alice", []),
+    }
+    async with running_server(data_dir) as server:
+        env = {
+            **os.environ,
+            "PATH": f"{Path(binary).parent}:{os.environ['PATH']}",
+            "ADDR": server.addr,
+        }
+        code, out = await _sh(recipe, {**env, "TOKEN": tokens["admin"]})
+        assert code == 0, f"{recipe}\n{out}"
+        stats = json.loads(out)
+        assert stats["pid"] == server.pid and stats["version"]
+        assert stats["uptime"].endswith("s") and "active_runs" not in stats  # 0: left out
+        code, out = await _sh(recipe, {**env, "TOKEN": tokens["user"]})
+        assert code != 0 and "Code: PermissionDenied" in out and "admin role" in out, out
 
 
 async def test_the_python_client_example_runs(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ ALLOWED: dict[str, set[Code]] = {
     "DeleteRun": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
     "WatchRuns": COMMON | {Code.PERMISSION_DENIED},
     "ListAgents": COMMON,
+    "GetServerStats": COMMON | {Code.PERMISSION_DENIED},
 }
 
 # ErrorReason → the code the proto documents for it. A reason missing here (added later)
@@ -1451,6 +1452,7 @@ def _probe_requests(live: Live) -> dict[str, Message]:
         "DeleteRun": pb.DeleteRunRequest(run_id=missing),
         "WatchRuns": pb.WatchRunsRequest(),
         "ListAgents": pb.ListAgentsRequest(),
+        "GetServerStats": pb.GetServerStatsRequest(),
     }
 
 
@@ -1496,6 +1498,9 @@ def test_credentials_decide_the_caller_whatever_else_the_metadata_says(live: Liv
         assert outcome.code != Code.UNAUTHENTICATED, f"{rpc}: {outcome.details}"
         if rpc == "ListRuns" and caller != ADMIN:
             assert outcome.code == Code.PERMISSION_DENIED, "all_users granted to a non-admin"
+        if rpc == "GetServerStats":
+            denied = outcome.code == Code.PERMISSION_DENIED
+            assert denied == (caller != ADMIN), f"GetServerStats as {caller}: {outcome.code}"
         if rpc == "StartRun" and outcome.error is None:
             assert outcome.response.run.owner == caller
             live.owners[outcome.response.run.run_id] = caller
@@ -1546,6 +1551,7 @@ def _bases(live: Live) -> dict[str, bytes]:
         "DeleteRun": pb.DeleteRunRequest(run_id=str(uuid.uuid4())),
         "WatchRuns": SEED_FILTERS[1].fill(pb.WatchRunsRequest()),
         "ListAgents": pb.ListAgentsRequest(),
+        "GetServerStats": pb.GetServerStatsRequest(),
     }
     return {m: messages[m].SerializeToString() for m in METHODS}
 

@@ -157,6 +157,32 @@ async def test_grpcurl_lists_and_describes_without_proto_files_or_credentials(
     assert "stream .grpc.reflection.v1.ServerReflectionRequest" in v1
 
 
+async def test_grpcurl_prints_the_error_info_of_a_refusal(server: Harness) -> None:
+    """A refused call's ErrorInfo detail is described by reflection, so grpcurl decodes it
+    (reason, domain, metadata) instead of printing "not recognized"."""
+    token = server.tokens["alice"]
+    missing = "01a243f3-4381-7145-ad58-e965f68c706a"
+    command = (
+        _tool("grpcurl"),
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {token}",
+        "-d",
+        json.dumps({"run_id": missing}),
+        server.address,
+        "runservice.v1.RunService/GetRun",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    printed = out.decode() + err.decode()
+    assert proc.returncode != 0, printed
+    assert "not recognized" not in printed, printed
+    assert '"reason": "RUN_NOT_FOUND"' in printed and '"domain": "runservice"' in printed
+    assert f'"run_id": "{missing}"' in printed
+
+
 @pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
 async def test_buf_curl_lists_methods_and_calls_through_either_version(
     server: Harness, protocol: str

@@ -30,6 +30,7 @@ from runservice.domain.model import (
     StartRequest,
     WatchUpdate,
 )
+from runservice.runtime.manager import ServerStats
 from runservice.v1 import run_pb2, run_service_pb2
 
 DOMAIN = "runservice"
@@ -317,4 +318,38 @@ def watch_update_to_proto(update: WatchUpdate) -> run_service_pb2.WatchRunsRespo
     msg = run_service_pb2.WatchRunsResponse(change=CHANGE_TO_PROTO[update.change])  # type: ignore[arg-type]
     if update.run is not None:
         msg.run.CopyFrom(run_to_proto(update.run))
+    return msg
+
+
+def server_stats_to_proto(
+    stats: ServerStats,
+    *,
+    version: str,
+    hostname: str,
+    pid: int,
+    replica: str,
+    started_at: datetime,
+    uptime: float,
+) -> run_service_pb2.GetServerStatsResponse:
+    """The GetServerStats answer: the process's figures and who the process is."""
+    msg = run_service_pb2.GetServerStatsResponse(
+        active_runs=stats.active_runs,
+        queued_runs=stats.queued_runs,
+        runs_in_memory=stats.runs_in_memory,
+        subscriptions=stats.subscriptions,
+        subscriber_lag_events=stats.subscriber_lag_events,
+        max_subscriber_lag_events=stats.max_subscriber_lag_events,
+        watches=stats.watches,
+        commits=stats.commits,
+        events_committed=stats.events_committed,
+        pending_events=stats.pending_events,
+        draining=stats.draining,
+        store_problem=stats.store_problem,
+        version=version,
+        hostname=hostname,
+        pid=pid,
+        replica=replica,
+    )
+    _set_time(msg.start_time, started_at)
+    msg.uptime.FromNanoseconds(round(uptime * 1e9))
     return msg

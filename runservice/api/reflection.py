@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2  # noqa: F401  (puts DETAIL_TYPES in the default pool)
 from grpc_reflection.v1alpha import reflection_pb2 as pb
 
 Request = pb.ServerReflectionRequest
@@ -34,14 +35,20 @@ _V1_OPTIONS = descriptor_pb2.FileOptions(
 _METHOD = "ServerReflectionInfo"
 
 
+DETAIL_TYPES = ("google.rpc.ErrorInfo",)
+"""Messages that travel in error details (`google.rpc.Status.details`, an Any): described
+too, so that grpcurl and `buf curl` print them rather than "not recognized"."""
+
+
 def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
-    """Serves reflection for `service_names` (and itself, both versions) on `server`.
+    """Serves reflection for `service_names` (and itself, both versions) on `server`, and
+    for the messages of error details (DETAIL_TYPES).
 
     The handlers are registered as they are, unauthenticated: reflection stays open.
     KeyError when a service is not in the default descriptor pool (a wiring bug).
     """
     names = (*service_names, V1_SERVICE, V1ALPHA_SERVICE)
-    servicer = ReflectionServicer(names, reflection_pool(names))
+    servicer = ReflectionServicer(names, reflection_pool(names, DETAIL_TYPES))
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=Request.FromString,
@@ -53,9 +60,12 @@ def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> 
         server.add_registered_method_handlers(service, handlers)
 
 
-def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
-    """A pool of the files that define `service_names`, with their dependencies, copied from
-    the default pool; the `v1` reflection service's file is derived from `v1alpha`'s."""
+def reflection_pool(
+    service_names: Iterable[str], message_names: Iterable[str] = ()
+) -> descriptor_pool.DescriptorPool:
+    """A pool of the files that define `service_names` and `message_names`, with their
+    dependencies, copied from the default pool; the `v1` reflection service's file is
+    derived from `v1alpha`'s."""
     source = descriptor_pool.Default()
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
@@ -64,6 +74,8 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
             _add(pool, _v1_file(), added)
         else:
             _add_with_dependencies(pool, source.FindServiceByName(name).file, added)
+    for name in message_names:
+        _add_with_dependencies(pool, source.FindMessageTypeByName(name).file, added)
     return pool
 
 

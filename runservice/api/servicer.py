@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+import runservice
 from runservice.api import convert
 from runservice.api.auth import current_principal
 from runservice.api.page_token import PageTokens
-from runservice.domain.errors import InvalidArgumentError
+from runservice.domain.errors import AdminOnlyError, InvalidArgumentError
 from runservice.domain.model import Run
 from runservice.runtime.manager import RunManager
 from runservice.v1 import run_pb2
@@ -26,15 +32,37 @@ MAX_PAGE_SIZE = 1000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Who answers GetServerStats: this process, and since when it serves."""
+
+    replica: str = ""
+    version: str = field(default_factory=runservice.version)
+    hostname: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def uptime(self) -> float:
+        """Seconds since the process started serving, on the monotonic clock."""
+        return time.monotonic() - self.started_monotonic
+
+
 class RunServiceServicer(pb_grpc.RunServiceServicer):
     """gRPC edge of RunManager. No business logic here."""
 
     def __init__(
-        self, manager: RunManager, page_tokens: PageTokens, page_bytes: int = PAGE_BYTES
+        self,
+        manager: RunManager,
+        page_tokens: PageTokens,
+        page_bytes: int = PAGE_BYTES,
+        *,
+        replica: str = "",
     ) -> None:
         self._manager = manager
         self._tokens = page_tokens
         self._page_bytes = page_bytes
+        self._process = ProcessInfo(replica)
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         spec = convert.start_request_from_proto(request)
@@ -114,6 +142,22 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
     ) -> pb.ListAgentsResponse:
         agents = self._manager.list_agents()
         return pb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])
+
+    async def GetServerStats(
+        self, request: pb.GetServerStatsRequest, context: Context
+    ) -> pb.GetServerStatsResponse:
+        if not current_principal().is_admin:
+            raise AdminOnlyError("reading the server's stats (GetServerStats)")
+        process = self._process
+        return convert.server_stats_to_proto(
+            self._manager.stats(),
+            version=process.version,
+            hostname=process.hostname,
+            pid=process.pid,
+            replica=process.replica,
+            started_at=process.started_at,
+            uptime=process.uptime(),
+        )
 
 
 def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run], bool]:

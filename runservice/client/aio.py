@@ -238,6 +238,15 @@ class AsyncRunClient:
         response = await self._unary(self._stub.ListAgents, pb.ListAgentsRequest(), retry=True)
         return list(response.agents)
 
+    async def server_stats(self) -> pb.GetServerStatsResponse:
+        """The figures of the server process this connection reached (needs the admin role:
+        PermissionDeniedError otherwise); retried on UNAVAILABLE."""
+        request = pb.GetServerStatsRequest()
+        stats: pb.GetServerStatsResponse = await self._unary(
+            self._stub.GetServerStats, request, retry=True
+        )
+        return stats
+
     async def watch_runs(self, **filters: Any) -> AsyncIterator[pb.WatchRunsResponse]:
         """The snapshot, the RUN_CHANGE_SNAPSHOT_END marker, then every change."""
         call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=await self._metadata())

@@ -93,6 +93,10 @@ class RunClient:
         """The agents the server runs."""
         return self._run(self._aio.list_agents())
 
+    def server_stats(self) -> pb.GetServerStatsResponse:
+        """The figures of the server process this connection reached (admin only)."""
+        return self._run(self._aio.server_stats())
+
     def watch_runs(self, **filters: Any) -> Iterator[pb.WatchRunsResponse]:
         """The snapshot, its end marker, then every change."""
         return self._iterate(self._aio.watch_runs(**filters))

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from runservice.v1 import run_pb2 as runservice_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17runservice/v1/run.proto\"\xc4\x02\n\x0fStartRunRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12<\n\x12multitask_strategy\x18\x04 \x01(\x0e\x32 .runservice.v1.MultitaskStrategy\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.runservice.v1.StartRunRequest.LabelsEntry\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x10StartRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x0eGetRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"\x81\x02\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.runservice.v1.RunState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\tthread_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.runservice.v1.ListRunsRequest.LabelsEntry\x12\x11\n\tall_users\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x10ListRunsResponse\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.runservice.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0fStopRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"4\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"<\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.runservice.v1.RunEvent\"\"\n\x10\x44\x65leteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteRunResponse\"\xdc\x01\n\x10WatchRunsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.runservice.v1.RunState\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12;\n\x06labels\x18\x04 \x03(\x0b\x32+.runservice.v1.WatchRunsRequest.LabelsEntry\x12\x11\n\tall_users\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x11WatchRunsResponse\x12(\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x18.runservice.v1.RunChange\x12\x1f\n\x03run\x18\x02 \x01(\x0b\x32\x12.runservice.v1.Run\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.runservice.v1.Agent*\xab\x01\n\tRunChange\x12\x1a\n\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n\x12RUN_CHANGE_DELETED\x10\x05\x32\xa1\x05\n\nRunService\x12K\n\x08StartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n\x06GetRun\x12\x1c.runservice.v1.GetRunRequest\x1a\x1d.runservice.v1.GetRunResponse\"\x03\x90\x02\x01\x12P\n\x08ListRuns\x12\x1e.runservice.v1.ListRunsRequest\x1a\x1f.runservice.v1.ListRunsResponse\"\x03\x90\x02\x01\x12M\n\x07StopRun\x12\x1d.runservice.v1.StopRunRequest\x1a\x1e.runservice.v1.StopRunResponse\"\x03\x90\x02\x02\x12U\n\tSubscribe\x12\x1f.runservice.v1.SubscribeRequest\x1a .runservice.v1.SubscribeResponse\"\x03\x90\x02\x01\x30\x01\x12S\n\tDeleteRun\x12\x1f.runservice.v1.DeleteRunRequest\x1a .runservice.v1.DeleteRunResponse\"\x03\x90\x02\x02\x12U\n\tWatchRuns\x12\x1f.runservice.v1.WatchRunsRequest\x1a .runservice.v1.WatchRunsResponse\"\x03\x90\x02\x01\x30\x01\x12V\n\nListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runservice/v1/run.proto\"\xc4\x02\n\x0fStartRunRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12<\n\x12multitask_strategy\x18\x04 \x01(\x0e\x32 .runservice.v1.MultitaskStrategy\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.runservice.v1.StartRunRequest.LabelsEntry\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x10StartRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x0eGetRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"\x81\x02\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.runservice.v1.RunState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\tthread_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.runservice.v1.ListRunsRequest.LabelsEntry\x12\x11\n\tall_users\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x10ListRunsResponse\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.runservice.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0fStopRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.runservice.v1.Run\"4\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"<\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.runservice.v1.RunEvent\"\"\n\x10\x44\x65leteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteRunResponse\"\xdc\x01\n\x10WatchRunsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.runservice.v1.RunState\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12;\n\x06labels\x18\x04 \x03(\x0b\x32+.runservice.v1.WatchRunsRequest.LabelsEntry\x12\x11\n\tall_users\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x11WatchRunsResponse\x12(\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x18.runservice.v1.RunChange\x12\x1f\n\x03run\x18\x02 \x01(\x0b\x32\x12.runservice.v1.Run\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.runservice.v1.Agent\"\x17\n\x15GetServerStatsRequest\"\xcc\x03\n\x16GetServerStatsResponse\x12\x13\n\x0b\x61\x63tive_runs\x18\x01 \x01(\x05\x12\x13\n\x0bqueued_runs\x18\x02 \x01(\x05\x12\x16\n\x0eruns_in_memory\x18\x03 \x01(\x05\x12\x15\n\rsubscriptions\x18\x04 \x01(\x05\x12\x1d\n\x15subscriber_lag_events\x18\x05 \x01(\x03\x12!\n\x19max_subscriber_lag_events\x18\x06 \x01(\x03\x12\x0f\n\x07watches\x18\x07 \x01(\x05\x12\x0f\n\x07\x63ommits\x18\x08 \x01(\x03\x12\x18\n\x10\x65vents_committed\x18\t \x01(\x03\x12\x16\n\x0epending_events\x18\n \x01(\x03\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x15\n\rstore_problem\x18\x0c \x01(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12.\n\nstart_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08hostname\x18\x10 \x01(\t\x12\x0b\n\x03pid\x18\x11 \x01(\x05\x12\x0f\n\x07replica\x18\x12 \x01(\t*\xab\x01\n\tRunChange\x12\x1a\n\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n\x12RUN_CHANGE_DELETED\x10\x05\x32\x85\x06\n\nRunService\x12K\n\x08StartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n\x06GetRun\x12\x1c.runservice.v1.GetRunRequest\x1a\x1d.runservice.v1.GetRunResponse\"\x03\x90\x02\x01\x12P\n\x08ListRuns\x12\x1e.runservice.v1.ListRunsRequest\x1a\x1f.runservice.v1.ListRunsResponse\"\x03\x90\x02\x01\x12M\n\x07StopRun\x12\x1d.runservice.v1.StopRunRequest\x1a\x1e.runservice.v1.StopRunResponse\"\x03\x90\x02\x02\x12U\n\tSubscribe\x12\x1f.runservice.v1.SubscribeRequest\x1a .runservice.v1.SubscribeResponse\"\x03\x90\x02\x01\x30\x01\x12S\n\tDeleteRun\x12\x1f.runservice.v1.DeleteRunRequest\x1a .runservice.v1.DeleteRunResponse\"\x03\x90\x02\x02\x12U\n\tWatchRuns\x12\x1f.runservice.v1.WatchRunsRequest\x1a .runservice.v1.WatchRunsResponse\"\x03\x90\x02\x01\x30\x01\x12V\n\nListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12\x62\n\x0eGetServerStats\x12$.runservice.v1.GetServerStatsRequest\x1a%.runservice.v1.GetServerStatsResponse\"\x03\x90\x02\x01\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,46 +56,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSERVICE'].methods_by_name['WatchRuns']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['ListAgents']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['ListAgents']._serialized_options = b'\220\002\001'
-  _globals['_RUNCHANGE']._serialized_start=1616
-  _globals['_RUNCHANGE']._serialized_end=1787
-  _globals['_STARTRUNREQUEST']._serialized_start=138
-  _globals['_STARTRUNREQUEST']._serialized_end=462
-  _globals['_STARTRUNREQUEST_LABELSENTRY']._serialized_start=417
-  _globals['_STARTRUNREQUEST_LABELSENTRY']._serialized_end=462
-  _globals['_STARTRUNRESPONSE']._serialized_start=464
-  _globals['_STARTRUNRESPONSE']._serialized_end=515
-  _globals['_GETRUNREQUEST']._serialized_start=517
-  _globals['_GETRUNREQUEST']._serialized_end=548
-  _globals['_GETRUNRESPONSE']._serialized_start=550
-  _globals['_GETRUNRESPONSE']._serialized_end=599
-  _globals['_LISTRUNSREQUEST']._serialized_start=602
-  _globals['_LISTRUNSREQUEST']._serialized_end=859
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=417
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=462
-  _globals['_LISTRUNSRESPONSE']._serialized_start=861
-  _globals['_LISTRUNSRESPONSE']._serialized_end=938
-  _globals['_STOPRUNREQUEST']._serialized_start=940
-  _globals['_STOPRUNREQUEST']._serialized_end=988
-  _globals['_STOPRUNRESPONSE']._serialized_start=990
-  _globals['_STOPRUNRESPONSE']._serialized_end=1040
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1042
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1094
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1096
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1156
-  _globals['_DELETERUNREQUEST']._serialized_start=1158
-  _globals['_DELETERUNREQUEST']._serialized_end=1192
-  _globals['_DELETERUNRESPONSE']._serialized_start=1194
-  _globals['_DELETERUNRESPONSE']._serialized_end=1213
-  _globals['_WATCHRUNSREQUEST']._serialized_start=1216
-  _globals['_WATCHRUNSREQUEST']._serialized_end=1436
-  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_start=417
-  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_end=462
-  _globals['_WATCHRUNSRESPONSE']._serialized_start=1438
-  _globals['_WATCHRUNSRESPONSE']._serialized_end=1532
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1534
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1553
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1555
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1613
-  _globals['_RUNSERVICE']._serialized_start=1790
-  _globals['_RUNSERVICE']._serialized_end=2463
+  _globals['_RUNSERVICE'].methods_by_name['GetServerStats']._loaded_options = None
+  _globals['_RUNSERVICE'].methods_by_name['GetServerStats']._serialized_options = b'\220\002\001'
+  _globals['_RUNCHANGE']._serialized_start=2137
+  _globals['_RUNCHANGE']._serialized_end=2308
+  _globals['_STARTRUNREQUEST']._serialized_start=171
+  _globals['_STARTRUNREQUEST']._serialized_end=495
+  _globals['_STARTRUNREQUEST_LABELSENTRY']._serialized_start=450
+  _globals['_STARTRUNREQUEST_LABELSENTRY']._serialized_end=495
+  _globals['_STARTRUNRESPONSE']._serialized_start=497
+  _globals['_STARTRUNRESPONSE']._serialized_end=548
+  _globals['_GETRUNREQUEST']._serialized_start=550
+  _globals['_GETRUNREQUEST']._serialized_end=581
+  _globals['_GETRUNRESPONSE']._serialized_start=583
+  _globals['_GETRUNRESPONSE']._serialized_end=632
+  _globals['_LISTRUNSREQUEST']._serialized_start=635
+  _globals['_LISTRUNSREQUEST']._serialized_end=892
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=450
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=495
+  _globals['_LISTRUNSRESPONSE']._serialized_start=894
+  _globals['_LISTRUNSRESPONSE']._serialized_end=971
+  _globals['_STOPRUNREQUEST']._serialized_start=973
+  _globals['_STOPRUNREQUEST']._serialized_end=1021
+  _globals['_STOPRUNRESPONSE']._serialized_start=1023
+  _globals['_STOPRUNRESPONSE']._serialized_end=1073
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1075
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1127
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1129
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1189
+  _globals['_DELETERUNREQUEST']._serialized_start=1191
+  _globals['_DELETERUNREQUEST']._serialized_end=1225
+  _globals['_DELETERUNRESPONSE']._serialized_start=1227
+  _globals['_DELETERUNRESPONSE']._serialized_end=1246
+  _globals['_WATCHRUNSREQUEST']._serialized_start=1249
+  _globals['_WATCHRUNSREQUEST']._serialized_end=1469
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_start=450
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_end=495
+  _globals['_WATCHRUNSRESPONSE']._serialized_start=1471
+  _globals['_WATCHRUNSRESPONSE']._serialized_end=1565
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1567
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1586
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1588
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1646
+  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1648
+  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1671
+  _globals['_GETSERVERSTATSRESPONSE']._serialized_start=1674
+  _globals['_GETSERVERSTATSRESPONSE']._serialized_end=2134
+  _globals['_RUNSERVICE']._serialized_start=2311
+  _globals['_RUNSERVICE']._serialized_end=3084
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from runservice.v1 import run_pb2 as _run_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -179,3 +180,47 @@ class ListAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[_run_pb2.Agent]
     def __init__(self, agents: _Optional[_Iterable[_Union[_run_pb2.Agent, _Mapping]]] = ...) -> None: ...
+
+class GetServerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerStatsResponse(_message.Message):
+    __slots__ = ("active_runs", "queued_runs", "runs_in_memory", "subscriptions", "subscriber_lag_events", "max_subscriber_lag_events", "watches", "commits", "events_committed", "pending_events", "draining", "store_problem", "version", "start_time", "uptime", "hostname", "pid", "replica")
+    ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_IN_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUBSCRIBER_LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    WATCHES_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    STORE_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    active_runs: int
+    queued_runs: int
+    runs_in_memory: int
+    subscriptions: int
+    subscriber_lag_events: int
+    max_subscriber_lag_events: int
+    watches: int
+    commits: int
+    events_committed: int
+    pending_events: int
+    draining: bool
+    store_problem: str
+    version: str
+    start_time: _timestamp_pb2.Timestamp
+    uptime: _duration_pb2.Duration
+    hostname: str
+    pid: int
+    replica: str
+    def __init__(self, active_runs: _Optional[int] = ..., queued_runs: _Optional[int] = ..., runs_in_memory: _Optional[int] = ..., subscriptions: _Optional[int] = ..., subscriber_lag_events: _Optional[int] = ..., max_subscriber_lag_events: _Optional[int] = ..., watches: _Optional[int] = ..., commits: _Optional[int] = ..., events_committed: _Optional[int] = ..., pending_events: _Optional[int] = ..., draining: _Optional[bool] = ..., store_problem: _Optional[str] = ..., version: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...

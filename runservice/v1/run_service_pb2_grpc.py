@@ -82,6 +82,11 @@ class RunServiceStub:
                 request_serializer=runservice_dot_v1_dot_run__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=runservice_dot_v1_dot_run__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.GetServerStats = channel.unary_unary(
+                '/runservice.v1.RunService/GetServerStats',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -161,6 +166,21 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStats(self, request, context):
+        """Returns the figures of the server process that answers: its active and
+        queued runs, its open streams and how far their readers are behind, and
+        its writer's totals since it started. Needs the `admin` role
+        (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+
+        Each process answers for itself. With several replicas, or
+        `runservice serve --workers N`, the call reaches one process (the one its
+        connection reached) and `replica`, `hostname` and `pid` say which; a
+        deployment's totals are the sum over its processes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +223,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=runservice_dot_v1_dot_run__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=runservice_dot_v1_dot_run__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStats,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +454,33 @@ class RunService:
             '/runservice.v1.RunService/ListAgents',
             runservice_dot_v1_dot_run__service__pb2.ListAgentsRequest.SerializeToString,
             runservice_dot_v1_dot_run__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/GetServerStats',
+            runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ import (
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	structpb "google.golang.org/protobuf/types/known/structpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -1001,11 +1002,262 @@ func (x *ListAgentsResponse) GetAgents() []*Agent {
 	return nil
 }
 
+// Request message for GetServerStats.
+type GetServerStatsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServerStatsRequest) Reset() {
+	*x = GetServerStatsRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServerStatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServerStatsRequest) ProtoMessage() {}
+
+func (x *GetServerStatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServerStatsRequest.ProtoReflect.Descriptor instead.
+func (*GetServerStatsRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{16}
+}
+
+// Response message for GetServerStats: the answering process's figures at
+// one moment. Counters (`commits`, `events_committed`) grow from 0 at the
+// process's start: a rate is the difference between two answers divided by
+// the difference of their `uptime`. The int64 fields reach JSON (grpcurl) as
+// strings and JavaScript clients as bigints.
+type GetServerStatsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Runs whose agent executes in this process now.
+	ActiveRuns int32 `protobuf:"varint,1,opt,name=active_runs,json=activeRuns,proto3" json:"active_runs,omitempty"`
+	// Runs this process admitted that wait for their thread's turn
+	// (RUN_STATE_PENDING).
+	QueuedRuns int32 `protobuf:"varint,2,opt,name=queued_runs,json=queuedRuns,proto3" json:"queued_runs,omitempty"`
+	// Runs this process holds in memory: the active ones, and finished ones
+	// until their memory grace period (`--memory-grace`) ends.
+	RunsInMemory int32 `protobuf:"varint,3,opt,name=runs_in_memory,json=runsInMemory,proto3" json:"runs_in_memory,omitempty"`
+	// Subscribe streams open on this process.
+	Subscriptions int32 `protobuf:"varint,4,opt,name=subscriptions,proto3" json:"subscriptions,omitempty"`
+	// Events committed that the open Subscribe streams have not been sent
+	// yet, summed over the streams.
+	SubscriberLagEvents int64 `protobuf:"varint,5,opt,name=subscriber_lag_events,json=subscriberLagEvents,proto3" json:"subscriber_lag_events,omitempty"`
+	// How many committed events the furthest behind open Subscribe stream has
+	// not been sent yet; 0 when none is open.
+	MaxSubscriberLagEvents int64 `protobuf:"varint,6,opt,name=max_subscriber_lag_events,json=maxSubscriberLagEvents,proto3" json:"max_subscriber_lag_events,omitempty"`
+	// WatchRuns streams open on this process.
+	Watches int32 `protobuf:"varint,7,opt,name=watches,proto3" json:"watches,omitempty"`
+	// Transactions of events this process's writer has committed since the
+	// process started. A counter.
+	Commits int64 `protobuf:"varint,8,opt,name=commits,proto3" json:"commits,omitempty"`
+	// Events committed in those transactions since the process started. A
+	// counter.
+	EventsCommitted int64 `protobuf:"varint,9,opt,name=events_committed,json=eventsCommitted,proto3" json:"events_committed,omitempty"`
+	// Events emitted by this process's runs that wait for the writer.
+	PendingEvents int64 `protobuf:"varint,10,opt,name=pending_events,json=pendingEvents,proto3" json:"pending_events,omitempty"`
+	// True once the process has begun shutting down: it takes no new runs or
+	// watches and drains the active ones.
+	Draining bool `protobuf:"varint,11,opt,name=draining,proto3" json:"draining,omitempty"`
+	// Why the database takes no writes from this process now (for example, the
+	// disk is full); empty while it does.
+	StoreProblem string `protobuf:"bytes,12,opt,name=store_problem,json=storeProblem,proto3" json:"store_problem,omitempty"`
+	// The server's version, as `runservice --version` prints it (without the
+	// program name).
+	Version string `protobuf:"bytes,13,opt,name=version,proto3" json:"version,omitempty"`
+	// When this process started serving.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// How long this process has been serving when it answered, on its
+	// monotonic clock (unaffected by changes of the wall clock).
+	Uptime *durationpb.Duration `protobuf:"bytes,15,opt,name=uptime,proto3" json:"uptime,omitempty"`
+	// The name of the machine the process runs on.
+	Hostname string `protobuf:"bytes,16,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// The process's id on that machine.
+	Pid int32 `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`
+	// The replica's name when several replicas share one PostgreSQL database
+	// (kept in its data directory across restarts); empty otherwise.
+	Replica       string `protobuf:"bytes,18,opt,name=replica,proto3" json:"replica,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServerStatsResponse) Reset() {
+	*x = GetServerStatsResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServerStatsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServerStatsResponse) ProtoMessage() {}
+
+func (x *GetServerStatsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServerStatsResponse.ProtoReflect.Descriptor instead.
+func (*GetServerStatsResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GetServerStatsResponse) GetActiveRuns() int32 {
+	if x != nil {
+		return x.ActiveRuns
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetQueuedRuns() int32 {
+	if x != nil {
+		return x.QueuedRuns
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetRunsInMemory() int32 {
+	if x != nil {
+		return x.RunsInMemory
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetSubscriptions() int32 {
+	if x != nil {
+		return x.Subscriptions
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetSubscriberLagEvents() int64 {
+	if x != nil {
+		return x.SubscriberLagEvents
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetMaxSubscriberLagEvents() int64 {
+	if x != nil {
+		return x.MaxSubscriberLagEvents
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetWatches() int32 {
+	if x != nil {
+		return x.Watches
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetCommits() int64 {
+	if x != nil {
+		return x.Commits
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetEventsCommitted() int64 {
+	if x != nil {
+		return x.EventsCommitted
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetPendingEvents() int64 {
+	if x != nil {
+		return x.PendingEvents
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *GetServerStatsResponse) GetStoreProblem() string {
+	if x != nil {
+		return x.StoreProblem
+	}
+	return ""
+}
+
+func (x *GetServerStatsResponse) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *GetServerStatsResponse) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *GetServerStatsResponse) GetUptime() *durationpb.Duration {
+	if x != nil {
+		return x.Uptime
+	}
+	return nil
+}
+
+func (x *GetServerStatsResponse) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *GetServerStatsResponse) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *GetServerStatsResponse) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
 var File_runservice_v1_run_service_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17runservice/v1/run.proto\"\x97\x03\n" +
+	"\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runservice/v1/run.proto\"\x97\x03\n" +
 	"\x0fStartRunRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12-\n" +
 	"\x05input\x18\x02 \x01(\v2\x17.google.protobuf.StructR\x05input\x12\x1b\n" +
@@ -1066,14 +1318,38 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x03run\x18\x02 \x01(\v2\x12.runservice.v1.RunR\x03run\"\x13\n" +
 	"\x11ListAgentsRequest\"B\n" +
 	"\x12ListAgentsResponse\x12,\n" +
-	"\x06agents\x18\x01 \x03(\v2\x14.runservice.v1.AgentR\x06agents*\xab\x01\n" +
+	"\x06agents\x18\x01 \x03(\v2\x14.runservice.v1.AgentR\x06agents\"\x17\n" +
+	"\x15GetServerStatsRequest\"\xac\x05\n" +
+	"\x16GetServerStatsResponse\x12\x1f\n" +
+	"\vactive_runs\x18\x01 \x01(\x05R\n" +
+	"activeRuns\x12\x1f\n" +
+	"\vqueued_runs\x18\x02 \x01(\x05R\n" +
+	"queuedRuns\x12$\n" +
+	"\x0eruns_in_memory\x18\x03 \x01(\x05R\frunsInMemory\x12$\n" +
+	"\rsubscriptions\x18\x04 \x01(\x05R\rsubscriptions\x122\n" +
+	"\x15subscriber_lag_events\x18\x05 \x01(\x03R\x13subscriberLagEvents\x129\n" +
+	"\x19max_subscriber_lag_events\x18\x06 \x01(\x03R\x16maxSubscriberLagEvents\x12\x18\n" +
+	"\awatches\x18\a \x01(\x05R\awatches\x12\x18\n" +
+	"\acommits\x18\b \x01(\x03R\acommits\x12)\n" +
+	"\x10events_committed\x18\t \x01(\x03R\x0feventsCommitted\x12%\n" +
+	"\x0epending_events\x18\n" +
+	" \x01(\x03R\rpendingEvents\x12\x1a\n" +
+	"\bdraining\x18\v \x01(\bR\bdraining\x12#\n" +
+	"\rstore_problem\x18\f \x01(\tR\fstoreProblem\x12\x18\n" +
+	"\aversion\x18\r \x01(\tR\aversion\x129\n" +
+	"\n" +
+	"start_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x121\n" +
+	"\x06uptime\x18\x0f \x01(\v2\x19.google.protobuf.DurationR\x06uptime\x12\x1a\n" +
+	"\bhostname\x18\x10 \x01(\tR\bhostname\x12\x10\n" +
+	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12\x18\n" +
+	"\areplica\x18\x12 \x01(\tR\areplica*\xab\x01\n" +
 	"\tRunChange\x12\x1a\n" +
 	"\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n" +
 	"\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n" +
 	"\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n" +
 	"\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n" +
-	"\x12RUN_CHANGE_DELETED\x10\x052\xa1\x05\n" +
+	"\x12RUN_CHANGE_DELETED\x10\x052\x85\x06\n" +
 	"\n" +
 	"RunService\x12K\n" +
 	"\bStartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n" +
@@ -1084,7 +1360,8 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\tDeleteRun\x12\x1f.runservice.v1.DeleteRunRequest\x1a .runservice.v1.DeleteRunResponse\"\x03\x90\x02\x02\x12U\n" +
 	"\tWatchRuns\x12\x1f.runservice.v1.WatchRunsRequest\x1a .runservice.v1.WatchRunsResponse\"\x03\x90\x02\x010\x01\x12V\n" +
 	"\n" +
-	"ListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"ListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12b\n" +
+	"\x0eGetServerStats\x12$.runservice.v1.GetServerStatsRequest\x1a%.runservice.v1.GetServerStatsResponse\"\x03\x90\x02\x01BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_run_service_proto_rawDescOnce sync.Once
@@ -1099,74 +1376,81 @@ func file_runservice_v1_run_service_proto_rawDescGZIP() []byte {
 }
 
 var file_runservice_v1_run_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_runservice_v1_run_service_proto_goTypes = []any{
-	(RunChange)(0),              // 0: runservice.v1.RunChange
-	(*StartRunRequest)(nil),     // 1: runservice.v1.StartRunRequest
-	(*StartRunResponse)(nil),    // 2: runservice.v1.StartRunResponse
-	(*GetRunRequest)(nil),       // 3: runservice.v1.GetRunRequest
-	(*GetRunResponse)(nil),      // 4: runservice.v1.GetRunResponse
-	(*ListRunsRequest)(nil),     // 5: runservice.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),    // 6: runservice.v1.ListRunsResponse
-	(*StopRunRequest)(nil),      // 7: runservice.v1.StopRunRequest
-	(*StopRunResponse)(nil),     // 8: runservice.v1.StopRunResponse
-	(*SubscribeRequest)(nil),    // 9: runservice.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),   // 10: runservice.v1.SubscribeResponse
-	(*DeleteRunRequest)(nil),    // 11: runservice.v1.DeleteRunRequest
-	(*DeleteRunResponse)(nil),   // 12: runservice.v1.DeleteRunResponse
-	(*WatchRunsRequest)(nil),    // 13: runservice.v1.WatchRunsRequest
-	(*WatchRunsResponse)(nil),   // 14: runservice.v1.WatchRunsResponse
-	(*ListAgentsRequest)(nil),   // 15: runservice.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),  // 16: runservice.v1.ListAgentsResponse
-	nil,                         // 17: runservice.v1.StartRunRequest.LabelsEntry
-	nil,                         // 18: runservice.v1.ListRunsRequest.LabelsEntry
-	nil,                         // 19: runservice.v1.WatchRunsRequest.LabelsEntry
-	(*structpb.Struct)(nil),     // 20: google.protobuf.Struct
-	(MultitaskStrategy)(0),      // 21: runservice.v1.MultitaskStrategy
-	(*durationpb.Duration)(nil), // 22: google.protobuf.Duration
-	(*Run)(nil),                 // 23: runservice.v1.Run
-	(RunState)(0),               // 24: runservice.v1.RunState
-	(*RunEvent)(nil),            // 25: runservice.v1.RunEvent
-	(*Agent)(nil),               // 26: runservice.v1.Agent
+	(RunChange)(0),                 // 0: runservice.v1.RunChange
+	(*StartRunRequest)(nil),        // 1: runservice.v1.StartRunRequest
+	(*StartRunResponse)(nil),       // 2: runservice.v1.StartRunResponse
+	(*GetRunRequest)(nil),          // 3: runservice.v1.GetRunRequest
+	(*GetRunResponse)(nil),         // 4: runservice.v1.GetRunResponse
+	(*ListRunsRequest)(nil),        // 5: runservice.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),       // 6: runservice.v1.ListRunsResponse
+	(*StopRunRequest)(nil),         // 7: runservice.v1.StopRunRequest
+	(*StopRunResponse)(nil),        // 8: runservice.v1.StopRunResponse
+	(*SubscribeRequest)(nil),       // 9: runservice.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),      // 10: runservice.v1.SubscribeResponse
+	(*DeleteRunRequest)(nil),       // 11: runservice.v1.DeleteRunRequest
+	(*DeleteRunResponse)(nil),      // 12: runservice.v1.DeleteRunResponse
+	(*WatchRunsRequest)(nil),       // 13: runservice.v1.WatchRunsRequest
+	(*WatchRunsResponse)(nil),      // 14: runservice.v1.WatchRunsResponse
+	(*ListAgentsRequest)(nil),      // 15: runservice.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),     // 16: runservice.v1.ListAgentsResponse
+	(*GetServerStatsRequest)(nil),  // 17: runservice.v1.GetServerStatsRequest
+	(*GetServerStatsResponse)(nil), // 18: runservice.v1.GetServerStatsResponse
+	nil,                            // 19: runservice.v1.StartRunRequest.LabelsEntry
+	nil,                            // 20: runservice.v1.ListRunsRequest.LabelsEntry
+	nil,                            // 21: runservice.v1.WatchRunsRequest.LabelsEntry
+	(*structpb.Struct)(nil),        // 22: google.protobuf.Struct
+	(MultitaskStrategy)(0),         // 23: runservice.v1.MultitaskStrategy
+	(*durationpb.Duration)(nil),    // 24: google.protobuf.Duration
+	(*Run)(nil),                    // 25: runservice.v1.Run
+	(RunState)(0),                  // 26: runservice.v1.RunState
+	(*RunEvent)(nil),               // 27: runservice.v1.RunEvent
+	(*Agent)(nil),                  // 28: runservice.v1.Agent
+	(*timestamppb.Timestamp)(nil),  // 29: google.protobuf.Timestamp
 }
 var file_runservice_v1_run_service_proto_depIdxs = []int32{
-	20, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
-	21, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
-	17, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
-	22, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
-	23, // 4: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
-	23, // 5: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
-	24, // 6: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
-	18, // 7: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
-	23, // 8: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
-	23, // 9: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
-	25, // 10: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
-	24, // 11: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
-	19, // 12: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
+	22, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
+	23, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
+	19, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
+	24, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
+	25, // 4: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
+	25, // 5: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
+	26, // 6: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
+	20, // 7: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
+	25, // 8: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
+	25, // 9: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
+	27, // 10: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
+	26, // 11: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
+	21, // 12: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
 	0,  // 13: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
-	23, // 14: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
-	26, // 15: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
-	1,  // 16: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
-	3,  // 17: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
-	5,  // 18: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
-	7,  // 19: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
-	9,  // 20: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
-	11, // 21: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
-	13, // 22: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
-	15, // 23: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
-	2,  // 24: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
-	4,  // 25: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
-	6,  // 26: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
-	8,  // 27: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
-	10, // 28: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
-	12, // 29: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
-	14, // 30: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
-	16, // 31: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
-	24, // [24:32] is the sub-list for method output_type
-	16, // [16:24] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	25, // 14: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
+	28, // 15: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
+	29, // 16: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
+	24, // 17: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
+	1,  // 18: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
+	3,  // 19: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
+	5,  // 20: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
+	7,  // 21: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
+	9,  // 22: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
+	11, // 23: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
+	13, // 24: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
+	15, // 25: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
+	17, // 26: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
+	2,  // 27: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
+	4,  // 28: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
+	6,  // 29: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
+	8,  // 30: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
+	10, // 31: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
+	12, // 32: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
+	14, // 33: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
+	16, // 34: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
+	18, // 35: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
+	27, // [27:36] is the sub-list for method output_type
+	18, // [18:27] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_service_proto_init() }
@@ -1181,7 +1465,7 @@ func file_runservice_v1_run_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runservice_v1_run_service_proto_rawDesc), len(file_runservice_v1_run_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,14 +19,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RunService_StartRun_FullMethodName   = "/runservice.v1.RunService/StartRun"
-	RunService_GetRun_FullMethodName     = "/runservice.v1.RunService/GetRun"
-	RunService_ListRuns_FullMethodName   = "/runservice.v1.RunService/ListRuns"
-	RunService_StopRun_FullMethodName    = "/runservice.v1.RunService/StopRun"
-	RunService_Subscribe_FullMethodName  = "/runservice.v1.RunService/Subscribe"
-	RunService_DeleteRun_FullMethodName  = "/runservice.v1.RunService/DeleteRun"
-	RunService_WatchRuns_FullMethodName  = "/runservice.v1.RunService/WatchRuns"
-	RunService_ListAgents_FullMethodName = "/runservice.v1.RunService/ListAgents"
+	RunService_StartRun_FullMethodName       = "/runservice.v1.RunService/StartRun"
+	RunService_GetRun_FullMethodName         = "/runservice.v1.RunService/GetRun"
+	RunService_ListRuns_FullMethodName       = "/runservice.v1.RunService/ListRuns"
+	RunService_StopRun_FullMethodName        = "/runservice.v1.RunService/StopRun"
+	RunService_Subscribe_FullMethodName      = "/runservice.v1.RunService/Subscribe"
+	RunService_DeleteRun_FullMethodName      = "/runservice.v1.RunService/DeleteRun"
+	RunService_WatchRuns_FullMethodName      = "/runservice.v1.RunService/WatchRuns"
+	RunService_ListAgents_FullMethodName     = "/runservice.v1.RunService/ListAgents"
+	RunService_GetServerStats_FullMethodName = "/runservice.v1.RunService/GetServerStats"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -68,6 +69,16 @@ type RunServiceClient interface {
 	WatchRuns(ctx context.Context, in *WatchRunsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRunsResponse], error)
 	// Lists the agents this server can run.
 	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
+	// Returns the figures of the server process that answers: its active and
+	// queued runs, its open streams and how far their readers are behind, and
+	// its writer's totals since it started. Needs the `admin` role
+	// (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+	//
+	// Each process answers for itself. With several replicas, or
+	// `runservice serve --workers N`, the call reaches one process (the one its
+	// connection reached) and `replica`, `hostname` and `pid` say which; a
+	// deployment's totals are the sum over its processes.
+	GetServerStats(ctx context.Context, in *GetServerStatsRequest, opts ...grpc.CallOption) (*GetServerStatsResponse, error)
 }
 
 type runServiceClient struct {
@@ -176,6 +187,16 @@ func (c *runServiceClient) ListAgents(ctx context.Context, in *ListAgentsRequest
 	return out, nil
 }
 
+func (c *runServiceClient) GetServerStats(ctx context.Context, in *GetServerStatsRequest, opts ...grpc.CallOption) (*GetServerStatsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetServerStatsResponse)
+	err := c.cc.Invoke(ctx, RunService_GetServerStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -215,6 +236,16 @@ type RunServiceServer interface {
 	WatchRuns(*WatchRunsRequest, grpc.ServerStreamingServer[WatchRunsResponse]) error
 	// Lists the agents this server can run.
 	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
+	// Returns the figures of the server process that answers: its active and
+	// queued runs, its open streams and how far their readers are behind, and
+	// its writer's totals since it started. Needs the `admin` role
+	// (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+	//
+	// Each process answers for itself. With several replicas, or
+	// `runservice serve --workers N`, the call reaches one process (the one its
+	// connection reached) and `replica`, `hostname` and `pid` say which; a
+	// deployment's totals are the sum over its processes.
+	GetServerStats(context.Context, *GetServerStatsRequest) (*GetServerStatsResponse, error)
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -248,6 +279,9 @@ func (UnimplementedRunServiceServer) WatchRuns(*WatchRunsRequest, grpc.ServerStr
 }
 func (UnimplementedRunServiceServer) ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAgents not implemented")
+}
+func (UnimplementedRunServiceServer) GetServerStats(context.Context, *GetServerStatsRequest) (*GetServerStatsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetServerStats not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -400,6 +434,24 @@ func _RunService_ListAgents_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RunService_GetServerStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetServerStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).GetServerStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_GetServerStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).GetServerStats(ctx, req.(*GetServerStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -430,6 +482,10 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAgents",
 			Handler:    _RunService_ListAgents_Handler,
+		},
+		{
+			MethodName: "GetServerStats",
+			Handler:    _RunService_GetServerStats_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

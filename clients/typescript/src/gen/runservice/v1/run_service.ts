@@ -22,6 +22,7 @@ import {
 } from "@grpc/grpc-js";
 import { Duration } from "../../google/protobuf/duration";
 import { Struct } from "../../google/protobuf/struct";
+import { Timestamp } from "../../google/protobuf/timestamp";
 import {
   Agent,
   MultitaskStrategy,
@@ -290,6 +291,93 @@ export interface ListAgentsRequest {
 export interface ListAgentsResponse {
   /** The agents, sorted by name. */
   agents: Agent[];
+}
+
+/** Request message for GetServerStats. */
+export interface GetServerStatsRequest {
+}
+
+/**
+ * Response message for GetServerStats: the answering process's figures at
+ * one moment. Counters (`commits`, `events_committed`) grow from 0 at the
+ * process's start: a rate is the difference between two answers divided by
+ * the difference of their `uptime`. The int64 fields reach JSON (grpcurl) as
+ * strings and JavaScript clients as bigints.
+ */
+export interface GetServerStatsResponse {
+  /** Runs whose agent executes in this process now. */
+  activeRuns: number;
+  /**
+   * Runs this process admitted that wait for their thread's turn
+   * (RUN_STATE_PENDING).
+   */
+  queuedRuns: number;
+  /**
+   * Runs this process holds in memory: the active ones, and finished ones
+   * until their memory grace period (`--memory-grace`) ends.
+   */
+  runsInMemory: number;
+  /** Subscribe streams open on this process. */
+  subscriptions: number;
+  /**
+   * Events committed that the open Subscribe streams have not been sent
+   * yet, summed over the streams.
+   */
+  subscriberLagEvents: bigint;
+  /**
+   * How many committed events the furthest behind open Subscribe stream has
+   * not been sent yet; 0 when none is open.
+   */
+  maxSubscriberLagEvents: bigint;
+  /** WatchRuns streams open on this process. */
+  watches: number;
+  /**
+   * Transactions of events this process's writer has committed since the
+   * process started. A counter.
+   */
+  commits: bigint;
+  /**
+   * Events committed in those transactions since the process started. A
+   * counter.
+   */
+  eventsCommitted: bigint;
+  /** Events emitted by this process's runs that wait for the writer. */
+  pendingEvents: bigint;
+  /**
+   * True once the process has begun shutting down: it takes no new runs or
+   * watches and drains the active ones.
+   */
+  draining: boolean;
+  /**
+   * Why the database takes no writes from this process now (for example, the
+   * disk is full); empty while it does.
+   */
+  storeProblem: string;
+  /**
+   * The server's version, as `runservice --version` prints it (without the
+   * program name).
+   */
+  version: string;
+  /** When this process started serving. */
+  startTime:
+    | Date
+    | undefined;
+  /**
+   * How long this process has been serving when it answered, on its
+   * monotonic clock (unaffected by changes of the wall clock).
+   */
+  uptime:
+    | Duration
+    | undefined;
+  /** The name of the machine the process runs on. */
+  hostname: string;
+  /** The process's id on that machine. */
+  pid: number;
+  /**
+   * The replica's name when several replicas share one PostgreSQL database
+   * (kept in its data directory across restarts); empty otherwise.
+   */
+  replica: string;
 }
 
 function createBaseStartRunRequest(): StartRunRequest {
@@ -2116,6 +2204,480 @@ export const ListAgentsResponse: MessageFns<ListAgentsResponse> = {
   },
 };
 
+function createBaseGetServerStatsRequest(): GetServerStatsRequest {
+  return {};
+}
+
+export const GetServerStatsRequest: MessageFns<GetServerStatsRequest> = {
+  encode(_: GetServerStatsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetServerStatsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetServerStatsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): GetServerStatsRequest {
+    return {};
+  },
+
+  toJSON(_: GetServerStatsRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetServerStatsRequest>, I>>(base?: I): GetServerStatsRequest {
+    return GetServerStatsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetServerStatsRequest>, I>>(_: I): GetServerStatsRequest {
+    const message = createBaseGetServerStatsRequest();
+    return message;
+  },
+};
+
+function createBaseGetServerStatsResponse(): GetServerStatsResponse {
+  return {
+    activeRuns: 0,
+    queuedRuns: 0,
+    runsInMemory: 0,
+    subscriptions: 0,
+    subscriberLagEvents: 0n,
+    maxSubscriberLagEvents: 0n,
+    watches: 0,
+    commits: 0n,
+    eventsCommitted: 0n,
+    pendingEvents: 0n,
+    draining: false,
+    storeProblem: "",
+    version: "",
+    startTime: undefined,
+    uptime: undefined,
+    hostname: "",
+    pid: 0,
+    replica: "",
+  };
+}
+
+export const GetServerStatsResponse: MessageFns<GetServerStatsResponse> = {
+  encode(message: GetServerStatsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.activeRuns !== 0) {
+      writer.uint32(8).int32(message.activeRuns);
+    }
+    if (message.queuedRuns !== 0) {
+      writer.uint32(16).int32(message.queuedRuns);
+    }
+    if (message.runsInMemory !== 0) {
+      writer.uint32(24).int32(message.runsInMemory);
+    }
+    if (message.subscriptions !== 0) {
+      writer.uint32(32).int32(message.subscriptions);
+    }
+    if (message.subscriberLagEvents !== 0n) {
+      if (BigInt.asIntN(64, message.subscriberLagEvents) !== message.subscriberLagEvents) {
+        throw new globalThis.Error("value provided for field message.subscriberLagEvents of type int64 too large");
+      }
+      writer.uint32(40).int64(message.subscriberLagEvents);
+    }
+    if (message.maxSubscriberLagEvents !== 0n) {
+      if (BigInt.asIntN(64, message.maxSubscriberLagEvents) !== message.maxSubscriberLagEvents) {
+        throw new globalThis.Error("value provided for field message.maxSubscriberLagEvents of type int64 too large");
+      }
+      writer.uint32(48).int64(message.maxSubscriberLagEvents);
+    }
+    if (message.watches !== 0) {
+      writer.uint32(56).int32(message.watches);
+    }
+    if (message.commits !== 0n) {
+      if (BigInt.asIntN(64, message.commits) !== message.commits) {
+        throw new globalThis.Error("value provided for field message.commits of type int64 too large");
+      }
+      writer.uint32(64).int64(message.commits);
+    }
+    if (message.eventsCommitted !== 0n) {
+      if (BigInt.asIntN(64, message.eventsCommitted) !== message.eventsCommitted) {
+        throw new globalThis.Error("value provided for field message.eventsCommitted of type int64 too large");
+      }
+      writer.uint32(72).int64(message.eventsCommitted);
+    }
+    if (message.pendingEvents !== 0n) {
+      if (BigInt.asIntN(64, message.pendingEvents) !== message.pendingEvents) {
+        throw new globalThis.Error("value provided for field message.pendingEvents of type int64 too large");
+      }
+      writer.uint32(80).int64(message.pendingEvents);
+    }
+    if (message.draining !== false) {
+      writer.uint32(88).bool(message.draining);
+    }
+    if (message.storeProblem !== "") {
+      writer.uint32(98).string(message.storeProblem);
+    }
+    if (message.version !== "") {
+      writer.uint32(106).string(message.version);
+    }
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(114).fork()).join();
+    }
+    if (message.uptime !== undefined) {
+      Duration.encode(message.uptime, writer.uint32(122).fork()).join();
+    }
+    if (message.hostname !== "") {
+      writer.uint32(130).string(message.hostname);
+    }
+    if (message.pid !== 0) {
+      writer.uint32(136).int32(message.pid);
+    }
+    if (message.replica !== "") {
+      writer.uint32(146).string(message.replica);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetServerStatsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetServerStatsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.activeRuns = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.queuedRuns = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.runsInMemory = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.subscriptions = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.subscriberLagEvents = reader.int64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.maxSubscriberLagEvents = reader.int64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.watches = reader.int32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.commits = reader.int64() as bigint;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.eventsCommitted = reader.int64() as bigint;
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.pendingEvents = reader.int64() as bigint;
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.draining = reader.bool();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.storeProblem = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.uptime = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.hostname = reader.string();
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.pid = reader.int32();
+            continue;
+          }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.replica = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetServerStatsResponse {
+    return {
+      activeRuns: isSet(object.activeRuns)
+        ? globalThis.Number(object.activeRuns)
+        : isSet(object.active_runs)
+        ? globalThis.Number(object.active_runs)
+        : 0,
+      queuedRuns: isSet(object.queuedRuns)
+        ? globalThis.Number(object.queuedRuns)
+        : isSet(object.queued_runs)
+        ? globalThis.Number(object.queued_runs)
+        : 0,
+      runsInMemory: isSet(object.runsInMemory)
+        ? globalThis.Number(object.runsInMemory)
+        : isSet(object.runs_in_memory)
+        ? globalThis.Number(object.runs_in_memory)
+        : 0,
+      subscriptions: isSet(object.subscriptions) ? globalThis.Number(object.subscriptions) : 0,
+      subscriberLagEvents: isSet(object.subscriberLagEvents)
+        ? BigInt(object.subscriberLagEvents)
+        : isSet(object.subscriber_lag_events)
+        ? BigInt(object.subscriber_lag_events)
+        : 0n,
+      maxSubscriberLagEvents: isSet(object.maxSubscriberLagEvents)
+        ? BigInt(object.maxSubscriberLagEvents)
+        : isSet(object.max_subscriber_lag_events)
+        ? BigInt(object.max_subscriber_lag_events)
+        : 0n,
+      watches: isSet(object.watches) ? globalThis.Number(object.watches) : 0,
+      commits: isSet(object.commits) ? BigInt(object.commits) : 0n,
+      eventsCommitted: isSet(object.eventsCommitted)
+        ? BigInt(object.eventsCommitted)
+        : isSet(object.events_committed)
+        ? BigInt(object.events_committed)
+        : 0n,
+      pendingEvents: isSet(object.pendingEvents)
+        ? BigInt(object.pendingEvents)
+        : isSet(object.pending_events)
+        ? BigInt(object.pending_events)
+        : 0n,
+      draining: isSet(object.draining) ? globalThis.Boolean(object.draining) : false,
+      storeProblem: isSet(object.storeProblem)
+        ? globalThis.String(object.storeProblem)
+        : isSet(object.store_problem)
+        ? globalThis.String(object.store_problem)
+        : "",
+      version: isSet(object.version) ? globalThis.String(object.version) : "",
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      uptime: isSet(object.uptime) ? Duration.fromJSON(object.uptime) : undefined,
+      hostname: isSet(object.hostname) ? globalThis.String(object.hostname) : "",
+      pid: isSet(object.pid) ? globalThis.Number(object.pid) : 0,
+      replica: isSet(object.replica) ? globalThis.String(object.replica) : "",
+    };
+  },
+
+  toJSON(message: GetServerStatsResponse): unknown {
+    const obj: any = {};
+    if (message.activeRuns !== 0) {
+      obj.activeRuns = Math.round(message.activeRuns);
+    }
+    if (message.queuedRuns !== 0) {
+      obj.queuedRuns = Math.round(message.queuedRuns);
+    }
+    if (message.runsInMemory !== 0) {
+      obj.runsInMemory = Math.round(message.runsInMemory);
+    }
+    if (message.subscriptions !== 0) {
+      obj.subscriptions = Math.round(message.subscriptions);
+    }
+    if (message.subscriberLagEvents !== 0n) {
+      obj.subscriberLagEvents = message.subscriberLagEvents.toString();
+    }
+    if (message.maxSubscriberLagEvents !== 0n) {
+      obj.maxSubscriberLagEvents = message.maxSubscriberLagEvents.toString();
+    }
+    if (message.watches !== 0) {
+      obj.watches = Math.round(message.watches);
+    }
+    if (message.commits !== 0n) {
+      obj.commits = message.commits.toString();
+    }
+    if (message.eventsCommitted !== 0n) {
+      obj.eventsCommitted = message.eventsCommitted.toString();
+    }
+    if (message.pendingEvents !== 0n) {
+      obj.pendingEvents = message.pendingEvents.toString();
+    }
+    if (message.draining !== false) {
+      obj.draining = message.draining;
+    }
+    if (message.storeProblem !== "") {
+      obj.storeProblem = message.storeProblem;
+    }
+    if (message.version !== "") {
+      obj.version = message.version;
+    }
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.uptime !== undefined) {
+      obj.uptime = Duration.toJSON(message.uptime);
+    }
+    if (message.hostname !== "") {
+      obj.hostname = message.hostname;
+    }
+    if (message.pid !== 0) {
+      obj.pid = Math.round(message.pid);
+    }
+    if (message.replica !== "") {
+      obj.replica = message.replica;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetServerStatsResponse>, I>>(base?: I): GetServerStatsResponse {
+    return GetServerStatsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetServerStatsResponse>, I>>(object: I): GetServerStatsResponse {
+    const message = createBaseGetServerStatsResponse();
+    message.activeRuns = object.activeRuns ?? 0;
+    message.queuedRuns = object.queuedRuns ?? 0;
+    message.runsInMemory = object.runsInMemory ?? 0;
+    message.subscriptions = object.subscriptions ?? 0;
+    message.subscriberLagEvents = (object.subscriberLagEvents !== undefined && object.subscriberLagEvents !== null)
+      ? BigInt(object.subscriberLagEvents)
+      : 0n;
+    message.maxSubscriberLagEvents =
+      (object.maxSubscriberLagEvents !== undefined && object.maxSubscriberLagEvents !== null)
+        ? BigInt(object.maxSubscriberLagEvents)
+        : 0n;
+    message.watches = object.watches ?? 0;
+    message.commits = (object.commits !== undefined && object.commits !== null) ? BigInt(object.commits) : 0n;
+    message.eventsCommitted = (object.eventsCommitted !== undefined && object.eventsCommitted !== null)
+      ? BigInt(object.eventsCommitted)
+      : 0n;
+    message.pendingEvents = (object.pendingEvents !== undefined && object.pendingEvents !== null)
+      ? BigInt(object.pendingEvents)
+      : 0n;
+    message.draining = object.draining ?? false;
+    message.storeProblem = object.storeProblem ?? "";
+    message.version = object.version ?? "";
+    message.startTime = object.startTime ?? undefined;
+    message.uptime = (object.uptime !== undefined && object.uptime !== null)
+      ? Duration.fromPartial(object.uptime)
+      : undefined;
+    message.hostname = object.hostname ?? "";
+    message.pid = object.pid ?? 0;
+    message.replica = object.replica ?? "";
+    return message;
+  },
+};
+
 /**
  * RunService starts runs that execute on the server and outlive the RPC that
  * started them, and lets any number of callers follow their event logs.
@@ -2228,6 +2790,28 @@ export const RunServiceService = {
     responseSerialize: (value: ListAgentsResponse): Buffer => Buffer.from(ListAgentsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListAgentsResponse => ListAgentsResponse.decode(value),
   },
+  /**
+   * Returns the figures of the server process that answers: its active and
+   * queued runs, its open streams and how far their readers are behind, and
+   * its writer's totals since it started. Needs the `admin` role
+   * (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+   *
+   * Each process answers for itself. With several replicas, or
+   * `runservice serve --workers N`, the call reaches one process (the one its
+   * connection reached) and `replica`, `hostname` and `pid` say which; a
+   * deployment's totals are the sum over its processes.
+   */
+  getServerStats: {
+    path: "/runservice.v1.RunService/GetServerStats" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetServerStatsRequest): Buffer =>
+      Buffer.from(GetServerStatsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetServerStatsRequest => GetServerStatsRequest.decode(value),
+    responseSerialize: (value: GetServerStatsResponse): Buffer =>
+      Buffer.from(GetServerStatsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetServerStatsResponse => GetServerStatsResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -2267,6 +2851,18 @@ export interface RunServiceServer extends UntypedServiceImplementation {
   watchRuns: handleServerStreamingCall<WatchRunsRequest, WatchRunsResponse>;
   /** Lists the agents this server can run. */
   listAgents: handleUnaryCall<ListAgentsRequest, ListAgentsResponse>;
+  /**
+   * Returns the figures of the server process that answers: its active and
+   * queued runs, its open streams and how far their readers are behind, and
+   * its writer's totals since it started. Needs the `admin` role
+   * (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+   *
+   * Each process answers for itself. With several replicas, or
+   * `runservice serve --workers N`, the call reaches one process (the one its
+   * connection reached) and `replica`, `hostname` and `pid` say which; a
+   * deployment's totals are the sum over its processes.
+   */
+  getServerStats: handleUnaryCall<GetServerStatsRequest, GetServerStatsResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -2400,6 +2996,32 @@ export interface RunServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListAgentsResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Returns the figures of the server process that answers: its active and
+   * queued runs, its open streams and how far their readers are behind, and
+   * its writer's totals since it started. Needs the `admin` role
+   * (PERMISSION_DENIED, reason ADMIN_ONLY, otherwise).
+   *
+   * Each process answers for itself. With several replicas, or
+   * `runservice serve --workers N`, the call reaches one process (the one its
+   * connection reached) and `replica`, `hostname` and `pid` say which; a
+   * deployment's totals are the sum over its processes.
+   */
+  getServerStats(
+    request: GetServerStatsRequest,
+    callback: (error: ServiceError | null, response: GetServerStatsResponse) => void,
+  ): ClientUnaryCall;
+  getServerStats(
+    request: GetServerStatsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetServerStatsResponse) => void,
+  ): ClientUnaryCall;
+  getServerStats(
+    request: GetServerStatsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetServerStatsResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const RunServiceClient = makeGenericClientConstructor(
@@ -2422,6 +3044,28 @@ export type DeepPartial<T> = T extends bigint ? string | number | bigint
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function toTimestamp(date: Date): Timestamp {
+  const seconds = BigInt(Math.trunc(date.getTime() / 1_000));
+  const nanos = (date.getTime() % 1_000) * 1_000_000;
+  return { seconds, nanos };
+}
+
+function fromTimestamp(t: Timestamp): Date {
+  let millis = (globalThis.Number(t.seconds.toString()) || 0) * 1_000;
+  millis += (t.nanos || 0) / 1_000_000;
+  return new globalThis.Date(millis);
+}
+
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
 
 function isObject(value: any): boolean {
   return typeof value === "object" && value !== null;
