@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from runservice.store.preflight import DatabaseRefusedError
 from runservice.tokens import TokensFileError, ensure_dev_token, load_tokens
 from runservice.tracing import Tracing, TracingSetupError, start_tracing
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
+from runservice.web import HttpAddressError, StreamSettings, WebEdge, WebSettings
+from runservice.web import parse_address as parse_http_address
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class App:
     metrics: Metrics | None = None
     metrics_server: MetricsServer | None = None
     """The endpoint of --metrics-listen (a worker of --workers has none: its parent serves)."""
+    web: WebEdge | None = None
+    """The HTTP edge of --http-listen, if asked for."""
     _gauges: asyncio.Task[None] | None = None  # a worker's gauges, written for its parent
     _stopped: bool = False
 
@@ -83,9 +88,11 @@ class App:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if self.web is not None:
+            await self.web.stop_accepting()
         await self.manager.shutdown()
         # Streams of runs that ended got their terminal events; the rest are cut short.
-        await self.server.stop(SERVER_STOP_GRACE_S)
+        await asyncio.gather(self.server.stop(SERVER_STOP_GRACE_S), self._close_web())
         await self.store.close()
         await self._stop_metrics()
         if self.lock is not None:
@@ -93,6 +100,15 @@ class App:
         if self.tracing is not None:
             self.tracing.shutdown()
         logger.info("stopped")
+
+    @property
+    def http_port(self) -> int:
+        """The port the HTTP edge listens on (0: it has none)."""
+        return self.web.port if self.web is not None else 0
+
+    async def _close_web(self) -> None:
+        if self.web is not None:
+            await self.web.close()
 
     async def _stop_metrics(self) -> None:
         """Last, so that a scrape can watch the drain."""
@@ -135,6 +151,11 @@ def build_authentication(settings: Settings) -> Authentication:
             raise ConfigError(
                 "--insecure-no-auth is refused unless --listen is a loopback address "
                 f"(got {settings.listen})"
+            )
+        if settings.http_listen and not is_loopback(settings.http_listen):
+            raise ConfigError(
+                "--insecure-no-auth is refused unless --http-listen is a loopback address "
+                f"(got {settings.http_listen})"
             )
         logger.warning(
             "--insecure-no-auth: calls without credentials are accepted as user 'anonymous'"
@@ -204,6 +225,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP edge's TLS, from the files gRPC's uses (server_credentials checked them):
+    TLS 1.2 or later, and with --tls-client-ca a client certificate it signed required."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            context.load_verify_locations(cafile=str(settings.tls_client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS for --http-listen: {exc}") from exc
+    return context
 
 
 def _read(path: Path | None, *, strip: bool = False) -> bytes | None:
@@ -413,6 +451,7 @@ async def _build_locked(
     except TracingSetupError as exc:
         raise ConfigError(str(exc)) from None
     max_event_bytes = event_size_limit(settings)
+    http_tls = _check_http(settings)
     proposed = proposed_secret(settings.data_dir / "secret.key")
     store = await open_store(
         settings.db_url,
@@ -468,20 +507,17 @@ async def _build_locked(
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
         replica=replica,
     )
+    streams = StreamLimiter(settings.max_streams_per_user)  # one cap over both edges
     add_authenticated_service(
         run_service_pb2_grpc.add_RunServiceServicer_to_server,
         servicer,
         server,
         authentication,
-        StreamLimiter(settings.max_streams_per_user),
+        streams,
         stall_timeout=settings.stream_stall_timeout,
         metrics=metrics,
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    manager.on_store_health(_readiness(health_servicer))
+    health_servicer = await _add_health(server, manager)
     enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     try:
         if credentials is None:
@@ -494,8 +530,17 @@ async def _build_locked(
         raise ListenError(
             f"cannot listen on {settings.listen} (is another process using it?)"
         ) from exc
+    web = _web_edge(
+        settings,
+        http_tls,
+        servicer=servicer,
+        manager=manager,
+        authentication=authentication,
+        streams=streams,
+        metrics=metrics,
+    )
     try:
-        metrics_server = serve_metrics(settings, metrics)
+        metrics_server = await _start_endpoints(settings, metrics, web)
     except ListenError:
         await server.stop(None)
         await manager.shutdown(0)
@@ -506,8 +551,82 @@ async def _build_locked(
         "listening on %s (port %d), database %s", settings.listen, port, _safe_url(settings.db_url)
     )
     app = App(server, manager, store, health_servicer, port, lock, tracing)
+    app.web = web
     _measure(app, metrics, metrics_server)
     return app
+
+
+async def _add_health(server: grpc.aio.Server, manager: RunManager) -> health.aio.HealthServicer:
+    """The health service, SERVING; readiness follows the store's health."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    manager.on_store_health(_readiness(health_servicer))
+    return health_servicer
+
+
+def _check_http(settings: Settings) -> ssl.SSLContext | None:
+    """Refuses an --http-listen that is not HOST:PORT (ConfigError); the HTTP edge's TLS."""
+    if not settings.http_listen:
+        return None
+    try:
+        parse_http_address(settings.http_listen)
+    except HttpAddressError as exc:
+        raise ConfigError(str(exc)) from None
+    return http_ssl_context(settings)
+
+
+def _web_edge(
+    settings: Settings,
+    tls: ssl.SSLContext | None,
+    *,
+    servicer: RunServiceServicer,
+    manager: RunManager,
+    authentication: Authentication,
+    streams: StreamLimiter,
+    metrics: Metrics,
+) -> WebEdge | None:
+    """The HTTP edge of --http-listen, not yet listening; None without the option. It
+    calls the gRPC edge's servicer and shares its authentication and stream caps."""
+    if not settings.http_listen:
+        return None
+    web_settings = WebSettings(
+        listen=settings.http_listen,
+        streams=StreamSettings(
+            long_poll_timeout=settings.http_long_poll_timeout,
+            sse_heartbeat=settings.http_sse_heartbeat,
+            sse_max_duration=settings.http_sse_max_duration,
+            stall_timeout=settings.stream_stall_timeout,
+        ),
+        max_body=settings.max_receive_message_size,
+        reuse_port=settings.worker_index is not None,
+        ssl_context=tls,
+        shutdown_grace=SERVER_STOP_GRACE_S,
+    )
+    return WebEdge(servicer, manager, authentication, streams, web_settings, metrics=metrics)
+
+
+async def _start_endpoints(
+    settings: Settings, metrics: Metrics, web: WebEdge | None
+) -> MetricsServer | None:
+    """Starts the endpoints beside gRPC that the options ask for: --metrics-listen's
+    (returned) and the HTTP edge of --http-listen. ListenError, with neither left open,
+    when one cannot listen."""
+    metrics_server = serve_metrics(settings, metrics)
+    if web is None:
+        return metrics_server
+    try:
+        await web.start()
+    except OSError as exc:
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.stop)
+        raise ListenError(
+            f"cannot listen on --http-listen {settings.http_listen} ({exc.strerror}; is "
+            "another process using it?)"
+        ) from exc
+    logger.info("serving HTTP on %s (port %d); see docs/http.md", web.url, web.port)
+    return metrics_server
 
 
 def _measure(app: App, metrics: Metrics, endpoint: MetricsServer | None) -> None:

@@ -177,6 +177,11 @@ class Settings:
     event_loop: str = "uvloop"
     metrics_listen: str = ""
     """HOST:PORT of the Prometheus endpoint; empty: none."""
+    http_listen: str = ""
+    """HOST:PORT of the HTTP edge (runservice/web); empty: none."""
+    http_long_poll_timeout: float = 20.0
+    http_sse_heartbeat: float = 15.0
+    http_sse_max_duration: float = 60.0
 
     @property
     def db_url(self) -> str:
@@ -368,6 +373,33 @@ OPTIONS: tuple[_Option, ...] = (
         "the asyncio event loop: uvloop (faster) or asyncio (the standard library's)",
         _OneOf(EVENT_LOOPS),
         "uvloop",
+    ),
+    _Option(
+        "http-listen",
+        "also serve the API over HTTP/JSON on HOST:PORT, and every run's events as a durable "
+        "stream (SSE, long-poll; see docs/http.md); same TLS and authentication as --listen",
+        str,
+        "none (off)",
+    ),
+    _Option(
+        "http-long-poll-timeout",
+        "the longest an HTTP long-poll waits for new events before it answers 204 (a "
+        "request's `timeout` may ask for less)",
+        _at_least(0.1),
+        f"{Settings.http_long_poll_timeout:g}s",
+    ),
+    _Option(
+        "http-sse-heartbeat",
+        "how often an idle SSE stream sends a comment line, so proxies keep it open",
+        _at_least(0.01),
+        f"{Settings.http_sse_heartbeat:g}s",
+    ),
+    _Option(
+        "http-sse-max-duration",
+        "end a run's SSE event stream after this long; the client resumes from its last "
+        "offset (EventSource does it by itself, with Last-Event-ID)",
+        _at_least(0.1),
+        f"{Settings.http_sse_max_duration:g}s",
     ),
     _Option(
         "metrics-listen",

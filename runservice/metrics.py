@@ -4,9 +4,9 @@ Each server has a `Metrics` of its own, with a registry of its own (never the li
 global one), so servers started in one process (tests) count apart. The parts that count
 are handed it and call one method where a thing happens: the writer (commits, retries,
 store errors, fenced writes), the manager (runs started and finished), the replica (the
-lease), the API wrapper (RPCs, authentication refusals). Gauges of the present (active
-runs, open subscriptions and their lag, the store's health...) are read from
-`RunManager.stats()`.
+lease), the API wrapper (RPCs, authentication refusals), the HTTP edge (requests by route
+and status). Gauges of the present (active runs, open subscriptions and their lag, the
+store's health...) are read from `RunManager.stats()`.
 
 One process (`--metrics-listen` without `--workers`): the endpoint is prometheus_client's
 HTTP server, in a thread; at each scrape the gauges are read on the event loop (the
@@ -19,7 +19,8 @@ GAUGE_REFRESH_S. The parent alone listens, and sums what the files say (live gau
 of the workers still running; counters: of every life of every worker).
 
 Labels are bounded: agent names (registered at startup), run states, RPC method names,
-status codes, error reasons and fixed kinds. Never a run id or a user.
+HTTP route names, status codes, error reasons and fixed kinds. Never a run id, a path or a
+user.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ COMMIT_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 RPC_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STREAM_SECONDS_BUCKETS = (0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 14400)
+HTTP_SECONDS_BUCKETS = (*RPC_SECONDS_BUCKETS, 30, 60)  # long-polls wait up to their timeout
 
 AUTH_REASONS = ("CREDENTIALS_MISSING", "CREDENTIALS_INVALID", "TOKEN_EXPIRED")
 
@@ -252,6 +254,26 @@ class Metrics:
             buckets=STREAM_SECONDS_BUCKETS,
             registry=r,
         )
+        self._http_requests = Counter(
+            "runservice_http_requests",
+            "Requests the HTTP edge (--http-listen) answered, by route and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self._http_seconds = Histogram(
+            "runservice_http_request_duration_seconds",
+            "Time to answer an HTTP request (long-polls included, SSE streams not), by route.",
+            ["route"],
+            buckets=HTTP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self._http_stream_seconds = Histogram(
+            "runservice_http_stream_duration_seconds",
+            "How long an SSE stream of the HTTP edge (a run's events, WatchRuns) lasted.",
+            ["route"],
+            buckets=STREAM_SECONDS_BUCKETS,
+            registry=r,
+        )
         self._start_at_zero()
         self._gauges: list[tuple[_GaugeSpec, Gauge]] = []
         if multiprocess:  # written to the files the parent reads, so not registered
@@ -341,6 +363,13 @@ class Metrics:
         self._rpcs.labels(method, code).inc()
         duration = self._stream_seconds if streaming else self._rpc_seconds
         duration.labels(method).observe(seconds)
+
+    def http_handled(self, route: str, status: int, seconds: float, *, streaming: bool) -> None:
+        """The HTTP edge answered a request of `route` (a route's name, never a path) with
+        `status`, and finished with it after `seconds`."""
+        self._http_requests.labels(route, str(status)).inc()
+        duration = self._http_stream_seconds if streaming else self._http_seconds
+        duration.labels(route).observe(seconds)
 
     # -- the gauges -------------------------------------------------------------------------
 

@@ -3,9 +3,9 @@
 The parent starts each worker as `python -m runservice serve` with the parent's options
 (config.serve_invocation), a data dir of its own (DATA_DIR/worker-<i>, where the replica
 keeps its id and lock) and the parent's tokens file. Every worker binds the one --listen
-port with SO_REUSEPORT, so the kernel spreads new connections over them, and they
-coordinate through PostgreSQL as any replicas do (leases, LISTEN/NOTIFY): hence --workers
-needs PostgreSQL.
+port (and the one --http-listen port, if any) with SO_REUSEPORT, so the kernel spreads new
+connections over them, and they coordinate through PostgreSQL as any replicas do (leases,
+LISTEN/NOTIFY): hence --workers needs PostgreSQL.
 
 The parent serves nothing and owns no runs. It sends SIGTERM to every worker when it gets
 SIGTERM or SIGINT, waits for them, and exits 0 when each stopped cleanly. A worker that
@@ -93,11 +93,12 @@ def refusal(settings: Settings) -> str | None:
             "--workers needs PostgreSQL (--db postgresql+asyncpg://...): a SQLite file serves "
             "one process; see docs/scaling.md"
         )
-    if settings.listen.rpartition(":")[2] == "0":
-        return (
-            f"--workers needs a fixed port in --listen (got {settings.listen}): the workers "
-            "share one known port"
-        )
+    for flag, address in (("--listen", settings.listen), ("--http-listen", settings.http_listen)):
+        if address.rpartition(":")[2] == "0":
+            return (
+                f"--workers needs a fixed port in {flag} (got {address}): the workers share "
+                "one known port"
+            )
     if settings.metrics_listen:
         try:
             metrics.parse_address(settings.metrics_listen)
@@ -110,9 +111,10 @@ def prepare(settings: Settings) -> str | None:
     """Readies what the workers share: the port, which no other process may hold, the data
     dirs (mode 700), and the dev token when asked for (written once, here). Returns the
     problem in one line, or None."""
-    taken = port_taken(settings.listen)
-    if taken:
-        return taken
+    for flag, address in (("", settings.listen), ("--http-listen ", settings.http_listen)):
+        taken = port_taken(address, flag) if address else None
+        if taken:
+            return taken
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for index in range(settings.workers):
@@ -135,9 +137,10 @@ def prepare(settings: Settings) -> str | None:
     return None
 
 
-def port_taken(listen: str) -> str | None:
-    """A refusal when another process holds the --listen port. Without it, the workers'
-    SO_REUSEPORT would share the port with any server of this user that sets it too."""
+def port_taken(listen: str, flag: str = "") -> str | None:
+    """A refusal when another process holds the port of --listen (or of `flag`, e.g.
+    "--http-listen "). Without it, the workers' SO_REUSEPORT would share the port with any
+    server of this user that sets it too."""
     host, _, port = listen.rpartition(":")
     try:
         found = socket.getaddrinfo(
@@ -152,7 +155,7 @@ def port_taken(listen: str) -> str | None:
                 probe.bind(address)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    return f"cannot listen on {listen} (is another process using it?)"
+                    return f"cannot listen on {flag}{listen} (is another process using it?)"
     return None
 
 

@@ -33,6 +33,8 @@ FORBIDDEN = {
     ),
     "store": ("grpc", "google", "runservice.api", "runservice.runtime", "runservice.v1"),
     "agents": ("grpc", "sqlalchemy", "runservice.api", "runservice.store", "runservice.v1"),
+    # The HTTP edge: a layer beside api, calling the same servicer, runtime and auth.
+    "web": ("sqlalchemy", "runservice.store", "runservice.app"),
 }
 
 

@@ -209,6 +209,54 @@ def _has_authorization(metadata: Iterable[tuple[str, Any]] | None) -> bool:
     return any(key == "authorization" for key, _ in metadata or ())
 
 
+def authenticate(
+    authentication: Authentication,
+    metadata: Iterable[tuple[str, Any]] | None,
+    auth_context: Mapping[str, Any],
+    metrics: Metrics | None = None,
+) -> Principal:
+    """The caller of one call, on either edge (gRPC or HTTP), made the principal that
+    `current_principal()` returns for the rest of the call's task.
+
+    Raises AuthenticationError, counted in `metrics` by reason, when there is none.
+    """
+    try:
+        principal = authentication.principal(metadata, auth_context)
+    except AuthenticationError as exc:
+        if metrics is not None:
+            metrics.auth_refused(exc.reason)
+        raise
+    _principal.set(principal)
+    return principal
+
+
+_SAN_KINDS = ("DNS", "email", "URI", "IP Address")
+"""The subject alternative names gRPC puts in `x509_subject_alternative_name`."""
+
+
+def peer_auth_context(peercert: Mapping[str, Any] | None) -> dict[str, list[bytes]]:
+    """The auth context gRPC gives a call over a verified client certificate, made from
+    the certificate as Python's ssl module decodes it (SSLSocket.getpeercert()): the keys
+    MtlsIdentity reads, so both edges name the same user. Empty without a certificate."""
+    if not peercert:
+        return {}
+    common_names = [
+        value.encode()
+        for rdn in peercert.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    ]
+    alternative = [
+        value.encode() for kind, value in peercert.get("subjectAltName", ()) if kind in _SAN_KINDS
+    ]
+    context = {"transport_security_type": [b"ssl"]}
+    if common_names:
+        context["x509_common_name"] = common_names[:1]
+    if alternative:
+        context["x509_subject_alternative_name"] = alternative
+    return context
+
+
 def add_authenticated_service(
     add_to_server: Callable[[Any, Any], None],
     servicer: Any,
@@ -229,16 +277,9 @@ def add_authenticated_service(
     """
 
     def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        try:
-            principal = authentication.principal(
-                context.invocation_metadata(), context.auth_context()
-            )
-        except AuthenticationError as exc:
-            if metrics is not None:
-                metrics.auth_refused(exc.reason)
-            raise
-        _principal.set(principal)
-        return principal
+        return authenticate(
+            authentication, context.invocation_metadata(), context.auth_context(), metrics
+        )
 
     captured = _Registration()
     add_to_server(servicer, captured)

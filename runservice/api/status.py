@@ -4,6 +4,9 @@ Handlers raise domain errors; the wrapper turns them into a status code, a messa
 `google.rpc.ErrorInfo` detail (domain `runservice`). It catches inside streaming handlers
 too, where errors raised mid-stream would escape a wrapper that only awaits. Unknown
 exceptions become INTERNAL with an error id; their text goes to the log, never the wire.
+
+`describe` is the one answer to "what does a caller learn of this exception": the gRPC
+edge sends it as a status, the HTTP edge (runservice/web) as a problem+json document.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,25 +73,43 @@ def rich_status(
     return rpc_status.to_status(proto)
 
 
-def to_status(exc: BaseException) -> grpc.Status:
-    """The status a client sees for `exc`.
+@dataclass(frozen=True)
+class ErrorDescription:
+    """What a caller learns of an error, whichever edge it called: the gRPC code, the
+    message, and the ErrorInfo's reason and metadata (its domain is DOMAIN)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    metadata: dict[str, str]
+
+
+def describe(exc: BaseException) -> ErrorDescription:
+    """What a caller learns of `exc`.
 
     A store that cannot be reached or read now is UNAVAILABLE (STORE_UNAVAILABLE) with its
     cause in words (never the driver's text), so clients retry or resume as for any
-    UNAVAILABLE.
+    UNAVAILABLE. Any other exception that is not a domain error is INTERNAL with a new
+    error id: logged here, once, with its traceback; its text never reaches the caller.
     """
     if isinstance(exc, errors.StoreUnavailableError):
         exc = errors.DatabaseUnavailableError(exc.cause)
     if isinstance(exc, errors.RunServiceError):
-        return rich_status(status_for(exc), exc.message, exc.reason, exc.metadata)
+        return ErrorDescription(status_for(exc), exc.message, exc.reason, dict(exc.metadata))
     error_id = uuid.uuid4().hex[:16]
     logger.error("internal error %s", error_id, exc_info=exc, extra={"error_id": error_id})
-    return rich_status(
+    return ErrorDescription(
         grpc.StatusCode.INTERNAL,
         f"internal error (error id {error_id}); the server log has the details",
         "INTERNAL_ERROR",
         {"error_id": error_id},
     )
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The status a client sees for `exc` (see `describe`)."""
+    found = describe(exc)
+    return rich_status(found.code, found.message, found.reason, found.metadata)
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
@@ -165,7 +187,7 @@ def wrap_stream(
             _check_decoded(request)
             with streams.hold(principal.user):
                 async with contextlib.aclosing(behavior(request, context)) as produced:
-                    await _write_all(context, _until_expiry(produced, principal), stall_timeout)
+                    await _write_all(context, until_expiry(produced, principal), stall_timeout)
         except grpc.aio.AbortError:
             raise
         except errors.StreamStalledError as exc:
@@ -222,9 +244,11 @@ async def _end_stalled(
         await abort(context, exc)
 
 
-async def _until_expiry(
+async def until_expiry(
     items: AsyncIterator[Any], principal: Principal
 ) -> AsyncGenerator[Any, None]:
+    """`items` until the principal's credentials expire: then TokenExpiredError (both
+    edges end a stream there; the caller refreshes its credentials and resumes)."""
     if principal.expires_at is None:
         async for item in items:
             yield item
