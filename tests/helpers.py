@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -60,3 +61,17 @@ async def read_until(caller: Any, run_id: str, from_seq: int, last: int) -> list
 def seqs(events: list[run_pb2.RunEvent]) -> list[int]:
     """The seqs of `events`."""
     return [e.seq for e in events]
+
+
+async def sh(command: str, env: dict[str, str]) -> tuple[int, str]:
+    """Runs `command` with bash; its exit status and its output (stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        command,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()

@@ -20,6 +20,7 @@ import pytest
 
 from runservice.client import AsyncRunClient
 from runservice.tokens import add_token
+from tests.helpers import sh
 from tests.serverproc import running_server
 
 ROOT = Path(__file__).parent.parent
@@ -36,19 +37,6 @@ def grpcurl_commands(page: str = "README.md", heading: str = "## grpcurl") -> li
     text = "\n".join(_sh_blocks((ROOT / page).read_text(), heading))
     joined = re.sub(r"\\\n\s*", " ", text)
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("grpcurl ")]
-
-
-async def _sh(command: str, env: dict[str, str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "bash",
-        "-c",
-        command,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 async def _wait_for_seq(addr: str, token: str, run_id: str, seq: int) -> None:
@@ -89,7 +77,7 @@ async def test_every_grpcurl_recipe_in_the_readme_runs(tmp_path: Path) -> None:
             command = recipe.replace("-max-time 30", "-max-time 2")
             if method.endswith("/Subscribe"):  # a reader gets here when seq 4 exists
                 await _wait_for_seq(server.addr, token, env["RUN_ID"], 4)
-            code, out = await _sh(command, env)
+            code, out = await sh(command, env)
             if method.endswith("/StartRun"):
                 env["RUN_ID"] = json.loads(out)["run"]["run_id"]
             # WatchRuns never ends by itself: -max-time ends it with DeadlineExceeded.
@@ -128,12 +116,12 @@ async def test_the_grpcurl_recipe_of_get_server_stats_runs(tmp_path: Path) -> No
             "PATH": f"{Path(binary).parent}:{os.environ['PATH']}",
             "ADDR": server.addr,
         }
-        code, out = await _sh(recipe, {**env, "TOKEN": tokens["admin"]})
+        code, out = await sh(recipe, {**env, "TOKEN": tokens["admin"]})
         assert code == 0, f"{recipe}\n{out}"
         stats = json.loads(out)
         assert stats["pid"] == server.pid and stats["version"]
         assert stats["uptime"].endswith("s") and "active_runs" not in stats  # 0: left out
-        code, out = await _sh(recipe, {**env, "TOKEN": tokens["user"]})
+        code, out = await sh(recipe, {**env, "TOKEN": tokens["user"]})
         assert code != 0 and "Code: PermissionDenied" in out and "admin role" in out, out
 
 

@@ -25,6 +25,7 @@ from runservice.config import Settings
 from runservice.tokens import add_token
 from tests.conftest import Harness, wait_for
 from tests.fakes import gate
+from tests.helpers import sh
 from tests.pgserver import PgServer
 from tests.serverproc import free_port, running_server, serve_until_exit
 from tests.test_metrics import metrics_url, parse, scrape, value
@@ -548,19 +549,6 @@ def http_doc_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip()]
 
 
-async def _sh(command: str, env: dict[str, str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "bash",
-        "-c",
-        command,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
-
-
 ASSIGNMENT = re.compile(r"([A-Z_]+)=\$\((.*)\)")
 
 
@@ -570,7 +558,7 @@ async def run_commands(commands: list[str], env: dict[str, str]) -> list[str]:
     outputs: list[str] = []
     for command in commands:
         assigned = ASSIGNMENT.fullmatch(command)
-        code, out = await _sh(assigned.group(2) if assigned else command, env)
+        code, out = await sh(assigned.group(2) if assigned else command, env)
         expected = 28 if "--max-time" in command else 0
         assert code == expected, f"{command}\n{out}"
         if assigned:
