@@ -32,6 +32,7 @@ from runservice.api.convert import decode_event, encode_event
 from runservice.api.jwt_auth import JwtAuthenticator, JwtSettings, parse_algorithms
 from runservice.api.limits import StreamLimiter
 from runservice.api.page_token import PageTokens
+from runservice.api.read_token import ReadTokens
 from runservice.api.reflection import enable_reflection
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
 from runservice.config import Settings, is_loopback
@@ -319,6 +320,9 @@ def proposed_secret(path: Path) -> bytes:
 SECRET_MIN_BYTES = 16
 PAGE_TOKEN_SECRET = "page-tokens"
 """The name of the page-token signing key among the database's shared secrets."""
+READ_TOKEN_SECRET = "read-token"
+"""The name of the read-token signing key among the database's shared secrets: every
+replica signs and checks read tokens with it."""
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> App:
@@ -492,7 +496,7 @@ async def _build_locked(
     )
     try:
         await manager.start()  # reads every unfinished run first: a damaged file shows here
-        page_tokens = PageTokens(await store.shared_secret(PAGE_TOKEN_SECRET, proposed))
+        page_tokens, read_tokens = await _signers(store, proposed, settings)
     except BaseException:
         await manager.shutdown(0)
         await store.close()
@@ -501,9 +505,11 @@ async def _build_locked(
         options=server_options(settings),
         interceptors=tracing.interceptors() if tracing is not None else None,
     )
+    authentication.use_read_tokens(read_tokens)
     servicer = RunServiceServicer(
         manager,
         page_tokens,
+        read_tokens,
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
         replica=replica,
     )
@@ -556,6 +562,16 @@ async def _build_locked(
     return app
 
 
+async def _signers(
+    store: SqlRunStore, proposed: bytes, settings: Settings
+) -> tuple[PageTokens, ReadTokens]:
+    """The page-token and read-token signers, with keys every replica of the database
+    shares (the first replica's proposal wins)."""
+    page_key = await store.shared_secret(PAGE_TOKEN_SECRET, proposed)
+    read_key = await store.shared_secret(READ_TOKEN_SECRET, secrets.token_bytes(32))
+    return PageTokens(page_key), ReadTokens(read_key, settings.read_token_ttl)
+
+
 async def _add_health(server: grpc.aio.Server, manager: RunManager) -> health.aio.HealthServicer:
     """The health service, SERVING; readiness follows the store's health."""
     health_servicer = health.aio.HealthServicer()
@@ -603,6 +619,7 @@ def _web_edge(
         reuse_port=settings.worker_index is not None,
         ssl_context=tls,
         shutdown_grace=SERVER_STOP_GRACE_S,
+        cors_origins=settings.http_cors_origins,
     )
     return WebEdge(servicer, manager, authentication, streams, web_settings, metrics=metrics)
 

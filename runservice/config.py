@@ -182,6 +182,10 @@ class Settings:
     http_long_poll_timeout: float = 20.0
     http_sse_heartbeat: float = 15.0
     http_sse_max_duration: float = 60.0
+    http_cors_origins: tuple[str, ...] = ()
+    """Origins a browser may call the HTTP edge from (`*`: any); empty: no CORS headers."""
+    read_token_ttl: float = 900.0
+    """The longest (and the default) lifetime of a read token (CreateReadToken)."""
 
     @property
     def db_url(self) -> str:
@@ -402,6 +406,13 @@ OPTIONS: tuple[_Option, ...] = (
         f"{Settings.http_sse_max_duration:g}s",
     ),
     _Option(
+        "read-token-ttl",
+        "the lifetime of a read token (CreateReadToken, POST /v1/runs/ID:readToken), and "
+        "the longest one a caller may ask for; keep it short: read tokens travel in URLs",
+        _at_least(1.0),
+        "15m",
+    ),
+    _Option(
         "metrics-listen",
         "serve Prometheus metrics over HTTP on HOST:PORT (e.g. 0.0.0.0:9090, path /metrics); "
         "with --workers the parent serves every worker's figures on it (see "
@@ -447,6 +458,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME=module:attr",
         help="register an extra agent; repeatable (env RUNSERVICE_AGENT, comma-separated)",
+    )
+    parser.add_argument(
+        "--http-cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="let browser pages of ORIGIN (https://app.example.com) call the HTTP edge "
+        "(CORS); repeatable; `*` allows any origin (env RUNSERVICE_HTTP_CORS_ORIGIN, "
+        "comma-separated; default none: no CORS headers)",
     )
     parser.add_argument(
         "--admin",
@@ -499,7 +519,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         if value is not None:
             values[opt.attr] = value
     for flag, attr in _LIST_KEYS.items():
-        given = getattr(args, flag, None) or _list(env.get(env_name(flag), ""))
+        given = getattr(args, flag.replace("-", "_"), None) or _list(env.get(env_name(flag), ""))
         if given:
             values[attr] = tuple(given)
     for flag, attr in _BOOLEAN_KEYS.items():
@@ -516,7 +536,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
 # -- the configuration file -----------------------------------------------------------------
 
 # Keys of the configuration file beyond OPTIONS' flags, with their Settings fields.
-_LIST_KEYS = {"agent": "agents", "admin": "admins"}
+_LIST_KEYS = {"agent": "agents", "admin": "admins", "http-cors-origin": "http_cors_origins"}
 _BOOLEAN_KEYS = {"insecure-no-auth": "insecure_no_auth", "dev-token": "dev_token"}
 _OPTIONS_BY_FLAG = {opt.flag: opt for opt in OPTIONS}
 FILE_KEYS = (*_OPTIONS_BY_FLAG, *_LIST_KEYS, *_BOOLEAN_KEYS)
@@ -617,7 +637,7 @@ def file_document(settings: Settings) -> dict[str, Any]:
     return document
 
 
-_OTHER_FLAGS = ("config", "agent", "admin", "insecure-no-auth", "dev-token")
+_OTHER_FLAGS = ("config", "agent", "admin", "http-cors-origin", "insecure-no-auth", "dev-token")
 
 
 def server_variables() -> frozenset[str]:
@@ -646,6 +666,7 @@ def serve_invocation(settings: Settings) -> tuple[list[str], dict[str, str]]:
             argv.append(f"--{opt.flag}={_flag_text(value)}")
     argv += [f"--agent={spec}" for spec in settings.agents]
     argv += [f"--admin={user}" for user in settings.admins]
+    argv += [f"--http-cors-origin={origin}" for origin in settings.http_cors_origins]
     if settings.insecure_no_auth:
         argv.append("--insecure-no-auth")
     if settings.dev_token:

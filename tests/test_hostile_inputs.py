@@ -79,6 +79,7 @@ ALLOWED: dict[str, set[Code]] = {
     "WatchRuns": COMMON | {Code.PERMISSION_DENIED},
     "ListAgents": COMMON,
     "GetServerStats": COMMON | {Code.PERMISSION_DENIED},
+    "CreateReadToken": COMMON | {Code.NOT_FOUND},
 }
 
 # ErrorReason → the code the proto documents for it. A reason missing here (added later)
@@ -100,6 +101,7 @@ REASON_CODES: dict[str, Code] = {
     "TOO_MANY_STREAMS": Code.RESOURCE_EXHAUSTED,
     "SERVER_DRAINING": Code.UNAVAILABLE,
     "ADMIN_ONLY": Code.PERMISSION_DENIED,
+    "READ_TOKEN_SCOPE": Code.PERMISSION_DENIED,
     "TOKEN_EXPIRED": Code.UNAUTHENTICATED,
     "CREDENTIALS_MISSING": Code.UNAUTHENTICATED,
     "CREDENTIALS_INVALID": Code.UNAUTHENTICATED,
@@ -1453,6 +1455,7 @@ def _probe_requests(live: Live) -> dict[str, Message]:
         "WatchRuns": pb.WatchRunsRequest(),
         "ListAgents": pb.ListAgentsRequest(),
         "GetServerStats": pb.GetServerStatsRequest(),
+        "CreateReadToken": pb.CreateReadTokenRequest(run_id=missing),
     }
 
 
@@ -1552,6 +1555,7 @@ def _bases(live: Live) -> dict[str, bytes]:
         "WatchRuns": SEED_FILTERS[1].fill(pb.WatchRunsRequest()),
         "ListAgents": pb.ListAgentsRequest(),
         "GetServerStats": pb.GetServerStatsRequest(),
+        "CreateReadToken": pb.CreateReadTokenRequest(run_id=own, ttl={"seconds": 60}),
     }
     return {m: messages[m].SerializeToString() for m in METHODS}
 

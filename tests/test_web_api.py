@@ -550,6 +550,8 @@ def http_doc_commands() -> list[str]:
 
 
 ASSIGNMENT = re.compile(r"([A-Z_]+)=\$\((.*)\)")
+TOKEN_NOT_IN_URLS = re.compile(r"[?&]access_token=\$TOKEN")
+"""A user's credentials never appear in a URL of the examples (only read tokens do)."""
 
 
 async def run_commands(commands: list[str], env: dict[str, str]) -> list[str]:
@@ -596,7 +598,8 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     data_dir.mkdir()
     token = add_token(data_dir / "tokens.toml", "dev", ["admin"])
     port = free_port()
-    async with running_server(data_dir, args=["--http-listen", f"127.0.0.1:{port}"]) as server:
+    args = ["--http-listen", f"127.0.0.1:{port}", "--http-cors-origin", "https://app.example.com"]
+    async with running_server(data_dir, args=args) as server:
         env = {**os.environ, "URL": f"http://127.0.0.1:{port}", "TOKEN": token}
         outputs = await run_commands(commands, env)
         assert server.returncode is None
@@ -632,8 +635,28 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     assert "RUN_CHANGE_SNAPSHOT_END" in output("runs:watch")
     gone = output('curl -s "$URL/v1/runs/$LONG" -H "authorization: Bearer $TOKEN"')
     assert '"reason":"RUN_NOT_FOUND"' in gone
+    check_read_token_and_cors_examples(output, env, commands, run_id)
     unauthorized = output('curl -s -i "$URL/v1/agents"')
     assert "401 Unauthorized" in unauthorized and "WWW-Authenticate: Bearer" in unauthorized
+
+
+def check_read_token_and_cors_examples(
+    output: Printed, env: dict[str, str], commands: list[str], run_id: str
+) -> None:
+    """The "Read tokens" and "CORS" examples of docs/http.md print what the page says, and
+    no example puts a user's token in a URL."""
+    assert env["READ"].startswith("rsr_")
+    assert TOKEN_NOT_IN_URLS.search(" ".join(commands)) is None
+    read_sse = output("live=sse&access_token=$READ")
+    assert read_sse.count('"type":"tick"') == 5 and '"streamClosed":true' in read_sse
+    assert (
+        json.loads(output('"$URL/v1/runs/$RUN_ID?access_token=$READ"'))["run"]["run_id"] == run_id
+    )
+    scope = output('"$URL/v1/runs?access_token=$READ"')
+    assert "403 Forbidden" in scope and '"reason":"READ_TOKEN_SCOPE"' in scope
+    preflight = output("-X OPTIONS")
+    assert "HTTP/1.1 204" in preflight
+    assert "Access-Control-Allow-Origin: https://app.example.com" in preflight
 
 
 async def test_workers_share_the_http_port_and_serve_each_other_s_runs(

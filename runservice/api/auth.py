@@ -24,8 +24,13 @@ import grpc
 
 from runservice.api import status
 from runservice.api.limits import StreamLimiter
-from runservice.domain.errors import AuthenticationError, CredentialsMissingError
-from runservice.domain.model import Principal
+from runservice.api.read_token import ReadTokens
+from runservice.domain.errors import (
+    AuthenticationError,
+    CredentialsMissingError,
+    ReadTokenScopeError,
+)
+from runservice.domain.model import READ_TOKEN_CALLS, Principal
 from runservice.metrics import Metrics
 from runservice.tokens import TokensFileError, hash_token, load_tokens
 
@@ -152,7 +157,8 @@ class Authentication:
     """Who the caller of one RPC is: bearer backends first, then the client certificate.
 
     The first backend that authenticates wins. With `anonymous` (--insecure-no-auth), a
-    call with no credentials is the user `anonymous`.
+    call with no credentials is the user `anonymous`. A read token (`rsr_...`) is checked
+    by `read_tokens` alone, never by the other backends, and never gains a role.
     """
 
     def __init__(
@@ -167,12 +173,20 @@ class Authentication:
         self._mtls = mtls
         self._admins = admins
         self._anonymous = anonymous
+        self._read_tokens: ReadTokens | None = None
+
+    def use_read_tokens(self, read_tokens: ReadTokens) -> None:
+        """Accepts read tokens from now on (their key comes from the store, opened after
+        the authentication is built)."""
+        self._read_tokens = read_tokens
 
     def principal(
         self, metadata: Iterable[tuple[str, Any]] | None, auth_context: Mapping[str, Any]
     ) -> Principal:
         """The caller; AuthenticationError (saying what failed) when there is none."""
         principal = self._identify(metadata, auth_context)
+        if principal.read_only_run is not None:
+            return principal
         if principal.user in self._admins and not principal.is_admin:
             principal = replace(principal, roles=principal.roles | {"admin"})
         return principal
@@ -191,6 +205,10 @@ class Authentication:
         return self._from_token(bearer_token(metadata))  # raises CredentialsMissingError
 
     def _from_token(self, token: str) -> Principal:
+        if ReadTokens.recognizes(token):
+            if self._read_tokens is None:
+                raise AuthenticationError("this server does not take read tokens")
+            return self._read_tokens.authenticate(token)
         failure: AuthenticationError | None = None
         for authenticator in sorted(self._bearer, key=lambda a: not _recognizes(a, token)):
             try:
@@ -214,11 +232,17 @@ def authenticate(
     metadata: Iterable[tuple[str, Any]] | None,
     auth_context: Mapping[str, Any],
     metrics: Metrics | None = None,
+    *,
+    call: str,
 ) -> Principal:
-    """The caller of one call, on either edge (gRPC or HTTP), made the principal that
-    `current_principal()` returns for the rest of the call's task.
+    """The caller of `call` (a RunService method name; the HTTP edge names the method its
+    route stands for), on either edge, made the principal that `current_principal()`
+    returns for the rest of the call's task.
 
-    Raises AuthenticationError, counted in `metrics` by reason, when there is none.
+    Raises AuthenticationError, counted in `metrics` by reason, when there is none; and
+    ReadTokenScopeError when the caller holds a read token and `call` is not one of
+    READ_TOKEN_CALLS (the one place that rule is enforced; which run it reads is
+    RunManager.get_run's to check).
     """
     try:
         principal = authentication.principal(metadata, auth_context)
@@ -226,6 +250,8 @@ def authenticate(
         if metrics is not None:
             metrics.auth_refused(exc.reason)
         raise
+    if principal.read_only_run is not None and call not in READ_TOKEN_CALLS:
+        raise ReadTokenScopeError(call)
     _principal.set(principal)
     return principal
 
@@ -276,15 +302,18 @@ def add_authenticated_service(
     timed, and each refusal at authentication counted by reason.
     """
 
-    def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        return authenticate(
-            authentication, context.invocation_metadata(), context.auth_context(), metrics
-        )
+    def preparer(call: str) -> status.Prepare:
+        def prepare(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            metadata, auth_context = context.invocation_metadata(), context.auth_context()
+            return authenticate(authentication, metadata, auth_context, metrics, call=call)
+
+        return prepare
 
     captured = _Registration()
     add_to_server(servicer, captured)
     handlers = {
-        name: _wrap(h, prepare, streams, stall_timeout) for name, h in captured.handlers.items()
+        name: _wrap(h, preparer(name), streams, stall_timeout)
+        for name, h in captured.handlers.items()
     }
     if metrics is not None:
         handlers = {name: _measured(name, h, metrics) for name, h in handlers.items()}

@@ -110,6 +110,17 @@ def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartR
     )
 
 
+def ttl_from_proto(request: run_service_pb2.CreateReadTokenRequest) -> float | None:
+    """The lifetime a CreateReadToken asks for in seconds; None when unset or zero (the
+    server's default). InvalidArgumentError for a negative or malformed one."""
+    if not request.HasField("ttl"):
+        return None
+    ttl = request.ttl.seconds + request.ttl.nanos / 1e9
+    if ttl < 0 or abs(request.ttl.nanos) >= NANOS_PER_SECOND:
+        raise InvalidArgumentError("ttl", "must be a positive duration (0: the server's default)")
+    return ttl or None
+
+
 def filter_from_proto(
     states: Any, agent: str, thread_id: str, labels: Mapping[str, str]
 ) -> RunFilter:
@@ -318,6 +329,15 @@ def watch_update_to_proto(update: WatchUpdate) -> run_service_pb2.WatchRunsRespo
     msg = run_service_pb2.WatchRunsResponse(change=CHANGE_TO_PROTO[update.change])  # type: ignore[arg-type]
     if update.run is not None:
         msg.run.CopyFrom(run_to_proto(update.run))
+    return msg
+
+
+def read_token_to_proto(
+    token: str, expires_at: datetime, run_id: str
+) -> run_service_pb2.CreateReadTokenResponse:
+    """The CreateReadToken answer."""
+    msg = run_service_pb2.CreateReadTokenResponse(token=token, run_id=run_id)
+    _set_time(msg.expire_time, expires_at)
     return msg
 
 

@@ -16,6 +16,7 @@ import runservice
 from runservice.api import convert
 from runservice.api.auth import current_principal
 from runservice.api.page_token import PageTokens
+from runservice.api.read_token import ReadTokens
 from runservice.domain.errors import AdminOnlyError, InvalidArgumentError
 from runservice.domain.model import Run
 from runservice.runtime.manager import RunManager
@@ -55,12 +56,14 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         self,
         manager: RunManager,
         page_tokens: PageTokens,
+        read_tokens: ReadTokens,
         page_bytes: int = PAGE_BYTES,
         *,
         replica: str = "",
     ) -> None:
         self._manager = manager
         self._tokens = page_tokens
+        self._read_tokens = read_tokens
         self._page_bytes = page_bytes
         self._process = ProcessInfo(replica)
 
@@ -158,6 +161,16 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             started_at=process.started_at,
             uptime=process.uptime(),
         )
+
+    async def CreateReadToken(
+        self, request: pb.CreateReadTokenRequest, context: Context
+    ) -> pb.CreateReadTokenResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        ttl = convert.ttl_from_proto(request)
+        # The owner or an admin (a read token's caller never gets here: auth refuses it).
+        run = await self._manager.get_run(current_principal(), run_id)
+        token, expires_at = self._read_tokens.mint(run.owner, run.run_id, ttl)
+        return convert.read_token_to_proto(token, expires_at, run.run_id)
 
 
 def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run], bool]:

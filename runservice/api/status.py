@@ -49,6 +49,7 @@ STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] =
     (errors.DatabaseUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.StreamStalledError, grpc.StatusCode.UNAVAILABLE),
     (errors.AdminOnlyError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ReadTokenScopeError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.WatchLaggedError, grpc.StatusCode.ABORTED),
 )

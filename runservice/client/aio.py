@@ -247,6 +247,20 @@ class AsyncRunClient:
         )
         return stats
 
+    async def create_read_token(
+        self, run_id: str, ttl: float | None = None
+    ) -> pb.CreateReadTokenResponse:
+        """A new read token for the run: it reads that run only (GetRun, Subscribe, its
+        HTTP events, also as `?access_token=`), for `ttl` seconds (None: the server's
+        --read-token-ttl, also the most it grants). Not retried: each call mints one."""
+        request = pb.CreateReadTokenRequest(run_id=run_id)
+        if ttl is not None:
+            request.ttl.CopyFrom(_duration(ttl))
+        response: pb.CreateReadTokenResponse = await self._unary(
+            self._stub.CreateReadToken, request
+        )
+        return response
+
     async def watch_runs(self, **filters: Any) -> AsyncIterator[pb.WatchRunsResponse]:
         """The snapshot, the RUN_CHANGE_SNAPSHOT_END marker, then every change."""
         call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=await self._metadata())

@@ -97,6 +97,12 @@ class RunClient:
         """The figures of the server process this connection reached (admin only)."""
         return self._run(self._aio.server_stats())
 
+    def create_read_token(
+        self, run_id: str, ttl: float | None = None
+    ) -> pb.CreateReadTokenResponse:
+        """A new read token for the run (see AsyncRunClient.create_read_token)."""
+        return self._run(self._aio.create_read_token(run_id, ttl))
+
     def watch_runs(self, **filters: Any) -> Iterator[pb.WatchRunsResponse]:
         """The snapshot, its end marker, then every change."""
         return self._iterate(self._aio.watch_runs(**filters))

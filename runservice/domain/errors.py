@@ -152,6 +152,19 @@ class AdminOnlyError(RunServiceError):
         super().__init__(f"{what} needs the admin role")
 
 
+class ReadTokenScopeError(RunServiceError):
+    """A read token was used for something other than reading its run."""
+
+    reason = "READ_TOKEN_SCOPE"
+
+    def __init__(self, call: str) -> None:
+        super().__init__(
+            f"a read token only reads its own run (GetRun, Subscribe, and over HTTP the run "
+            f"and its events); {call} needs the user's own credentials",
+            call=call,
+        )
+
+
 class AuthenticationError(RunServiceError):
     """The caller could not be authenticated."""
 

@@ -179,16 +179,21 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller; `expires_at` is when its credentials stop being valid."""
+    """An authenticated caller; `expires_at` is when its credentials stop being valid.
+
+    `read_only_run` is set for the bearer of a read token (CreateReadToken): the caller
+    acts as `user`, the run's owner, but may only read that one run (see READ_TOKEN_CALLS).
+    """
 
     user: str
     roles: frozenset[str] = frozenset()
     expires_at: datetime | None = None
+    read_only_run: str | None = None
 
     @property
     def is_admin(self) -> bool:
-        """True for callers with the `admin` role."""
-        return "admin" in self.roles
+        """True for callers with the `admin` role (never the bearer of a read token)."""
+        return "admin" in self.roles and self.read_only_run is None
 
     def scope(self, *, all_users: bool = False) -> Scope:
         """The scope of this caller's queries; `all_users` is honoured for admins only."""
@@ -197,6 +202,11 @@ class Principal:
     def own_scope(self) -> Scope:
         """The scope for looking up a single run: admins see every run."""
         return Scope(self.user, everyone=self.is_admin)
+
+
+READ_TOKEN_CALLS = frozenset({"GetRun", "Subscribe"})
+"""The only RunService calls a read token authenticates (the HTTP edge's run and events
+routes are these calls)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -468,7 +468,11 @@ class RunManager:
         self._registry.evict(live.run_id)
 
     async def get_run(self, principal: Principal, run_id: str) -> Run:
-        """The run, from memory while live, else from the store."""
+        """The run, from memory while live, else from the store. RunNotFoundError for a run
+        the caller may not see: another user's, or, for a read token, any but its own
+        (every operation on one run looks it up here first)."""
+        if principal.read_only_run is not None and principal.read_only_run != run_id:
+            raise RunNotFoundError(run_id)
         scope = principal.own_scope()
         live = self._registry.get(run_id)
         if live is not None and not live.log.fenced:  # fenced: the store has its end

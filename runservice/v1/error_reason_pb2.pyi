@@ -28,6 +28,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_WATCH_LAGGED: _ClassVar[ErrorReason]
     ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_STALLED: _ClassVar[ErrorReason]
+    ERROR_REASON_READ_TOKEN_SCOPE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_RUN_NOT_FOUND: ErrorReason
 ERROR_REASON_UNKNOWN_AGENT: ErrorReason
@@ -50,3 +51,4 @@ ERROR_REASON_RUN_FAILED: ErrorReason
 ERROR_REASON_WATCH_LAGGED: ErrorReason
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
 ERROR_REASON_STREAM_STALLED: ErrorReason
+ERROR_REASON_READ_TOKEN_SCOPE: ErrorReason

@@ -224,3 +224,21 @@ class GetServerStatsResponse(_message.Message):
     pid: int
     replica: str
     def __init__(self, active_runs: _Optional[int] = ..., queued_runs: _Optional[int] = ..., runs_in_memory: _Optional[int] = ..., subscriptions: _Optional[int] = ..., subscriber_lag_events: _Optional[int] = ..., max_subscriber_lag_events: _Optional[int] = ..., watches: _Optional[int] = ..., commits: _Optional[int] = ..., events_committed: _Optional[int] = ..., pending_events: _Optional[int] = ..., draining: _Optional[bool] = ..., store_problem: _Optional[str] = ..., version: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class CreateReadTokenRequest(_message.Message):
+    __slots__ = ("run_id", "ttl")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    ttl: _duration_pb2.Duration
+    def __init__(self, run_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CreateReadTokenResponse(_message.Message):
+    __slots__ = ("token", "expire_time", "run_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expire_time: _timestamp_pb2.Timestamp
+    run_id: str
+    def __init__(self, token: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...

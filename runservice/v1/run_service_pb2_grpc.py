@@ -87,6 +87,11 @@ class RunServiceStub:
                 request_serializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.SerializeToString,
                 response_deserializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.FromString,
                 _registered_method=True)
+        self.CreateReadToken = channel.unary_unary(
+                '/runservice.v1.RunService/CreateReadToken',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -181,6 +186,21 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateReadToken(self, request, context):
+        """Mints a read token for one run: a signed, short-lived token that
+        authenticates GetRun and Subscribe of that run only (and, over HTTP,
+        `GET /v1/runs/{run_id}` and its events, where it may travel as
+        `?access_token=`), so that a backend can let a browser follow a run
+        without handing it the user's credentials. Only the run's owner or an
+        admin may mint one (another user's run is NOT_FOUND); a read token cannot
+        mint tokens. Any other call made with a read token fails with
+        PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+        Not idempotent: each call returns a new token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +248,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.GetServerStats,
                     request_deserializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.FromString,
                     response_serializer=runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.SerializeToString,
+            ),
+            'CreateReadToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateReadToken,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +506,33 @@ class RunService:
             '/runservice.v1.RunService/GetServerStats',
             runservice_dot_v1_dot_run__service__pb2.GetServerStatsRequest.SerializeToString,
             runservice_dot_v1_dot_run__service__pb2.GetServerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateReadToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/CreateReadToken',
+            runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,7 @@ TAIL_CACHE = "private, no-cache"  # may grow: revalidate (ETag) before each use
 LIVE = ("long-poll", "sse")
 STREAM_HEADERS = {"Cross-Origin-Resource-Policy": "cross-origin"}
 """On every read of a stream, as the protocol advises (§10.7): fetch() from another origin
-may read it, where CORS allows (the server grants no CORS yet)."""
+may read it, where CORS allows (--http-cors-origin: server.Cors)."""
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,15 @@ class RunRoutes:
         message = pb.DeleteRunRequest(run_id=request.match_info["run_id"])
         return _answer(await self._servicer.DeleteRun(message, NO_CONTEXT))
 
+    async def create_read_token(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/runs/{run_id}:readToken, with an optional body `{"ttl": "300s"}`:
+        answers the CreateReadTokenResponse."""
+        message = await _body(request, pb.CreateReadTokenRequest())
+        if message.run_id:
+            raise InvalidArgumentError("run_id", "goes in the path, not the body")
+        message.run_id = request.match_info["run_id"]
+        return _answer(await self._servicer.CreateReadToken(message, NO_CONTEXT))
+
     async def list_agents(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/agents."""
         return _answer(await self._servicer.ListAgents(pb.ListAgentsRequest(), NO_CONTEXT))

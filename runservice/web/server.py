@@ -21,10 +21,16 @@ from aiohttp import web
 
 from runservice.api.auth import Authentication, authenticate, peer_auth_context
 from runservice.api.limits import StreamLimiter
+from runservice.api.read_token import ReadTokens
 from runservice.api.servicer import RunServiceServicer
-from runservice.domain.errors import InvalidArgumentError, ServerDrainingError
+from runservice.domain.errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    ServerDrainingError,
+)
 from runservice.metrics import Metrics
 from runservice.runtime.manager import RunManager
+from runservice.web import protocol
 from runservice.web.events import RunEvents, StreamSettings
 from runservice.web.problems import error_response, own_refusal
 from runservice.web.runs import RunRoutes
@@ -36,6 +42,31 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUN_ID = "{run_id:[^{}/:]+}"  # no ':' so that /v1/runs/{run_id}:stop is a route of its own
 STREAMING_ROUTES = frozenset({"RunEventsSSE", "WatchRuns"})
 UNMATCHED = "Unmatched"
+CALLS = {"RunEvents": "Subscribe"}
+"""The RunService method a route stands for, where its name is not the method's: what
+authentication admits a read token to (api.auth.authenticate)."""
+ACCESS_TOKEN = "access_token"
+"""The query parameter that may carry a read token (never a user's credentials)."""
+
+CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
+CORS_REQUEST_HEADERS = (
+    "Authorization, Content-Type, Last-Event-ID, If-None-Match, "
+    "Stream-Seq, Stream-TTL, Stream-Expires-At"
+)
+"""What a page may send: credentials, a JSON body, the resume and revalidation headers of
+reads, and the Durable Streams protocol's request headers."""
+CORS_EXPOSED = ", ".join(
+    (
+        protocol.NEXT_OFFSET,
+        protocol.UP_TO_DATE,
+        protocol.CLOSED,
+        protocol.CURSOR,
+        "ETag",
+        "Location",
+        "WWW-Authenticate",
+    )
+)
+CORS_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 
 
 class HttpAddressError(ValueError):
@@ -66,6 +97,8 @@ class WebSettings:
     reuse_port: bool = False
     """A worker of --workers shares the port with its peers (SO_REUSEPORT), as for gRPC."""
     ssl_context: ssl.SSLContext | None = None
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose pages may call this edge (--http-cors-origin; `*`: any)."""
 
 
 class WebEdge:
@@ -104,10 +137,17 @@ class WebEdge:
         self._route(app, f"/v1/runs/{RUN_ID}:stop", {"POST": (runs.stop_run, "StopRun")})
         self._route(
             app,
+            f"/v1/runs/{RUN_ID}:readToken",
+            {"POST": (runs.create_read_token, "CreateReadToken")},
+        )
+        self._route(
+            app,
             f"/v1/runs/{RUN_ID}/events",
             {"GET": (self._events.get, "RunEvents"), "HEAD": (self._events.head, "RunEvents")},
         )
         app.on_response_prepare.append(_security_headers)
+        self._cors = Cors(settings.cors_origins)
+        app.on_response_prepare.append(self._cors.add_headers)
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that leaves cancels its handler, as in gRPC
@@ -189,13 +229,18 @@ class WebEdge:
             response = error_response(ServerDrainingError())
             response.force_close()
             return response
+        preflight = self._cors.preflight(request)
+        if preflight is not None:
+            return preflight
         try:
             if request.match_info.http_exception is None:
+                route = self._names.get(request.match_info.handler, UNMATCHED)
                 authenticate(
                     self._authentication,
                     _metadata(request),
                     _auth_context(request),
                     self._metrics,
+                    call=CALLS.get(route, route),
                 )
             return await handler(request)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, too large
@@ -216,8 +261,26 @@ class WebEdge:
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
-    """The request's credentials as gRPC metadata: its Authorization header(s)."""
-    return [("authorization", value) for value in request.headers.getall("Authorization", [])]
+    """The request's credentials as gRPC metadata: its Authorization header(s), or a read
+    token in `?access_token=`. AuthenticationError for anything else in access_token
+    (user credentials never belong in a URL: URLs are logged, kept in histories, sent as
+    Referer), or for credentials sent both ways."""
+    headers = [("authorization", value) for value in request.headers.getall("Authorization", [])]
+    tokens = request.query.getall(ACCESS_TOKEN, [])
+    if not tokens:
+        return headers
+    if headers or len(tokens) > 1:
+        raise AuthenticationError(
+            "send one credential: a read token either as access_token or in the "
+            "Authorization header, not both"
+        )
+    if not ReadTokens.recognizes(tokens[0]):
+        raise AuthenticationError(
+            "access_token takes only read tokens (CreateReadToken, POST "
+            "/v1/runs/{run_id}:readToken); send your own credentials in the Authorization "
+            "header, never in a URL"
+        )
+    return [("authorization", f"Bearer {tokens[0]}")]
 
 
 def _auth_context(request: web.Request) -> dict[str, list[bytes]]:
@@ -234,3 +297,46 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers["Server"] = "runservice"  # not the versions of Python and aiohttp
     if "Cache-Control" not in response.headers and response.status != http.HTTPStatus.NOT_MODIFIED:
         response.headers["Cache-Control"] = "no-store"
+
+
+class Cors:
+    """Cross-origin access for browser pages of the allowed origins (`*`: any): preflights
+    answered, responses marked readable. No credentials mode (tokens travel in headers or
+    as access_token, never as cookies), so never Access-Control-Allow-Credentials. A
+    request from another origin gets no CORS headers, and its browser refuses it."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self._origins = frozenset(origins)
+        self._any = "*" in self._origins
+
+    def allowed(self, request: web.Request) -> str | None:
+        """The request's Origin when it may read the answer; None otherwise."""
+        origin = request.headers.get("Origin")
+        if origin is None or not (self._any or origin in self._origins):
+            return None
+        return origin
+
+    def preflight(self, request: web.Request) -> web.Response | None:
+        """The answer to a CORS preflight from an allowed origin; None for any other
+        request (a preflight from another origin goes on to the router's own 405)."""
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        if self.allowed(request) is None:
+            return None
+        headers = {
+            "Access-Control-Allow-Methods": CORS_METHODS,
+            "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+            "Access-Control-Max-Age": CORS_MAX_AGE,
+        }
+        return web.Response(status=204, headers=headers)
+
+    async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """On every response to an allowed origin: who may read it, and which headers."""
+        if not self._origins:
+            return
+        response.headers.add("Vary", "Origin")
+        origin = self.allowed(request)
+        if origin is None:
+            return
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED

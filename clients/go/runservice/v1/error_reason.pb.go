@@ -87,6 +87,10 @@ const (
 	// for longer than the server's stream stall timeout, and was closed so that
 	// it stops holding server memory. Resume from the last seq seen + 1.
 	ErrorReason_ERROR_REASON_STREAM_STALLED ErrorReason = 21
+	// PERMISSION_DENIED. The call was made with a read token (CreateReadToken),
+	// which grants only GetRun and Subscribe of its own run. Use the user's
+	// credentials for anything else.
+	ErrorReason_ERROR_REASON_READ_TOKEN_SCOPE ErrorReason = 22
 )
 
 // Enum value maps for ErrorReason.
@@ -114,6 +118,7 @@ var (
 		19: "ERROR_REASON_WATCH_LAGGED",
 		20: "ERROR_REASON_STORE_UNAVAILABLE",
 		21: "ERROR_REASON_STREAM_STALLED",
+		22: "ERROR_REASON_READ_TOKEN_SCOPE",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":          0,
@@ -138,6 +143,7 @@ var (
 		"ERROR_REASON_WATCH_LAGGED":         19,
 		"ERROR_REASON_STORE_UNAVAILABLE":    20,
 		"ERROR_REASON_STREAM_STALLED":       21,
+		"ERROR_REASON_READ_TOKEN_SCOPE":     22,
 	}
 )
 
@@ -172,7 +178,7 @@ var File_runservice_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xec\x05\n" +
+	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\x8f\x06\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -196,7 +202,8 @@ const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\x17ERROR_REASON_RUN_FAILED\x10\x12\x12\x1d\n" +
 	"\x19ERROR_REASON_WATCH_LAGGED\x10\x13\x12\"\n" +
 	"\x1eERROR_REASON_STORE_UNAVAILABLE\x10\x14\x12\x1f\n" +
-	"\x1bERROR_REASON_STREAM_STALLED\x10\x15BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x1bERROR_REASON_STREAM_STALLED\x10\x15\x12!\n" +
+	"\x1dERROR_REASON_READ_TOKEN_SCOPE\x10\x16BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_error_reason_proto_rawDescOnce sync.Once

@@ -1253,6 +1253,130 @@ func (x *GetServerStatsResponse) GetReplica() string {
 	return ""
 }
 
+// Request message for CreateReadToken.
+type CreateReadTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The run the token may read.
+	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Optional. How long the token is valid, at most the server's
+	// `--read-token-ttl` (INVALID_ARGUMENT above it); unset or zero means that
+	// maximum. Whole seconds at least 1.
+	Ttl           *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateReadTokenRequest) Reset() {
+	*x = CreateReadTokenRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateReadTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateReadTokenRequest) ProtoMessage() {}
+
+func (x *CreateReadTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateReadTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateReadTokenRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *CreateReadTokenRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *CreateReadTokenRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+// Response message for CreateReadToken.
+type CreateReadTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token, to send as `authorization: Bearer <token>` (gRPC and HTTP)
+	// or, over HTTP, as the `access_token` query parameter. Opaque; it starts
+	// with `rsr_`.
+	Token string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// When the token stops being valid; streams opened with it end then
+	// (UNAUTHENTICATED, TOKEN_EXPIRED).
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The run the token reads.
+	RunId         string `protobuf:"bytes,3,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateReadTokenResponse) Reset() {
+	*x = CreateReadTokenResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateReadTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateReadTokenResponse) ProtoMessage() {}
+
+func (x *CreateReadTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateReadTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateReadTokenResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CreateReadTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateReadTokenResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *CreateReadTokenResponse) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
 var File_runservice_v1_run_service_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_service_proto_rawDesc = "" +
@@ -1342,14 +1466,22 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x06uptime\x18\x0f \x01(\v2\x19.google.protobuf.DurationR\x06uptime\x12\x1a\n" +
 	"\bhostname\x18\x10 \x01(\tR\bhostname\x12\x10\n" +
 	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12\x18\n" +
-	"\areplica\x18\x12 \x01(\tR\areplica*\xab\x01\n" +
+	"\areplica\x18\x12 \x01(\tR\areplica\"\\\n" +
+	"\x16CreateReadTokenRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x83\x01\n" +
+	"\x17CreateReadTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x15\n" +
+	"\x06run_id\x18\x03 \x01(\tR\x05runId*\xab\x01\n" +
 	"\tRunChange\x12\x1a\n" +
 	"\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n" +
 	"\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n" +
 	"\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n" +
 	"\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n" +
-	"\x12RUN_CHANGE_DELETED\x10\x052\x85\x06\n" +
+	"\x12RUN_CHANGE_DELETED\x10\x052\xe7\x06\n" +
 	"\n" +
 	"RunService\x12K\n" +
 	"\bStartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n" +
@@ -1361,7 +1493,8 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\tWatchRuns\x12\x1f.runservice.v1.WatchRunsRequest\x1a .runservice.v1.WatchRunsResponse\"\x03\x90\x02\x010\x01\x12V\n" +
 	"\n" +
 	"ListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12b\n" +
-	"\x0eGetServerStats\x12$.runservice.v1.GetServerStatsRequest\x1a%.runservice.v1.GetServerStatsResponse\"\x03\x90\x02\x01BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x0eGetServerStats\x12$.runservice.v1.GetServerStatsRequest\x1a%.runservice.v1.GetServerStatsResponse\"\x03\x90\x02\x01\x12`\n" +
+	"\x0fCreateReadToken\x12%.runservice.v1.CreateReadTokenRequest\x1a&.runservice.v1.CreateReadTokenResponseBHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_run_service_proto_rawDescOnce sync.Once
@@ -1376,81 +1509,87 @@ func file_runservice_v1_run_service_proto_rawDescGZIP() []byte {
 }
 
 var file_runservice_v1_run_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_runservice_v1_run_service_proto_goTypes = []any{
-	(RunChange)(0),                 // 0: runservice.v1.RunChange
-	(*StartRunRequest)(nil),        // 1: runservice.v1.StartRunRequest
-	(*StartRunResponse)(nil),       // 2: runservice.v1.StartRunResponse
-	(*GetRunRequest)(nil),          // 3: runservice.v1.GetRunRequest
-	(*GetRunResponse)(nil),         // 4: runservice.v1.GetRunResponse
-	(*ListRunsRequest)(nil),        // 5: runservice.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),       // 6: runservice.v1.ListRunsResponse
-	(*StopRunRequest)(nil),         // 7: runservice.v1.StopRunRequest
-	(*StopRunResponse)(nil),        // 8: runservice.v1.StopRunResponse
-	(*SubscribeRequest)(nil),       // 9: runservice.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),      // 10: runservice.v1.SubscribeResponse
-	(*DeleteRunRequest)(nil),       // 11: runservice.v1.DeleteRunRequest
-	(*DeleteRunResponse)(nil),      // 12: runservice.v1.DeleteRunResponse
-	(*WatchRunsRequest)(nil),       // 13: runservice.v1.WatchRunsRequest
-	(*WatchRunsResponse)(nil),      // 14: runservice.v1.WatchRunsResponse
-	(*ListAgentsRequest)(nil),      // 15: runservice.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),     // 16: runservice.v1.ListAgentsResponse
-	(*GetServerStatsRequest)(nil),  // 17: runservice.v1.GetServerStatsRequest
-	(*GetServerStatsResponse)(nil), // 18: runservice.v1.GetServerStatsResponse
-	nil,                            // 19: runservice.v1.StartRunRequest.LabelsEntry
-	nil,                            // 20: runservice.v1.ListRunsRequest.LabelsEntry
-	nil,                            // 21: runservice.v1.WatchRunsRequest.LabelsEntry
-	(*structpb.Struct)(nil),        // 22: google.protobuf.Struct
-	(MultitaskStrategy)(0),         // 23: runservice.v1.MultitaskStrategy
-	(*durationpb.Duration)(nil),    // 24: google.protobuf.Duration
-	(*Run)(nil),                    // 25: runservice.v1.Run
-	(RunState)(0),                  // 26: runservice.v1.RunState
-	(*RunEvent)(nil),               // 27: runservice.v1.RunEvent
-	(*Agent)(nil),                  // 28: runservice.v1.Agent
-	(*timestamppb.Timestamp)(nil),  // 29: google.protobuf.Timestamp
+	(RunChange)(0),                  // 0: runservice.v1.RunChange
+	(*StartRunRequest)(nil),         // 1: runservice.v1.StartRunRequest
+	(*StartRunResponse)(nil),        // 2: runservice.v1.StartRunResponse
+	(*GetRunRequest)(nil),           // 3: runservice.v1.GetRunRequest
+	(*GetRunResponse)(nil),          // 4: runservice.v1.GetRunResponse
+	(*ListRunsRequest)(nil),         // 5: runservice.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),        // 6: runservice.v1.ListRunsResponse
+	(*StopRunRequest)(nil),          // 7: runservice.v1.StopRunRequest
+	(*StopRunResponse)(nil),         // 8: runservice.v1.StopRunResponse
+	(*SubscribeRequest)(nil),        // 9: runservice.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),       // 10: runservice.v1.SubscribeResponse
+	(*DeleteRunRequest)(nil),        // 11: runservice.v1.DeleteRunRequest
+	(*DeleteRunResponse)(nil),       // 12: runservice.v1.DeleteRunResponse
+	(*WatchRunsRequest)(nil),        // 13: runservice.v1.WatchRunsRequest
+	(*WatchRunsResponse)(nil),       // 14: runservice.v1.WatchRunsResponse
+	(*ListAgentsRequest)(nil),       // 15: runservice.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),      // 16: runservice.v1.ListAgentsResponse
+	(*GetServerStatsRequest)(nil),   // 17: runservice.v1.GetServerStatsRequest
+	(*GetServerStatsResponse)(nil),  // 18: runservice.v1.GetServerStatsResponse
+	(*CreateReadTokenRequest)(nil),  // 19: runservice.v1.CreateReadTokenRequest
+	(*CreateReadTokenResponse)(nil), // 20: runservice.v1.CreateReadTokenResponse
+	nil,                             // 21: runservice.v1.StartRunRequest.LabelsEntry
+	nil,                             // 22: runservice.v1.ListRunsRequest.LabelsEntry
+	nil,                             // 23: runservice.v1.WatchRunsRequest.LabelsEntry
+	(*structpb.Struct)(nil),         // 24: google.protobuf.Struct
+	(MultitaskStrategy)(0),          // 25: runservice.v1.MultitaskStrategy
+	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
+	(*Run)(nil),                     // 27: runservice.v1.Run
+	(RunState)(0),                   // 28: runservice.v1.RunState
+	(*RunEvent)(nil),                // 29: runservice.v1.RunEvent
+	(*Agent)(nil),                   // 30: runservice.v1.Agent
+	(*timestamppb.Timestamp)(nil),   // 31: google.protobuf.Timestamp
 }
 var file_runservice_v1_run_service_proto_depIdxs = []int32{
-	22, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
-	23, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
-	19, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
-	24, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
-	25, // 4: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
-	25, // 5: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
-	26, // 6: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
-	20, // 7: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
-	25, // 8: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
-	25, // 9: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
-	27, // 10: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
-	26, // 11: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
-	21, // 12: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
+	24, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
+	25, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
+	21, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
+	26, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
+	27, // 4: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
+	27, // 5: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
+	28, // 6: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
+	22, // 7: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
+	27, // 8: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
+	27, // 9: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
+	29, // 10: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
+	28, // 11: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
+	23, // 12: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
 	0,  // 13: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
-	25, // 14: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
-	28, // 15: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
-	29, // 16: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
-	24, // 17: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
-	1,  // 18: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
-	3,  // 19: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
-	5,  // 20: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
-	7,  // 21: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
-	9,  // 22: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
-	11, // 23: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
-	13, // 24: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
-	15, // 25: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
-	17, // 26: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
-	2,  // 27: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
-	4,  // 28: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
-	6,  // 29: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
-	8,  // 30: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
-	10, // 31: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
-	12, // 32: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
-	14, // 33: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
-	16, // 34: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
-	18, // 35: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
-	27, // [27:36] is the sub-list for method output_type
-	18, // [18:27] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	27, // 14: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
+	30, // 15: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
+	31, // 16: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
+	26, // 17: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
+	26, // 18: runservice.v1.CreateReadTokenRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 19: runservice.v1.CreateReadTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	1,  // 20: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
+	3,  // 21: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
+	5,  // 22: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
+	7,  // 23: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
+	9,  // 24: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
+	11, // 25: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
+	13, // 26: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
+	15, // 27: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
+	17, // 28: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
+	19, // 29: runservice.v1.RunService.CreateReadToken:input_type -> runservice.v1.CreateReadTokenRequest
+	2,  // 30: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
+	4,  // 31: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
+	6,  // 32: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
+	8,  // 33: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
+	10, // 34: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
+	12, // 35: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
+	14, // 36: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
+	16, // 37: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
+	18, // 38: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
+	20, // 39: runservice.v1.RunService.CreateReadToken:output_type -> runservice.v1.CreateReadTokenResponse
+	30, // [30:40] is the sub-list for method output_type
+	20, // [20:30] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_service_proto_init() }
@@ -1465,7 +1604,7 @@ func file_runservice_v1_run_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runservice_v1_run_service_proto_rawDesc), len(file_runservice_v1_run_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

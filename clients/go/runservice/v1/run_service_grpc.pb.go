@@ -19,15 +19,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RunService_StartRun_FullMethodName       = "/runservice.v1.RunService/StartRun"
-	RunService_GetRun_FullMethodName         = "/runservice.v1.RunService/GetRun"
-	RunService_ListRuns_FullMethodName       = "/runservice.v1.RunService/ListRuns"
-	RunService_StopRun_FullMethodName        = "/runservice.v1.RunService/StopRun"
-	RunService_Subscribe_FullMethodName      = "/runservice.v1.RunService/Subscribe"
-	RunService_DeleteRun_FullMethodName      = "/runservice.v1.RunService/DeleteRun"
-	RunService_WatchRuns_FullMethodName      = "/runservice.v1.RunService/WatchRuns"
-	RunService_ListAgents_FullMethodName     = "/runservice.v1.RunService/ListAgents"
-	RunService_GetServerStats_FullMethodName = "/runservice.v1.RunService/GetServerStats"
+	RunService_StartRun_FullMethodName        = "/runservice.v1.RunService/StartRun"
+	RunService_GetRun_FullMethodName          = "/runservice.v1.RunService/GetRun"
+	RunService_ListRuns_FullMethodName        = "/runservice.v1.RunService/ListRuns"
+	RunService_StopRun_FullMethodName         = "/runservice.v1.RunService/StopRun"
+	RunService_Subscribe_FullMethodName       = "/runservice.v1.RunService/Subscribe"
+	RunService_DeleteRun_FullMethodName       = "/runservice.v1.RunService/DeleteRun"
+	RunService_WatchRuns_FullMethodName       = "/runservice.v1.RunService/WatchRuns"
+	RunService_ListAgents_FullMethodName      = "/runservice.v1.RunService/ListAgents"
+	RunService_GetServerStats_FullMethodName  = "/runservice.v1.RunService/GetServerStats"
+	RunService_CreateReadToken_FullMethodName = "/runservice.v1.RunService/CreateReadToken"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -79,6 +80,16 @@ type RunServiceClient interface {
 	// connection reached) and `replica`, `hostname` and `pid` say which; a
 	// deployment's totals are the sum over its processes.
 	GetServerStats(ctx context.Context, in *GetServerStatsRequest, opts ...grpc.CallOption) (*GetServerStatsResponse, error)
+	// Mints a read token for one run: a signed, short-lived token that
+	// authenticates GetRun and Subscribe of that run only (and, over HTTP,
+	// `GET /v1/runs/{run_id}` and its events, where it may travel as
+	// `?access_token=`), so that a backend can let a browser follow a run
+	// without handing it the user's credentials. Only the run's owner or an
+	// admin may mint one (another user's run is NOT_FOUND); a read token cannot
+	// mint tokens. Any other call made with a read token fails with
+	// PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+	// Not idempotent: each call returns a new token.
+	CreateReadToken(ctx context.Context, in *CreateReadTokenRequest, opts ...grpc.CallOption) (*CreateReadTokenResponse, error)
 }
 
 type runServiceClient struct {
@@ -197,6 +208,16 @@ func (c *runServiceClient) GetServerStats(ctx context.Context, in *GetServerStat
 	return out, nil
 }
 
+func (c *runServiceClient) CreateReadToken(ctx context.Context, in *CreateReadTokenRequest, opts ...grpc.CallOption) (*CreateReadTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateReadTokenResponse)
+	err := c.cc.Invoke(ctx, RunService_CreateReadToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -246,6 +267,16 @@ type RunServiceServer interface {
 	// connection reached) and `replica`, `hostname` and `pid` say which; a
 	// deployment's totals are the sum over its processes.
 	GetServerStats(context.Context, *GetServerStatsRequest) (*GetServerStatsResponse, error)
+	// Mints a read token for one run: a signed, short-lived token that
+	// authenticates GetRun and Subscribe of that run only (and, over HTTP,
+	// `GET /v1/runs/{run_id}` and its events, where it may travel as
+	// `?access_token=`), so that a backend can let a browser follow a run
+	// without handing it the user's credentials. Only the run's owner or an
+	// admin may mint one (another user's run is NOT_FOUND); a read token cannot
+	// mint tokens. Any other call made with a read token fails with
+	// PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+	// Not idempotent: each call returns a new token.
+	CreateReadToken(context.Context, *CreateReadTokenRequest) (*CreateReadTokenResponse, error)
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -282,6 +313,9 @@ func (UnimplementedRunServiceServer) ListAgents(context.Context, *ListAgentsRequ
 }
 func (UnimplementedRunServiceServer) GetServerStats(context.Context, *GetServerStatsRequest) (*GetServerStatsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetServerStats not implemented")
+}
+func (UnimplementedRunServiceServer) CreateReadToken(context.Context, *CreateReadTokenRequest) (*CreateReadTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateReadToken not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -452,6 +486,24 @@ func _RunService_GetServerStats_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RunService_CreateReadToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateReadTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).CreateReadToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_CreateReadToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).CreateReadToken(ctx, req.(*CreateReadTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -486,6 +538,10 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetServerStats",
 			Handler:    _RunService_GetServerStats_Handler,
+		},
+		{
+			MethodName: "CreateReadToken",
+			Handler:    _RunService_CreateReadToken_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

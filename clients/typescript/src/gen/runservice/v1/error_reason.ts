@@ -102,6 +102,12 @@ export enum ErrorReason {
    * it stops holding server memory. Resume from the last seq seen + 1.
    */
   ERROR_REASON_STREAM_STALLED = 21,
+  /**
+   * ERROR_REASON_READ_TOKEN_SCOPE - PERMISSION_DENIED. The call was made with a read token (CreateReadToken),
+   * which grants only GetRun and Subscribe of its own run. Use the user's
+   * credentials for anything else.
+   */
+  ERROR_REASON_READ_TOKEN_SCOPE = 22,
   UNRECOGNIZED = -1,
 }
 
@@ -173,6 +179,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 21:
     case "ERROR_REASON_STREAM_STALLED":
       return ErrorReason.ERROR_REASON_STREAM_STALLED;
+    case 22:
+    case "ERROR_REASON_READ_TOKEN_SCOPE":
+      return ErrorReason.ERROR_REASON_READ_TOKEN_SCOPE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -226,6 +235,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_STORE_UNAVAILABLE";
     case ErrorReason.ERROR_REASON_STREAM_STALLED:
       return "ERROR_REASON_STREAM_STALLED";
+    case ErrorReason.ERROR_REASON_READ_TOKEN_SCOPE:
+      return "ERROR_REASON_READ_TOKEN_SCOPE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

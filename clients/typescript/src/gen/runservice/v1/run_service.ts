@@ -380,6 +380,37 @@ export interface GetServerStatsResponse {
   replica: string;
 }
 
+/** Request message for CreateReadToken. */
+export interface CreateReadTokenRequest {
+  /** Required. The run the token may read. */
+  runId: string;
+  /**
+   * Optional. How long the token is valid, at most the server's
+   * `--read-token-ttl` (INVALID_ARGUMENT above it); unset or zero means that
+   * maximum. Whole seconds at least 1.
+   */
+  ttl: Duration | undefined;
+}
+
+/** Response message for CreateReadToken. */
+export interface CreateReadTokenResponse {
+  /**
+   * The token, to send as `authorization: Bearer <token>` (gRPC and HTTP)
+   * or, over HTTP, as the `access_token` query parameter. Opaque; it starts
+   * with `rsr_`.
+   */
+  token: string;
+  /**
+   * When the token stops being valid; streams opened with it end then
+   * (UNAUTHENTICATED, TOKEN_EXPIRED).
+   */
+  expireTime:
+    | Date
+    | undefined;
+  /** The run the token reads. */
+  runId: string;
+}
+
 function createBaseStartRunRequest(): StartRunRequest {
   return {
     agent: "",
@@ -2678,6 +2709,204 @@ export const GetServerStatsResponse: MessageFns<GetServerStatsResponse> = {
   },
 };
 
+function createBaseCreateReadTokenRequest(): CreateReadTokenRequest {
+  return { runId: "", ttl: undefined };
+}
+
+export const CreateReadTokenRequest: MessageFns<CreateReadTokenRequest> = {
+  encode(message: CreateReadTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.ttl !== undefined) {
+      Duration.encode(message.ttl, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateReadTokenRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateReadTokenRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ttl = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CreateReadTokenRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      ttl: isSet(object.ttl) ? Duration.fromJSON(object.ttl) : undefined,
+    };
+  },
+
+  toJSON(message: CreateReadTokenRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.ttl !== undefined) {
+      obj.ttl = Duration.toJSON(message.ttl);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CreateReadTokenRequest>, I>>(base?: I): CreateReadTokenRequest {
+    return CreateReadTokenRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CreateReadTokenRequest>, I>>(object: I): CreateReadTokenRequest {
+    const message = createBaseCreateReadTokenRequest();
+    message.runId = object.runId ?? "";
+    message.ttl = (object.ttl !== undefined && object.ttl !== null) ? Duration.fromPartial(object.ttl) : undefined;
+    return message;
+  },
+};
+
+function createBaseCreateReadTokenResponse(): CreateReadTokenResponse {
+  return { token: "", expireTime: undefined, runId: "" };
+}
+
+export const CreateReadTokenResponse: MessageFns<CreateReadTokenResponse> = {
+  encode(message: CreateReadTokenResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.token !== "") {
+      writer.uint32(10).string(message.token);
+    }
+    if (message.expireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.expireTime), writer.uint32(18).fork()).join();
+    }
+    if (message.runId !== "") {
+      writer.uint32(26).string(message.runId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateReadTokenResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateReadTokenResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.token = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.expireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CreateReadTokenResponse {
+    return {
+      token: isSet(object.token) ? globalThis.String(object.token) : "",
+      expireTime: isSet(object.expireTime)
+        ? fromJsonTimestamp(object.expireTime)
+        : isSet(object.expire_time)
+        ? fromJsonTimestamp(object.expire_time)
+        : undefined,
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+    };
+  },
+
+  toJSON(message: CreateReadTokenResponse): unknown {
+    const obj: any = {};
+    if (message.token !== "") {
+      obj.token = message.token;
+    }
+    if (message.expireTime !== undefined) {
+      obj.expireTime = message.expireTime.toISOString();
+    }
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CreateReadTokenResponse>, I>>(base?: I): CreateReadTokenResponse {
+    return CreateReadTokenResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CreateReadTokenResponse>, I>>(object: I): CreateReadTokenResponse {
+    const message = createBaseCreateReadTokenResponse();
+    message.token = object.token ?? "";
+    message.expireTime = object.expireTime ?? undefined;
+    message.runId = object.runId ?? "";
+    return message;
+  },
+};
+
 /**
  * RunService starts runs that execute on the server and outlive the RPC that
  * started them, and lets any number of callers follow their event logs.
@@ -2812,6 +3041,28 @@ export const RunServiceService = {
       Buffer.from(GetServerStatsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetServerStatsResponse => GetServerStatsResponse.decode(value),
   },
+  /**
+   * Mints a read token for one run: a signed, short-lived token that
+   * authenticates GetRun and Subscribe of that run only (and, over HTTP,
+   * `GET /v1/runs/{run_id}` and its events, where it may travel as
+   * `?access_token=`), so that a backend can let a browser follow a run
+   * without handing it the user's credentials. Only the run's owner or an
+   * admin may mint one (another user's run is NOT_FOUND); a read token cannot
+   * mint tokens. Any other call made with a read token fails with
+   * PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+   * Not idempotent: each call returns a new token.
+   */
+  createReadToken: {
+    path: "/runservice.v1.RunService/CreateReadToken" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CreateReadTokenRequest): Buffer =>
+      Buffer.from(CreateReadTokenRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CreateReadTokenRequest => CreateReadTokenRequest.decode(value),
+    responseSerialize: (value: CreateReadTokenResponse): Buffer =>
+      Buffer.from(CreateReadTokenResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CreateReadTokenResponse => CreateReadTokenResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -2863,6 +3114,18 @@ export interface RunServiceServer extends UntypedServiceImplementation {
    * deployment's totals are the sum over its processes.
    */
   getServerStats: handleUnaryCall<GetServerStatsRequest, GetServerStatsResponse>;
+  /**
+   * Mints a read token for one run: a signed, short-lived token that
+   * authenticates GetRun and Subscribe of that run only (and, over HTTP,
+   * `GET /v1/runs/{run_id}` and its events, where it may travel as
+   * `?access_token=`), so that a backend can let a browser follow a run
+   * without handing it the user's credentials. Only the run's owner or an
+   * admin may mint one (another user's run is NOT_FOUND); a read token cannot
+   * mint tokens. Any other call made with a read token fails with
+   * PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+   * Not idempotent: each call returns a new token.
+   */
+  createReadToken: handleUnaryCall<CreateReadTokenRequest, CreateReadTokenResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -3021,6 +3284,32 @@ export interface RunServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetServerStatsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Mints a read token for one run: a signed, short-lived token that
+   * authenticates GetRun and Subscribe of that run only (and, over HTTP,
+   * `GET /v1/runs/{run_id}` and its events, where it may travel as
+   * `?access_token=`), so that a backend can let a browser follow a run
+   * without handing it the user's credentials. Only the run's owner or an
+   * admin may mint one (another user's run is NOT_FOUND); a read token cannot
+   * mint tokens. Any other call made with a read token fails with
+   * PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
+   * Not idempotent: each call returns a new token.
+   */
+  createReadToken(
+    request: CreateReadTokenRequest,
+    callback: (error: ServiceError | null, response: CreateReadTokenResponse) => void,
+  ): ClientUnaryCall;
+  createReadToken(
+    request: CreateReadTokenRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CreateReadTokenResponse) => void,
+  ): ClientUnaryCall;
+  createReadToken(
+    request: CreateReadTokenRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CreateReadTokenResponse) => void,
   ): ClientUnaryCall;
 }
 
