@@ -35,12 +35,11 @@ from runservice.api.page_token import PageTokens
 from runservice.api.read_token import ReadTokens
 from runservice.api.reflection import enable_reflection
 from runservice.api.servicer import PAGE_BYTES, RunServiceServicer
-from runservice.config import Settings, is_loopback
+from runservice.config import AddressError, Settings, is_loopback
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.ports import Clock
 from runservice.metrics import (
     Metrics,
-    MetricsAddressError,
     MetricsServer,
     parse_address,
     worker_multiprocess_dir,
@@ -55,7 +54,7 @@ from runservice.store.preflight import DatabaseRefusedError
 from runservice.tokens import TokensFileError, ensure_dev_token, load_tokens
 from runservice.tracing import Tracing, TracingSetupError, start_tracing
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
-from runservice.web import HttpAddressError, StreamSettings, WebEdge, WebSettings
+from runservice.web import StreamSettings, WebEdge, WebSettings
 from runservice.web import parse_address as parse_http_address
 
 logger = logging.getLogger(__name__)
@@ -498,8 +497,7 @@ async def _build_locked(
         await manager.start()  # reads every unfinished run first: a damaged file shows here
         page_tokens, read_tokens = await _signers(store, proposed, settings)
     except BaseException:
-        await manager.shutdown(0)
-        await store.close()
+        await _undo(manager, store)
         raise
     server = grpc.aio.server(
         options=server_options(settings),
@@ -531,8 +529,7 @@ async def _build_locked(
         else:
             port = server.add_secure_port(settings.listen, credentials)
     except RuntimeError as exc:
-        await manager.shutdown(0)
-        await store.close()
+        await _undo(manager, store)
         raise ListenError(
             f"cannot listen on {settings.listen} (is another process using it?)"
         ) from exc
@@ -548,9 +545,7 @@ async def _build_locked(
     try:
         metrics_server = await _start_endpoints(settings, metrics, web)
     except ListenError:
-        await server.stop(None)
-        await manager.shutdown(0)
-        await store.close()
+        await _undo(manager, store, server)
         raise
     await server.start()
     logger.info(
@@ -560,6 +555,17 @@ async def _build_locked(
     app.web = web
     _measure(app, metrics, metrics_server)
     return app
+
+
+async def _undo(
+    manager: RunManager, store: SqlRunStore, server: grpc.aio.Server | None = None
+) -> None:
+    """Takes back a start that failed half-way: the server (if it was made), the runtime
+    (runs interrupted at once) and the store."""
+    if server is not None:
+        await server.stop(None)
+    await manager.shutdown(0)
+    await store.close()
 
 
 async def _signers(
@@ -588,7 +594,7 @@ def _check_http(settings: Settings) -> ssl.SSLContext | None:
         return None
     try:
         parse_http_address(settings.http_listen)
-    except HttpAddressError as exc:
+    except AddressError as exc:
         raise ConfigError(str(exc)) from None
     return http_ssl_context(settings)
 
@@ -664,7 +670,7 @@ def build_metrics(settings: Settings) -> Metrics:
     if settings.metrics_listen:
         try:
             parse_address(settings.metrics_listen)
-        except MetricsAddressError as exc:
+        except AddressError as exc:
             raise ConfigError(str(exc)) from None
     worker = settings.worker_index is not None and worker_multiprocess_dir() is not None
     return Metrics(multiprocess=worker)

@@ -26,6 +26,7 @@ from rich.text import Text
 
 import runservice
 from runservice import config
+from runservice.jsonmap import whole_numbers
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 # A client command says it is still connecting after CONNECT_NOTICE_S, and gives up on a
@@ -511,19 +512,8 @@ def _as_dict(message: Any, *, defaults: bool = False) -> dict[str, Any]:
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
     )
     order = [f.name for f in message.DESCRIPTOR.fields if f.name in fields]
-    result: dict[str, Any] = _whole_numbers({name: fields[name] for name in order})
+    result: dict[str, Any] = whole_numbers({name: fields[name] for name in order})
     return result
-
-
-def _whole_numbers(value: Any) -> Any:
-    """JSON numbers arrive as floats (google.protobuf.Value); show 2.0 as 2."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
-    return value
 
 
 def _state(run: Any) -> str:

@@ -100,6 +100,20 @@ class _OneOf:
         return _choice(text, self.choices)
 
 
+class AddressError(ValueError):
+    """An address option (--http-listen, --metrics-listen) is not HOST:PORT."""
+
+
+def host_port(address: str, flag: str, example: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT (`[::1]:8080` too); AddressError, naming `flag` and showing
+    `example`, if it is not one."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:  # noqa: PLR2004
+        raise AddressError(f"{flag} must be HOST:PORT, like {example} (got {address!r})")
+    return host, int(port)
+
+
 def is_loopback(address: str) -> bool:
     """True when HOST:PORT names a loopback host (localhost, 127.0.0.0/8, ::1)."""
     host = address.rsplit(":", 1)[0].strip("[]")

@@ -50,6 +50,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from runservice.config import host_port
 from runservice.domain.model import RunState
 from runservice.domain.ports import (
     LeaseRenewal,
@@ -432,19 +433,9 @@ class _StatsCollector(Collector):
 # -- the endpoint -----------------------------------------------------------------------------
 
 
-class MetricsAddressError(ValueError):
-    """--metrics-listen is not HOST:PORT."""
-
-
 def parse_address(address: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT (`[::1]:9090` too); MetricsAddressError if it is not one."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:  # noqa: PLR2004
-        raise MetricsAddressError(
-            f"--metrics-listen must be HOST:PORT, like 0.0.0.0:9090 (got {address!r})"
-        )
-    return host, int(port)
+    """(host, port) of a --metrics-listen value; config.AddressError if it is not HOST:PORT."""
+    return host_port(address, "--metrics-listen", "0.0.0.0:9090")
 
 
 class MetricsServer:
@@ -463,7 +454,7 @@ class MetricsServer:
 
     @classmethod
     def start(cls, address: str, registry: CollectorRegistry) -> MetricsServer:
-        """Listens on `address` (HOST:PORT); MetricsAddressError for a malformed one,
+        """Listens on `address` (HOST:PORT); config.AddressError for a malformed one,
         OSError when it cannot be bound (in use, not an address of this machine)."""
         host, port = parse_address(address)
         httpd, _thread = start_http_server(port, host, registry)

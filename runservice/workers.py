@@ -102,7 +102,7 @@ def refusal(settings: Settings) -> str | None:
     if settings.metrics_listen:
         try:
             metrics.parse_address(settings.metrics_listen)
-        except metrics.MetricsAddressError as exc:
+        except config.AddressError as exc:
             return str(exc)
     return None
 

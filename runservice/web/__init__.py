@@ -3,6 +3,6 @@ durable stream (docs/http.md). A layer beside `api`: it calls the same servicer,
 and authentication, and never the store."""
 
 from runservice.web.events import StreamSettings
-from runservice.web.server import HttpAddressError, WebEdge, WebSettings, parse_address
+from runservice.web.server import WebEdge, WebSettings, parse_address
 
-__all__ = ["HttpAddressError", "StreamSettings", "WebEdge", "WebSettings", "parse_address"]
+__all__ = ["StreamSettings", "WebEdge", "WebSettings", "parse_address"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from runservice import jsonmap
 from runservice.api import convert
 from runservice.api.auth import current_principal
 from runservice.api.limits import StreamLimiter
@@ -34,7 +35,7 @@ from runservice.domain.errors import InvalidArgumentError, RunServiceError
 from runservice.domain.model import EncodedEvent, Principal, Run
 from runservice.runtime.manager import RunManager
 from runservice.v1 import run_pb2
-from runservice.web import jsonmap, protocol, sse
+from runservice.web import protocol, sse
 from runservice.web.problems import problem_text
 
 logger = logging.getLogger(__name__)

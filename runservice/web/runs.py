@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from multidict import MultiMapping
 
+from runservice import jsonmap
 from runservice.api.auth import current_principal
 from runservice.api.limits import StreamLimiter
 from runservice.api.servicer import RunServiceServicer
@@ -27,7 +28,7 @@ from runservice.api.status import describe, until_expiry
 from runservice.domain.errors import InvalidArgumentError
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
-from runservice.web import jsonmap, sse
+from runservice.web import sse
 from runservice.web.events import StreamSettings
 from runservice.web.problems import problem_text
 

@@ -23,6 +23,7 @@ from runservice.api.auth import Authentication, authenticate, peer_auth_context
 from runservice.api.limits import StreamLimiter
 from runservice.api.read_token import ReadTokens
 from runservice.api.servicer import RunServiceServicer
+from runservice.config import host_port
 from runservice.domain.errors import (
     AuthenticationError,
     InvalidArgumentError,
@@ -69,19 +70,9 @@ CORS_EXPOSED = ", ".join(
 CORS_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 
 
-class HttpAddressError(ValueError):
-    """--http-listen is not HOST:PORT."""
-
-
 def parse_address(address: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT (`[::1]:8080` too); HttpAddressError if it is not one."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:  # noqa: PLR2004
-        raise HttpAddressError(
-            f"--http-listen must be HOST:PORT, like 127.0.0.1:8080 (got {address!r})"
-        )
-    return host, int(port)
+    """(host, port) of an --http-listen value; config.AddressError if it is not HOST:PORT."""
+    return host_port(address, "--http-listen", "127.0.0.1:8080")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Messages in the proto's JSON mapping, as grpcurl prints them: proto field names, int64
 as strings, enums by name, RFC 3339 times, default values left out, and JSON numbers of a
-Struct that are whole written as integers (`3`, not Python's `3.0`)."""
+Struct that are whole written as integers (`3`, not Python's `3.0`). The HTTP edge answers
+in it, and the CLI prints it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _EXACT = 2**53  # doubles hold every whole number up to here
 
 def to_dict(message: Message) -> dict[str, Any]:
     """`message` as a JSON object."""
-    document: dict[str, Any] = _whole(
+    document: dict[str, Any] = whole_numbers(
         json_format.MessageToDict(message, preserving_proto_field_name=True)
     )
     return document
@@ -32,11 +33,13 @@ def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _whole(value: Any) -> Any:
+def whole_numbers(value: Any) -> Any:
+    """`value` with its whole floats as ints: JSON numbers arrive as floats
+    (google.protobuf.Value), and 2.0 is shown as 2."""
     if isinstance(value, float) and value.is_integer() and -_EXACT <= value <= _EXACT:
         return int(value)
     if isinstance(value, dict):
-        return {key: _whole(item) for key, item in value.items()}
+        return {key: whole_numbers(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_whole(item) for item in value]
+        return [whole_numbers(item) for item in value]
     return value
