@@ -11,6 +11,8 @@
 #   make test-postgres  the API acceptance suite with each server on a private PostgreSQL
 #   make test-go      go vet and go test of the Go client in clients/go (needs go 1.26+)
 #   make test-typescript  npm ci, build and test the TypeScript client in clients/typescript
+#   make test-browser  the web example (examples/web) in headless Chromium (WEB_SCREENSHOT=PATH: its picture)
+#   make conformance  the Durable Streams conformance suite against runservice's /v1/streams
 #   make faults       the fault matrix against real server processes (docs/reliability/faults.md)
 #   make soak         mixed load for DURATION (default 30m), sampled and plotted (docs/reliability/soak.md)
 #   make run          start a development server (installs the package without its dev extras)
@@ -215,7 +217,17 @@ test: $(VENV_STAMP) $(BUF_STAMP) $(GRPCURL) $(GHZ) $(PROMTOOL)
 
 # The acceptance suite of the API again, each server on a private PostgreSQL database
 # (one replica); tests/test_replicas.py runs two and three in the main suite.
-ACCEPTANCE := tests/test_api_runs.py tests/test_api_policies.py tests/test_api_access.py
+ACCEPTANCE := tests/test_api_runs.py tests/test_api_policies.py tests/test_api_access.py \
+	tests/test_external_runs.py tests/test_web_streams.py
+# The Durable Streams server conformance suite (pinned in conformance/) against a live
+# runservice's /v1/streams: at least as many of its tests must pass as the Node reference
+# server passes (324; runservice passes 332, failing none).
+CONFORMANCE_MIN_PASS ?= 324
+.PHONY: conformance
+conformance: $(VENV_STAMP)
+	CONFORMANCE_MIN_PASS=$(CONFORMANCE_MIN_PASS) conformance/run-runservice.sh \
+		$(CURDIR)/conformance/reports/runservice.json
+
 .PHONY: test-postgres
 test-postgres: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q --store postgresql $(ACCEPTANCE)
@@ -227,6 +239,23 @@ test-go:
 .PHONY: test-typescript
 test-typescript:
 	cd $(TS_DIR) && npm ci --no-audit --no-fund && npm run build && npm test
+
+# The web example (examples/web) driven by headless Chromium: Debian's `chromium` package
+# (.ci/run installs it with apt), through Playwright (the `browser` extra, installed here;
+# it never downloads a browser of its own). WEB_SCREENSHOT=docs/images/web-example.png also
+# writes the picture docs/http.md shows. About 40 seconds on 2 cores.
+BROWSER_STAMP := $(VENV)/.installed-browser
+WEB_SCREENSHOT ?=
+
+$(BROWSER_STAMP): $(VENV_STAMP) pyproject.toml
+	$(VENV_PY) -m pip install --quiet -e '.[dev,browser]'
+	touch $@
+
+.PHONY: test-browser
+test-browser: $(BROWSER_STAMP)
+	@command -v chromium >/dev/null || { echo "chromium is missing: apt-get install chromium" >&2; exit 1; }
+	WEB_EXAMPLE_BROWSER=required WEB_EXAMPLE_SCREENSHOT=$(WEB_SCREENSHOT) \
+		$(VENV_PY) -m pytest -q tests/test_web_example_browser.py
 
 # --- Running ----------------------------------------------------------------
 
@@ -279,8 +308,10 @@ bench: $(VENV_STAMP)
 
 # The fault matrix (faults/): SIGKILL, SIGTERM, a held write lock, a full disk, bad files,
 # stuck and slow subscribers, a reconnect storm and lifecycle races, each against real
-# server processes and ended by one checker. Writes docs/reliability/faults.{json,md}
-# (a -k run updates its rows only). About 2.5 minutes on 2 cores.
+# server processes and ended by one checker; and webhooks through a 20 s receiver outage
+# and a restart (faults/test_webhooks.py, about 80 s of it). Writes
+# docs/reliability/faults.{json,md} (a -k run updates its rows only). About 4 minutes on
+# 2 cores.
 # One row: make faults FAULTS_ARGS="-k sigkill_during_drain".
 FAULTS_ARGS ?=
 FAULTS_TIMEOUT ?= 300

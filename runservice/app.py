@@ -47,15 +47,19 @@ from runservice.metrics import (
 from runservice.runtime.agent import AgentRegistry
 from runservice.runtime.clock import SystemClock
 from runservice.runtime.manager import RunManager, RuntimeSettings
-from runservice.runtime.policies import Limits
+from runservice.runtime.policies import Limits, duration_text
+from runservice.runtime.streams import StreamLimits
 from runservice.store import SqlRunStore, open_store
 from runservice.store.lock import DatabaseInUseError, FileLock, lock_for
 from runservice.store.preflight import DatabaseRefusedError
+from runservice.store.webhooks import SqlWebhookLog
 from runservice.tokens import TokensFileError, ensure_dev_token, load_tokens
 from runservice.tracing import Tracing, TracingSetupError, start_tracing
 from runservice.v1 import run_service_pb2, run_service_pb2_grpc
 from runservice.web import StreamSettings, WebEdge, WebSettings
 from runservice.web import parse_address as parse_http_address
+from runservice.webhooks import SenderSettings, WebhookSender, completion_body
+from runservice.webhooks.setup import WebhookSetup, webhook_setup
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ class App:
     """The endpoint of --metrics-listen (a worker of --workers has none: its parent serves)."""
     web: WebEdge | None = None
     """The HTTP edge of --http-listen, if asked for."""
+    webhooks: WebhookSender | None = None
+    """The sender of completion webhooks, with --webhook-secret-file."""
     _gauges: asyncio.Task[None] | None = None  # a worker's gauges, written for its parent
     _stopped: bool = False
 
@@ -91,6 +97,8 @@ class App:
         if self.web is not None:
             await self.web.stop_accepting()
         await self.manager.shutdown()
+        if self.webhooks is not None:  # after the drain: runs that ended in it are stored
+            await self.webhooks.stop()
         # Streams of runs that ended got their terminal events; the rest are cut short.
         await asyncio.gather(self.server.stop(SERVER_STOP_GRACE_S), self._close_web())
         await self.store.close()
@@ -209,6 +217,17 @@ def event_size_limit(settings: Settings) -> int:
         room,
     )
     return room
+
+
+def check_retention(settings: Settings) -> None:
+    """ConfigError when --retention is above --max-retention: runs that ask for no
+    retention would be kept longer than any run may ask to be."""
+    if settings.retention > settings.max_retention:
+        raise ConfigError(
+            f"--retention ({duration_text(settings.retention)}) must not exceed "
+            f"--max-retention ({duration_text(settings.max_retention)}): lower --retention or "
+            "raise --max-retention"
+        )
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -454,7 +473,9 @@ async def _build_locked(
     except TracingSetupError as exc:
         raise ConfigError(str(exc)) from None
     max_event_bytes = event_size_limit(settings)
+    check_retention(settings)
     http_tls = _check_http(settings)
+    webhooks = _check_webhooks(settings)
     proposed = proposed_secret(settings.data_dir / "secret.key")
     store = await open_store(
         settings.db_url,
@@ -467,6 +488,8 @@ async def _build_locked(
         idle_in_transaction=settings.lease_ttl,
     )
     replica = replica_name(settings.data_dir) if store.cluster is not None else ""
+    if webhooks.sends:  # before the first commit: runs ended at start get theirs too
+        store.webhook_rows.enable(settings.webhook_url, completion_body(settings.retention))
     manager = RunManager(
         store,
         agents,
@@ -477,6 +500,7 @@ async def _build_locked(
             drain_timeout=settings.drain_timeout,
             memory_grace=settings.memory_grace,
             retention=settings.retention,
+            max_retention=settings.max_retention,
             max_event_bytes=max_event_bytes,
             purge_interval=settings.purge_interval,
             default_timeout=settings.default_timeout,
@@ -492,6 +516,8 @@ async def _build_locked(
         cluster=store.cluster,
         replica=replica,
         metrics=metrics,
+        streams=store.streams,
+        stream_limits=StreamLimits(settings.max_open_streams, settings.max_open_streams_per_user),
     )
     try:
         await manager.start()  # reads every unfinished run first: a damaged file shows here
@@ -510,6 +536,8 @@ async def _build_locked(
         read_tokens,
         page_bytes=min(PAGE_BYTES, settings.max_send_message_size // 2),
         replica=replica,
+        webhook_policy=webhooks.policy,
+        webhook_log=SqlWebhookLog(store),
     )
     streams = StreamLimiter(settings.max_streams_per_user)  # one cap over both edges
     add_authenticated_service(
@@ -553,6 +581,7 @@ async def _build_locked(
     )
     app = App(server, manager, store, health_servicer, port, lock, tracing)
     app.web = web
+    app.webhooks = await _start_webhooks(webhooks, store, settings, metrics)
     _measure(app, metrics, metrics_server)
     return app
 
@@ -597,6 +626,34 @@ def _check_http(settings: Settings) -> ssl.SSLContext | None:
     except AddressError as exc:
         raise ConfigError(str(exc)) from None
     return http_ssl_context(settings)
+
+
+def _check_webhooks(settings: Settings) -> WebhookSetup:
+    """The webhook options, checked (ConfigError naming the one at fault)."""
+    try:
+        return webhook_setup(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _start_webhooks(
+    webhooks: WebhookSetup, store: SqlRunStore, settings: Settings, metrics: Metrics
+) -> WebhookSender | None:
+    """The sender of the stored deliveries, sending; None when the server signs none."""
+    if not webhooks.sends:
+        return None
+    sender = WebhookSender(
+        SqlWebhookLog(store),
+        SenderSettings(
+            webhooks.secrets,
+            max_age=settings.webhook_max_age,
+            # A SQLite file serves one process: claims left in it are a past life's.
+            release_claims_at_start=store.cluster is None,
+        ),
+        metrics,
+    )
+    await sender.start()
+    return sender
 
 
 def _web_edge(

@@ -142,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=config.parse_duration, default=None, help="time limit, e.g. 10m"
     )
     start.add_argument(
+        "--retention",
+        type=config.parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="how long the run and its log are kept after it ends, e.g. 30d (default: the "
+        "server's --retention)",
+    )
+    start.add_argument(
         "--strategy",
         choices=("reject", "interrupt", "enqueue"),
         default="reject",
@@ -543,6 +551,8 @@ def _print_run(run: Any, as_json: bool) -> None:
         table.add_row("error", run.error.message)
     if run.stop_reason:
         table.add_row("stop_reason", run.stop_reason)
+    if run.HasField("expire_time"):
+        table.add_row("expires", run.expire_time.ToDatetime().isoformat(timespec="seconds") + "Z")
     out.print(table)
 
 
@@ -587,6 +597,7 @@ async def _start(client: Any, args: argparse.Namespace) -> int:
         timeout=args.timeout,
         request_id=args.request_id,
         multitask_strategy=strategy,
+        retention=args.retention,
     )
     if not args.follow:
         if args.json:

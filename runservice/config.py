@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -67,6 +68,39 @@ def _at_least(least: float) -> Any:
         return seconds
 
     return parse
+
+
+MAX_RETENTION_CEILING = "36600d"
+"""The most --max-retention may be (about a century): expiry times stay far from the
+largest date the server can represent."""
+
+
+def _duration_between(least: float, most: str) -> Any:
+    """A parser of durations from `least` seconds to the duration `most`."""
+
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is shorter than {least:g}s")
+        if seconds > parse_duration(most):
+            raise argparse.ArgumentTypeError(f"{text!r} is longer than {most}")
+        return seconds
+
+    return parse
+
+
+def http_url(text: str) -> str:
+    """`text`, when it is an http or https URL with a host; else ArgumentTypeError."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - parsed for its ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http or https URL, like https://hooks.example.com/runs"
+        )
+    return text
 
 
 def _count(least: int) -> Any:
@@ -147,6 +181,7 @@ class Settings:
     drain_timeout: float = 30.0
     memory_grace: float = 300.0
     retention: float = 7 * 86400.0
+    max_retention: float = 90 * 86400.0
     purge_interval: float = 60.0
     max_active: int = 1000
     max_active_per_user: int = 100
@@ -165,6 +200,8 @@ class Settings:
     max_connection_age_grace: float = 30.0
     max_metadata_size: int = 16 * 1024
     max_streams_per_user: int = 100
+    max_open_streams: int = 100_000
+    max_open_streams_per_user: int = 10_000
     stream_stall_timeout: float = 60.0
     lease_ttl: float = 15.0
     workers: int = 1
@@ -200,6 +237,12 @@ class Settings:
     """Origins a browser may call the HTTP edge from (`*`: any); empty: no CORS headers."""
     read_token_ttl: float = 900.0
     """The longest (and the default) lifetime of a read token (CreateReadToken)."""
+    webhook_url: str = ""
+    """Where every run's end is POSTed (runservice/webhooks); empty: nowhere."""
+    webhook_allow: tuple[str, ...] = ()
+    """URL prefixes a run's own webhook_url must start with; empty: runs may name none."""
+    webhook_secret_file: Path | None = None
+    webhook_max_age: float = 86400.0
 
     @property
     def db_url(self) -> str:
@@ -299,7 +342,20 @@ OPTIONS: tuple[_Option, ...] = (
         parse_duration,
         "5m",
     ),
-    _Option("retention", "how long finished runs and their logs are kept", parse_duration, "7d"),
+    _Option(
+        "retention",
+        "how long finished runs and their logs are kept, for runs that set no retention "
+        "of their own (StartRunRequest.retention); at most --max-retention",
+        parse_duration,
+        "7d",
+    ),
+    _Option(
+        "max-retention",
+        "the longest retention a run may ask for (StartRunRequest.retention); at least 1s, "
+        "at most 36600d",
+        _duration_between(1.0, MAX_RETENTION_CEILING),
+        "90d",
+    ),
     _Option("purge-interval", "how often expired runs are purged", parse_duration, "1m"),
     _Option("max-active", "active runs on the server; 0 = no cap", int, "1000"),
     _Option("max-active-per-user", "active runs per user; 0 = no cap", int, "100"),
@@ -350,6 +406,18 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "max-streams-per-user", "open Subscribe/WatchRuns streams per user; 0 = no cap", int, "100"
+    ),
+    _Option(
+        "max-open-streams",
+        "open external runs (agent external, /v1/streams) on the database; 0 = no cap",
+        int,
+        "100000",
+    ),
+    _Option(
+        "max-open-streams-per-user",
+        "open external runs per user; 0 = no cap",
+        int,
+        "10000",
     ),
     _Option(
         "stream-stall-timeout",
@@ -434,6 +502,28 @@ OPTIONS: tuple[_Option, ...] = (
         str,
         "none (off)",
     ),
+    _Option(
+        "webhook-url",
+        "POST every run's end to this http(s) URL, signed per Standard Webhooks with "
+        "--webhook-secret-file, retried until answered 2xx or --webhook-max-age passes "
+        "(see docs/operations.md, Webhooks)",
+        http_url,
+        "none (off)",
+        secret=True,  # a receiver's URL may carry a token
+    ),
+    _Option(
+        "webhook-secret-file",
+        "file of the webhook signing secret, `whsec_` and base64 (one a line: several while "
+        "rotating); required with --webhook-url or --webhook-allow",
+        Path,
+        "none",
+    ),
+    _Option(
+        "webhook-max-age",
+        "how long after a run's end its webhooks are retried before they are given up",
+        _at_least(0.1),
+        "24h",
+    ),
 )
 
 
@@ -481,6 +571,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="let browser pages of ORIGIN (https://app.example.com) call the HTTP edge "
         "(CORS); repeatable; `*` allows any origin (env RUNSERVICE_HTTP_CORS_ORIGIN, "
         "comma-separated; default none: no CORS headers)",
+    )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=None,
+        metavar="PREFIX",
+        help="let runs name their own webhook_url under PREFIX (https://hooks.example.com/; "
+        "same scheme, host and port, path under PREFIX's); repeatable (env "
+        "RUNSERVICE_WEBHOOK_ALLOW, comma-separated; default none: runs may name none)",
     )
     parser.add_argument(
         "--admin",
@@ -550,7 +649,12 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
 # -- the configuration file -----------------------------------------------------------------
 
 # Keys of the configuration file beyond OPTIONS' flags, with their Settings fields.
-_LIST_KEYS = {"agent": "agents", "admin": "admins", "http-cors-origin": "http_cors_origins"}
+_LIST_KEYS = {
+    "agent": "agents",
+    "admin": "admins",
+    "http-cors-origin": "http_cors_origins",
+    "webhook-allow": "webhook_allow",
+}
 _BOOLEAN_KEYS = {"insecure-no-auth": "insecure_no_auth", "dev-token": "dev_token"}
 _OPTIONS_BY_FLAG = {opt.flag: opt for opt in OPTIONS}
 FILE_KEYS = (*_OPTIONS_BY_FLAG, *_LIST_KEYS, *_BOOLEAN_KEYS)
@@ -651,7 +755,15 @@ def file_document(settings: Settings) -> dict[str, Any]:
     return document
 
 
-_OTHER_FLAGS = ("config", "agent", "admin", "http-cors-origin", "insecure-no-auth", "dev-token")
+_OTHER_FLAGS = (
+    "config",
+    "agent",
+    "admin",
+    "http-cors-origin",
+    "webhook-allow",
+    "insecure-no-auth",
+    "dev-token",
+)
 
 
 def server_variables() -> frozenset[str]:
@@ -681,6 +793,7 @@ def serve_invocation(settings: Settings) -> tuple[list[str], dict[str, str]]:
     argv += [f"--agent={spec}" for spec in settings.agents]
     argv += [f"--admin={user}" for user in settings.admins]
     argv += [f"--http-cors-origin={origin}" for origin in settings.http_cors_origins]
+    argv += [f"--webhook-allow={prefix}" for prefix in settings.webhook_allow]
     if settings.insecure_no_auth:
         argv.append("--insecure-no-auth")
     if settings.dev_token:

@@ -58,6 +58,7 @@ from runservice.domain.ports import (
     StoreErrorKind,
     StoreRetryKind,
 )
+from runservice.domain.webhooks import AttemptOutcome
 
 if TYPE_CHECKING:
     from runservice.runtime.manager import ServerStats
@@ -275,6 +276,13 @@ class Metrics:
             buckets=STREAM_SECONDS_BUCKETS,
             registry=r,
         )
+        self._webhook_attempts = Counter(
+            "runservice_webhook_attempts",
+            "Webhook delivery attempts, by outcome: delivered (answered 2xx), retrying (failed; "
+            "another attempt is scheduled) or gave_up (failed after --webhook-max-age).",
+            ["outcome"],
+            registry=r,
+        )
         self._start_at_zero()
         self._gauges: list[tuple[_GaugeSpec, Gauge]] = []
         if multiprocess:  # written to the files the parent reads, so not registered
@@ -296,6 +304,8 @@ class Metrics:
             self._orphans.labels(cause)
         for reason in AUTH_REASONS:
             self._auth_refusals.labels(reason)
+        for outcome in get_args(AttemptOutcome):
+            self._webhook_attempts.labels(outcome)
 
     def expect_agents(self, agents: Iterable[str]) -> None:
         """Shows the runs started and finished of each agent the server runs from zero."""
@@ -354,6 +364,10 @@ class Metrics:
     def leases_taken_over(self, leases: int) -> None:
         """This replica ended `leases` expired leases of silent peers."""
         self._takeovers.inc(leases)
+
+    def webhook_attempt(self, outcome: AttemptOutcome) -> None:
+        """A webhook delivery attempt was made and recorded with `outcome`."""
+        self._webhook_attempts.labels(outcome).inc()
 
     def auth_refused(self, reason: str) -> None:
         """A call was refused at authentication; `reason` is its ErrorInfo reason."""

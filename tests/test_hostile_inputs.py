@@ -80,6 +80,9 @@ ALLOWED: dict[str, set[Code]] = {
     "ListAgents": COMMON,
     "GetServerStats": COMMON | {Code.PERMISSION_DENIED},
     "CreateReadToken": COMMON | {Code.NOT_FOUND},
+    "ListWebhookDeliveries": COMMON | {Code.NOT_FOUND},
+    "AppendEvents": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
+    "CloseRun": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
 }
 
 # ErrorReason → the code the proto documents for it. A reason missing here (added later)
@@ -106,6 +109,16 @@ REASON_CODES: dict[str, Code] = {
     "CREDENTIALS_MISSING": Code.UNAUTHENTICATED,
     "CREDENTIALS_INVALID": Code.UNAUTHENTICATED,
     "INTERNAL_ERROR": Code.INTERNAL,
+    "WEBHOOK_URL_NOT_ALLOWED": Code.INVALID_ARGUMENT,
+    "STREAM_CLOSED": Code.FAILED_PRECONDITION,
+    "PRODUCER_EPOCH_STALE": Code.FAILED_PRECONDITION,
+    "PRODUCER_SEQ_GAP": Code.FAILED_PRECONDITION,
+    "STREAM_SEQ_CONFLICT": Code.FAILED_PRECONDITION,
+    "STREAM_EXISTS": Code.ALREADY_EXISTS,
+    "CONTENT_TYPE_MISMATCH": Code.FAILED_PRECONDITION,
+    "TOO_MANY_OPEN_STREAMS": Code.RESOURCE_EXHAUSTED,
+    "STREAM_DELETED": Code.NOT_FOUND,
+    "NOT_EXTERNAL": Code.FAILED_PRECONDITION,
 }
 AUTH_REASONS = {"CREDENTIALS_MISSING", "CREDENTIALS_INVALID", "TOKEN_EXPIRED"}
 
@@ -1456,6 +1469,9 @@ def _probe_requests(live: Live) -> dict[str, Message]:
         "ListAgents": pb.ListAgentsRequest(),
         "GetServerStats": pb.GetServerStatsRequest(),
         "CreateReadToken": pb.CreateReadTokenRequest(run_id=missing),
+        "ListWebhookDeliveries": pb.ListWebhookDeliveriesRequest(run_id=missing),
+        "AppendEvents": pb.AppendEventsRequest(run_id=missing, close=True),
+        "CloseRun": pb.CloseRunRequest(run_id=missing),
     }
 
 
@@ -1556,6 +1572,12 @@ def _bases(live: Live) -> dict[str, bytes]:
         "ListAgents": pb.ListAgentsRequest(),
         "GetServerStats": pb.GetServerStatsRequest(),
         "CreateReadToken": pb.CreateReadTokenRequest(run_id=own, ttl={"seconds": 60}),
+        "ListWebhookDeliveries": pb.ListWebhookDeliveriesRequest(run_id=own),
+        # An agent's run: refused (NOT_EXTERNAL) whatever the mutation leaves of the rest.
+        "AppendEvents": pb.AppendEventsRequest(
+            run_id=own, events=[pb.EventInput(type="t", text="raw")], producer_id="p"
+        ),
+        "CloseRun": pb.CloseRunRequest(run_id=own),
     }
     return {m: messages[m].SerializeToString() for m in METHODS}
 

@@ -35,6 +35,9 @@ FORBIDDEN = {
     "agents": ("grpc", "sqlalchemy", "runservice.api", "runservice.store", "runservice.v1"),
     # The HTTP edge: a layer beside api, calling the same servicer, runtime and auth.
     "web": ("sqlalchemy", "runservice.store", "runservice.app"),
+    # The webhook sender: deliveries reach it through a port (store/webhooks.py is wired in
+    # by app), and it speaks HTTP only.
+    "webhooks": ("grpc", "sqlalchemy", "runservice.store", "runservice.app", "runservice.runtime"),
 }
 
 

@@ -82,7 +82,8 @@ def _newer_db(template: bytes) -> Callable[[Path], None]:
         with sqlite3.connect(path) as conn:
             conn.execute(
                 "INSERT INTO runservice_schema (version, description, applied_us) "
-                "VALUES (7, 'from a later release', 0)"
+                "VALUES (?, 'from a later release', 0)",
+                (LATEST_VERSION + 1,),
             )
         conn.close()
 
@@ -95,7 +96,8 @@ DATABASES: dict[str, tuple[str, ...]] = {
     "a directory": ("runservice.db is a directory, not a database file",),
     "foreign": ("is not a runservice database", "notes", "runservice_schema"),
     "newer": (
-        f"schema version 7 is newer than this release supports ({LATEST_VERSION}); "
+        f"schema version {LATEST_VERSION + 1} is newer than this release supports "
+        f"({LATEST_VERSION}); "
         "upgrade runservice",
     ),
 }

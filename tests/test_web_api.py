@@ -636,8 +636,23 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     gone = output('curl -s "$URL/v1/runs/$LONG" -H "authorization: Bearer $TOKEN"')
     assert '"reason":"RUN_NOT_FOUND"' in gone
     check_read_token_and_cors_examples(output, env, commands, run_id)
+    check_stream_examples(output)
     unauthorized = output('curl -s -i "$URL/v1/agents"')
     assert "401 Unauthorized" in unauthorized and "WWW-Authenticate: Bearer" in unauthorized
+
+
+def check_stream_examples(output: Printed) -> None:
+    """The "Streams" examples of docs/http.md print what the page says."""
+    created = output("Stream-TTL: 3600")
+    assert created.startswith("HTTP/1.1 201") and "Location: http://" in created
+    appended = output("Producer-Seq: 0")
+    assert appended.startswith("HTTP/1.1 200") and "Producer-Seq: 0" in appended
+    read = json.loads(output('curl -s "$URL/v1/streams/chat/42?offset=-1"'))
+    assert [m["text"] for m in read] == ["hi", "hello", "!"]
+    closed = output("-H 'Stream-Closed: true'")
+    assert closed.startswith("HTTP/1.1 204") and "Stream-Closed: true" in closed
+    followed = output("chat/42?offset=-1&live=sse")
+    assert followed.count("event: data") == 3 and '"streamClosed":true' in followed
 
 
 def check_read_token_and_cors_examples(

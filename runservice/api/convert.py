@@ -6,6 +6,7 @@ well-formed values. Every refusal names the field and says what a valid value lo
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,8 +31,11 @@ from runservice.domain.model import (
     StartRequest,
     WatchUpdate,
 )
+from runservice.domain.streams import MAX_SAFE_INTEGER, MESSAGE, ProducerClaim
+from runservice.domain.webhooks import WebhookAttempt, WebhookDelivery
 from runservice.runtime.manager import ServerStats
-from runservice.v1 import run_pb2, run_service_pb2
+from runservice.runtime.streams import AppendAsk, Message
+from runservice.v1 import run_pb2, run_service_pb2, webhook_pb2
 
 DOMAIN = "runservice"
 MAX_INPUT_BYTES = 256 * 1024
@@ -39,6 +43,7 @@ MAX_LABELS = 64
 UUID_TEXT_LEN = 36
 NANOS_PER_SECOND = 1_000_000_000
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
+MIN_RETENTION_S = 1.0
 
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
@@ -107,7 +112,23 @@ def start_request_from_proto(request: run_service_pb2.StartRunRequest) -> StartR
         request_id=_text(request.request_id, "request_id", 128),
         labels=labels_from_proto(request.labels),
         timeout=timeout,
+        retention=_retention(request),
+        webhook_url=request.webhook_url,  # checked against --webhook-allow by the servicer
     )
+
+
+def _retention(request: run_service_pb2.StartRunRequest) -> float | None:
+    """The retention a StartRun asks for in seconds; None when unset (the server's
+    default). Its upper bound, the server's --max-retention, is the runtime's to check."""
+    if not request.HasField("retention"):
+        return None
+    # Plain arithmetic, as for the timeout: ToTimedelta() overflows on huge Durations.
+    retention = request.retention.seconds + request.retention.nanos / 1e9
+    if retention < MIN_RETENTION_S or abs(request.retention.nanos) >= NANOS_PER_SECOND:
+        raise InvalidArgumentError(
+            "retention", "must be at least 1s (and at most the server's --max-retention)"
+        )
+    return retention
 
 
 def ttl_from_proto(request: run_service_pb2.CreateReadTokenRequest) -> float | None:
@@ -168,6 +189,48 @@ def _text(value: str, field: str, limit: int) -> str:
     return value
 
 
+def append_from_proto(request: run_service_pb2.AppendEventsRequest) -> tuple[str, AppendAsk]:
+    """The run and the append of an AppendEventsRequest; InvalidArgumentError if malformed."""
+    run_id = run_id_from_proto(request.run_id)
+    if not request.events and not request.close:
+        raise InvalidArgumentError("events", "give at least one event, or close the run")
+    producer = None
+    if request.producer_id:
+        if not 0 <= request.producer_epoch <= MAX_SAFE_INTEGER:
+            raise InvalidArgumentError("producer_epoch", f"must be 0 to {MAX_SAFE_INTEGER}")
+        if not 0 <= request.producer_seq <= MAX_SAFE_INTEGER:
+            raise InvalidArgumentError("producer_seq", f"must be 0 to {MAX_SAFE_INTEGER}")
+        producer = ProducerClaim(
+            _text(request.producer_id, "producer_id", 255),
+            request.producer_epoch,
+            request.producer_seq,
+        )
+    elif request.producer_epoch or request.producer_seq:
+        raise InvalidArgumentError("producer_id", "required with producer_epoch and producer_seq")
+    messages = [_message(event, i) for i, event in enumerate(request.events)]
+    return run_id, AppendAsk(messages=messages, close=request.close, producer=producer)
+
+
+def _message(event: run_service_pb2.EventInput, index: int) -> Message:
+    kind = event.WhichOneof("payload")
+    event_type = _text(event.type, f"events[{index}].type", 255) or MESSAGE
+    if kind == "data":
+        return Message(event_type, data=struct_to_dict(event.data, f"events[{index}].data"))
+    if kind == "text":
+        return Message(event_type, text=event.text)
+    if kind == "binary":
+        return Message(event_type, binary=event.binary)
+    if kind == "value":
+        try:
+            value = json.dumps(json_format.MessageToDict(event.value), separators=(",", ":"))
+        except ValueError:
+            raise InvalidInputError(
+                f"events[{index}].value", "must be JSON: NaN and Infinity are not allowed"
+            ) from None
+        return Message(event_type, value=value)
+    return Message(event_type)
+
+
 def struct_to_dict(struct: struct_pb2.Struct, field: str = "input") -> dict[str, Any]:
     """A Struct as a plain dict (numbers are floats, as in JSON); JSON-only values."""
     try:
@@ -208,8 +271,9 @@ def failure_to_proto(failure: RunFailure) -> status_pb2.Status:
     return status
 
 
-def run_to_proto(run: Run) -> run_pb2.Run:
-    """The proto form of a run."""
+def run_to_proto(run: Run, default_retention: float) -> run_pb2.Run:
+    """The proto form of a run; `default_retention` (seconds) sets the expire_time of a
+    finished run that asked for no retention of its own."""
     msg = run_pb2.Run(
         run_id=run.run_id,
         owner=run.owner,
@@ -222,6 +286,7 @@ def run_to_proto(run: Run) -> run_pb2.Run:
         stop_reason=run.stop_reason,
         request_id=run.request_id,
         multitask_strategy=STRATEGY_TO_PROTO[run.multitask_strategy],  # type: ignore[arg-type]
+        webhook_url=run.webhook_url,
     )
     _set_time(msg.create_time, run.created_at)
     if run.result is not None:
@@ -232,6 +297,9 @@ def run_to_proto(run: Run) -> run_pb2.Run:
         _set_time(msg.start_time, run.started_at)
     if run.ended_at is not None:
         _set_time(msg.end_time, run.ended_at)
+    expire_at = run.expire_at(default_retention)
+    if expire_at is not None:
+        _set_time(msg.expire_time, expire_at)
     if run.timeout is not None:
         msg.timeout.CopyFrom(
             duration_pb2.Duration(seconds=int(run.timeout), nanos=int(run.timeout % 1 * 1e9))
@@ -249,6 +317,8 @@ def event_to_proto(event: RunEvent) -> run_pb2.RunEvent:
         msg.text = event.text
     elif event.binary is not None:
         msg.binary = event.binary
+    elif event.value is not None:
+        json_format.Parse(event.value, msg.value)
     if event.state is not None:
         msg.state = STATE_TO_PROTO[event.state]  # type: ignore[assignment]
     if event.error is not None:
@@ -280,8 +350,13 @@ def decode_event(wire: bytes) -> RunEvent:
         binary=msg.binary if payload == "binary" else None,
         state=STATE_FROM_PROTO[msg.state] if msg.state else None,
         error=failure_from_proto(msg.error) if msg.HasField("error") else None,
+        value=_value_json(msg.value) if payload == "value" else None,
         wire=wire,
     )
+
+
+def _value_json(value: struct_pb2.Value) -> str:
+    return json.dumps(json_format.MessageToDict(value), separators=(",", ":"))
 
 
 def encode_event(event: RunEvent) -> bytes:
@@ -324,11 +399,13 @@ def agent_to_proto(agent: AgentInfo) -> run_pb2.Agent:
     return run_pb2.Agent(name=agent.name, description=agent.description)
 
 
-def watch_update_to_proto(update: WatchUpdate) -> run_service_pb2.WatchRunsResponse:
-    """The proto form of a WatchRuns change."""
+def watch_update_to_proto(
+    update: WatchUpdate, default_retention: float
+) -> run_service_pb2.WatchRunsResponse:
+    """The proto form of a WatchRuns change (see run_to_proto for `default_retention`)."""
     msg = run_service_pb2.WatchRunsResponse(change=CHANGE_TO_PROTO[update.change])  # type: ignore[arg-type]
     if update.run is not None:
-        msg.run.CopyFrom(run_to_proto(update.run))
+        msg.run.CopyFrom(run_to_proto(update.run, default_retention))
     return msg
 
 
@@ -372,4 +449,39 @@ def server_stats_to_proto(
     )
     _set_time(msg.start_time, started_at)
     msg.uptime.FromNanoseconds(round(uptime * 1e9))
+    return msg
+
+
+def deliveries_to_proto(
+    deliveries: Sequence[WebhookDelivery], *, show_deployment_url: bool
+) -> run_service_pb2.ListWebhookDeliveriesResponse:
+    """The ListWebhookDeliveries answer. The deployment's webhook URL is the operator's (it
+    may carry a token): only admins see it."""
+    msg = run_service_pb2.ListWebhookDeliveriesResponse()
+    for delivery in deliveries:
+        shown = show_deployment_url or delivery.target.value != "DEPLOYMENT"
+        item = msg.deliveries.add(
+            delivery_id=delivery.delivery_id,
+            run_id=delivery.run_id,
+            target=webhook_pb2.WebhookTarget.Value(f"WEBHOOK_TARGET_{delivery.target.value}"),
+            url=delivery.url if shown else "",
+            state=webhook_pb2.WebhookDeliveryState.Value(
+                f"WEBHOOK_DELIVERY_STATE_{delivery.state.value}"
+            ),
+        )
+        _set_time(item.create_time, delivery.created_at)
+        if delivery.next_attempt_at is not None:
+            _set_time(item.next_attempt_time, delivery.next_attempt_at)
+        if delivery.ended_at is not None:
+            _set_time(item.end_time, delivery.ended_at)
+        item.attempts.extend(_attempt_to_proto(a) for a in delivery.attempts)
+    return msg
+
+
+def _attempt_to_proto(attempt: WebhookAttempt) -> webhook_pb2.WebhookAttempt:
+    msg = webhook_pb2.WebhookAttempt(
+        attempt=attempt.attempt, http_status=attempt.status or 0, error=attempt.error
+    )
+    _set_time(msg.time, attempt.at)
+    msg.duration.FromNanoseconds(round(attempt.duration * 1e9))
     return msg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,9 @@ from runservice.api.page_token import PageTokens
 from runservice.api.read_token import ReadTokens
 from runservice.domain.errors import AdminOnlyError, InvalidArgumentError
 from runservice.domain.model import Run
+from runservice.domain.webhooks import WebhookLog, WebhookPolicy
 from runservice.runtime.manager import RunManager
+from runservice.runtime.streams import AppendAsk, ExternalRuns
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
 from runservice.v1 import run_service_pb2_grpc as pb_grpc
@@ -60,22 +62,30 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         page_bytes: int = PAGE_BYTES,
         *,
         replica: str = "",
+        webhook_policy: WebhookPolicy | None = None,
+        webhook_log: WebhookLog | None = None,
     ) -> None:
         self._manager = manager
+        self._webhook_policy = webhook_policy or WebhookPolicy()
+        self._webhook_log = webhook_log  # None: this server stores no deliveries
         self._tokens = page_tokens
         self._read_tokens = read_tokens
         self._page_bytes = page_bytes
         self._process = ProcessInfo(replica)
 
+    def _proto(self, run: Run) -> run_pb2.Run:
+        return convert.run_to_proto(run, self._manager.default_retention)
+
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         spec = convert.start_request_from_proto(request)
+        self._webhook_policy.check(spec.webhook_url)
         run = await self._manager.start_run(current_principal(), spec)
-        return pb.StartRunResponse(run=convert.run_to_proto(run))
+        return pb.StartRunResponse(run=self._proto(run))
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         run_id = convert.run_id_from_proto(request.run_id)
         run = await self._manager.get_run(current_principal(), run_id)
-        return pb.GetRunResponse(run=convert.run_to_proto(run))
+        return pb.GetRunResponse(run=self._proto(run))
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         if request.page_size < 0:
@@ -98,7 +108,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             before_run_id=before,
             limit=size + 1,
         )
-        messages, more = _fit_page(runs, size, self._page_bytes)
+        messages, more = _fit_page(runs, size, self._page_bytes, self._proto)
         token = self._tokens.encode(scope, run_filter, messages[-1].run_id) if more else ""
         return pb.ListRunsResponse(runs=messages, next_page_token=token)
 
@@ -106,7 +116,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         run_id = convert.run_id_from_proto(request.run_id)
         reason = convert.reason_from_proto(request.reason)
         run = await self._manager.stop_run(current_principal(), run_id, reason)
-        return pb.StopRunResponse(run=convert.run_to_proto(run))
+        return pb.StopRunResponse(run=self._proto(run))
 
     async def Subscribe(  # yields pre-serialized responses (see convert.py)
         self, request: pb.SubscribeRequest, context: Context
@@ -138,7 +148,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             current_principal(), run_filter, all_users=request.all_users
         )
         async for update in updates:
-            yield convert.watch_update_to_proto(update)
+            yield convert.watch_update_to_proto(update, self._manager.default_retention)
 
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Context
@@ -172,8 +182,50 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         token, expires_at = self._read_tokens.mint(run.owner, run.run_id, ttl)
         return convert.read_token_to_proto(token, expires_at, run.run_id)
 
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        principal = current_principal()
+        run = await self._manager.get_run(principal, run_id)  # another user's: NOT_FOUND
+        if self._webhook_log is None:
+            return pb.ListWebhookDeliveriesResponse()
+        deliveries = await self._webhook_log.deliveries(run.run_id)
+        return convert.deliveries_to_proto(deliveries, show_deployment_url=principal.is_admin)
 
-def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run], bool]:
+    async def AppendEvents(
+        self, request: pb.AppendEventsRequest, context: Context
+    ) -> pb.AppendEventsResponse:
+        run_id, ask = convert.append_from_proto(request)
+        outcome = await self._external().append(current_principal(), ask, run_id=run_id)
+        producer = outcome.producer
+        return pb.AppendEventsResponse(
+            last_seq=outcome.run.last_seq,
+            duplicate=outcome.duplicate,
+            closed=outcome.closed,
+            producer_epoch=producer.epoch if producer is not None else 0,
+            producer_seq=producer.seq if producer is not None else 0,
+        )
+
+    async def CloseRun(self, request: pb.CloseRunRequest, context: Context) -> pb.CloseRunResponse:
+        run_id = convert.run_id_from_proto(request.run_id)
+        result = (
+            convert.struct_to_dict(request.result, "result") if request.HasField("result") else None
+        )
+        ask = AppendAsk(close=True, result=result)
+        outcome = await self._external().append(current_principal(), ask, run_id=run_id)
+        return pb.CloseRunResponse(run=self._proto(outcome.run))
+
+    def _external(self) -> ExternalRuns:
+        external = self._manager.external
+        if external is None:
+            raise InvalidArgumentError("run_id", "this server keeps no external runs")
+        return external
+
+
+def _fit_page(
+    runs: list[Run], size: int, budget: int, to_proto: Callable[[Run], run_pb2.Run]
+) -> tuple[list[run_pb2.Run], bool]:
     """The page's messages, at most `size` and `budget` bytes; and whether more follow.
 
     A shorter page with a next_page_token is allowed (AIP-158); a page always holds at
@@ -182,7 +234,7 @@ def _fit_page(runs: list[Run], size: int, budget: int) -> tuple[list[run_pb2.Run
     messages: list[run_pb2.Run] = []
     total = 0
     for run in runs[:size]:
-        message = convert.run_to_proto(run)
+        message = to_proto(run)
         total += message.ByteSize() + 8  # its tag and length prefix in the response
         if messages and total > budget:
             return messages, True

@@ -52,6 +52,15 @@ STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] =
     (errors.ReadTokenScopeError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.WatchLaggedError, grpc.StatusCode.ABORTED),
+    (errors.StreamClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ProducerEpochStaleError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ProducerSeqGapError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.StreamSeqConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.StreamExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.ContentTypeMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.TooManyOpenStreamsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.StreamDeletedError, grpc.StatusCode.NOT_FOUND),
+    (errors.NotExternalError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

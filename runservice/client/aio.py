@@ -14,6 +14,7 @@ import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -182,8 +183,13 @@ class AsyncRunClient:
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the run's time limit, not this call's
         multitask_strategy: int = run_pb2.MULTITASK_STRATEGY_UNSPECIFIED,
+        retention: float | timedelta | None = None,
     ) -> run_pb2.Run:
-        """Starts a run and returns it; retried on UNAVAILABLE only when `request_id` is set."""
+        """Starts a run and returns it; retried on UNAVAILABLE only when `request_id` is set.
+
+        `timeout` is the run's time limit in seconds; `retention` how long the run and its
+        log are kept after it ends (seconds or a timedelta; None: the server's default).
+        """
         struct = struct_pb2.Struct()
         struct.update(dict(input or {}))
         request = pb.StartRunRequest(
@@ -196,6 +202,8 @@ class AsyncRunClient:
         )
         if timeout is not None:
             request.timeout.CopyFrom(_duration(timeout))
+        if retention is not None:
+            request.retention.CopyFrom(_duration(retention))
         response = await self._unary(self._stub.StartRun, request, retry=bool(request_id))
         return response.run  # type: ignore[no-any-return]
 
@@ -336,7 +344,9 @@ class AsyncRunClient:
             ) from None
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def _duration(seconds: float | timedelta) -> duration_pb2.Duration:
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(round(seconds * 1e9))
     return duration

@@ -55,6 +55,21 @@ class InvalidInputError(InvalidArgumentError):
     reason = "INVALID_INPUT"
 
 
+class WebhookUrlNotAllowedError(InvalidArgumentError):
+    """A run's own webhook URL is outside every prefix the server allows (--webhook-allow)."""
+
+    reason = "WEBHOOK_URL_NOT_ALLOWED"
+
+    def __init__(self, url: str, allowed: tuple[str, ...]) -> None:
+        if allowed:
+            hint = "this server allows URLs under " + ", ".join(allowed)
+        else:
+            hint = "this server allows no webhook URLs of runs (it has no --webhook-allow)"
+        super().__init__(
+            "webhook_url", f"{url[:200]!r} is not allowed; {hint}; or leave webhook_url empty"
+        )
+
+
 class InvalidPageTokenError(RunServiceError):
     """The page token is malformed, tampered with, or from a different query."""
 
@@ -241,3 +256,136 @@ class StoreUnavailableError(StoreError):
 class RunFencedError(StoreError):
     """This replica lost its lease on the run (a peer declared it gone and interrupted the
     run): the database refuses every write of the run from here."""
+
+
+# -- external runs (streams) ----------------------------------------------------------------
+
+
+class StreamError(RunServiceError):
+    """A refusal of the Durable Streams protocol: `http_status` is the status the protocol
+    gives it on /v1/streams, and `headers` the protocol headers that go with it."""
+
+    http_status = 409
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **metadata: str):
+        super().__init__(message, **metadata)
+        self.headers = headers or {}
+
+
+class StreamClosedError(StreamError):
+    """The external run is closed (or ended otherwise): nothing more can be appended."""
+
+    reason = "STREAM_CLOSED"
+
+    def __init__(self, run_id: str, last_seq: int) -> None:
+        super().__init__(
+            f"run {run_id!r} is closed: nothing more can be appended (its log ends at seq "
+            f"{last_seq}); start a new run to go on",
+            run_id=run_id,
+            last_seq=str(last_seq),
+        )
+        self.last_seq = last_seq
+
+
+class ProducerEpochStaleError(StreamError):
+    """A producer wrote with an epoch older than its current one (a zombie instance)."""
+
+    reason = "PRODUCER_EPOCH_STALE"
+    http_status = 403
+
+    def __init__(self, producer_id: str, epoch: int, current: int) -> None:
+        super().__init__(
+            f"producer {producer_id!r} is at epoch {current}; epoch {epoch} is stale (a newer "
+            "instance of this producer took over)",
+            producer_id=producer_id,
+            epoch=str(current),
+        )
+        self.current = current
+
+
+class ProducerSeqGapError(StreamError):
+    """A producer's seq is not the next one it may use."""
+
+    reason = "PRODUCER_SEQ_GAP"
+
+    def __init__(self, producer_id: str, expected: int, received: int, *, new_epoch: bool) -> None:
+        what = "a new epoch starts at seq 0" if new_epoch else f"the next seq is {expected}"
+        super().__init__(
+            f"producer {producer_id!r} sent seq {received}, but {what}; resend the appends "
+            "from there",
+            producer_id=producer_id,
+            expected_seq=str(expected),
+            received_seq=str(received),
+        )
+        self.expected = expected
+        self.received = received
+        self.http_status = 400 if new_epoch else 409
+
+
+class StreamSeqConflictError(StreamError):
+    """Stream-Seq did not increase."""
+
+    reason = "STREAM_SEQ_CONFLICT"
+
+    def __init__(self, seq: str, last: str) -> None:
+        super().__init__(
+            f"Stream-Seq {seq!r} is not greater (bytewise) than the last one accepted, {last!r}"
+        )
+
+
+class StreamExistsError(StreamError):
+    """A stream exists at the path with another configuration."""
+
+    reason = "STREAM_EXISTS"
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"a stream exists at {path!r} with {why}; delete it or use another path")
+
+
+class ContentTypeMismatchError(StreamError):
+    """The content type (or the payload's kind) does not suit the stream."""
+
+    reason = "CONTENT_TYPE_MISMATCH"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class TooManyOpenStreamsError(StreamError):
+    """The cap on open external runs is reached."""
+
+    reason = "TOO_MANY_OPEN_STREAMS"
+    http_status = 429
+
+    def __init__(self, limit: int, scope: str, flag: str) -> None:
+        super().__init__(
+            f"{scope} already {'has' if scope == 'you' else 'have'} {limit} open external runs, "
+            f"the most {flag} allows; close or delete one first",
+            limit=str(limit),
+        )
+
+
+class StreamDeletedError(StreamError):
+    """The stream was deleted while forks of it lived: its path stays taken until they go."""
+
+    reason = "STREAM_DELETED"
+    http_status = 410
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"the stream at {path!r} was deleted; its forks still read what they inherited, "
+            "and the path is free again once they are gone"
+        )
+
+
+class NotExternalError(StreamError):
+    """Appends and CloseRun are for external runs."""
+
+    reason = "NOT_EXTERNAL"
+
+    def __init__(self, run_id: str, agent: str) -> None:
+        super().__init__(
+            f"run {run_id!r} is a run of agent {agent!r}, whose events come from the agent; "
+            "only external runs (agent 'external') take appends",
+            run_id=run_id,
+        )

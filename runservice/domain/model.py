@@ -7,7 +7,7 @@ import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 STATE_EVENT = "run.state"
@@ -87,23 +87,37 @@ class Run:
     request_id: str = ""
     multitask_strategy: MultitaskStrategy = MultitaskStrategy.REJECT
     timeout: float | None = None
+    # How long the run is kept after it ends, in seconds, if the run asked for a retention
+    # of its own; None: the server's default (--retention), whatever it is at the time.
+    retention: float | None = None
     request_hash: str = ""  # digest of the StartRun request, to tell a retry from a reuse
     # The lease under which a replica executes the run ("" on a single server): only
     # while that lease lives may anything of the run be written (see store/cluster.py).
     executor: str = ""
+    # The run's own webhook (StartRunRequest.webhook_url): told of the run's end.
+    webhook_url: str = ""
 
     def replace(self, **changes: Any) -> Run:
         """A copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+    def expire_at(self, default_retention: float) -> datetime | None:
+        """When the run and its log are purged: its end plus its own retention, else plus
+        `default_retention` seconds; None while the run is active."""
+        if self.ended_at is None:
+            return None
+        retention = default_retention if self.retention is None else self.retention
+        return self.ended_at + timedelta(seconds=retention)
 
 
 @dataclass(slots=True)
 class RunEvent:
     """One entry of a run's log.
 
-    At most one of `data`, `text` and `binary` is set. `state` is set only on lifecycle
-    events (type `run.state`), `error` only on the terminal event of a run that did not
-    succeed.
+    At most one of `data`, `text`, `binary` and `value` is set; `value` is the JSON text
+    of any JSON value (null included), the payload of external runs' JSON messages.
+    `state` is set only on lifecycle events (type `run.state`), `error` only on the
+    terminal event of a run that did not succeed.
 
     Not frozen only because a frozen dataclass costs four times as much to build, and one
     is built per event: nothing changes an event once it is queued for commit.
@@ -118,6 +132,7 @@ class RunEvent:
     binary: bytes | None = None
     state: RunState | None = None
     error: RunFailure | None = None
+    value: str | None = None
     # The event's encoded (wire) form, made once by the writer with the server's encoder
     # and shared by every subscriber. Opaque to the domain.
     wire: bytes | None = None
@@ -220,6 +235,8 @@ class StartRequest:
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
+    retention: float | None = None  # None: the server's default
+    webhook_url: str = ""  # the run's own webhook, checked against --webhook-allow
 
 
 @dataclass(frozen=True, slots=True)

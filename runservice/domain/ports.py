@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from runservice.domain.model import EncodedEvent, Run, RunEvent, RunFilter, Scope
+from runservice.domain.streams import ProducerState, StreamRecord
+
+T = TypeVar("T")
 
 EventEncoder = Callable[[RunEvent], bytes]
 """Encodes an event for the wire (the API layer supplies it; the rest treat it as bytes)."""
@@ -90,8 +93,10 @@ class RunStore(Protocol):
         """The scope's user's run started with `request_id`, if any."""
         ...
 
-    async def purge_ended_before(self, cutoff: datetime, limit: int) -> list[str]:
-        """Deletes up to `limit` finished runs that ended before `cutoff`; returns their ids."""
+    async def purge_expired(self, now: datetime, default_retention: float, limit: int) -> list[str]:
+        """Deletes up to `limit` finished runs whose retention ended by `now` (their own,
+        else `default_retention` seconds after their end), with their logs; returns their
+        ids."""
         ...
 
     async def unfinished_runs(self) -> list[Run]:
@@ -196,3 +201,86 @@ class NoMetrics:
 
     def leases_taken_over(self, leases: int) -> None:
         """Counts nothing."""
+
+
+class StreamTx(Protocol):
+    """One transaction over external runs (store.streams): reads lock what they read on
+    PostgreSQL (`FOR UPDATE`), so that appends to one stream are serialised across
+    replicas; SQLite serialises every write anyway."""
+
+    async def stream(self, owner: str, path: str) -> StreamRecord | None:
+        """The record at (owner, path), tombstones included."""
+        ...
+
+    async def stream_of(self, run_id: str) -> StreamRecord | None:
+        """The record of an external run."""
+        ...
+
+    async def run(self, run_id: str) -> Run | None:
+        """The run row, with the last seq its log reached."""
+        ...
+
+    async def producer(self, run_id: str, producer_id: str) -> ProducerState | None:
+        """A producer's state on the run."""
+        ...
+
+    async def events(self, run_id: str, first: int, last: int) -> list[RunEvent]:
+        """The run's events with first <= seq <= last, in order."""
+        ...
+
+    async def unit_end(self, run_id: str, first: int) -> int:
+        """The last seq of the append unit that starts at `first` (`first` itself for a
+        unit of one event)."""
+        ...
+
+    async def forks(self, run_id: str) -> int:
+        """How many streams were forked from the run and still exist."""
+        ...
+
+    async def open_streams(self, owner: str | None) -> int:
+        """Open external runs, of `owner` or (None) of everyone."""
+        ...
+
+    async def set_last_seq(self, run_id: str, seq: int) -> None:
+        """Sets the run row's last seq (an append that changes nothing else of it)."""
+        ...
+
+    async def put_stream(self, record: StreamRecord) -> None:
+        """Inserts or replaces the record."""
+        ...
+
+    async def put_producer(self, run_id: str, producer_id: str, state: ProducerState) -> None:
+        """Inserts or replaces a producer's state."""
+        ...
+
+    async def put_unit(self, run_id: str, first: int, last: int) -> None:
+        """Records an append unit of more than one event."""
+        ...
+
+    async def write(
+        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+    ) -> None:
+        """Writes runs and events as a commit does (telling other replicas)."""
+        ...
+
+    async def delete(self, record: StreamRecord, *, keep_tombstone: bool) -> None:
+        """Deletes the external run and everything of it; with `keep_tombstone`, the
+        record stays, marked deleted."""
+        ...
+
+
+class StreamStore(Protocol):
+    """Durable external runs."""
+
+    async def transaction(self, work: Callable[[StreamTx], Awaitable[T]]) -> T:
+        """Runs `work` in one transaction (retried whole while the database is locked, so
+        `work` must not act outside it)."""
+        ...
+
+    async def finished(self, run_id: str) -> bool:
+        """True once the run's row is terminal, or gone (a plain read)."""
+        ...
+
+    async def expired(self, now_us: int, limit: int) -> list[StreamRecord]:
+        """Records past their deadline (tombstones with no forks left included)."""
+        ...

@@ -15,16 +15,23 @@ import dataclasses
 from runservice.domain.errors import InvalidArgumentError, RequestIdReusedError, ThreadBusyError
 from runservice.domain.model import MultitaskStrategy, StartRequest
 from runservice.runtime.lifecycle import LiveRun, Predecessor
-from runservice.runtime.policies import Admission, Limits
+from runservice.runtime.policies import Admission, Limits, duration_text
 
 
 class StartGate:
     """Idempotency keys, thread lines and caps of the runs this process holds."""
 
-    def __init__(self, limits: Limits, default_timeout: float, max_timeout: float) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        default_timeout: float,
+        max_timeout: float,
+        max_retention: float,
+    ) -> None:
         self._admission = Admission(limits)
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
+        self._max_retention = max_retention
         self._threads: dict[tuple[str, str], list[LiveRun]] = {}
         self._requests: dict[tuple[str, str], LiveRun] = {}
         self._queued: set[str] = set()  # runs counted as queued by admission, not active
@@ -38,6 +45,16 @@ class StartGate:
                 "timeout", f"must be at most {self._max_timeout:g}s on this server (--max-timeout)"
             )
         return dataclasses.replace(request, timeout=timeout)
+
+    def check_retention(self, request: StartRequest) -> None:
+        """Raises InvalidArgumentError for a retention above the server's maximum. (A run
+        that asks for none has the server's default, which startup checks against it.)"""
+        most = self._max_retention
+        if request.retention is not None and request.retention > most:
+            raise InvalidArgumentError(
+                "retention",
+                f"must be at most {duration_text(most)} on this server (--max-retention)",
+            )
 
     def twin(self, user: str, request_id: str, fingerprint: str) -> LiveRun | None:
         """The run in memory that `user` started with `request_id`, if any; raises

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -48,8 +47,16 @@ from runservice.domain.model import (
     StartRequest,
     WatchUpdate,
 )
-from runservice.domain.ports import Clock, EventEncoder, NoMetrics, RunMetrics, RunStore
+from runservice.domain.ports import (
+    Clock,
+    EventEncoder,
+    NoMetrics,
+    RunMetrics,
+    RunStore,
+    StreamStore,
+)
 from runservice.domain.replicas import StartAsk, StartFacts, StartWrite
+from runservice.domain.streams import EXTERNAL_AGENT, EXTERNAL_DESCRIPTION
 from runservice.runtime.agent import Agent, AgentRegistry
 from runservice.runtime.cluster import (
     ClusterStore,
@@ -71,6 +78,7 @@ from runservice.runtime.peers import Peers
 from runservice.runtime.policies import Counts, Limits, check_caps, request_fingerprint
 from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
+from runservice.runtime.streams import ExternalRuns, StreamLimits
 from runservice.runtime.subscription import ReadLimits, Subscription
 from runservice.runtime.tracing import Context, parent_context
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
@@ -102,11 +110,13 @@ class RuntimeSettings:
     limits: Limits = dataclasses.field(default_factory=Limits)
     default_timeout: float = 0.0  # 0: runs have no time limit unless they ask for one
     max_timeout: float = 0.0  # 0: no maximum
-    retention: float = 7 * 86400.0
+    retention: float = 7 * 86400.0  # of runs that ask for none
+    max_retention: float = 90 * 86400.0  # the most a run may ask for
     max_event_bytes: int = MAX_EVENT_BYTES
     purge_interval: float = 60.0
     purge_batch: int = 500
     lease_ttl: float = 15.0  # replicas (PostgreSQL): how long a silent replica's runs stay its own
+    stream_sweep_interval: float = 0.5  # how often expired external runs are deleted
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,8 @@ class RunManager:
         cluster: ClusterStore | None = None,
         replica: str = "",
         metrics: RunMetrics | None = None,
+        streams: StreamStore | None = None,
+        stream_limits: StreamLimits | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics or NoMetrics()
@@ -168,7 +180,7 @@ class RunManager:
         )
         self._draining = False
         self._closed = asyncio.Event()
-        self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout)
+        self._gate = StartGate(s.limits, s.default_timeout, s.max_timeout, s.max_retention)
         self._registry = Registry(on_evict=self._gate.forget_request)
         # Replicas on one database: this server's lease and its view of the others' runs.
         self._peers: Peers | None = None
@@ -187,6 +199,19 @@ class RunManager:
             self._decisions = StartDecisions(self._peers.replica)
         self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
         self._subscriptions: set[Subscription] = set()  # open ones
+        # Runs fed from outside (agent `external`), when the store keeps them.
+        self.external: ExternalRuns | None = None
+        if streams is not None:
+            self.external = ExternalRuns(
+                streams,
+                clock,
+                encoder,
+                limits=stream_limits,
+                publish=self._feed.publish,
+                on_started=lambda run: self._metrics.run_started(run.agent),
+                on_finished=lambda run: self._metrics.run_finished(run.agent, run.state.value),
+                remote=self._peers,
+            )
 
     # -- lifecycle of the manager -------------------------------------------------------
 
@@ -202,6 +227,11 @@ class RunManager:
             self._metrics.orphans_interrupted("startup", ended)
         self._writer.start()
         self._registry.spawn(self._sweep_loop(), name="runservice-sweeper")
+        if self.external is not None:
+            self._registry.spawn(
+                self.external.sweep_loop(self._settings.stream_sweep_interval),
+                name="runservice-stream-expiry",
+            )
         self._registry.spawn(self._purge_loop(), name="runservice-purger")
 
     @property
@@ -221,6 +251,8 @@ class RunManager:
             await self._closed.wait()
             return
         self._draining = True
+        if self.external is not None:
+            self.external.close()
         loop = asyncio.get_running_loop()
         timeout = self._settings.drain_timeout if drain_timeout is None else drain_timeout
         deadline = loop.time() + timeout + self._settings.stop_grace + SHUTDOWN_SLACK_S
@@ -274,6 +306,9 @@ class RunManager:
             raise ServerDrainingError()
         if self._writer.problem is not None:
             raise DatabaseUnavailableError(self._writer.problem)
+        self._gate.check_retention(request)
+        if request.agent == EXTERNAL_AGENT and self.external is not None:
+            return await self._start_external(principal, request)
         agent = self._agents.get(request.agent)
         request = self._gate.with_timeout(request)
         fingerprint = request_fingerprint(request)
@@ -301,6 +336,15 @@ class RunManager:
         live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{live.run_id}")
         await asyncio.shield(live.committed)
         return live.run
+
+    async def _start_external(self, principal: Principal, request: StartRequest) -> Run:
+        assert self.external is not None
+        fingerprint = request_fingerprint(request)
+        if request.request_id:
+            existing = await self._find_request(principal.user, request.request_id, fingerprint)
+            if existing is not None:
+                return existing
+        return await self.external.start(principal, request, fingerprint)
 
     def _decided_in_store(self, request: StartRequest) -> bool:
         """True when starting the request is a decision replicas must take together."""
@@ -434,6 +478,8 @@ class RunManager:
             request_id=request.request_id,
             multitask_strategy=request.multitask_strategy,
             timeout=request.timeout,
+            retention=request.retention,
+            webhook_url=request.webhook_url,
             request_hash=fingerprint if request.request_id else "",
             executor=self._peers.holder if self._peers is not None else "",
         )
@@ -512,6 +558,8 @@ class RunManager:
         reason = reason or f"stopped by {principal.user}"
         if run.state.terminal:
             return run
+        if run.agent == EXTERNAL_AGENT and self.external is not None:
+            return await self.external.stop(principal, run_id, reason)
         if live is not None and not live.log.fenced:
             live.request_end(RunState.STOPPED, reason)
             await live.ended.wait()
@@ -531,6 +579,9 @@ class RunManager:
     async def delete_run(self, principal: Principal, run_id: str) -> None:
         """Deletes a finished run and its log."""
         run = await self.get_run(principal, run_id)
+        if run.agent == EXTERNAL_AGENT and self.external is not None:
+            await self.external.delete(principal, run_id=run_id)  # open ones too
+            return
         if not run.state.terminal:
             raise RunActiveError(run_id, "deleting it")
         if not await self._store.delete_run(principal.own_scope(), run_id):
@@ -542,8 +593,12 @@ class RunManager:
         self._feed.publish(WatchUpdate(RunChange.DELETED, run))
 
     def list_agents(self) -> list[AgentInfo]:
-        """The agents this server can run."""
-        return self._agents.infos()
+        """The agents this server can run (and `external`, when it keeps external runs)."""
+        infos = self._agents.infos()
+        if self.external is not None:
+            infos.append(AgentInfo(EXTERNAL_AGENT, EXTERNAL_DESCRIPTION))
+            infos.sort(key=lambda info: info.name)
+        return infos
 
     async def subscribe(
         self, principal: Principal, run_id: str, from_seq: int
@@ -563,7 +618,7 @@ class RunManager:
             cursor,
             limits=self._read_limits,
             clock=self._clock,
-            remote=self._peers,
+            remote=self.external if run.agent == EXTERNAL_AGENT and self.external else self._peers,
             opened=self._subscriptions,
         )
         return subscription.batches()
@@ -643,19 +698,27 @@ class RunManager:
             except StoreUnavailableError:
                 logger.exception("purging expired runs failed; will retry")
 
+    @property
+    def default_retention(self) -> float:
+        """How long runs that set no retention are kept after they end, in seconds."""
+        return self._settings.retention
+
     async def purge(self) -> int:
-        """Deletes runs that ended more than the retention period ago, in bounded batches."""
-        cutoff = self._clock.now() - timedelta(seconds=self._settings.retention)
+        """Deletes the runs whose retention has ended (their own, else the server's
+        default), in bounded batches."""
+        now = self._clock.now()
         total = 0
         while True:
-            purged = await self._store.purge_ended_before(cutoff, self._settings.purge_batch)
+            purged = await self._store.purge_expired(
+                now, self._settings.retention, self._settings.purge_batch
+            )
             total += len(purged)
             for run_id in purged:  # retention outranks the memory grace period
                 self._registry.evict(run_id)
             if len(purged) < self._settings.purge_batch:
                 break
         if total:
-            logger.info("purged %d runs that ended before %s", total, cutoff.isoformat())
+            logger.info("purged %d runs whose retention ended by %s", total, now.isoformat())
         return total
 
     def in_memory(self, run_id: str) -> bool:

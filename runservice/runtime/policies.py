@@ -116,16 +116,30 @@ def _cap(current: int, cap: int, what: str, flag: str) -> None:
 
 def request_fingerprint(request: StartRequest) -> str:
     """A digest of everything a StartRun request asks for except its idempotency key."""
-    canonical = json.dumps(
-        {
-            "agent": request.agent,
-            "input": request.input,
-            "thread_id": request.thread_id,
-            "strategy": request.multitask_strategy.value,
-            "labels": dict(request.labels),
-            "timeout": request.timeout,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    asked: dict[str, object] = {
+        "agent": request.agent,
+        "input": request.input,
+        "thread_id": request.thread_id,
+        "strategy": request.multitask_strategy.value,
+        "labels": dict(request.labels),
+        "timeout": request.timeout,
+    }
+    # Only when asked for: a request without one keeps the digest it had before runs had
+    # a retention of their own, so its retry across an upgrade is still a retry.
+    if request.retention is not None:
+        asked["retention"] = request.retention
+    if request.webhook_url:  # likewise
+        asked["webhook_url"] = request.webhook_url
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_UNITS = ((86400.0, "d"), (3600.0, "h"), (60.0, "m"))
+
+
+def duration_text(seconds: float) -> str:
+    """`seconds` as the server's flags write durations: 90d, 36h, 5m, 1.5s."""
+    for size, unit in _UNITS:
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.12g}{unit}"
+    return f"{seconds:.12g}s"

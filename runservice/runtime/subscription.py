@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from runservice.domain.errors import DatabaseUnavailableError
 from runservice.domain.model import EncodedEvent
 from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.cluster import RemoteLog
 from runservice.runtime.lifecycle import LiveRun
+
+T = TypeVar("T")
 
 FIRST_PAGE_EVENTS = 64
 """The first store read of a subscription, before the size of its events is known."""
@@ -170,7 +172,9 @@ class Subscription:
                 if window == []:
                     await live.log.wait_beyond(self._cursor - 1)
                     continue
-            events = await self._store.read_encoded(self._run_id, self._cursor, self._page_size())
+            events = await _whole(
+                self._store.read_encoded(self._run_id, self._cursor, self._page_size())
+            )
             if events:
                 self._ahead.extend(_cut(events, limits.batch_max_events, limits.batch_max_bytes))
                 self._grow_page(events)
@@ -188,14 +192,16 @@ class Subscription:
         assert heard is not None and self._remote is not None
         seen = self._cursor - 1
         if heard.committed_seq > seen:
-            return True
+            # Heard of events that the store just did not show: the run was deleted (an
+            # external run may be, while open); otherwise read again.
+            return not await _whole(self._remote.finished(self._run_id))
         await heard.wait_beyond(seen)
         if heard.committed_seq > seen:
             return True
-        if not await self._remote.finished(self._run_id):
+        if not await _whole(self._remote.finished(self._run_id)):
             return True
         # Terminal with all its events committed with it: one last look for what follows.
-        events = await self._store.read_encoded(self._run_id, self._cursor, 1)
+        events = await _whole(self._store.read_encoded(self._run_id, self._cursor, 1))
         return bool(events)
 
     def _page_size(self) -> int:
@@ -208,6 +214,20 @@ class Subscription:
     def _grow_page(self, events: Sequence[EncodedEvent]) -> None:
         self._average = max(1, sum(len(e.wire) for e in events) // len(events))
         self._page_bytes = min(self._limits.page_max_bytes, self._page_bytes * 2)
+
+
+_READING: set[asyncio.Task[Any]] = set()
+
+
+async def _whole(read: Coroutine[Any, Any, T]) -> T:
+    """Awaits a store read that a cancellation (the client left) does not interrupt: the
+    read ends by itself and its connection goes back to the pool whole. (A driver call
+    cancelled midway may leave its connection closing when the store closes, and the
+    server's shutdown waiting on it.)"""
+    task = asyncio.ensure_future(read)
+    _READING.add(task)
+    task.add_done_callback(_READING.discard)
+    return await asyncio.shield(task)
 
 
 def _cut(

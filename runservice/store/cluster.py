@@ -43,6 +43,7 @@ CHANNEL = "runservice"
 # The database's clock, in integer microseconds since the epoch (the tables' unit).
 _NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 _ACTIVE = "('PENDING', 'RUNNING')"
+_AGENTS = " AND agent <> 'external'"  # external runs: caps of their own, and no executor
 _USER_LOCK = "pg_advisory_xact_lock(hashtextextended('runservice:user:' || $1, 0))"
 _ALL_LOCK = "pg_advisory_xact_lock(hashtextextended('runservice:all', 0))"
 
@@ -126,7 +127,10 @@ class ClusterSql:
 
         async def work(conn: AsyncConnection) -> None:
             result = await conn.exec_driver_sql(
-                "SELECT r.run_id FROM runs r WHERE r.state IN " + _ACTIVE + " AND NOT EXISTS"
+                "SELECT r.run_id FROM runs r WHERE r.state IN "
+                + _ACTIVE
+                + " AND r.agent <> 'external'"
+                " AND NOT EXISTS"
                 " (SELECT 1 FROM runservice_leases l WHERE l.holder = r.executor)"
                 " ORDER BY r.run_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED",
                 (limit,),
@@ -355,12 +359,13 @@ async def _counts(
     """Active runs by state ({state: n}), or by owner and state ({owner: {state: n}})."""
     if not by_owner:
         result = await conn.exec_driver_sql(
-            f"SELECT state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE} GROUP BY state",
+            f"SELECT state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE}{_AGENTS}"
+            " GROUP BY state",
             values,
         )
         return {row[0]: int(row[1]) for row in _rows(result)}
     result = await conn.exec_driver_sql(
-        f"SELECT owner, state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE}"
+        f"SELECT owner, state, COUNT(*) FROM runs WHERE {where}state IN {_ACTIVE}{_AGENTS}"
         " GROUP BY owner, state",
         values,
     )

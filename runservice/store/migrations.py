@@ -31,7 +31,11 @@ class Migration:
 
 def _initial_schema(conn: Connection) -> None:
     # The tables as they were at version 1; later columns come from later migrations.
-    runs_v1 = _as_created(conn, tables.runs, without=("request_hash", "executor"))
+    runs_v1 = _as_created(
+        conn,
+        tables.runs,
+        without=("request_hash", "executor", "retention_s", "expire_us", "webhook_url"),
+    )
     events_v1 = _as_created(conn, tables.events, without="wire")
     for table in (runs_v1, _as_created(conn, tables.run_labels), events_v1):
         table.create(conn)
@@ -90,12 +94,40 @@ def _replicas(conn: Connection) -> None:
     _as_created(conn, tables.run_requests).create(conn)
 
 
+def _retention(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE runs ADD COLUMN retention_s FLOAT"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN expire_us BIGINT"))
+    # The purge's two ranges, read in one query: runs with a retention of their own by
+    # when they expire; the others (and every row from before this migration, whose
+    # retention_s is NULL) by when they ended.
+    conn.execute(text("CREATE INDEX ix_runs_expire ON runs (expire_us)"))
+    conn.execute(text("CREATE INDEX ix_runs_retention_ended ON runs (retention_s, ended_us)"))
+
+
+def _webhooks(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE runs ADD COLUMN webhook_url TEXT NOT NULL DEFAULT ''"))
+    for table in (tables.webhook_deliveries, tables.webhook_attempts):
+        _as_created(conn, table).create(conn)
+
+
+def _streams(conn: Connection) -> None:
+    for table in (tables.streams, tables.stream_producers, tables.stream_units):
+        _as_created(conn, table).create(conn)
+    # One stream per owner and path (runs started with StartRun have no path).
+    conn.execute(
+        text("CREATE UNIQUE INDEX ux_streams_owner_path ON streams (owner, path) WHERE path <> ''")
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
     Migration(2, "idempotency keys and the retention index", _request_ids),
     Migration(3, "encoded events for replay", _add_wire),
     Migration(4, "secrets every server of the database shares", _secrets),
     Migration(5, "replicas: leases, run executors and run requests", _replicas),
+    Migration(6, "per-run retention and the expiry index", _retention),
+    Migration(7, "completion webhooks: runs' own URLs, deliveries and attempts", _webhooks),
+    Migration(8, "external runs: streams, producers and append units", _streams),
 )
 
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, text
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -45,10 +45,13 @@ from runservice.domain.model import (
 )
 from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.domain.replicas import deleted_notice
+from runservice.domain.streams import EXTERNAL_AGENT
 from runservice.store import migrations, tables
 from runservice.store.cluster import ClusterSql
 from runservice.store.driver import RawSql, SaSql, Sql
 from runservice.store.engine import PG_CONNECT_TIMEOUT_S, make_engine, make_writer_engine
+from runservice.store.streams import SqlStreams
+from runservice.store.webhooks import DeliveryRows
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ _PROBE_SQL = (
     " WHERE version = (SELECT MAX(version) FROM runservice_schema)"
 )
 
-_PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY = 0, 1, 2, 3
+_PAYLOAD_NONE, _PAYLOAD_DATA, _PAYLOAD_TEXT, _PAYLOAD_BINARY, _PAYLOAD_VALUE = 0, 1, 2, 3, 4
 _TERMINAL = frozenset(s.value for s in RunState if s.terminal)
 
 
@@ -132,6 +135,9 @@ class SqlRunStore:
         self._insert_labels = _MultiRow(engine, tables.run_labels, _LABEL_COLUMNS)
         # New and changed run rows alike: inserted, or their mutable columns updated.
         self._upsert_runs = _MultiRow(engine, tables.runs, _RUN_COLUMNS, update=_RUN_MUTABLE)
+        self.streams = SqlStreams(self, sqlite=self.cluster is None)  # external runs
+        # Completion webhooks: stored with the commit of each run's end (store/webhooks.py).
+        self.webhook_rows = DeliveryRows(engine)
 
     async def migrate(self) -> None:
         """Brings the schema up to date."""
@@ -285,6 +291,7 @@ class SqlRunStore:
             *self._upsert_runs.statements([_run_row(run) for run in latest.values()]),
             *self._insert_labels.statements(labels),
             *self._insert_events.statements([_event_row(e) for e in events]),
+            *self.webhook_rows.statements(latest.values()),
         ]
 
     async def get_run(self, scope: Scope, run_id: str) -> Run | None:
@@ -339,6 +346,10 @@ class SqlRunStore:
             rows = (await self._read(conn, query)).all()
         return [self._event_from_row(row) for row in rows]
 
+    def event_from_row(self, row: Any) -> RunEvent:
+        """The event of a row of the events table."""
+        return self._event_from_row(row)
+
     def _event_from_row(self, row: Any) -> RunEvent:
         if row.wire is None:
             return _event_from_row(row)
@@ -378,23 +389,45 @@ class SqlRunStore:
 
         async def work(conn: AsyncConnection) -> None:
             nonlocal deleted
-            cond = [tables.runs.c.run_id == run_id]
-            if not scope.everyone:
-                cond.append(tables.runs.c.owner == scope.user)
-            row = (
-                await conn.execute(delete(tables.runs).where(*cond).returning(tables.runs))
-            ).first()
-            deleted = row is not None
-            if row is None:
-                return
-            for table in (tables.events, tables.run_labels, tables.run_requests):
-                await conn.execute(delete(table).where(table.c.run_id == run_id))
-            if self.cluster is not None and self._holder is not None:
-                notice = deleted_notice(_run_from_row(row, {}))
-                await self.cluster.notify(SaSql(conn), self._holder, notice)
+            deleted = await self.delete_in(conn, run_id, scope)
 
         await self._write(work)
         return deleted
+
+    async def delete_in(
+        self, conn: AsyncConnection, run_id: str, scope: Scope | None = None
+    ) -> bool:
+        """delete_run's statements in the caller's transaction; False if there was none
+        (that `scope` may see). An external run's stream record is deleted too, but not
+        a tombstone left of it (store/streams.py)."""
+        cond = [tables.runs.c.run_id == run_id]
+        if scope is not None and not scope.everyone:
+            cond.append(tables.runs.c.owner == scope.user)
+        row = (await conn.execute(delete(tables.runs).where(*cond).returning(tables.runs))).first()
+        if row is None:
+            return False
+        for table in (tables.events, tables.run_labels, tables.run_requests):
+            await conn.execute(delete(table).where(table.c.run_id == run_id))
+        for table in (tables.stream_producers, tables.stream_units):
+            await conn.execute(delete(table).where(table.c.run_id == run_id))
+        s = tables.streams.c
+        await conn.execute(delete(tables.streams).where(s.run_id == run_id, s.deleted == 0))
+        if self.cluster is not None and self._holder is not None:
+            notice = deleted_notice(_run_from_row(row, {}))
+            await self.cluster.notify(SaSql(conn), self._holder, notice)
+        return True
+
+    async def write_and_notify(
+        self,
+        sql: Sql,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+    ) -> None:
+        """write(), and with replicas, the notice of it to the other replicas."""
+        await self.write(sql, new_runs, events, updated_runs)
+        if self.cluster is not None and self._holder is not None:
+            await self.cluster.after_commit(sql, self._holder, new_runs, events, updated_runs)
 
     async def find_by_request_id(self, scope: Scope, request_id: str) -> Run | None:
         """The scope's user's run started with `request_id`, if any."""
@@ -407,16 +440,25 @@ class SqlRunStore:
             labels = await self._labels(conn, [row.run_id])
         return _run_from_row(row, labels.get(row.run_id, {}))
 
-    async def purge_ended_before(self, cutoff: datetime, limit: int) -> list[str]:
-        """Deletes up to `limit` finished runs that ended before `cutoff`, with their logs."""
+    async def purge_expired(self, now: datetime, default_retention: float, limit: int) -> list[str]:
+        """Deletes up to `limit` finished runs whose retention ended by `now` (their own,
+        else `default_retention` seconds after their end), with their logs.
+
+        One query, over two index ranges (ix_runs_expire, ix_runs_retention_ended), in no
+        particular order: sorting would read every expired run to delete the first few.
+        Only finished runs have an ended_us (lifecycle writes it with the terminal state),
+        so the query names no state: a condition on it would draw the planner to the
+        state index, which holds every finished run.
+        """
         r = tables.runs.c
-        terminal = [s.value for s in RunState if s.terminal]
-        query = (
-            select(r.run_id)
-            .where(r.state.in_(terminal), r.ended_us < _us(cutoff))
-            .order_by(r.ended_us)
-            .limit(limit)
+        now_us = _us(now)
+        assert now_us is not None
+        default_cutoff = now_us - round(default_retention * 1_000_000)
+        expired = or_(
+            r.expire_us <= now_us,
+            and_(r.retention_s.is_(None), r.ended_us <= default_cutoff),
         )
+        query = select(r.run_id).where(expired).limit(limit)
         purged: list[str] = []
 
         async def work(conn: AsyncConnection) -> None:
@@ -444,7 +486,7 @@ class SqlRunStore:
         reached = select(func.max(e.seq)).where(e.run_id == r.run_id).scalar_subquery()
         query = (
             select(tables.runs, func.coalesce(reached, 0).label("reached"))
-            .where(r.state.in_(active))
+            .where(r.state.in_(active), r.agent != EXTERNAL_AGENT)  # nothing executes those
             .order_by(r.run_id)
         )
         async with self._connect() as conn:
@@ -631,7 +673,16 @@ def _failure(text: str | None) -> RunFailure | None:
 
 _RUN_COLUMNS = tuple(c.name for c in tables.runs.c)
 # What a commit may change in an existing run row.
-_RUN_MUTABLE = ("state", "result", "error", "started_us", "ended_us", "last_seq", "stop_reason")
+_RUN_MUTABLE = (
+    "state",
+    "result",
+    "error",
+    "started_us",
+    "ended_us",
+    "last_seq",
+    "stop_reason",
+    "expire_us",
+)
 _LABEL_COLUMNS = ("run_id", "key", "value")
 
 
@@ -657,8 +708,20 @@ def _run_row(run: Run) -> tuple[Any, ...]:
         "timeout_s": run.timeout,
         "request_hash": run.request_hash,
         "executor": run.executor,
+        "retention_s": run.retention,
+        "expire_us": _expire_us(run),
+        "webhook_url": run.webhook_url,
     }
     return tuple(row[c] for c in _RUN_COLUMNS)
+
+
+def _expire_us(run: Run) -> int | None:
+    """When a run that ended with a retention of its own expires; None for the others
+    (the purge reckons theirs from the server's default and ended_us)."""
+    ended_us = _us(run.ended_at)
+    if run.retention is None or ended_us is None:
+        return None
+    return ended_us + round(run.retention * 1_000_000)
 
 
 def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
@@ -682,8 +745,10 @@ def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
         request_id=row.request_id,
         multitask_strategy=MultitaskStrategy(row.multitask_strategy),
         timeout=row.timeout_s,
+        retention=row.retention_s,
         request_hash=row.request_hash,
         executor=row.executor,
+        webhook_url=row.webhook_url,
     )
 
 
@@ -1001,6 +1066,8 @@ def _payload_kind(event: RunEvent) -> int:
         return _PAYLOAD_DATA
     if event.text is not None:
         return _PAYLOAD_TEXT
+    if event.value is not None:
+        return _PAYLOAD_VALUE
     return _PAYLOAD_NONE if event.binary is None else _PAYLOAD_BINARY
 
 
@@ -1009,6 +1076,8 @@ def _payload(event: RunEvent) -> bytes | None:
         return json.dumps(event.data, separators=(",", ":")).encode()
     if event.text is not None:
         return event.text.encode()
+    if event.value is not None:
+        return event.value.encode()
     return event.binary
 
 
@@ -1026,4 +1095,5 @@ def _event_from_row(row: Any) -> RunEvent:
         binary=bytes(payload) if kind == _PAYLOAD_BINARY else None,
         state=None if row.state is None else RunState(row.state),
         error=_failure(row.error),
+        value=payload.decode() if kind == _PAYLOAD_VALUE else None,
     )

@@ -50,6 +50,13 @@ runs = Table(
     Column("request_hash", String(64), nullable=False, default="", server_default=""),
     # Added by migration 5: the lease (runservice_leases.holder) the run executes under.
     Column("executor", String(64), nullable=False, default="", server_default=""),
+    # Added by migration 6, with indexes on (expire_us) and (retention_s, ended_us) that the
+    # purge reads: the run's own retention (NULL: the server's --retention) and, for a run
+    # that ended with one, when it expires (ended_us + retention_s).
+    Column("retention_s", Float, nullable=True),
+    Column("expire_us", BigInteger, nullable=True),
+    # Added by migration 7: the run's own webhook (StartRunRequest.webhook_url), "" for none.
+    Column("webhook_url", Text, nullable=False, default="", server_default=""),
     Index("ix_runs_owner_run_id", "owner", "run_id"),
     Index("ix_runs_owner_thread", "owner", "thread_id"),
     Index("ix_runs_state", "state"),
@@ -71,7 +78,7 @@ events = Table(
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("at_us", BigInteger, nullable=False),
     Column("type", String(255), nullable=False),
-    # 0: no payload, 1: JSON object (data), 2: UTF-8 text, 3: binary.
+    # 0: no payload, 1: JSON object (data), 2: UTF-8 text, 3: binary, 4: JSON value text.
     Column("payload_kind", SmallInteger, nullable=False),
     Column("payload", LargeBinary, nullable=True),
     Column("state", String(16), nullable=True),
@@ -107,4 +114,77 @@ run_requests = Table(
     Column("kind", String(16), primary_key=True),
     Column("body", Text, nullable=False),
     Column("at_us", BigInteger, nullable=False),
+)
+
+# Added by migration 8: external runs (agent `external`): each one's stream record, its
+# idempotent producers, and its append units of more than one event.
+streams = Table(
+    "streams",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("path", Text, nullable=False),  # "" for runs started with StartRun
+    Column("content_type", String(255), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("access_us", BigInteger, nullable=False),
+    Column("ttl_s", BigInteger, nullable=True),
+    Column("expires_us", BigInteger, nullable=True),
+    Column("deadline_us", BigInteger, nullable=True),  # when it expires as of access_us
+    Column("stream_seq", Text, nullable=False),
+    Column("fork_of", String(64), nullable=False),
+    Column("fork_seq", BigInteger, nullable=False),
+    Column("fork_sub", BigInteger, nullable=False),
+    Column("deleted", SmallInteger, nullable=False),
+    Column("closed_by", Text, nullable=False),
+    Index("ix_streams_deadline", "deadline_us"),
+    Index("ix_streams_fork_of", "fork_of"),
+)
+
+stream_producers = Table(
+    "stream_producers",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("producer_id", Text, primary_key=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+)
+
+stream_units = Table(
+    "stream_units",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("first_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+)
+
+# Added by migration 7: completion webhooks. A delivery is written in the transaction that
+# commits its run's end; `next_us` is when it is due (while `claimed`, when the claim of
+# the server attempting it lapses); `attempts` counts the claims, each one attempt.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),  # the webhook-id header
+    Column("run_id", String(64), nullable=False),
+    Column("target", String(16), nullable=False),  # DEPLOYMENT or RUN
+    Column("url", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),  # the JSON POSTed, the same every attempt
+    Column("state", String(16), nullable=False),  # PENDING, DELIVERED or FAILED
+    Column("created_us", BigInteger, nullable=False),
+    Column("next_us", BigInteger, nullable=False),
+    Column("claimed", SmallInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("ended_us", BigInteger, nullable=True),
+    Index("ix_webhook_deliveries_due", "state", "next_us"),
+    Index("ix_webhook_deliveries_run_id", "run_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("at_us", BigInteger, nullable=False),
+    Column("duration_us", BigInteger, nullable=False),
+    Column("status", Integer, nullable=True),  # the HTTP status; NULL: no answer
+    Column("error", Text, nullable=False),  # why it failed, safe to show; "" on success
 )

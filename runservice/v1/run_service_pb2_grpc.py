@@ -92,6 +92,21 @@ class RunServiceStub:
                 request_serializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.SerializeToString,
                 response_deserializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.FromString,
                 _registered_method=True)
+        self.AppendEvents = channel.unary_unary(
+                '/runservice.v1.RunService/AppendEvents',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.AppendEventsRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.AppendEventsResponse.FromString,
+                _registered_method=True)
+        self.CloseRun = channel.unary_unary(
+                '/runservice.v1.RunService/CloseRun',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.CloseRunRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.CloseRunResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/runservice.v1.RunService/ListWebhookDeliveries',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -201,6 +216,42 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendEvents(self, request, context):
+        """Appends events to an external run: a run of the built-in agent
+        `external` (StartRun with agent "external", or a stream created at
+        `/v1/streams/{path}`), whose events come from producers outside the
+        server. The events are committed together, at the next seqs, and reach
+        every subscriber as any run's events do. With `producer_id`, the append
+        is idempotent per (run, producer_id): `producer_epoch` fences older
+        instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+        follow the last accepted one; a retry of an accepted seq is answered
+        again (`duplicate`) without writing anything. `close` ends the run
+        SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+        ended run, NOT_EXTERNAL on an agent's run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseRun(self, request, context):
+        """Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+        run already closed is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists the webhook deliveries of a run that ended: one for the
+        deployment's `--webhook-url` and one for the run's own `webhook_url`,
+        each with every attempt so far and its outcome. Empty while the run is
+        active, and for a run no webhook was configured for. Another user's run
+        is NOT_FOUND, as for GetRun.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +304,21 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CreateReadToken,
                     request_deserializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.FromString,
                     response_serializer=runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.SerializeToString,
+            ),
+            'AppendEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendEvents,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.AppendEventsRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.AppendEventsResponse.SerializeToString,
+            ),
+            'CloseRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseRun,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.CloseRunRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.CloseRunResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -533,6 +599,87 @@ class RunService:
             '/runservice.v1.RunService/CreateReadToken',
             runservice_dot_v1_dot_run__service__pb2.CreateReadTokenRequest.SerializeToString,
             runservice_dot_v1_dot_run__service__pb2.CreateReadTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/AppendEvents',
+            runservice_dot_v1_dot_run__service__pb2.AppendEventsRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.AppendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/CloseRun',
+            runservice_dot_v1_dot_run__service__pb2.CloseRunRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.CloseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/ListWebhookDeliveries',
+            runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

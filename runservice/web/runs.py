@@ -205,6 +205,11 @@ class RunRoutes:
         message.run_id = request.match_info["run_id"]
         return _answer(await self._servicer.CreateReadToken(message, NO_CONTEXT))
 
+    async def list_webhook_deliveries(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/runs/{run_id}/webhookDeliveries: the ListWebhookDeliveriesResponse."""
+        message = pb.ListWebhookDeliveriesRequest(run_id=request.match_info["run_id"])
+        return _answer(await self._servicer.ListWebhookDeliveries(message, NO_CONTEXT))
+
     async def list_agents(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/agents."""
         return _answer(await self._servicer.ListAgents(pb.ListAgentsRequest(), NO_CONTEXT))

@@ -35,24 +35,27 @@ from runservice.web import protocol
 from runservice.web.events import RunEvents, StreamSettings
 from runservice.web.problems import error_response, own_refusal
 from runservice.web.runs import RunRoutes
+from runservice.web.streams import StreamRoutes
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUN_ID = "{run_id:[^{}/:]+}"  # no ':' so that /v1/runs/{run_id}:stop is a route of its own
-STREAMING_ROUTES = frozenset({"RunEventsSSE", "WatchRuns"})
+STREAMING_ROUTES = frozenset({"RunEventsSSE", "WatchRuns", "StreamSSE"})
 UNMATCHED = "Unmatched"
-CALLS = {"RunEvents": "Subscribe"}
+CALLS = {"RunEvents": "Subscribe", "StreamGet": "Subscribe", "StreamHead": "GetRun"}
 """The RunService method a route stands for, where its name is not the method's: what
 authentication admits a read token to (api.auth.authenticate)."""
 ACCESS_TOKEN = "access_token"
 """The query parameter that may carry a read token (never a user's credentials)."""
 
-CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
+CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_REQUEST_HEADERS = (
     "Authorization, Content-Type, Last-Event-ID, If-None-Match, "
-    "Stream-Seq, Stream-TTL, Stream-Expires-At"
+    "Stream-Seq, Stream-TTL, Stream-Expires-At, Stream-Closed, "
+    "Producer-Id, Producer-Epoch, Producer-Seq, "
+    "Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset"
 )
 """What a page may send: credentials, a JSON body, the resume and revalidation headers of
 reads, and the Durable Streams protocol's request headers."""
@@ -62,6 +65,13 @@ CORS_EXPOSED = ", ".join(
         protocol.UP_TO_DATE,
         protocol.CLOSED,
         protocol.CURSOR,
+        "Producer-Epoch",
+        "Producer-Seq",
+        "Producer-Expected-Seq",
+        "Producer-Received-Seq",
+        "Stream-TTL",
+        "Stream-Expires-At",
+        "Stream-SSE-Data-Encoding",
         "ETag",
         "Location",
         "WWW-Authenticate",
@@ -133,8 +143,25 @@ class WebEdge:
         )
         self._route(
             app,
+            f"/v1/runs/{RUN_ID}/webhookDeliveries",
+            {"GET": (runs.list_webhook_deliveries, "ListWebhookDeliveries")},
+        )
+        self._route(
+            app,
             f"/v1/runs/{RUN_ID}/events",
             {"GET": (self._events.get, "RunEvents"), "HEAD": (self._events.head, "RunEvents")},
+        )
+        streams_routes = StreamRoutes(manager, streams, settings.streams)
+        self._route(
+            app,
+            "/v1/streams/{path:.+}",
+            {
+                "PUT": (streams_routes.put, "StreamPut"),
+                "POST": (streams_routes.post, "StreamPost"),
+                "GET": (streams_routes.get, "StreamGet"),
+                "HEAD": (streams_routes.head, "StreamHead"),
+                "DELETE": (streams_routes.delete, "StreamDelete"),
+            },
         )
         app.on_response_prepare.append(_security_headers)
         self._cors = Cors(settings.cors_origins)
@@ -242,13 +269,14 @@ class WebEdge:
     def _name(self, request: web.Request) -> str:
         """The request's route name for metrics (bounded: never a path)."""
         name = self._names.get(request.match_info.handler, UNMATCHED)
-        if name != "RunEvents" or request.method != "GET":
+        if name not in ("RunEvents", "StreamGet") or request.method != "GET":
             return name
         try:
             mode = RunEvents.mode(request)
         except InvalidArgumentError:
             return name
-        return {"long-poll": "RunEventsLongPoll", "sse": "RunEventsSSE"}.get(mode, name)
+        base = name.removesuffix("Get")
+        return {"long-poll": f"{base}LongPoll", "sse": f"{base}SSE"}.get(mode, name)
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:

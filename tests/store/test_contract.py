@@ -109,6 +109,7 @@ async def test_a_new_run_round_trips_every_field(store: SqlRunStore) -> None:
         request_hash="a" * 64,
         multitask_strategy=MultitaskStrategy.ENQUEUE,
         timeout=12.5,
+        retention=86400.5,
     )
     await store.commit([run], [], [])
     assert await store.get_run(ALICE, "r1") == run
@@ -447,12 +448,13 @@ async def test_a_request_id_is_unique_per_owner(store: SqlRunStore) -> None:
     assert await ids(store, ALICE) == ["a4", "a3", "a1"]
 
 
-# --- purge_ended_before, unfinished_runs ----------------------------------------------
+# --- purge_expired, unfinished_runs ---------------------------------------------------
 
 
-async def test_purge_deletes_finished_runs_ended_before_the_cutoff(store: SqlRunStore) -> None:
-    """Only finished runs that ended before the cutoff go, oldest first, at most `limit`,
-    with their labels and logs; the ids deleted are returned."""
+async def test_purge_deletes_finished_runs_past_the_default_retention(store: SqlRunStore) -> None:
+    """Runs without a retention of their own go once the default retention has passed
+    since they ended, at most `limit` a call, with their labels and logs; the ids deleted
+    are returned."""
     runs = [
         make_run("old1", state=RunState.SUCCEEDED, ended_at=at(10), labels={"k": "v"}),
         make_run("old2", state=RunState.FAILED, ended_at=at(20)),
@@ -463,13 +465,39 @@ async def test_purge_deletes_finished_runs_ended_before_the_cutoff(store: SqlRun
     ]
     events = wired(*(state_event(run.run_id, 1, RunState.RUNNING) for run in runs))
     await store.commit(runs, events, [])
-    assert await store.purge_ended_before(at(50), 2) == ["old1", "old2"]
-    assert await store.purge_ended_before(at(50), 10) == ["old3"]
-    assert await store.purge_ended_before(at(50), 10) == []
+    first = await store.purge_expired(at(150), 100.0, 2)  # ended before at(50)
+    rest = await store.purge_expired(at(150), 100.0, 10)
+    assert len(first) == 2 and sorted(first + rest) == ["old1", "old2", "old3"]
+    assert await store.purge_expired(at(150), 100.0, 10) == []
     assert await ids(store, ADMIN) == ["waiting", "recent", "active"]
     assert await store.read_events("old1", 1, 10) == []
     assert await ids(store, ALICE, RunFilter(labels={"k": "v"})) == []
     assert len(await store.read_events("recent", 1, 10)) == 1
+
+
+async def test_purge_honours_each_runs_own_retention(store: SqlRunStore) -> None:
+    """A run with a retention of its own goes when that has passed since it ended,
+    whatever the default; one that ends after it was first committed too; an active run
+    never goes, whatever its retention."""
+    await store.commit(
+        [
+            make_run("short", state=RunState.SUCCEEDED, ended_at=at(100), retention=10.0),
+            make_run("long", state=RunState.FAILED, ended_at=at(0), retention=1000.0),
+            make_run("default", state=RunState.STOPPED, ended_at=at(0)),
+            make_run("active", state=RunState.RUNNING, retention=1.0),
+            make_run("later", retention=5.0),
+        ],
+        [],
+        [],
+    )
+    later = make_run("later", state=RunState.SUCCEEDED, ended_at=at(200), retention=5.0)
+    await store.commit([], [], [later])
+    assert await store.purge_expired(at(109), 500.0, 10) == []
+    assert await store.purge_expired(at(110), 500.0, 10) == ["short"]
+    assert await store.purge_expired(at(205), 500.0, 10) == ["later"]
+    assert await store.purge_expired(at(999), 500.0, 10) == ["default"]
+    assert await store.purge_expired(at(1000), 500.0, 10) == ["long"]
+    assert await ids(store, ADMIN) == ["active"]
 
 
 async def test_unfinished_runs_are_every_owners_with_the_real_end_of_their_logs(

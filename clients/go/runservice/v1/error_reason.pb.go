@@ -91,6 +91,42 @@ const (
 	// which grants only GetRun and Subscribe of its own run. Use the user's
 	// credentials for anything else.
 	ErrorReason_ERROR_REASON_READ_TOKEN_SCOPE ErrorReason = 22
+	// FAILED_PRECONDITION (HTTP 409 on /v1/streams). The external run is closed
+	// (or stopped): nothing more can be appended. Metadata `last_seq` gives its
+	// final position.
+	ErrorReason_ERROR_REASON_STREAM_CLOSED ErrorReason = 30
+	// FAILED_PRECONDITION (HTTP 403 on /v1/streams). The producer's epoch is
+	// older than the epoch it last used: a newer instance of the producer took
+	// over (zombie fencing). Metadata `epoch` gives the current epoch.
+	ErrorReason_ERROR_REASON_PRODUCER_EPOCH_STALE ErrorReason = 31
+	// FAILED_PRECONDITION (HTTP 409 on /v1/streams, or 400 for a new epoch that
+	// does not start at seq 0). The producer's seq is not the next one: an
+	// earlier append is missing. Metadata `expected_seq` and `received_seq`.
+	ErrorReason_ERROR_REASON_PRODUCER_SEQ_GAP ErrorReason = 32
+	// FAILED_PRECONDITION (HTTP 409). `Stream-Seq` was not greater, bytewise,
+	// than the last one accepted on the stream.
+	ErrorReason_ERROR_REASON_STREAM_SEQ_CONFLICT ErrorReason = 33
+	// ALREADY_EXISTS (HTTP 409). A stream exists at that path with another
+	// configuration (content type, TTL, expiry, fork).
+	ErrorReason_ERROR_REASON_STREAM_EXISTS ErrorReason = 34
+	// FAILED_PRECONDITION (HTTP 409). The content type differs from the
+	// stream's, or the payload does not suit it (JSON for a byte stream).
+	ErrorReason_ERROR_REASON_CONTENT_TYPE_MISMATCH ErrorReason = 35
+	// RESOURCE_EXHAUSTED. The caller (or the server) has as many open external
+	// runs as `--max-open-streams-per-user` (`--max-open-streams`) allow. Close
+	// or delete one.
+	ErrorReason_ERROR_REASON_TOO_MANY_OPEN_STREAMS ErrorReason = 36
+	// NOT_FOUND (HTTP 410 on /v1/streams). The stream was deleted while forks
+	// of it lived; its path is taken until the last fork goes.
+	ErrorReason_ERROR_REASON_STREAM_DELETED ErrorReason = 37
+	// FAILED_PRECONDITION. Appends and CloseRun are for external runs (agent
+	// `external`); this run's events come from its agent.
+	ErrorReason_ERROR_REASON_NOT_EXTERNAL ErrorReason = 38
+	// INVALID_ARGUMENT. StartRunRequest.webhook_url is not under any of the
+	// server's `--webhook-allow` prefixes (or the server allows none). Metadata
+	// `field` is `webhook_url`. Use a URL under an allowed prefix, or leave the
+	// field empty.
+	ErrorReason_ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED ErrorReason = 50
 )
 
 // Enum value maps for ErrorReason.
@@ -119,31 +155,51 @@ var (
 		20: "ERROR_REASON_STORE_UNAVAILABLE",
 		21: "ERROR_REASON_STREAM_STALLED",
 		22: "ERROR_REASON_READ_TOKEN_SCOPE",
+		30: "ERROR_REASON_STREAM_CLOSED",
+		31: "ERROR_REASON_PRODUCER_EPOCH_STALE",
+		32: "ERROR_REASON_PRODUCER_SEQ_GAP",
+		33: "ERROR_REASON_STREAM_SEQ_CONFLICT",
+		34: "ERROR_REASON_STREAM_EXISTS",
+		35: "ERROR_REASON_CONTENT_TYPE_MISMATCH",
+		36: "ERROR_REASON_TOO_MANY_OPEN_STREAMS",
+		37: "ERROR_REASON_STREAM_DELETED",
+		38: "ERROR_REASON_NOT_EXTERNAL",
+		50: "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED",
 	}
 	ErrorReason_value = map[string]int32{
-		"ERROR_REASON_UNSPECIFIED":          0,
-		"ERROR_REASON_RUN_NOT_FOUND":        1,
-		"ERROR_REASON_UNKNOWN_AGENT":        2,
-		"ERROR_REASON_INVALID_INPUT":        3,
-		"ERROR_REASON_INVALID_PAGE_TOKEN":   4,
-		"ERROR_REASON_SEQ_OUT_OF_RANGE":     5,
-		"ERROR_REASON_THREAD_BUSY":          6,
-		"ERROR_REASON_RUN_ACTIVE":           7,
-		"ERROR_REASON_REQUEST_ID_REUSED":    8,
-		"ERROR_REASON_TOO_MANY_ACTIVE_RUNS": 9,
-		"ERROR_REASON_TOO_MANY_STREAMS":     10,
-		"ERROR_REASON_SERVER_DRAINING":      11,
-		"ERROR_REASON_ADMIN_ONLY":           12,
-		"ERROR_REASON_TOKEN_EXPIRED":        13,
-		"ERROR_REASON_CREDENTIALS_MISSING":  14,
-		"ERROR_REASON_CREDENTIALS_INVALID":  15,
-		"ERROR_REASON_INVALID_ARGUMENT":     16,
-		"ERROR_REASON_INTERNAL_ERROR":       17,
-		"ERROR_REASON_RUN_FAILED":           18,
-		"ERROR_REASON_WATCH_LAGGED":         19,
-		"ERROR_REASON_STORE_UNAVAILABLE":    20,
-		"ERROR_REASON_STREAM_STALLED":       21,
-		"ERROR_REASON_READ_TOKEN_SCOPE":     22,
+		"ERROR_REASON_UNSPECIFIED":             0,
+		"ERROR_REASON_RUN_NOT_FOUND":           1,
+		"ERROR_REASON_UNKNOWN_AGENT":           2,
+		"ERROR_REASON_INVALID_INPUT":           3,
+		"ERROR_REASON_INVALID_PAGE_TOKEN":      4,
+		"ERROR_REASON_SEQ_OUT_OF_RANGE":        5,
+		"ERROR_REASON_THREAD_BUSY":             6,
+		"ERROR_REASON_RUN_ACTIVE":              7,
+		"ERROR_REASON_REQUEST_ID_REUSED":       8,
+		"ERROR_REASON_TOO_MANY_ACTIVE_RUNS":    9,
+		"ERROR_REASON_TOO_MANY_STREAMS":        10,
+		"ERROR_REASON_SERVER_DRAINING":         11,
+		"ERROR_REASON_ADMIN_ONLY":              12,
+		"ERROR_REASON_TOKEN_EXPIRED":           13,
+		"ERROR_REASON_CREDENTIALS_MISSING":     14,
+		"ERROR_REASON_CREDENTIALS_INVALID":     15,
+		"ERROR_REASON_INVALID_ARGUMENT":        16,
+		"ERROR_REASON_INTERNAL_ERROR":          17,
+		"ERROR_REASON_RUN_FAILED":              18,
+		"ERROR_REASON_WATCH_LAGGED":            19,
+		"ERROR_REASON_STORE_UNAVAILABLE":       20,
+		"ERROR_REASON_STREAM_STALLED":          21,
+		"ERROR_REASON_READ_TOKEN_SCOPE":        22,
+		"ERROR_REASON_STREAM_CLOSED":           30,
+		"ERROR_REASON_PRODUCER_EPOCH_STALE":    31,
+		"ERROR_REASON_PRODUCER_SEQ_GAP":        32,
+		"ERROR_REASON_STREAM_SEQ_CONFLICT":     33,
+		"ERROR_REASON_STREAM_EXISTS":           34,
+		"ERROR_REASON_CONTENT_TYPE_MISMATCH":   35,
+		"ERROR_REASON_TOO_MANY_OPEN_STREAMS":   36,
+		"ERROR_REASON_STREAM_DELETED":          37,
+		"ERROR_REASON_NOT_EXTERNAL":            38,
+		"ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED": 50,
 	}
 )
 
@@ -178,7 +234,7 @@ var File_runservice_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\x8f\x06\n" +
+	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xf9\b\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -203,7 +259,17 @@ const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\x19ERROR_REASON_WATCH_LAGGED\x10\x13\x12\"\n" +
 	"\x1eERROR_REASON_STORE_UNAVAILABLE\x10\x14\x12\x1f\n" +
 	"\x1bERROR_REASON_STREAM_STALLED\x10\x15\x12!\n" +
-	"\x1dERROR_REASON_READ_TOKEN_SCOPE\x10\x16BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x1dERROR_REASON_READ_TOKEN_SCOPE\x10\x16\x12\x1e\n" +
+	"\x1aERROR_REASON_STREAM_CLOSED\x10\x1e\x12%\n" +
+	"!ERROR_REASON_PRODUCER_EPOCH_STALE\x10\x1f\x12!\n" +
+	"\x1dERROR_REASON_PRODUCER_SEQ_GAP\x10 \x12$\n" +
+	" ERROR_REASON_STREAM_SEQ_CONFLICT\x10!\x12\x1e\n" +
+	"\x1aERROR_REASON_STREAM_EXISTS\x10\"\x12&\n" +
+	"\"ERROR_REASON_CONTENT_TYPE_MISMATCH\x10#\x12&\n" +
+	"\"ERROR_REASON_TOO_MANY_OPEN_STREAMS\x10$\x12\x1f\n" +
+	"\x1bERROR_REASON_STREAM_DELETED\x10%\x12\x1d\n" +
+	"\x19ERROR_REASON_NOT_EXTERNAL\x10&\x12(\n" +
+	"$ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED\x102BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_error_reason_proto_rawDescOnce sync.Once

@@ -205,7 +205,15 @@ type Run struct {
 	// What StartRun did with a run already active on the same thread.
 	MultitaskStrategy MultitaskStrategy `protobuf:"varint,16,opt,name=multitask_strategy,json=multitaskStrategy,proto3,enum=runservice.v1.MultitaskStrategy" json:"multitask_strategy,omitempty"`
 	// The run's time limit, if one was set.
-	Timeout       *durationpb.Duration `protobuf:"bytes,17,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Timeout *durationpb.Duration `protobuf:"bytes,17,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// Output only. When the server deletes the run and its log (AIP-214): its
+	// `end_time` plus its retention (StartRunRequest.retention, else the
+	// server's `--retention`). Unset while the run is active.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The URL that receives a POST when the run ends, as StartRun was given it
+	// (StartRunRequest.webhook_url); empty when none was. The deployment's own
+	// webhook (`--webhook-url`) is not shown here.
+	WebhookUrl    string `protobuf:"bytes,19,opt,name=webhook_url,json=webhookUrl,proto3" json:"webhook_url,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -359,6 +367,20 @@ func (x *Run) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+func (x *Run) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *Run) GetWebhookUrl() string {
+	if x != nil {
+		return x.WebhookUrl
+	}
+	return ""
+}
+
 // One entry of a run's event log.
 type RunEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -381,6 +403,7 @@ type RunEvent struct {
 	//	*RunEvent_Data
 	//	*RunEvent_Text
 	//	*RunEvent_Binary
+	//	*RunEvent_Value
 	Payload isRunEvent_Payload `protobuf_oneof:"payload"`
 	// The state the run entered; set only on `run.state` events.
 	State RunState `protobuf:"varint,8,opt,name=state,proto3,enum=runservice.v1.RunState" json:"state,omitempty"`
@@ -484,6 +507,15 @@ func (x *RunEvent) GetBinary() []byte {
 	return nil
 }
 
+func (x *RunEvent) GetValue() *structpb.Value {
+	if x != nil {
+		if x, ok := x.Payload.(*RunEvent_Value); ok {
+			return x.Value
+		}
+	}
+	return nil
+}
+
 func (x *RunEvent) GetState() RunState {
 	if x != nil {
 		return x.State
@@ -517,11 +549,19 @@ type RunEvent_Binary struct {
 	Binary []byte `protobuf:"bytes,7,opt,name=binary,proto3,oneof"`
 }
 
+type RunEvent_Value struct {
+	// Any JSON value (an object, array, string, number, boolean or null):
+	// the messages of external runs fed in JSON (`/v1/streams`, AppendEvents).
+	Value *structpb.Value `protobuf:"bytes,10,opt,name=value,proto3,oneof"`
+}
+
 func (*RunEvent_Data) isRunEvent_Payload() {}
 
 func (*RunEvent_Text) isRunEvent_Payload() {}
 
 func (*RunEvent_Binary) isRunEvent_Payload() {}
+
+func (*RunEvent_Value) isRunEvent_Payload() {}
 
 // An agent this server can run.
 type Agent struct {
@@ -583,7 +623,7 @@ var File_runservice_v1_run_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_proto_rawDesc = "" +
 	"\n" +
-	"\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xa1\x06\n" +
+	"\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xff\x06\n" +
 	"\x03Run\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -606,10 +646,14 @@ const file_runservice_v1_run_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x0f \x01(\tR\trequestId\x12O\n" +
 	"\x12multitask_strategy\x18\x10 \x01(\x0e2 .runservice.v1.MultitaskStrategyR\x11multitaskStrategy\x123\n" +
-	"\atimeout\x18\x11 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x1a9\n" +
+	"\atimeout\x18\x11 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12;\n" +
+	"\vexpire_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x1f\n" +
+	"\vwebhook_url\x18\x13 \x01(\tR\n" +
+	"webhookUrl\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xba\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xea\x02\n" +
 	"\bRunEvent\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12.\n" +
@@ -617,7 +661,9 @@ const file_runservice_v1_run_proto_rawDesc = "" +
 	"\x04type\x18\x04 \x01(\tR\x04type\x12-\n" +
 	"\x04data\x18\x05 \x01(\v2\x17.google.protobuf.StructH\x00R\x04data\x12\x14\n" +
 	"\x04text\x18\x06 \x01(\tH\x00R\x04text\x12\x18\n" +
-	"\x06binary\x18\a \x01(\fH\x00R\x06binary\x12-\n" +
+	"\x06binary\x18\a \x01(\fH\x00R\x06binary\x12.\n" +
+	"\x05value\x18\n" +
+	" \x01(\v2\x16.google.protobuf.ValueH\x00R\x05value\x12-\n" +
 	"\x05state\x18\b \x01(\x0e2\x17.runservice.v1.RunStateR\x05state\x12(\n" +
 	"\x05error\x18\t \x01(\v2\x12.google.rpc.StatusR\x05errorB\t\n" +
 	"\apayload\"=\n" +
@@ -664,6 +710,7 @@ var file_runservice_v1_run_proto_goTypes = []any{
 	(*status.Status)(nil),         // 7: google.rpc.Status
 	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
 	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
+	(*structpb.Value)(nil),        // 10: google.protobuf.Value
 }
 var file_runservice_v1_run_proto_depIdxs = []int32{
 	0,  // 0: runservice.v1.Run.state:type_name -> runservice.v1.RunState
@@ -676,15 +723,17 @@ var file_runservice_v1_run_proto_depIdxs = []int32{
 	8,  // 7: runservice.v1.Run.end_time:type_name -> google.protobuf.Timestamp
 	1,  // 8: runservice.v1.Run.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
 	9,  // 9: runservice.v1.Run.timeout:type_name -> google.protobuf.Duration
-	8,  // 10: runservice.v1.RunEvent.time:type_name -> google.protobuf.Timestamp
-	6,  // 11: runservice.v1.RunEvent.data:type_name -> google.protobuf.Struct
-	0,  // 12: runservice.v1.RunEvent.state:type_name -> runservice.v1.RunState
-	7,  // 13: runservice.v1.RunEvent.error:type_name -> google.rpc.Status
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	8,  // 10: runservice.v1.Run.expire_time:type_name -> google.protobuf.Timestamp
+	8,  // 11: runservice.v1.RunEvent.time:type_name -> google.protobuf.Timestamp
+	6,  // 12: runservice.v1.RunEvent.data:type_name -> google.protobuf.Struct
+	10, // 13: runservice.v1.RunEvent.value:type_name -> google.protobuf.Value
+	0,  // 14: runservice.v1.RunEvent.state:type_name -> runservice.v1.RunState
+	7,  // 15: runservice.v1.RunEvent.error:type_name -> google.rpc.Status
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_proto_init() }
@@ -696,6 +745,7 @@ func file_runservice_v1_run_proto_init() {
 		(*RunEvent_Data)(nil),
 		(*RunEvent_Text)(nil),
 		(*RunEvent_Binary)(nil),
+		(*RunEvent_Value)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

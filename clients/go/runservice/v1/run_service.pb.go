@@ -112,7 +112,21 @@ type StartRunRequest struct {
 	Labels map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Optional. The run's time limit; a run that exceeds it ends
 	// RUN_STATE_TIMED_OUT.
-	Timeout       *durationpb.Duration `protobuf:"bytes,7,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Timeout *durationpb.Duration `protobuf:"bytes,7,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// Optional. How long the run and its log are kept after the run ends; the
+	// run's `expire_time` is its `end_time` plus this. Unset: the server's
+	// `--retention`. At least 1 second and at most the server's
+	// `--max-retention`; anything else is INVALID_ARGUMENT (reason
+	// INVALID_ARGUMENT, metadata `field` = `retention`).
+	Retention *durationpb.Duration `protobuf:"bytes,8,opt,name=retention,proto3" json:"retention,omitempty"`
+	// Optional. An http or https URL that receives a POST, signed per the
+	// Standard Webhooks scheme, when the run ends (besides the deployment's own
+	// `--webhook-url`). It must start with one of the server's `--webhook-allow`
+	// prefixes (same scheme, host and port, path under the prefix's path);
+	// anything else is INVALID_ARGUMENT (reason WEBHOOK_URL_NOT_ALLOWED,
+	// metadata `field` = `webhook_url`) and nothing is written. At most 2048
+	// characters. ListWebhookDeliveries shows each attempt.
+	WebhookUrl    string `protobuf:"bytes,9,opt,name=webhook_url,json=webhookUrl,proto3" json:"webhook_url,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -194,6 +208,20 @@ func (x *StartRunRequest) GetTimeout() *durationpb.Duration {
 		return x.Timeout
 	}
 	return nil
+}
+
+func (x *StartRunRequest) GetRetention() *durationpb.Duration {
+	if x != nil {
+		return x.Retention
+	}
+	return nil
+}
+
+func (x *StartRunRequest) GetWebhookUrl() string {
+	if x != nil {
+		return x.WebhookUrl
+	}
+	return ""
 }
 
 // Response message for StartRun.
@@ -1377,11 +1405,512 @@ func (x *CreateReadTokenResponse) GetRunId() string {
 	return ""
 }
 
+// An event for AppendEvents: its type and payload (the server sets the
+// run, seq and time).
+type EventInput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional. The event's type; default `message`. Must not start with
+	// `run.` (the server's own lifecycle events).
+	Type string `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
+	// The payload, if any.
+	//
+	// Types that are valid to be assigned to Payload:
+	//
+	//	*EventInput_Data
+	//	*EventInput_Text
+	//	*EventInput_Binary
+	//	*EventInput_Value
+	Payload       isEventInput_Payload `protobuf_oneof:"payload"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventInput) Reset() {
+	*x = EventInput{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventInput) ProtoMessage() {}
+
+func (x *EventInput) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventInput.ProtoReflect.Descriptor instead.
+func (*EventInput) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *EventInput) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *EventInput) GetPayload() isEventInput_Payload {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+func (x *EventInput) GetData() *structpb.Struct {
+	if x != nil {
+		if x, ok := x.Payload.(*EventInput_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *EventInput) GetText() string {
+	if x != nil {
+		if x, ok := x.Payload.(*EventInput_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+func (x *EventInput) GetBinary() []byte {
+	if x != nil {
+		if x, ok := x.Payload.(*EventInput_Binary); ok {
+			return x.Binary
+		}
+	}
+	return nil
+}
+
+func (x *EventInput) GetValue() *structpb.Value {
+	if x != nil {
+		if x, ok := x.Payload.(*EventInput_Value); ok {
+			return x.Value
+		}
+	}
+	return nil
+}
+
+type isEventInput_Payload interface {
+	isEventInput_Payload()
+}
+
+type EventInput_Data struct {
+	// A JSON object.
+	Data *structpb.Struct `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+type EventInput_Text struct {
+	// Text.
+	Text string `protobuf:"bytes,3,opt,name=text,proto3,oneof"`
+}
+
+type EventInput_Binary struct {
+	// Bytes.
+	Binary []byte `protobuf:"bytes,4,opt,name=binary,proto3,oneof"`
+}
+
+type EventInput_Value struct {
+	// Any JSON value.
+	Value *structpb.Value `protobuf:"bytes,5,opt,name=value,proto3,oneof"`
+}
+
+func (*EventInput_Data) isEventInput_Payload() {}
+
+func (*EventInput_Text) isEventInput_Payload() {}
+
+func (*EventInput_Binary) isEventInput_Payload() {}
+
+func (*EventInput_Value) isEventInput_Payload() {}
+
+// Request message for AppendEvents.
+type AppendEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The external run.
+	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// The events, appended together in this order (one append unit). May be
+	// empty only with `close`.
+	Events []*EventInput `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	// Optional. Makes the append idempotent: the producer's name, unique
+	// within the run.
+	ProducerId string `protobuf:"bytes,3,opt,name=producer_id,json=producerId,proto3" json:"producer_id,omitempty"`
+	// The producer's epoch (with producer_id): a new instance of the producer
+	// uses a higher epoch, starting again at seq 0.
+	ProducerEpoch int64 `protobuf:"varint,4,opt,name=producer_epoch,json=producerEpoch,proto3" json:"producer_epoch,omitempty"`
+	// The producer's seq within its epoch (with producer_id): 0, 1, 2, ...
+	ProducerSeq int64 `protobuf:"varint,5,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	// Closes the run after the events (it ends SUCCEEDED).
+	Close         bool `protobuf:"varint,6,opt,name=close,proto3" json:"close,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AppendEventsRequest) Reset() {
+	*x = AppendEventsRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AppendEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AppendEventsRequest) ProtoMessage() {}
+
+func (x *AppendEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AppendEventsRequest.ProtoReflect.Descriptor instead.
+func (*AppendEventsRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *AppendEventsRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *AppendEventsRequest) GetEvents() []*EventInput {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *AppendEventsRequest) GetProducerId() string {
+	if x != nil {
+		return x.ProducerId
+	}
+	return ""
+}
+
+func (x *AppendEventsRequest) GetProducerEpoch() int64 {
+	if x != nil {
+		return x.ProducerEpoch
+	}
+	return 0
+}
+
+func (x *AppendEventsRequest) GetProducerSeq() int64 {
+	if x != nil {
+		return x.ProducerSeq
+	}
+	return 0
+}
+
+func (x *AppendEventsRequest) GetClose() bool {
+	if x != nil {
+		return x.Close
+	}
+	return false
+}
+
+// Response message for AppendEvents.
+type AppendEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run's last seq after the append (resume reading after it).
+	LastSeq int64 `protobuf:"varint,1,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	// True when this was a retry of an append already accepted: nothing was
+	// written.
+	Duplicate bool `protobuf:"varint,2,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
+	// True when the run is closed now.
+	Closed bool `protobuf:"varint,3,opt,name=closed,proto3" json:"closed,omitempty"`
+	// The producer's epoch and highest accepted seq (with producer_id).
+	ProducerEpoch int64 `protobuf:"varint,4,opt,name=producer_epoch,json=producerEpoch,proto3" json:"producer_epoch,omitempty"`
+	ProducerSeq   int64 `protobuf:"varint,5,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AppendEventsResponse) Reset() {
+	*x = AppendEventsResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AppendEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AppendEventsResponse) ProtoMessage() {}
+
+func (x *AppendEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AppendEventsResponse.ProtoReflect.Descriptor instead.
+func (*AppendEventsResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *AppendEventsResponse) GetLastSeq() int64 {
+	if x != nil {
+		return x.LastSeq
+	}
+	return 0
+}
+
+func (x *AppendEventsResponse) GetDuplicate() bool {
+	if x != nil {
+		return x.Duplicate
+	}
+	return false
+}
+
+func (x *AppendEventsResponse) GetClosed() bool {
+	if x != nil {
+		return x.Closed
+	}
+	return false
+}
+
+func (x *AppendEventsResponse) GetProducerEpoch() int64 {
+	if x != nil {
+		return x.ProducerEpoch
+	}
+	return 0
+}
+
+func (x *AppendEventsResponse) GetProducerSeq() int64 {
+	if x != nil {
+		return x.ProducerSeq
+	}
+	return 0
+}
+
+// Request message for CloseRun.
+type CloseRunRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The external run.
+	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Optional. The run's result.
+	Result        *structpb.Struct `protobuf:"bytes,2,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseRunRequest) Reset() {
+	*x = CloseRunRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseRunRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseRunRequest) ProtoMessage() {}
+
+func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseRunRequest.ProtoReflect.Descriptor instead.
+func (*CloseRunRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *CloseRunRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *CloseRunRequest) GetResult() *structpb.Struct {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+// Response message for CloseRun.
+type CloseRunResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run, ended.
+	Run           *Run `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseRunResponse) Reset() {
+	*x = CloseRunResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseRunResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseRunResponse) ProtoMessage() {}
+
+func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseRunResponse.ProtoReflect.Descriptor instead.
+func (*CloseRunResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *CloseRunResponse) GetRun() *Run {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
+// Request message for ListWebhookDeliveries.
+type ListWebhookDeliveriesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The run's identifier.
+	RunId         string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesRequest) Reset() {
+	*x = ListWebhookDeliveriesRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesRequest) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListWebhookDeliveriesRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+// Response message for ListWebhookDeliveries.
+type ListWebhookDeliveriesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run's deliveries, the deployment's first, then the run's own.
+	Deliveries    []*WebhookDelivery `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesResponse) Reset() {
+	*x = ListWebhookDeliveriesResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesResponse) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
 var File_runservice_v1_run_service_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runservice/v1/run.proto\"\x97\x03\n" +
+	"\x1frunservice/v1/run_service.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runservice/v1/run.proto\x1a\x1brunservice/v1/webhook.proto\"\xf1\x03\n" +
 	"\x0fStartRunRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12-\n" +
 	"\x05input\x18\x02 \x01(\v2\x17.google.protobuf.StructR\x05input\x12\x1b\n" +
@@ -1390,7 +1919,10 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12B\n" +
 	"\x06labels\x18\x06 \x03(\v2*.runservice.v1.StartRunRequest.LabelsEntryR\x06labels\x123\n" +
-	"\atimeout\x18\a \x01(\v2\x19.google.protobuf.DurationR\atimeout\x1a9\n" +
+	"\atimeout\x18\a \x01(\v2\x19.google.protobuf.DurationR\atimeout\x127\n" +
+	"\tretention\x18\b \x01(\v2\x19.google.protobuf.DurationR\tretention\x12\x1f\n" +
+	"\vwebhook_url\x18\t \x01(\tR\n" +
+	"webhookUrl\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"8\n" +
@@ -1474,14 +2006,47 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x15\n" +
-	"\x06run_id\x18\x03 \x01(\tR\x05runId*\xab\x01\n" +
+	"\x06run_id\x18\x03 \x01(\tR\x05runId\"\xba\x01\n" +
+	"\n" +
+	"EventInput\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12-\n" +
+	"\x04data\x18\x02 \x01(\v2\x17.google.protobuf.StructH\x00R\x04data\x12\x14\n" +
+	"\x04text\x18\x03 \x01(\tH\x00R\x04text\x12\x18\n" +
+	"\x06binary\x18\x04 \x01(\fH\x00R\x06binary\x12.\n" +
+	"\x05value\x18\x05 \x01(\v2\x16.google.protobuf.ValueH\x00R\x05valueB\t\n" +
+	"\apayload\"\xe0\x01\n" +
+	"\x13AppendEventsRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
+	"\x06events\x18\x02 \x03(\v2\x19.runservice.v1.EventInputR\x06events\x12\x1f\n" +
+	"\vproducer_id\x18\x03 \x01(\tR\n" +
+	"producerId\x12%\n" +
+	"\x0eproducer_epoch\x18\x04 \x01(\x03R\rproducerEpoch\x12!\n" +
+	"\fproducer_seq\x18\x05 \x01(\x03R\vproducerSeq\x12\x14\n" +
+	"\x05close\x18\x06 \x01(\bR\x05close\"\xb1\x01\n" +
+	"\x14AppendEventsResponse\x12\x19\n" +
+	"\blast_seq\x18\x01 \x01(\x03R\alastSeq\x12\x1c\n" +
+	"\tduplicate\x18\x02 \x01(\bR\tduplicate\x12\x16\n" +
+	"\x06closed\x18\x03 \x01(\bR\x06closed\x12%\n" +
+	"\x0eproducer_epoch\x18\x04 \x01(\x03R\rproducerEpoch\x12!\n" +
+	"\fproducer_seq\x18\x05 \x01(\x03R\vproducerSeq\"Y\n" +
+	"\x0fCloseRunRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12/\n" +
+	"\x06result\x18\x02 \x01(\v2\x17.google.protobuf.StructR\x06result\"8\n" +
+	"\x10CloseRunResponse\x12$\n" +
+	"\x03run\x18\x01 \x01(\v2\x12.runservice.v1.RunR\x03run\"5\n" +
+	"\x1cListWebhookDeliveriesRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\"_\n" +
+	"\x1dListWebhookDeliveriesResponse\x12>\n" +
+	"\n" +
+	"deliveries\x18\x01 \x03(\v2\x1e.runservice.v1.WebhookDeliveryR\n" +
+	"deliveries*\xab\x01\n" +
 	"\tRunChange\x12\x1a\n" +
 	"\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n" +
 	"\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n" +
 	"\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n" +
 	"\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n" +
-	"\x12RUN_CHANGE_DELETED\x10\x052\xe7\x06\n" +
+	"\x12RUN_CHANGE_DELETED\x10\x052\x86\t\n" +
 	"\n" +
 	"RunService\x12K\n" +
 	"\bStartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n" +
@@ -1494,7 +2059,10 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\n" +
 	"ListAgents\x12 .runservice.v1.ListAgentsRequest\x1a!.runservice.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12b\n" +
 	"\x0eGetServerStats\x12$.runservice.v1.GetServerStatsRequest\x1a%.runservice.v1.GetServerStatsResponse\"\x03\x90\x02\x01\x12`\n" +
-	"\x0fCreateReadToken\x12%.runservice.v1.CreateReadTokenRequest\x1a&.runservice.v1.CreateReadTokenResponseBHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x0fCreateReadToken\x12%.runservice.v1.CreateReadTokenRequest\x1a&.runservice.v1.CreateReadTokenResponse\x12W\n" +
+	"\fAppendEvents\x12\".runservice.v1.AppendEventsRequest\x1a#.runservice.v1.AppendEventsResponse\x12K\n" +
+	"\bCloseRun\x12\x1e.runservice.v1.CloseRunRequest\x1a\x1f.runservice.v1.CloseRunResponse\x12w\n" +
+	"\x15ListWebhookDeliveries\x12+.runservice.v1.ListWebhookDeliveriesRequest\x1a,.runservice.v1.ListWebhookDeliveriesResponse\"\x03\x90\x02\x01BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_run_service_proto_rawDescOnce sync.Once
@@ -1509,87 +2077,109 @@ func file_runservice_v1_run_service_proto_rawDescGZIP() []byte {
 }
 
 var file_runservice_v1_run_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_runservice_v1_run_service_proto_goTypes = []any{
-	(RunChange)(0),                  // 0: runservice.v1.RunChange
-	(*StartRunRequest)(nil),         // 1: runservice.v1.StartRunRequest
-	(*StartRunResponse)(nil),        // 2: runservice.v1.StartRunResponse
-	(*GetRunRequest)(nil),           // 3: runservice.v1.GetRunRequest
-	(*GetRunResponse)(nil),          // 4: runservice.v1.GetRunResponse
-	(*ListRunsRequest)(nil),         // 5: runservice.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),        // 6: runservice.v1.ListRunsResponse
-	(*StopRunRequest)(nil),          // 7: runservice.v1.StopRunRequest
-	(*StopRunResponse)(nil),         // 8: runservice.v1.StopRunResponse
-	(*SubscribeRequest)(nil),        // 9: runservice.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),       // 10: runservice.v1.SubscribeResponse
-	(*DeleteRunRequest)(nil),        // 11: runservice.v1.DeleteRunRequest
-	(*DeleteRunResponse)(nil),       // 12: runservice.v1.DeleteRunResponse
-	(*WatchRunsRequest)(nil),        // 13: runservice.v1.WatchRunsRequest
-	(*WatchRunsResponse)(nil),       // 14: runservice.v1.WatchRunsResponse
-	(*ListAgentsRequest)(nil),       // 15: runservice.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),      // 16: runservice.v1.ListAgentsResponse
-	(*GetServerStatsRequest)(nil),   // 17: runservice.v1.GetServerStatsRequest
-	(*GetServerStatsResponse)(nil),  // 18: runservice.v1.GetServerStatsResponse
-	(*CreateReadTokenRequest)(nil),  // 19: runservice.v1.CreateReadTokenRequest
-	(*CreateReadTokenResponse)(nil), // 20: runservice.v1.CreateReadTokenResponse
-	nil,                             // 21: runservice.v1.StartRunRequest.LabelsEntry
-	nil,                             // 22: runservice.v1.ListRunsRequest.LabelsEntry
-	nil,                             // 23: runservice.v1.WatchRunsRequest.LabelsEntry
-	(*structpb.Struct)(nil),         // 24: google.protobuf.Struct
-	(MultitaskStrategy)(0),          // 25: runservice.v1.MultitaskStrategy
-	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
-	(*Run)(nil),                     // 27: runservice.v1.Run
-	(RunState)(0),                   // 28: runservice.v1.RunState
-	(*RunEvent)(nil),                // 29: runservice.v1.RunEvent
-	(*Agent)(nil),                   // 30: runservice.v1.Agent
-	(*timestamppb.Timestamp)(nil),   // 31: google.protobuf.Timestamp
+	(RunChange)(0),                        // 0: runservice.v1.RunChange
+	(*StartRunRequest)(nil),               // 1: runservice.v1.StartRunRequest
+	(*StartRunResponse)(nil),              // 2: runservice.v1.StartRunResponse
+	(*GetRunRequest)(nil),                 // 3: runservice.v1.GetRunRequest
+	(*GetRunResponse)(nil),                // 4: runservice.v1.GetRunResponse
+	(*ListRunsRequest)(nil),               // 5: runservice.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),              // 6: runservice.v1.ListRunsResponse
+	(*StopRunRequest)(nil),                // 7: runservice.v1.StopRunRequest
+	(*StopRunResponse)(nil),               // 8: runservice.v1.StopRunResponse
+	(*SubscribeRequest)(nil),              // 9: runservice.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),             // 10: runservice.v1.SubscribeResponse
+	(*DeleteRunRequest)(nil),              // 11: runservice.v1.DeleteRunRequest
+	(*DeleteRunResponse)(nil),             // 12: runservice.v1.DeleteRunResponse
+	(*WatchRunsRequest)(nil),              // 13: runservice.v1.WatchRunsRequest
+	(*WatchRunsResponse)(nil),             // 14: runservice.v1.WatchRunsResponse
+	(*ListAgentsRequest)(nil),             // 15: runservice.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),            // 16: runservice.v1.ListAgentsResponse
+	(*GetServerStatsRequest)(nil),         // 17: runservice.v1.GetServerStatsRequest
+	(*GetServerStatsResponse)(nil),        // 18: runservice.v1.GetServerStatsResponse
+	(*CreateReadTokenRequest)(nil),        // 19: runservice.v1.CreateReadTokenRequest
+	(*CreateReadTokenResponse)(nil),       // 20: runservice.v1.CreateReadTokenResponse
+	(*EventInput)(nil),                    // 21: runservice.v1.EventInput
+	(*AppendEventsRequest)(nil),           // 22: runservice.v1.AppendEventsRequest
+	(*AppendEventsResponse)(nil),          // 23: runservice.v1.AppendEventsResponse
+	(*CloseRunRequest)(nil),               // 24: runservice.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),              // 25: runservice.v1.CloseRunResponse
+	(*ListWebhookDeliveriesRequest)(nil),  // 26: runservice.v1.ListWebhookDeliveriesRequest
+	(*ListWebhookDeliveriesResponse)(nil), // 27: runservice.v1.ListWebhookDeliveriesResponse
+	nil,                                   // 28: runservice.v1.StartRunRequest.LabelsEntry
+	nil,                                   // 29: runservice.v1.ListRunsRequest.LabelsEntry
+	nil,                                   // 30: runservice.v1.WatchRunsRequest.LabelsEntry
+	(*structpb.Struct)(nil),               // 31: google.protobuf.Struct
+	(MultitaskStrategy)(0),                // 32: runservice.v1.MultitaskStrategy
+	(*durationpb.Duration)(nil),           // 33: google.protobuf.Duration
+	(*Run)(nil),                           // 34: runservice.v1.Run
+	(RunState)(0),                         // 35: runservice.v1.RunState
+	(*RunEvent)(nil),                      // 36: runservice.v1.RunEvent
+	(*Agent)(nil),                         // 37: runservice.v1.Agent
+	(*timestamppb.Timestamp)(nil),         // 38: google.protobuf.Timestamp
+	(*structpb.Value)(nil),                // 39: google.protobuf.Value
+	(*WebhookDelivery)(nil),               // 40: runservice.v1.WebhookDelivery
 }
 var file_runservice_v1_run_service_proto_depIdxs = []int32{
-	24, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
-	25, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
-	21, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
-	26, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
-	27, // 4: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
-	27, // 5: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
-	28, // 6: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
-	22, // 7: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
-	27, // 8: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
-	27, // 9: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
-	29, // 10: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
-	28, // 11: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
-	23, // 12: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
-	0,  // 13: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
-	27, // 14: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
-	30, // 15: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
-	31, // 16: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
-	26, // 17: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
-	26, // 18: runservice.v1.CreateReadTokenRequest.ttl:type_name -> google.protobuf.Duration
-	31, // 19: runservice.v1.CreateReadTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	1,  // 20: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
-	3,  // 21: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
-	5,  // 22: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
-	7,  // 23: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
-	9,  // 24: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
-	11, // 25: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
-	13, // 26: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
-	15, // 27: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
-	17, // 28: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
-	19, // 29: runservice.v1.RunService.CreateReadToken:input_type -> runservice.v1.CreateReadTokenRequest
-	2,  // 30: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
-	4,  // 31: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
-	6,  // 32: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
-	8,  // 33: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
-	10, // 34: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
-	12, // 35: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
-	14, // 36: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
-	16, // 37: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
-	18, // 38: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
-	20, // 39: runservice.v1.RunService.CreateReadToken:output_type -> runservice.v1.CreateReadTokenResponse
-	30, // [30:40] is the sub-list for method output_type
-	20, // [20:30] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	31, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
+	32, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
+	28, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
+	33, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
+	33, // 4: runservice.v1.StartRunRequest.retention:type_name -> google.protobuf.Duration
+	34, // 5: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
+	34, // 6: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
+	35, // 7: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
+	29, // 8: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
+	34, // 9: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
+	34, // 10: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
+	36, // 11: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
+	35, // 12: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
+	30, // 13: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
+	0,  // 14: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
+	34, // 15: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
+	37, // 16: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
+	38, // 17: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
+	33, // 18: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
+	33, // 19: runservice.v1.CreateReadTokenRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 20: runservice.v1.CreateReadTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	31, // 21: runservice.v1.EventInput.data:type_name -> google.protobuf.Struct
+	39, // 22: runservice.v1.EventInput.value:type_name -> google.protobuf.Value
+	21, // 23: runservice.v1.AppendEventsRequest.events:type_name -> runservice.v1.EventInput
+	31, // 24: runservice.v1.CloseRunRequest.result:type_name -> google.protobuf.Struct
+	34, // 25: runservice.v1.CloseRunResponse.run:type_name -> runservice.v1.Run
+	40, // 26: runservice.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> runservice.v1.WebhookDelivery
+	1,  // 27: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
+	3,  // 28: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
+	5,  // 29: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
+	7,  // 30: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
+	9,  // 31: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
+	11, // 32: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
+	13, // 33: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
+	15, // 34: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
+	17, // 35: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
+	19, // 36: runservice.v1.RunService.CreateReadToken:input_type -> runservice.v1.CreateReadTokenRequest
+	22, // 37: runservice.v1.RunService.AppendEvents:input_type -> runservice.v1.AppendEventsRequest
+	24, // 38: runservice.v1.RunService.CloseRun:input_type -> runservice.v1.CloseRunRequest
+	26, // 39: runservice.v1.RunService.ListWebhookDeliveries:input_type -> runservice.v1.ListWebhookDeliveriesRequest
+	2,  // 40: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
+	4,  // 41: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
+	6,  // 42: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
+	8,  // 43: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
+	10, // 44: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
+	12, // 45: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
+	14, // 46: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
+	16, // 47: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
+	18, // 48: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
+	20, // 49: runservice.v1.RunService.CreateReadToken:output_type -> runservice.v1.CreateReadTokenResponse
+	23, // 50: runservice.v1.RunService.AppendEvents:output_type -> runservice.v1.AppendEventsResponse
+	25, // 51: runservice.v1.RunService.CloseRun:output_type -> runservice.v1.CloseRunResponse
+	27, // 52: runservice.v1.RunService.ListWebhookDeliveries:output_type -> runservice.v1.ListWebhookDeliveriesResponse
+	40, // [40:53] is the sub-list for method output_type
+	27, // [27:40] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_service_proto_init() }
@@ -1598,13 +2188,20 @@ func file_runservice_v1_run_service_proto_init() {
 		return
 	}
 	file_runservice_v1_run_proto_init()
+	file_runservice_v1_webhook_proto_init()
+	file_runservice_v1_run_service_proto_msgTypes[20].OneofWrappers = []any{
+		(*EventInput_Data)(nil),
+		(*EventInput_Text)(nil),
+		(*EventInput_Binary)(nil),
+		(*EventInput_Value)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runservice_v1_run_service_proto_rawDesc), len(file_runservice_v1_run_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   23,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,16 +19,19 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RunService_StartRun_FullMethodName        = "/runservice.v1.RunService/StartRun"
-	RunService_GetRun_FullMethodName          = "/runservice.v1.RunService/GetRun"
-	RunService_ListRuns_FullMethodName        = "/runservice.v1.RunService/ListRuns"
-	RunService_StopRun_FullMethodName         = "/runservice.v1.RunService/StopRun"
-	RunService_Subscribe_FullMethodName       = "/runservice.v1.RunService/Subscribe"
-	RunService_DeleteRun_FullMethodName       = "/runservice.v1.RunService/DeleteRun"
-	RunService_WatchRuns_FullMethodName       = "/runservice.v1.RunService/WatchRuns"
-	RunService_ListAgents_FullMethodName      = "/runservice.v1.RunService/ListAgents"
-	RunService_GetServerStats_FullMethodName  = "/runservice.v1.RunService/GetServerStats"
-	RunService_CreateReadToken_FullMethodName = "/runservice.v1.RunService/CreateReadToken"
+	RunService_StartRun_FullMethodName              = "/runservice.v1.RunService/StartRun"
+	RunService_GetRun_FullMethodName                = "/runservice.v1.RunService/GetRun"
+	RunService_ListRuns_FullMethodName              = "/runservice.v1.RunService/ListRuns"
+	RunService_StopRun_FullMethodName               = "/runservice.v1.RunService/StopRun"
+	RunService_Subscribe_FullMethodName             = "/runservice.v1.RunService/Subscribe"
+	RunService_DeleteRun_FullMethodName             = "/runservice.v1.RunService/DeleteRun"
+	RunService_WatchRuns_FullMethodName             = "/runservice.v1.RunService/WatchRuns"
+	RunService_ListAgents_FullMethodName            = "/runservice.v1.RunService/ListAgents"
+	RunService_GetServerStats_FullMethodName        = "/runservice.v1.RunService/GetServerStats"
+	RunService_CreateReadToken_FullMethodName       = "/runservice.v1.RunService/CreateReadToken"
+	RunService_AppendEvents_FullMethodName          = "/runservice.v1.RunService/AppendEvents"
+	RunService_CloseRun_FullMethodName              = "/runservice.v1.RunService/CloseRun"
+	RunService_ListWebhookDeliveries_FullMethodName = "/runservice.v1.RunService/ListWebhookDeliveries"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -90,6 +93,27 @@ type RunServiceClient interface {
 	// PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
 	// Not idempotent: each call returns a new token.
 	CreateReadToken(ctx context.Context, in *CreateReadTokenRequest, opts ...grpc.CallOption) (*CreateReadTokenResponse, error)
+	// Appends events to an external run: a run of the built-in agent
+	// `external` (StartRun with agent "external", or a stream created at
+	// `/v1/streams/{path}`), whose events come from producers outside the
+	// server. The events are committed together, at the next seqs, and reach
+	// every subscriber as any run's events do. With `producer_id`, the append
+	// is idempotent per (run, producer_id): `producer_epoch` fences older
+	// instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+	// follow the last accepted one; a retry of an accepted seq is answered
+	// again (`duplicate`) without writing anything. `close` ends the run
+	// SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+	// ended run, NOT_EXTERNAL on an agent's run.
+	AppendEvents(ctx context.Context, in *AppendEventsRequest, opts ...grpc.CallOption) (*AppendEventsResponse, error)
+	// Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+	// run already closed is returned as it is.
+	CloseRun(ctx context.Context, in *CloseRunRequest, opts ...grpc.CallOption) (*CloseRunResponse, error)
+	// Lists the webhook deliveries of a run that ended: one for the
+	// deployment's `--webhook-url` and one for the run's own `webhook_url`,
+	// each with every attempt so far and its outcome. Empty while the run is
+	// active, and for a run no webhook was configured for. Another user's run
+	// is NOT_FOUND, as for GetRun.
+	ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error)
 }
 
 type runServiceClient struct {
@@ -218,6 +242,36 @@ func (c *runServiceClient) CreateReadToken(ctx context.Context, in *CreateReadTo
 	return out, nil
 }
 
+func (c *runServiceClient) AppendEvents(ctx context.Context, in *AppendEventsRequest, opts ...grpc.CallOption) (*AppendEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AppendEventsResponse)
+	err := c.cc.Invoke(ctx, RunService_AppendEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *runServiceClient) CloseRun(ctx context.Context, in *CloseRunRequest, opts ...grpc.CallOption) (*CloseRunResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CloseRunResponse)
+	err := c.cc.Invoke(ctx, RunService_CloseRun_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *runServiceClient) ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhookDeliveriesResponse)
+	err := c.cc.Invoke(ctx, RunService_ListWebhookDeliveries_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -277,6 +331,27 @@ type RunServiceServer interface {
 	// PERMISSION_DENIED (READ_TOKEN_SCOPE); another run's id with NOT_FOUND.
 	// Not idempotent: each call returns a new token.
 	CreateReadToken(context.Context, *CreateReadTokenRequest) (*CreateReadTokenResponse, error)
+	// Appends events to an external run: a run of the built-in agent
+	// `external` (StartRun with agent "external", or a stream created at
+	// `/v1/streams/{path}`), whose events come from producers outside the
+	// server. The events are committed together, at the next seqs, and reach
+	// every subscriber as any run's events do. With `producer_id`, the append
+	// is idempotent per (run, producer_id): `producer_epoch` fences older
+	// instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+	// follow the last accepted one; a retry of an accepted seq is answered
+	// again (`duplicate`) without writing anything. `close` ends the run
+	// SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+	// ended run, NOT_EXTERNAL on an agent's run.
+	AppendEvents(context.Context, *AppendEventsRequest) (*AppendEventsResponse, error)
+	// Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+	// run already closed is returned as it is.
+	CloseRun(context.Context, *CloseRunRequest) (*CloseRunResponse, error)
+	// Lists the webhook deliveries of a run that ended: one for the
+	// deployment's `--webhook-url` and one for the run's own `webhook_url`,
+	// each with every attempt so far and its outcome. Empty while the run is
+	// active, and for a run no webhook was configured for. Another user's run
+	// is NOT_FOUND, as for GetRun.
+	ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error)
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -316,6 +391,15 @@ func (UnimplementedRunServiceServer) GetServerStats(context.Context, *GetServerS
 }
 func (UnimplementedRunServiceServer) CreateReadToken(context.Context, *CreateReadTokenRequest) (*CreateReadTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateReadToken not implemented")
+}
+func (UnimplementedRunServiceServer) AppendEvents(context.Context, *AppendEventsRequest) (*AppendEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AppendEvents not implemented")
+}
+func (UnimplementedRunServiceServer) CloseRun(context.Context, *CloseRunRequest) (*CloseRunResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CloseRun not implemented")
+}
+func (UnimplementedRunServiceServer) ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhookDeliveries not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -504,6 +588,60 @@ func _RunService_CreateReadToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RunService_AppendEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AppendEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).AppendEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_AppendEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).AppendEvents(ctx, req.(*AppendEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RunService_CloseRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CloseRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).CloseRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_CloseRun_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).CloseRun(ctx, req.(*CloseRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RunService_ListWebhookDeliveries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhookDeliveriesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).ListWebhookDeliveries(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_ListWebhookDeliveries_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).ListWebhookDeliveries(ctx, req.(*ListWebhookDeliveriesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -542,6 +680,18 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateReadToken",
 			Handler:    _RunService_CreateReadToken_Handler,
+		},
+		{
+			MethodName: "AppendEvents",
+			Handler:    _RunService_AppendEvents_Handler,
+		},
+		{
+			MethodName: "CloseRun",
+			Handler:    _RunService_CloseRun_Handler,
+		},
+		{
+			MethodName: "ListWebhookDeliveries",
+			Handler:    _RunService_ListWebhookDeliveries_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

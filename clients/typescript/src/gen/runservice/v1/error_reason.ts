@@ -108,6 +108,62 @@ export enum ErrorReason {
    * credentials for anything else.
    */
   ERROR_REASON_READ_TOKEN_SCOPE = 22,
+  /**
+   * ERROR_REASON_STREAM_CLOSED - FAILED_PRECONDITION (HTTP 409 on /v1/streams). The external run is closed
+   * (or stopped): nothing more can be appended. Metadata `last_seq` gives its
+   * final position.
+   */
+  ERROR_REASON_STREAM_CLOSED = 30,
+  /**
+   * ERROR_REASON_PRODUCER_EPOCH_STALE - FAILED_PRECONDITION (HTTP 403 on /v1/streams). The producer's epoch is
+   * older than the epoch it last used: a newer instance of the producer took
+   * over (zombie fencing). Metadata `epoch` gives the current epoch.
+   */
+  ERROR_REASON_PRODUCER_EPOCH_STALE = 31,
+  /**
+   * ERROR_REASON_PRODUCER_SEQ_GAP - FAILED_PRECONDITION (HTTP 409 on /v1/streams, or 400 for a new epoch that
+   * does not start at seq 0). The producer's seq is not the next one: an
+   * earlier append is missing. Metadata `expected_seq` and `received_seq`.
+   */
+  ERROR_REASON_PRODUCER_SEQ_GAP = 32,
+  /**
+   * ERROR_REASON_STREAM_SEQ_CONFLICT - FAILED_PRECONDITION (HTTP 409). `Stream-Seq` was not greater, bytewise,
+   * than the last one accepted on the stream.
+   */
+  ERROR_REASON_STREAM_SEQ_CONFLICT = 33,
+  /**
+   * ERROR_REASON_STREAM_EXISTS - ALREADY_EXISTS (HTTP 409). A stream exists at that path with another
+   * configuration (content type, TTL, expiry, fork).
+   */
+  ERROR_REASON_STREAM_EXISTS = 34,
+  /**
+   * ERROR_REASON_CONTENT_TYPE_MISMATCH - FAILED_PRECONDITION (HTTP 409). The content type differs from the
+   * stream's, or the payload does not suit it (JSON for a byte stream).
+   */
+  ERROR_REASON_CONTENT_TYPE_MISMATCH = 35,
+  /**
+   * ERROR_REASON_TOO_MANY_OPEN_STREAMS - RESOURCE_EXHAUSTED. The caller (or the server) has as many open external
+   * runs as `--max-open-streams-per-user` (`--max-open-streams`) allow. Close
+   * or delete one.
+   */
+  ERROR_REASON_TOO_MANY_OPEN_STREAMS = 36,
+  /**
+   * ERROR_REASON_STREAM_DELETED - NOT_FOUND (HTTP 410 on /v1/streams). The stream was deleted while forks
+   * of it lived; its path is taken until the last fork goes.
+   */
+  ERROR_REASON_STREAM_DELETED = 37,
+  /**
+   * ERROR_REASON_NOT_EXTERNAL - FAILED_PRECONDITION. Appends and CloseRun are for external runs (agent
+   * `external`); this run's events come from its agent.
+   */
+  ERROR_REASON_NOT_EXTERNAL = 38,
+  /**
+   * ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED - INVALID_ARGUMENT. StartRunRequest.webhook_url is not under any of the
+   * server's `--webhook-allow` prefixes (or the server allows none). Metadata
+   * `field` is `webhook_url`. Use a URL under an allowed prefix, or leave the
+   * field empty.
+   */
+  ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED = 50,
   UNRECOGNIZED = -1,
 }
 
@@ -182,6 +238,36 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 22:
     case "ERROR_REASON_READ_TOKEN_SCOPE":
       return ErrorReason.ERROR_REASON_READ_TOKEN_SCOPE;
+    case 30:
+    case "ERROR_REASON_STREAM_CLOSED":
+      return ErrorReason.ERROR_REASON_STREAM_CLOSED;
+    case 31:
+    case "ERROR_REASON_PRODUCER_EPOCH_STALE":
+      return ErrorReason.ERROR_REASON_PRODUCER_EPOCH_STALE;
+    case 32:
+    case "ERROR_REASON_PRODUCER_SEQ_GAP":
+      return ErrorReason.ERROR_REASON_PRODUCER_SEQ_GAP;
+    case 33:
+    case "ERROR_REASON_STREAM_SEQ_CONFLICT":
+      return ErrorReason.ERROR_REASON_STREAM_SEQ_CONFLICT;
+    case 34:
+    case "ERROR_REASON_STREAM_EXISTS":
+      return ErrorReason.ERROR_REASON_STREAM_EXISTS;
+    case 35:
+    case "ERROR_REASON_CONTENT_TYPE_MISMATCH":
+      return ErrorReason.ERROR_REASON_CONTENT_TYPE_MISMATCH;
+    case 36:
+    case "ERROR_REASON_TOO_MANY_OPEN_STREAMS":
+      return ErrorReason.ERROR_REASON_TOO_MANY_OPEN_STREAMS;
+    case 37:
+    case "ERROR_REASON_STREAM_DELETED":
+      return ErrorReason.ERROR_REASON_STREAM_DELETED;
+    case 38:
+    case "ERROR_REASON_NOT_EXTERNAL":
+      return ErrorReason.ERROR_REASON_NOT_EXTERNAL;
+    case 50:
+    case "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED":
+      return ErrorReason.ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -237,6 +323,26 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_STREAM_STALLED";
     case ErrorReason.ERROR_REASON_READ_TOKEN_SCOPE:
       return "ERROR_REASON_READ_TOKEN_SCOPE";
+    case ErrorReason.ERROR_REASON_STREAM_CLOSED:
+      return "ERROR_REASON_STREAM_CLOSED";
+    case ErrorReason.ERROR_REASON_PRODUCER_EPOCH_STALE:
+      return "ERROR_REASON_PRODUCER_EPOCH_STALE";
+    case ErrorReason.ERROR_REASON_PRODUCER_SEQ_GAP:
+      return "ERROR_REASON_PRODUCER_SEQ_GAP";
+    case ErrorReason.ERROR_REASON_STREAM_SEQ_CONFLICT:
+      return "ERROR_REASON_STREAM_SEQ_CONFLICT";
+    case ErrorReason.ERROR_REASON_STREAM_EXISTS:
+      return "ERROR_REASON_STREAM_EXISTS";
+    case ErrorReason.ERROR_REASON_CONTENT_TYPE_MISMATCH:
+      return "ERROR_REASON_CONTENT_TYPE_MISMATCH";
+    case ErrorReason.ERROR_REASON_TOO_MANY_OPEN_STREAMS:
+      return "ERROR_REASON_TOO_MANY_OPEN_STREAMS";
+    case ErrorReason.ERROR_REASON_STREAM_DELETED:
+      return "ERROR_REASON_STREAM_DELETED";
+    case ErrorReason.ERROR_REASON_NOT_EXTERNAL:
+      return "ERROR_REASON_NOT_EXTERNAL";
+    case ErrorReason.ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED:
+      return "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

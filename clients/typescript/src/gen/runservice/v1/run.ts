@@ -7,7 +7,7 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Duration } from "../../google/protobuf/duration";
-import { Struct } from "../../google/protobuf/struct";
+import { Struct, Value } from "../../google/protobuf/struct";
 import { Timestamp } from "../../google/protobuf/timestamp";
 import { Status } from "../../google/rpc/status";
 
@@ -224,7 +224,23 @@ export interface Run {
   /** What StartRun did with a run already active on the same thread. */
   multitaskStrategy: MultitaskStrategy;
   /** The run's time limit, if one was set. */
-  timeout: Duration | undefined;
+  timeout:
+    | Duration
+    | undefined;
+  /**
+   * Output only. When the server deletes the run and its log (AIP-214): its
+   * `end_time` plus its retention (StartRunRequest.retention, else the
+   * server's `--retention`). Unset while the run is active.
+   */
+  expireTime:
+    | Date
+    | undefined;
+  /**
+   * The URL that receives a POST when the run ends, as StartRun was given it
+   * (StartRunRequest.webhook_url); empty when none was. The deployment's own
+   * webhook (`--webhook-url`) is not shown here.
+   */
+  webhookUrl: string;
 }
 
 export interface Run_LabelsEntry {
@@ -266,6 +282,13 @@ export interface RunEvent {
   binary?:
     | Buffer
     | undefined;
+  /**
+   * Any JSON value (an object, array, string, number, boolean or null):
+   * the messages of external runs fed in JSON (`/v1/streams`, AppendEvents).
+   */
+  value?:
+    | any
+    | undefined;
   /** The state the run entered; set only on `run.state` events. */
   state: RunState;
   /**
@@ -306,6 +329,8 @@ function createBaseRun(): Run {
     requestId: "",
     multitaskStrategy: 0,
     timeout: undefined,
+    expireTime: undefined,
+    webhookUrl: "",
   };
 }
 
@@ -364,6 +389,12 @@ export const Run: MessageFns<Run> = {
     }
     if (message.timeout !== undefined) {
       Duration.encode(message.timeout, writer.uint32(138).fork()).join();
+    }
+    if (message.expireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.expireTime), writer.uint32(146).fork()).join();
+    }
+    if (message.webhookUrl !== "") {
+      writer.uint32(154).string(message.webhookUrl);
     }
     return writer;
   },
@@ -520,6 +551,22 @@ export const Run: MessageFns<Run> = {
             message.timeout = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.expireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.webhookUrl = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -596,6 +643,16 @@ export const Run: MessageFns<Run> = {
         ? multitaskStrategyFromJSON(object.multitask_strategy)
         : 0,
       timeout: isSet(object.timeout) ? Duration.fromJSON(object.timeout) : undefined,
+      expireTime: isSet(object.expireTime)
+        ? fromJsonTimestamp(object.expireTime)
+        : isSet(object.expire_time)
+        ? fromJsonTimestamp(object.expire_time)
+        : undefined,
+      webhookUrl: isSet(object.webhookUrl)
+        ? globalThis.String(object.webhookUrl)
+        : isSet(object.webhook_url)
+        ? globalThis.String(object.webhook_url)
+        : "",
     };
   },
 
@@ -658,6 +715,12 @@ export const Run: MessageFns<Run> = {
     if (message.timeout !== undefined) {
       obj.timeout = Duration.toJSON(message.timeout);
     }
+    if (message.expireTime !== undefined) {
+      obj.expireTime = message.expireTime.toISOString();
+    }
+    if (message.webhookUrl !== "") {
+      obj.webhookUrl = message.webhookUrl;
+    }
     return obj;
   },
 
@@ -695,6 +758,8 @@ export const Run: MessageFns<Run> = {
     message.timeout = (object.timeout !== undefined && object.timeout !== null)
       ? Duration.fromPartial(object.timeout)
       : undefined;
+    message.expireTime = object.expireTime ?? undefined;
+    message.webhookUrl = object.webhookUrl ?? "";
     return message;
   },
 };
@@ -793,6 +858,7 @@ function createBaseRunEvent(): RunEvent {
     data: undefined,
     text: undefined,
     binary: undefined,
+    value: undefined,
     state: 0,
     error: undefined,
   };
@@ -823,6 +889,9 @@ export const RunEvent: MessageFns<RunEvent> = {
     }
     if (message.binary !== undefined) {
       writer.uint32(58).bytes(message.binary);
+    }
+    if (message.value !== undefined) {
+      Value.encode(Value.wrap(message.value), writer.uint32(82).fork()).join();
     }
     if (message.state !== 0) {
       writer.uint32(64).int32(message.state);
@@ -902,6 +971,14 @@ export const RunEvent: MessageFns<RunEvent> = {
             message.binary = Buffer.from(reader.bytes());
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.value = Value.unwrap(Value.decode(reader, reader.uint32()));
+            continue;
+          }
           case 8: {
             if (tag !== 64) {
               break;
@@ -943,6 +1020,7 @@ export const RunEvent: MessageFns<RunEvent> = {
       data: isObject(object.data) ? object.data : undefined,
       text: isSet(object.text) ? globalThis.String(object.text) : undefined,
       binary: isSet(object.binary) ? Buffer.from(bytesFromBase64(object.binary)) : undefined,
+      value: isSet(object?.value) ? object.value : undefined,
       state: isSet(object.state) ? runStateFromJSON(object.state) : 0,
       error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
     };
@@ -971,6 +1049,9 @@ export const RunEvent: MessageFns<RunEvent> = {
     if (message.binary !== undefined) {
       obj.binary = base64FromBytes(message.binary);
     }
+    if (message.value !== undefined) {
+      obj.value = message.value;
+    }
     if (message.state !== 0) {
       obj.state = runStateToJSON(message.state);
     }
@@ -992,6 +1073,7 @@ export const RunEvent: MessageFns<RunEvent> = {
     message.data = object.data ?? undefined;
     message.text = object.text ?? undefined;
     message.binary = object.binary ?? undefined;
+    message.value = object.value === undefined ? undefined : object.value;
     message.state = object.state ?? 0;
     message.error = (object.error !== undefined && object.error !== null)
       ? Status.fromPartial(object.error)

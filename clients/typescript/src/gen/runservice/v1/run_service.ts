@@ -21,7 +21,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { Duration } from "../../google/protobuf/duration";
-import { Struct } from "../../google/protobuf/struct";
+import { Struct, Value } from "../../google/protobuf/struct";
 import { Timestamp } from "../../google/protobuf/timestamp";
 import {
   Agent,
@@ -34,6 +34,7 @@ import {
   runStateFromJSON,
   runStateToJSON,
 } from "./run";
+import { WebhookDelivery } from "./webhook";
 
 export const protobufPackage = "runservice.v1";
 
@@ -137,7 +138,29 @@ export interface StartRunRequest {
    * Optional. The run's time limit; a run that exceeds it ends
    * RUN_STATE_TIMED_OUT.
    */
-  timeout: Duration | undefined;
+  timeout:
+    | Duration
+    | undefined;
+  /**
+   * Optional. How long the run and its log are kept after the run ends; the
+   * run's `expire_time` is its `end_time` plus this. Unset: the server's
+   * `--retention`. At least 1 second and at most the server's
+   * `--max-retention`; anything else is INVALID_ARGUMENT (reason
+   * INVALID_ARGUMENT, metadata `field` = `retention`).
+   */
+  retention:
+    | Duration
+    | undefined;
+  /**
+   * Optional. An http or https URL that receives a POST, signed per the
+   * Standard Webhooks scheme, when the run ends (besides the deployment's own
+   * `--webhook-url`). It must start with one of the server's `--webhook-allow`
+   * prefixes (same scheme, host and port, path under the prefix's path);
+   * anything else is INVALID_ARGUMENT (reason WEBHOOK_URL_NOT_ALLOWED,
+   * metadata `field` = `webhook_url`) and nothing is written. At most 2048
+   * characters. ListWebhookDeliveries shows each attempt.
+   */
+  webhookUrl: string;
 }
 
 export interface StartRunRequest_LabelsEntry {
@@ -411,6 +434,99 @@ export interface CreateReadTokenResponse {
   runId: string;
 }
 
+/**
+ * An event for AppendEvents: its type and payload (the server sets the
+ * run, seq and time).
+ */
+export interface EventInput {
+  /**
+   * Optional. The event's type; default `message`. Must not start with
+   * `run.` (the server's own lifecycle events).
+   */
+  type: string;
+  /** A JSON object. */
+  data?:
+    | { [key: string]: any }
+    | undefined;
+  /** Text. */
+  text?:
+    | string
+    | undefined;
+  /** Bytes. */
+  binary?:
+    | Buffer
+    | undefined;
+  /** Any JSON value. */
+  value?: any | undefined;
+}
+
+/** Request message for AppendEvents. */
+export interface AppendEventsRequest {
+  /** Required. The external run. */
+  runId: string;
+  /**
+   * The events, appended together in this order (one append unit). May be
+   * empty only with `close`.
+   */
+  events: EventInput[];
+  /**
+   * Optional. Makes the append idempotent: the producer's name, unique
+   * within the run.
+   */
+  producerId: string;
+  /**
+   * The producer's epoch (with producer_id): a new instance of the producer
+   * uses a higher epoch, starting again at seq 0.
+   */
+  producerEpoch: bigint;
+  /** The producer's seq within its epoch (with producer_id): 0, 1, 2, ... */
+  producerSeq: bigint;
+  /** Closes the run after the events (it ends SUCCEEDED). */
+  close: boolean;
+}
+
+/** Response message for AppendEvents. */
+export interface AppendEventsResponse {
+  /** The run's last seq after the append (resume reading after it). */
+  lastSeq: bigint;
+  /**
+   * True when this was a retry of an append already accepted: nothing was
+   * written.
+   */
+  duplicate: boolean;
+  /** True when the run is closed now. */
+  closed: boolean;
+  /** The producer's epoch and highest accepted seq (with producer_id). */
+  producerEpoch: bigint;
+  producerSeq: bigint;
+}
+
+/** Request message for CloseRun. */
+export interface CloseRunRequest {
+  /** Required. The external run. */
+  runId: string;
+  /** Optional. The run's result. */
+  result: { [key: string]: any } | undefined;
+}
+
+/** Response message for CloseRun. */
+export interface CloseRunResponse {
+  /** The run, ended. */
+  run: Run | undefined;
+}
+
+/** Request message for ListWebhookDeliveries. */
+export interface ListWebhookDeliveriesRequest {
+  /** Required. The run's identifier. */
+  runId: string;
+}
+
+/** Response message for ListWebhookDeliveries. */
+export interface ListWebhookDeliveriesResponse {
+  /** The run's deliveries, the deployment's first, then the run's own. */
+  deliveries: WebhookDelivery[];
+}
+
 function createBaseStartRunRequest(): StartRunRequest {
   return {
     agent: "",
@@ -420,6 +536,8 @@ function createBaseStartRunRequest(): StartRunRequest {
     requestId: "",
     labels: {},
     timeout: undefined,
+    retention: undefined,
+    webhookUrl: "",
   };
 }
 
@@ -445,6 +563,12 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
     });
     if (message.timeout !== undefined) {
       Duration.encode(message.timeout, writer.uint32(58).fork()).join();
+    }
+    if (message.retention !== undefined) {
+      Duration.encode(message.retention, writer.uint32(66).fork()).join();
+    }
+    if (message.webhookUrl !== "") {
+      writer.uint32(74).string(message.webhookUrl);
     }
     return writer;
   },
@@ -521,6 +645,22 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
             message.timeout = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.retention = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.webhookUrl = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -567,6 +707,12 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
         )
         : {},
       timeout: isSet(object.timeout) ? Duration.fromJSON(object.timeout) : undefined,
+      retention: isSet(object.retention) ? Duration.fromJSON(object.retention) : undefined,
+      webhookUrl: isSet(object.webhookUrl)
+        ? globalThis.String(object.webhookUrl)
+        : isSet(object.webhook_url)
+        ? globalThis.String(object.webhook_url)
+        : "",
     };
   },
 
@@ -599,6 +745,12 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
     if (message.timeout !== undefined) {
       obj.timeout = Duration.toJSON(message.timeout);
     }
+    if (message.retention !== undefined) {
+      obj.retention = Duration.toJSON(message.retention);
+    }
+    if (message.webhookUrl !== "") {
+      obj.webhookUrl = message.webhookUrl;
+    }
     return obj;
   },
 
@@ -624,6 +776,10 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
     message.timeout = (object.timeout !== undefined && object.timeout !== null)
       ? Duration.fromPartial(object.timeout)
       : undefined;
+    message.retention = (object.retention !== undefined && object.retention !== null)
+      ? Duration.fromPartial(object.retention)
+      : undefined;
+    message.webhookUrl = object.webhookUrl ?? "";
     return message;
   },
 };
@@ -2907,6 +3063,770 @@ export const CreateReadTokenResponse: MessageFns<CreateReadTokenResponse> = {
   },
 };
 
+function createBaseEventInput(): EventInput {
+  return { type: "", data: undefined, text: undefined, binary: undefined, value: undefined };
+}
+
+export const EventInput: MessageFns<EventInput> = {
+  encode(message: EventInput, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.type !== "") {
+      writer.uint32(10).string(message.type);
+    }
+    if (message.data !== undefined) {
+      Struct.encode(Struct.wrap(message.data), writer.uint32(18).fork()).join();
+    }
+    if (message.text !== undefined) {
+      writer.uint32(26).string(message.text);
+    }
+    if (message.binary !== undefined) {
+      writer.uint32(34).bytes(message.binary);
+    }
+    if (message.value !== undefined) {
+      Value.encode(Value.wrap(message.value), writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EventInput {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEventInput();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.binary = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.value = Value.unwrap(Value.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EventInput {
+    return {
+      type: isSet(object.type) ? globalThis.String(object.type) : "",
+      data: isObject(object.data) ? object.data : undefined,
+      text: isSet(object.text) ? globalThis.String(object.text) : undefined,
+      binary: isSet(object.binary) ? Buffer.from(bytesFromBase64(object.binary)) : undefined,
+      value: isSet(object?.value) ? object.value : undefined,
+    };
+  },
+
+  toJSON(message: EventInput): unknown {
+    const obj: any = {};
+    if (message.type !== "") {
+      obj.type = message.type;
+    }
+    if (message.data !== undefined) {
+      obj.data = message.data;
+    }
+    if (message.text !== undefined) {
+      obj.text = message.text;
+    }
+    if (message.binary !== undefined) {
+      obj.binary = base64FromBytes(message.binary);
+    }
+    if (message.value !== undefined) {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EventInput>, I>>(base?: I): EventInput {
+    return EventInput.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EventInput>, I>>(object: I): EventInput {
+    const message = createBaseEventInput();
+    message.type = object.type ?? "";
+    message.data = object.data ?? undefined;
+    message.text = object.text ?? undefined;
+    message.binary = object.binary ?? undefined;
+    message.value = object.value === undefined ? undefined : object.value;
+    return message;
+  },
+};
+
+function createBaseAppendEventsRequest(): AppendEventsRequest {
+  return { runId: "", events: [], producerId: "", producerEpoch: 0n, producerSeq: 0n, close: false };
+}
+
+export const AppendEventsRequest: MessageFns<AppendEventsRequest> = {
+  encode(message: AppendEventsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    for (const v of message.events) {
+      EventInput.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.producerId !== "") {
+      writer.uint32(26).string(message.producerId);
+    }
+    if (message.producerEpoch !== 0n) {
+      if (BigInt.asIntN(64, message.producerEpoch) !== message.producerEpoch) {
+        throw new globalThis.Error("value provided for field message.producerEpoch of type int64 too large");
+      }
+      writer.uint32(32).int64(message.producerEpoch);
+    }
+    if (message.producerSeq !== 0n) {
+      if (BigInt.asIntN(64, message.producerSeq) !== message.producerSeq) {
+        throw new globalThis.Error("value provided for field message.producerSeq of type int64 too large");
+      }
+      writer.uint32(40).int64(message.producerSeq);
+    }
+    if (message.close !== false) {
+      writer.uint32(48).bool(message.close);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AppendEventsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAppendEventsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.events.push(EventInput.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.producerId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.producerEpoch = reader.int64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.producerSeq = reader.int64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.close = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AppendEventsRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      events: globalThis.Array.isArray(object?.events) ? object.events.map((e: any) => EventInput.fromJSON(e)) : [],
+      producerId: isSet(object.producerId)
+        ? globalThis.String(object.producerId)
+        : isSet(object.producer_id)
+        ? globalThis.String(object.producer_id)
+        : "",
+      producerEpoch: isSet(object.producerEpoch)
+        ? BigInt(object.producerEpoch)
+        : isSet(object.producer_epoch)
+        ? BigInt(object.producer_epoch)
+        : 0n,
+      producerSeq: isSet(object.producerSeq)
+        ? BigInt(object.producerSeq)
+        : isSet(object.producer_seq)
+        ? BigInt(object.producer_seq)
+        : 0n,
+      close: isSet(object.close) ? globalThis.Boolean(object.close) : false,
+    };
+  },
+
+  toJSON(message: AppendEventsRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.events?.length) {
+      obj.events = message.events.map((e) => EventInput.toJSON(e));
+    }
+    if (message.producerId !== "") {
+      obj.producerId = message.producerId;
+    }
+    if (message.producerEpoch !== 0n) {
+      obj.producerEpoch = message.producerEpoch.toString();
+    }
+    if (message.producerSeq !== 0n) {
+      obj.producerSeq = message.producerSeq.toString();
+    }
+    if (message.close !== false) {
+      obj.close = message.close;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AppendEventsRequest>, I>>(base?: I): AppendEventsRequest {
+    return AppendEventsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AppendEventsRequest>, I>>(object: I): AppendEventsRequest {
+    const message = createBaseAppendEventsRequest();
+    message.runId = object.runId ?? "";
+    message.events = object.events?.map((e) => EventInput.fromPartial(e)) || [];
+    message.producerId = object.producerId ?? "";
+    message.producerEpoch = (object.producerEpoch !== undefined && object.producerEpoch !== null)
+      ? BigInt(object.producerEpoch)
+      : 0n;
+    message.producerSeq = (object.producerSeq !== undefined && object.producerSeq !== null)
+      ? BigInt(object.producerSeq)
+      : 0n;
+    message.close = object.close ?? false;
+    return message;
+  },
+};
+
+function createBaseAppendEventsResponse(): AppendEventsResponse {
+  return { lastSeq: 0n, duplicate: false, closed: false, producerEpoch: 0n, producerSeq: 0n };
+}
+
+export const AppendEventsResponse: MessageFns<AppendEventsResponse> = {
+  encode(message: AppendEventsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.lastSeq !== 0n) {
+      if (BigInt.asIntN(64, message.lastSeq) !== message.lastSeq) {
+        throw new globalThis.Error("value provided for field message.lastSeq of type int64 too large");
+      }
+      writer.uint32(8).int64(message.lastSeq);
+    }
+    if (message.duplicate !== false) {
+      writer.uint32(16).bool(message.duplicate);
+    }
+    if (message.closed !== false) {
+      writer.uint32(24).bool(message.closed);
+    }
+    if (message.producerEpoch !== 0n) {
+      if (BigInt.asIntN(64, message.producerEpoch) !== message.producerEpoch) {
+        throw new globalThis.Error("value provided for field message.producerEpoch of type int64 too large");
+      }
+      writer.uint32(32).int64(message.producerEpoch);
+    }
+    if (message.producerSeq !== 0n) {
+      if (BigInt.asIntN(64, message.producerSeq) !== message.producerSeq) {
+        throw new globalThis.Error("value provided for field message.producerSeq of type int64 too large");
+      }
+      writer.uint32(40).int64(message.producerSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AppendEventsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAppendEventsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.lastSeq = reader.int64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.duplicate = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.closed = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.producerEpoch = reader.int64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.producerSeq = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AppendEventsResponse {
+    return {
+      lastSeq: isSet(object.lastSeq) ? BigInt(object.lastSeq) : isSet(object.last_seq) ? BigInt(object.last_seq) : 0n,
+      duplicate: isSet(object.duplicate) ? globalThis.Boolean(object.duplicate) : false,
+      closed: isSet(object.closed) ? globalThis.Boolean(object.closed) : false,
+      producerEpoch: isSet(object.producerEpoch)
+        ? BigInt(object.producerEpoch)
+        : isSet(object.producer_epoch)
+        ? BigInt(object.producer_epoch)
+        : 0n,
+      producerSeq: isSet(object.producerSeq)
+        ? BigInt(object.producerSeq)
+        : isSet(object.producer_seq)
+        ? BigInt(object.producer_seq)
+        : 0n,
+    };
+  },
+
+  toJSON(message: AppendEventsResponse): unknown {
+    const obj: any = {};
+    if (message.lastSeq !== 0n) {
+      obj.lastSeq = message.lastSeq.toString();
+    }
+    if (message.duplicate !== false) {
+      obj.duplicate = message.duplicate;
+    }
+    if (message.closed !== false) {
+      obj.closed = message.closed;
+    }
+    if (message.producerEpoch !== 0n) {
+      obj.producerEpoch = message.producerEpoch.toString();
+    }
+    if (message.producerSeq !== 0n) {
+      obj.producerSeq = message.producerSeq.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AppendEventsResponse>, I>>(base?: I): AppendEventsResponse {
+    return AppendEventsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AppendEventsResponse>, I>>(object: I): AppendEventsResponse {
+    const message = createBaseAppendEventsResponse();
+    message.lastSeq = (object.lastSeq !== undefined && object.lastSeq !== null) ? BigInt(object.lastSeq) : 0n;
+    message.duplicate = object.duplicate ?? false;
+    message.closed = object.closed ?? false;
+    message.producerEpoch = (object.producerEpoch !== undefined && object.producerEpoch !== null)
+      ? BigInt(object.producerEpoch)
+      : 0n;
+    message.producerSeq = (object.producerSeq !== undefined && object.producerSeq !== null)
+      ? BigInt(object.producerSeq)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseCloseRunRequest(): CloseRunRequest {
+  return { runId: "", result: undefined };
+}
+
+export const CloseRunRequest: MessageFns<CloseRunRequest> = {
+  encode(message: CloseRunRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.result !== undefined) {
+      Struct.encode(Struct.wrap(message.result), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseRunRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseRunRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.result = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseRunRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      result: isObject(object.result) ? object.result : undefined,
+    };
+  },
+
+  toJSON(message: CloseRunRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.result !== undefined) {
+      obj.result = message.result;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CloseRunRequest>, I>>(base?: I): CloseRunRequest {
+    return CloseRunRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CloseRunRequest>, I>>(object: I): CloseRunRequest {
+    const message = createBaseCloseRunRequest();
+    message.runId = object.runId ?? "";
+    message.result = object.result ?? undefined;
+    return message;
+  },
+};
+
+function createBaseCloseRunResponse(): CloseRunResponse {
+  return { run: undefined };
+}
+
+export const CloseRunResponse: MessageFns<CloseRunResponse> = {
+  encode(message: CloseRunResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.run !== undefined) {
+      Run.encode(message.run, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseRunResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseRunResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.run = Run.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseRunResponse {
+    return { run: isSet(object.run) ? Run.fromJSON(object.run) : undefined };
+  },
+
+  toJSON(message: CloseRunResponse): unknown {
+    const obj: any = {};
+    if (message.run !== undefined) {
+      obj.run = Run.toJSON(message.run);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CloseRunResponse>, I>>(base?: I): CloseRunResponse {
+    return CloseRunResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CloseRunResponse>, I>>(object: I): CloseRunResponse {
+    const message = createBaseCloseRunResponse();
+    message.run = (object.run !== undefined && object.run !== null) ? Run.fromPartial(object.run) : undefined;
+    return message;
+  },
+};
+
+function createBaseListWebhookDeliveriesRequest(): ListWebhookDeliveriesRequest {
+  return { runId: "" };
+}
+
+export const ListWebhookDeliveriesRequest: MessageFns<ListWebhookDeliveriesRequest> = {
+  encode(message: ListWebhookDeliveriesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListWebhookDeliveriesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListWebhookDeliveriesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListWebhookDeliveriesRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ListWebhookDeliveriesRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListWebhookDeliveriesRequest>, I>>(base?: I): ListWebhookDeliveriesRequest {
+    return ListWebhookDeliveriesRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListWebhookDeliveriesRequest>, I>>(object: I): ListWebhookDeliveriesRequest {
+    const message = createBaseListWebhookDeliveriesRequest();
+    message.runId = object.runId ?? "";
+    return message;
+  },
+};
+
+function createBaseListWebhookDeliveriesResponse(): ListWebhookDeliveriesResponse {
+  return { deliveries: [] };
+}
+
+export const ListWebhookDeliveriesResponse: MessageFns<ListWebhookDeliveriesResponse> = {
+  encode(message: ListWebhookDeliveriesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.deliveries) {
+      WebhookDelivery.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListWebhookDeliveriesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListWebhookDeliveriesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.deliveries.push(WebhookDelivery.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListWebhookDeliveriesResponse {
+    return {
+      deliveries: globalThis.Array.isArray(object?.deliveries)
+        ? object.deliveries.map((e: any) => WebhookDelivery.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: ListWebhookDeliveriesResponse): unknown {
+    const obj: any = {};
+    if (message.deliveries?.length) {
+      obj.deliveries = message.deliveries.map((e) => WebhookDelivery.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListWebhookDeliveriesResponse>, I>>(base?: I): ListWebhookDeliveriesResponse {
+    return ListWebhookDeliveriesResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListWebhookDeliveriesResponse>, I>>(
+    object: I,
+  ): ListWebhookDeliveriesResponse {
+    const message = createBaseListWebhookDeliveriesResponse();
+    message.deliveries = object.deliveries?.map((e) => WebhookDelivery.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 /**
  * RunService starts runs that execute on the server and outlive the RPC that
  * started them, and lets any number of callers follow their event logs.
@@ -3063,6 +3983,60 @@ export const RunServiceService = {
       Buffer.from(CreateReadTokenResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CreateReadTokenResponse => CreateReadTokenResponse.decode(value),
   },
+  /**
+   * Appends events to an external run: a run of the built-in agent
+   * `external` (StartRun with agent "external", or a stream created at
+   * `/v1/streams/{path}`), whose events come from producers outside the
+   * server. The events are committed together, at the next seqs, and reach
+   * every subscriber as any run's events do. With `producer_id`, the append
+   * is idempotent per (run, producer_id): `producer_epoch` fences older
+   * instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+   * follow the last accepted one; a retry of an accepted seq is answered
+   * again (`duplicate`) without writing anything. `close` ends the run
+   * SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+   * ended run, NOT_EXTERNAL on an agent's run.
+   */
+  appendEvents: {
+    path: "/runservice.v1.RunService/AppendEvents" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AppendEventsRequest): Buffer => Buffer.from(AppendEventsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AppendEventsRequest => AppendEventsRequest.decode(value),
+    responseSerialize: (value: AppendEventsResponse): Buffer =>
+      Buffer.from(AppendEventsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AppendEventsResponse => AppendEventsResponse.decode(value),
+  },
+  /**
+   * Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+   * run already closed is returned as it is.
+   */
+  closeRun: {
+    path: "/runservice.v1.RunService/CloseRun" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CloseRunRequest): Buffer => Buffer.from(CloseRunRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CloseRunRequest => CloseRunRequest.decode(value),
+    responseSerialize: (value: CloseRunResponse): Buffer => Buffer.from(CloseRunResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CloseRunResponse => CloseRunResponse.decode(value),
+  },
+  /**
+   * Lists the webhook deliveries of a run that ended: one for the
+   * deployment's `--webhook-url` and one for the run's own `webhook_url`,
+   * each with every attempt so far and its outcome. Empty while the run is
+   * active, and for a run no webhook was configured for. Another user's run
+   * is NOT_FOUND, as for GetRun.
+   */
+  listWebhookDeliveries: {
+    path: "/runservice.v1.RunService/ListWebhookDeliveries" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListWebhookDeliveriesRequest): Buffer =>
+      Buffer.from(ListWebhookDeliveriesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListWebhookDeliveriesRequest => ListWebhookDeliveriesRequest.decode(value),
+    responseSerialize: (value: ListWebhookDeliveriesResponse): Buffer =>
+      Buffer.from(ListWebhookDeliveriesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListWebhookDeliveriesResponse => ListWebhookDeliveriesResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -3126,6 +4100,33 @@ export interface RunServiceServer extends UntypedServiceImplementation {
    * Not idempotent: each call returns a new token.
    */
   createReadToken: handleUnaryCall<CreateReadTokenRequest, CreateReadTokenResponse>;
+  /**
+   * Appends events to an external run: a run of the built-in agent
+   * `external` (StartRun with agent "external", or a stream created at
+   * `/v1/streams/{path}`), whose events come from producers outside the
+   * server. The events are committed together, at the next seqs, and reach
+   * every subscriber as any run's events do. With `producer_id`, the append
+   * is idempotent per (run, producer_id): `producer_epoch` fences older
+   * instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+   * follow the last accepted one; a retry of an accepted seq is answered
+   * again (`duplicate`) without writing anything. `close` ends the run
+   * SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+   * ended run, NOT_EXTERNAL on an agent's run.
+   */
+  appendEvents: handleUnaryCall<AppendEventsRequest, AppendEventsResponse>;
+  /**
+   * Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+   * run already closed is returned as it is.
+   */
+  closeRun: handleUnaryCall<CloseRunRequest, CloseRunResponse>;
+  /**
+   * Lists the webhook deliveries of a run that ended: one for the
+   * deployment's `--webhook-url` and one for the run's own `webhook_url`,
+   * each with every attempt so far and its outcome. Empty while the run is
+   * active, and for a run no webhook was configured for. Another user's run
+   * is NOT_FOUND, as for GetRun.
+   */
+  listWebhookDeliveries: handleUnaryCall<ListWebhookDeliveriesRequest, ListWebhookDeliveriesResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -3311,6 +4312,75 @@ export interface RunServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CreateReadTokenResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Appends events to an external run: a run of the built-in agent
+   * `external` (StartRun with agent "external", or a stream created at
+   * `/v1/streams/{path}`), whose events come from producers outside the
+   * server. The events are committed together, at the next seqs, and reach
+   * every subscriber as any run's events do. With `producer_id`, the append
+   * is idempotent per (run, producer_id): `producer_epoch` fences older
+   * instances of the producer (PRODUCER_EPOCH_STALE) and `producer_seq` must
+   * follow the last accepted one; a retry of an accepted seq is answered
+   * again (`duplicate`) without writing anything. `close` ends the run
+   * SUCCEEDED after the events. FAILED_PRECONDITION with STREAM_CLOSED on an
+   * ended run, NOT_EXTERNAL on an agent's run.
+   */
+  appendEvents(
+    request: AppendEventsRequest,
+    callback: (error: ServiceError | null, response: AppendEventsResponse) => void,
+  ): ClientUnaryCall;
+  appendEvents(
+    request: AppendEventsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AppendEventsResponse) => void,
+  ): ClientUnaryCall;
+  appendEvents(
+    request: AppendEventsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AppendEventsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Closes an external run: it ends SUCCEEDED (with `result`, if given). A
+   * run already closed is returned as it is.
+   */
+  closeRun(
+    request: CloseRunRequest,
+    callback: (error: ServiceError | null, response: CloseRunResponse) => void,
+  ): ClientUnaryCall;
+  closeRun(
+    request: CloseRunRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CloseRunResponse) => void,
+  ): ClientUnaryCall;
+  closeRun(
+    request: CloseRunRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CloseRunResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Lists the webhook deliveries of a run that ended: one for the
+   * deployment's `--webhook-url` and one for the run's own `webhook_url`,
+   * each with every attempt so far and its outcome. Empty while the run is
+   * active, and for a run no webhook was configured for. Another user's run
+   * is NOT_FOUND, as for GetRun.
+   */
+  listWebhookDeliveries(
+    request: ListWebhookDeliveriesRequest,
+    callback: (error: ServiceError | null, response: ListWebhookDeliveriesResponse) => void,
+  ): ClientUnaryCall;
+  listWebhookDeliveries(
+    request: ListWebhookDeliveriesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListWebhookDeliveriesResponse) => void,
+  ): ClientUnaryCall;
+  listWebhookDeliveries(
+    request: ListWebhookDeliveriesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListWebhookDeliveriesResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const RunServiceClient = makeGenericClientConstructor(
@@ -3321,6 +4391,14 @@ export const RunServiceClient = makeGenericClientConstructor(
   service: typeof RunServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;
 

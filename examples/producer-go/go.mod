@@ -1,0 +1,3 @@
+module github.com/runservice/runservice/examples/producer-go
+
+go 1.22
