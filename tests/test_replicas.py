@@ -414,3 +414,60 @@ async def test_a_thread_s_queue_and_interrupts_span_the_replicas(
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await get(b, c.md, done.run_id)
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_external_run_takes_appends_on_every_replica_and_outlives_one(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """An external run started on A takes appends on A and B at once (each producer
+    retrying every append once: no duplicates), a reader on B follows them live, gap-free;
+    when A is killed, no survivor interrupts it (nothing executes it): B goes on taking
+    appends, and closes it."""
+    async with cluster(tmp_path, postgres) as c:
+        a, b = c.stubs
+        run = (await a.StartRun(pb.StartRunRequest(agent="external"), metadata=c.md)).run
+        reader = asyncio.create_task(read_log(b, c.md, run.run_id, deadline=60))
+
+        async def produce(stub: Any, name: str) -> None:
+            for seq in range(30):
+                event = pb.EventInput(value=struct_pb2.Value(string_value=f"{name}{seq}"))
+                for _ in range(2):  # the retry of an answer lost
+                    await stub.AppendEvents(
+                        pb.AppendEventsRequest(
+                            run_id=run.run_id,
+                            events=[event],
+                            producer_id=name,
+                            producer_seq=seq,
+                        ),
+                        metadata=c.md,
+                    )
+
+        await asyncio.gather(produce(a, "a"), produce(b, "b"))
+        agent_run = (await a.StartRun(ticker(100_000, 0.01), metadata=c.md)).run
+        await c.servers[0].kill()
+        # The survivor's sweep ends A's agent run: by then it has passed the external run.
+        await wait_for(
+            lambda: _state(b, c.md, agent_run.run_id, run_pb2.RUN_STATE_INTERRUPTED),
+            limit=LEASE_TTL * 2 + 5,
+        )
+        got = (await b.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=c.md)).run
+        assert got.state == run_pb2.RUN_STATE_RUNNING and got.last_seq == 61
+        more = pb.EventInput(value=struct_pb2.Value(string_value="after"))
+        await b.AppendEvents(
+            pb.AppendEventsRequest(run_id=run.run_id, events=[more]), metadata=c.md
+        )
+        await b.CloseRun(pb.CloseRunRequest(run_id=run.run_id), metadata=c.md)
+        log = await reader
+        assert_gap_free(log)
+        texts = [e.value.string_value for e in log if e.WhichOneof("payload") == "value"]
+        for name in ("a", "b"):  # each producer's, once each, in its order
+            assert [t for t in texts[:-1] if t.startswith(name)] == [
+                f"{name}{i}" for i in range(30)
+            ]
+        assert len(texts) == 61
+        assert texts[-1] == "after" and log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+
+
+async def _state(stub: Any, md: Any, run_id: str, state: int) -> bool:
+    run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+    return bool(run.state == state)
