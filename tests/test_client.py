@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from runservice.client import (
     AlreadyExistsError,
     AsyncRunClient,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
@@ -43,6 +45,27 @@ async def test_every_call_works_through_the_async_client(server: Harness) -> Non
             await client.get_run(stopped.run_id)
         assert caught.value.reason == "RUN_NOT_FOUND"
         assert {a.name for a in await client.list_agents()} >= {"echo", "ticker"}
+
+
+async def test_a_producer_feeds_an_external_run_through_the_client(server: Harness) -> None:
+    """producer() numbers its appends; a retried seq is a duplicate; close_run ends it;
+    a producer of an older epoch is refused with its reason."""
+    async with AsyncRunClient(server.address, token=server.tokens["alice"]) as client:
+        run = await client.start_run("external")
+        producer = client.producer(run.run_id, "p")
+        await producer.append({"n": 0}, "text value")
+        last = await producer.append([1, 2], close=False)
+        again = await client.append_events(run.run_id, [[1, 2]], producer_id="p", producer_seq=1)
+        assert again.duplicate and again.last_seq == last
+        await client.producer(run.run_id, "p", epoch=1).append(None)
+        with pytest.raises(FailedPreconditionError) as stale:
+            await producer.append("zombie")
+        assert stale.value.reason == "PRODUCER_EPOCH_STALE"
+        closed = await client.close_run(run.run_id, {"ok": True})
+        assert closed.state == run_pb2.RUN_STATE_SUCCEEDED
+        events = [e async for e in client.subscribe(run.run_id)]
+        values = [json_format.MessageToDict(e.value) for e in events if e.HasField("value")]
+        assert values == [{"n": 0}, "text value", [1, 2], None]
 
 
 async def test_failures_raise_typed_errors_with_their_reasons(server: Harness) -> None:

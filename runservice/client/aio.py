@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from runservice.client.errors import (
     RunServiceError,
@@ -269,6 +269,47 @@ class AsyncRunClient:
         )
         return response
 
+    async def append_events(
+        self,
+        run_id: str,
+        events: Sequence[pb.EventInput | Any],
+        *,
+        producer_id: str = "",
+        producer_epoch: int = 0,
+        producer_seq: int = 0,
+        close: bool = False,
+    ) -> pb.AppendEventsResponse:
+        """Appends to an external run (agent `external`). Each event is an EventInput, or
+        any JSON value (sent as its `value`). With `producer_id` the append is idempotent,
+        so it is retried on UNAVAILABLE: a retry of an append the server took is answered
+        with `duplicate` and writes nothing. (Producer numbers each of its appends: see
+        `producer()`.)"""
+        request = pb.AppendEventsRequest(
+            run_id=run_id,
+            events=[_event_input(event) for event in events],
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+            producer_seq=producer_seq,
+            close=close,
+        )
+        response: pb.AppendEventsResponse = await self._unary(
+            self._stub.AppendEvents, request, retry=bool(producer_id)
+        )
+        return response
+
+    async def close_run(self, run_id: str, result: Mapping[str, Any] | None = None) -> run_pb2.Run:
+        """Closes an external run: it ends SUCCEEDED (idempotent, so retried)."""
+        request = pb.CloseRunRequest(run_id=run_id)
+        if result is not None:
+            request.result.update(dict(result))
+        response = await self._unary(self._stub.CloseRun, request, retry=True)
+        return response.run  # type: ignore[no-any-return]
+
+    def producer(self, run_id: str, producer_id: str, epoch: int = 0) -> Producer:
+        """An idempotent producer of the external run: `await producer.append(...)` numbers
+        its appends itself."""
+        return Producer(self, run_id, producer_id, epoch)
+
     async def watch_runs(self, **filters: Any) -> AsyncIterator[pb.WatchRunsResponse]:
         """The snapshot, the RUN_CHANGE_SNAPSHOT_END marker, then every change."""
         call = self._stub.WatchRuns(pb.WatchRunsRequest(**filters), metadata=await self._metadata())
@@ -353,3 +394,37 @@ def _duration(seconds: float | timedelta) -> duration_pb2.Duration:
 
 
 __all__ = ["AsyncRunClient", "RetryPolicy", "RunServiceError", "TLSConfig", "TokenProvider"]
+
+
+class Producer:
+    """One instance of an idempotent producer of an external run (AppendEvents): it sends
+    its appends in order, each with the next seq of its epoch, retrying each until it is
+    answered; a new instance (after a crash) takes a higher epoch, which fences this one."""
+
+    def __init__(self, client: AsyncRunClient, run_id: str, producer_id: str, epoch: int):
+        self._client = client
+        self.run_id = run_id
+        self.producer_id = producer_id
+        self.epoch = epoch
+        self.seq = 0  # the seq of the next append
+
+    async def append(self, *events: pb.EventInput | Any, close: bool = False) -> int:
+        """Appends `events` as one unit; returns the run's last seq after it."""
+        response = await self._client.append_events(
+            self.run_id,
+            events,
+            producer_id=self.producer_id,
+            producer_epoch=self.epoch,
+            producer_seq=self.seq,
+            close=close,
+        )
+        self.seq += 1
+        return int(response.last_seq)
+
+
+def _event_input(event: pb.EventInput | Any) -> pb.EventInput:
+    if isinstance(event, pb.EventInput):
+        return event
+    message = pb.EventInput()
+    json_format.ParseDict(event, message.value)
+    return message

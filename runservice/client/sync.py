@@ -103,6 +103,14 @@ class RunClient:
         """A new read token for the run (see AsyncRunClient.create_read_token)."""
         return self._run(self._aio.create_read_token(run_id, ttl))
 
+    def append_events(self, run_id: str, events: Any, **options: Any) -> pb.AppendEventsResponse:
+        """Appends to an external run (see AsyncRunClient.append_events)."""
+        return self._run(self._aio.append_events(run_id, events, **options))
+
+    def close_run(self, run_id: str, result: Any = None) -> run_pb2.Run:
+        """Closes an external run (see AsyncRunClient.close_run)."""
+        return self._run(self._aio.close_run(run_id, result))
+
     def watch_runs(self, **filters: Any) -> Iterator[pb.WatchRunsResponse]:
         """The snapshot, its end marker, then every change."""
         return self._iterate(self._aio.watch_runs(**filters))
