@@ -637,6 +637,11 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     assert '"reason":"RUN_NOT_FOUND"' in gone
     check_read_token_and_cors_examples(output, env, commands, run_id)
     check_stream_examples(output)
+    check_unauthorized_example(output)
+
+
+def check_unauthorized_example(output: Printed) -> None:
+    """A request without credentials is refused as the page says."""
     unauthorized = output('curl -s -i "$URL/v1/agents"')
     assert "401 Unauthorized" in unauthorized and "WWW-Authenticate: Bearer" in unauthorized
 
