@@ -91,6 +91,8 @@ describe("unary calls", () => {
       requestId: "req-1",
       labels: { team: "a" },
       timeout: { seconds: 1n, nanos: 500_000_000 },
+      retention: undefined,
+      webhookUrl: "",
     });
   });
 
