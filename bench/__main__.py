@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import pg, report
+from bench import http_edge, pg, report
 from bench.clients import Workers
 from bench.noise import ForeignLoad, loadavg
 from bench.scenarios import QUICK, SCENARIOS, Bench, Sizes
@@ -180,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help=f"runs each held with a subscriber (250 per core: {d.replicas_held})",
     )
+    http_edge.add_arguments(p, d)
     return p
 
 
@@ -207,6 +208,8 @@ def chosen_scenarios(args: argparse.Namespace) -> list[str]:
     sizes = sizes_from(args)
     if any(s < 1 for s in sizes.replicas):
         raise SystemExit(f"--replicas: counts of 1 or more, not {sizes.replicas}")
+    if http_edge.KEY in chosen:  # before anything is measured, as for PostgreSQL
+        http_edge.check(sizes)
     needing = [s for s in chosen if s in NEEDS_POSTGRESQL]
     if needing:  # before anything is measured: say now that it cannot run
         try:
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
         print(report.text_table(results))
+        if side := http_edge.text_table(results):
+            print(side)
         print("wrote " + ", ".join(str(p) for p in report.write(results, args.out)))
         return 0
     chosen_scenarios(args)
@@ -319,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         results = merged(results, previous)
     print()
     print(report.text_table(results))
+    if side := http_edge.text_table(results):
+        print(side)
     paths = report.write(results, args.out)
     print()
     print("wrote " + ", ".join(str(p) for p in paths))

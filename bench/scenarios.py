@@ -1,10 +1,11 @@
-"""The nine scenarios. Each starts its own servers (runservice and bare), runs its
+"""The ten scenarios. Each starts its own servers (runservice and bare), runs its
 repetitions interleaved (runservice then bare, the order swapped every other rep, so
-that drift hits both alike), and returns figures with every repetition's value. Three
+that drift hits both alike), and returns figures with every repetition's value. Four
 are exceptions: the isolation scenario's baseline is the same server with no abuse, the
-stores scenario's is the same server on SQLite, beside one on PostgreSQL, and the
+stores scenario's is the same server on SQLite, beside one on PostgreSQL, the
 replicas scenario's are one replica on PostgreSQL and one server on SQLite, beside 2
-and 3 replicas.
+and 3 replicas, and the HTTP edge's (bench/http_edge.py) are the Node reference server
+and runservice's own gRPC.
 """
 
 from __future__ import annotations
@@ -87,6 +88,21 @@ class Sizes:
     replicas_startrun_users: int = 10
     replicas_startrun_seconds: float = 3.0
     replicas_held: int = field(default_factory=lambda: per_core(100))
+    # The HTTP edge scenario (bench/http_edge.py): readers and producers grow with the
+    # cores. The live load (readers x rate) stays under what runservice delivers to
+    # stream readers on 2 cores (each reader of an external run reads every append
+    # from the store), so that its latencies are not a backlog's.
+    http_replay_events: int = 20_000
+    http_replay_batch: int = 100
+    http_readers: int = field(default_factory=lambda: per_core(4))
+    http_fanout_readers: int = field(default_factory=lambda: per_core(5))
+    http_fanout_messages: int = 80
+    http_fanout_rate: float = 20.0
+    http_producers: int = field(default_factory=lambda: per_core(4))
+    http_append_seconds: float = 1.0
+    http_append_warmup: float = 0.2
+    http_reference_store: str = "memory"  # the Node reference server's: memory or file
+    http_reference_optional: bool = False  # True: measured without it where node is missing
     pg_optional: bool = False  # True: stores and replicas are skipped without PostgreSQL
     limit_s: float = 300.0  # the most any one measurement may take
     slack_s: float = 1.0  # lead time between starting a scenario's runs and their first tick
@@ -122,6 +138,15 @@ QUICK = Sizes(
     replicas_startrun_users=2,
     replicas_startrun_seconds=0.5,
     replicas_held=20,
+    http_replay_events=500,
+    http_readers=2,
+    http_fanout_readers=3,
+    http_fanout_messages=20,
+    http_fanout_rate=100.0,
+    http_producers=2,
+    http_append_seconds=0.3,
+    http_append_warmup=0.1,
+    http_reference_optional=True,
     pg_optional=True,
     limit_s=60.0,
     slack_s=0.3,
@@ -1434,6 +1459,15 @@ class Bench:
         server_cpu = meter.record(cpu)
         return {"victim": victim_summary(seen), "abuser": abuser, "server_cpu_pct": server_cpu}
 
+    # -- 10. HTTP edge ---------------------------------------------------------------------
+
+    async def http(self) -> Outcome:
+        """runservice's HTTP edge (SSE replay, live fan-out, appends through /v1/streams)
+        beside its gRPC and the Node reference server: bench/http_edge.py."""
+        from bench import http_edge  # noqa: PLC0415 - it builds on this module's Figure
+
+        return await http_edge.run(self)
+
 
 class StoreMeter:
     """CPU seconds used over a measured interval by a server process, by its database's
@@ -1701,4 +1735,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
     "isolation": Bench.isolation,
     "stores": Bench.stores,
     "replicas": Bench.replicas,
+    "http": Bench.http,
 }

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import reference
 from bench.isolation import PHASES
 from bench.scenarios import SCENARIOS
 
@@ -57,3 +59,33 @@ def test_quick_bench_runs_every_scenario_and_writes_its_outputs(tmp_path: Path) 
     assert list(phases) == list(PHASES)
     assert all(rep["victim"]["calls"] > 0 for reps in phases.values() for rep in reps)
     assert "## Isolation" in (out / "results.md").read_text()
+
+
+def test_quick_http_scenario_sets_each_transport_beside_the_reference_server(
+    tmp_path: Path,
+) -> None:
+    """`--scenarios http` alone measures runservice's /v1/streams, /v1/runs/{id}/events
+    and gRPC, and the Node reference server where node is there (always under CI), with
+    finite figures, and prints every transport side by side."""
+    out = tmp_path / "out"
+    args = ["--quick", "--reps", "1", "--scenarios", "http", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    [scenario] = json.loads((out / "results.json").read_text())["scenarios"]
+    assert scenario["key"] == "http"
+    measured = set(scenario["details"]["values"])
+    assert {"streams", "runs", "grpc"} <= measured
+    if os.environ.get("CI") or (shutil.which("node") and reference.PACKAGE.exists()):
+        assert "reference" in measured, scenario["params"]
+    for figure in scenario["figures"]:
+        assert all(math.isfinite(v) for v in figure["runservice"]["values"]), figure["id"]
+        if figure["baseline"] is not None:
+            assert all(math.isfinite(v) for v in figure["baseline"]["values"]), figure["id"]
+    assert "every transport side by side" in proc.stdout

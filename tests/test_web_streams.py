@@ -220,6 +220,8 @@ async def test_streams_are_runs_of_their_creators(
         url, data=b"[3]", headers={**alice, **JSON, "Stream-Closed": "true"}
     ) as closed:
         assert closed.status == 204 and closed.headers["Stream-Closed"] == "true"
+    async with session.get(f"{url}?offset=-1", headers=alice) as read:  # whole numbers
+        assert await read.text() == '[{"a":1},"two",3]'  # stay integers
     events = await read_all(web.caller("alice"), run.run_id)
     assert values(events) == [{"a": 1}, "two", 3]
     assert events[-1].state == run_pb2.RUN_STATE_SUCCEEDED

@@ -6,7 +6,6 @@ well-formed values. Every refusal names the field and says what a valid value lo
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from runservice import jsonmap
 from runservice.domain.errors import InvalidArgumentError, InvalidInputError
 from runservice.domain.model import (
     AgentInfo,
@@ -222,7 +222,7 @@ def _message(event: run_service_pb2.EventInput, index: int) -> Message:
         return Message(event_type, binary=event.binary)
     if kind == "value":
         try:
-            value = json.dumps(json_format.MessageToDict(event.value), separators=(",", ":"))
+            value = jsonmap.dumps(jsonmap.whole_numbers(json_format.MessageToDict(event.value)))
         except ValueError:
             raise InvalidInputError(
                 f"events[{index}].value", "must be JSON: NaN and Infinity are not allowed"
@@ -356,7 +356,7 @@ def decode_event(wire: bytes) -> RunEvent:
 
 
 def _value_json(value: struct_pb2.Value) -> str:
-    return json.dumps(json_format.MessageToDict(value), separators=(",", ":"))
+    return jsonmap.dumps(jsonmap.whole_numbers(json_format.MessageToDict(value)))
 
 
 def encode_event(event: RunEvent) -> bytes:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from google.protobuf import json_format
 
+from runservice import jsonmap
 from runservice.api.auth import current_principal
 from runservice.api.limits import StreamLimiter
 from runservice.api.status import describe
@@ -581,16 +582,15 @@ def _etag(outcome: Outcome, after: int, last: int, *, closed: bool) -> str:
 
 
 def _json_text(event: run_pb2.RunEvent) -> str:
+    """The message of an event as JSON (whole numbers as integers, as they were sent)."""
     kind = event.WhichOneof("payload")
     if kind == "value":
-        return json.dumps(
-            json_format.MessageToDict(event.value), separators=(",", ":"), ensure_ascii=False
-        )
+        return jsonmap.dumps(jsonmap.whole_numbers(json_format.MessageToDict(event.value)))
     if kind == "data":
-        return json.dumps(json_format.MessageToDict(event.data), separators=(",", ":"))
+        return jsonmap.dumps(jsonmap.whole_numbers(json_format.MessageToDict(event.data)))
     if kind == "text":
-        return json.dumps(event.text, ensure_ascii=False)
-    return json.dumps(base64.b64encode(event.binary).decode())
+        return jsonmap.dumps(event.text)
+    return jsonmap.dumps(base64.b64encode(event.binary).decode())
 
 
 def _bytes(event: run_pb2.RunEvent) -> bytes:
