@@ -101,6 +101,7 @@ class App:
             await self.webhooks.stop()
         # Streams of runs that ended got their terminal events; the rest are cut short.
         await asyncio.gather(self.server.stop(SERVER_STOP_GRACE_S), self._close_web())
+        await self.manager.settle()  # store work that callers who left let finish
         await self.store.close()
         await self._stop_metrics()
         if self.lock is not None:

@@ -80,6 +80,7 @@ from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
 from runservice.runtime.streams import ExternalRuns, StreamLimits
 from runservice.runtime.subscription import ReadLimits, Subscription
+from runservice.runtime.subscription import settle as subscription_settle
 from runservice.runtime.tracing import Context, parent_context
 from runservice.runtime.writer import MAX_BATCH_EVENTS, MAX_PENDING_EVENTS, Writer
 
@@ -265,6 +266,13 @@ class RunManager:
         if self._peers is not None:
             await self._peers.close()
         self._closed.set()
+
+    async def settle(self, limit: float = 1.0) -> None:
+        """After the edges stopped, before the store closes: waits for the store work
+        that callers who left let finish (subscriptions' reads, external runs' writes)."""
+        await subscription_settle(limit)
+        if self.external is not None:
+            await self.external.settle(limit)
 
     def on_store_health(self, listener: Callable[[str | None], None]) -> None:
         """Calls `listener` with the cause when the store stops taking writes, and with

@@ -205,6 +205,11 @@ class ExternalRuns:
             return True
         return await self._store.finished(run_id)
 
+    async def settle(self, limit: float) -> None:
+        """Waits (up to `limit` seconds) for the transactions under way to end."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=limit)
+
     def close(self) -> None:
         """The server shuts down: readers of external runs, which stay open, end here
         (their clients resume elsewhere, by seq or offset) before the store closes."""

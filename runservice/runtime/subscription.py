@@ -230,6 +230,13 @@ async def _whole(read: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(task)
 
 
+async def settle(limit: float) -> None:
+    """Waits (up to `limit` seconds) for the store reads that left subscriptions let
+    finish, so that the store closes with none of its connections still out."""
+    if _READING:
+        await asyncio.wait(set(_READING), timeout=limit)
+
+
 def _cut(
     events: Sequence[EncodedEvent], max_events: int, max_bytes: int
 ) -> list[list[EncodedEvent]]:
