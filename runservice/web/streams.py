@@ -51,7 +51,7 @@ from runservice.runtime.streams import (
 )
 from runservice.v1 import run_pb2
 from runservice.web import protocol, sse
-from runservice.web.events import STREAM_HEADERS, StreamSettings
+from runservice.web.events import STREAM_HEADERS, RunEvents, StreamSettings
 from runservice.web.problems import problem_response
 
 PREFIX = "/v1/streams/"
@@ -174,7 +174,7 @@ class StreamRoutes:
     async def get(self, request: web.Request) -> web.StreamResponse:
         """A read: catch-up, `live=long-poll` or `live=sse`."""
         try:
-            mode = _mode(request)
+            mode = RunEvents.mode(request)
             if mode == "sse" and request.headers.get("Last-Event-ID", "").strip():
                 offset = protocol.parse_offset(
                     request.headers["Last-Event-ID"].strip(), "Last-Event-ID"
@@ -438,15 +438,6 @@ def _path(request: web.Request) -> str:
     if not path or len(path) > MAX_PATH or _CONTROL.search(path):
         raise InvalidArgumentError("path", f"must be 1 to {MAX_PATH} printable characters")
     return path
-
-
-def _mode(request: web.Request) -> str:
-    live = request.query.getall("live", [])
-    if not live:
-        return "catch-up"
-    if len(live) > 1 or live[0] not in ("long-poll", "sse"):
-        raise InvalidArgumentError("live", "must be long-poll or sse (or absent: catch-up)")
-    return live[0]
 
 
 def _flag(request: web.Request, name: str) -> bool:
