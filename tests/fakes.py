@@ -114,7 +114,7 @@ class FailingStore:
         self.refuse: str | None = None
         self.failed_commits = 0
 
-    async def commit(self, new_runs: Any, events: Any, updated_runs: Any) -> None:
+    async def commit(self, new_runs: Any, events: Any, updated_runs: Any, beside: Any = ()) -> None:
         """The real commit, unless the store is down or refuses one of the events."""
         if self.down is not None:
             self.failed_commits += 1
@@ -122,7 +122,7 @@ class FailingStore:
         if self.refuse is not None and any(e.type == self.refuse for e in events):
             self.failed_commits += 1
             raise StoreError("database refused the operation")
-        await self.inner.commit(new_runs, events, updated_runs)
+        await self.inner.commit(new_runs, events, updated_runs, beside)
 
     async def probe(self) -> None:
         """Fails while the store is down."""

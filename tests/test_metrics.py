@@ -553,7 +553,9 @@ class _Store:
     def __init__(self, outcomes: Sequence[Exception | frozenset[str] | None]) -> None:
         self.outcomes = deque(outcomes)
 
-    async def commit(self, new_runs: Any, events: Any, updated_runs: Any) -> frozenset[str] | None:
+    async def commit(
+        self, new_runs: Any, events: Any, updated_runs: Any, beside: Any = ()
+    ) -> frozenset[str] | None:
         outcome = self.outcomes.popleft() if self.outcomes else None
         if isinstance(outcome, Exception):
             raise outcome

@@ -13,6 +13,18 @@ from typing import Any, NamedTuple
 STATE_EVENT = "run.state"
 """The `type` of lifecycle events in a run's log."""
 
+INPUT_EVENT = "input"
+"""The `type` of the events SendInput appends (the input in `data`)."""
+
+INPUT_REQUESTED_EVENT = "input.requested"
+"""The `type` of the event an agent's `ctx.ask` appends: the run waits for input."""
+
+STOP_REQUESTED_EVENT = "run.stop_requested"
+"""The `type` of the event a StopRun appends before the run's end (`reason`, `by`)."""
+
+SERVER_EVENTS = frozenset({STATE_EVENT, INPUT_EVENT, INPUT_REQUESTED_EVENT, STOP_REQUESTED_EVENT})
+"""Event types only the server writes (an agent asks with `ctx.ask`)."""
+
 
 class RunState(enum.StrEnum):
     """Where a run is in its lifecycle; values match the proto names without `RUN_STATE_`."""
@@ -50,6 +62,7 @@ class RunChange(enum.StrEnum):
     CREATED = "CREATED"
     STATE_CHANGED = "STATE_CHANGED"
     DELETED = "DELETED"
+    UPDATED = "UPDATED"  # a live field changed (waiting_for_input, progress, usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +77,15 @@ class RunFailure:
     code: str
     message: str
     error_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    """How far an agent says its run has come: `done` of `total` (0: unknown)."""
+
+    done: float
+    total: float = 0.0
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +118,11 @@ class Run:
     executor: str = ""
     # The run's own webhook (StartRunRequest.webhook_url): told of the run's end.
     webhook_url: str = ""
+    # Live fields the agent moves (ctx.receive / ctx.ask, ctx.progress, ctx.usage).
+    waiting_for_input: bool = False
+    progress: RunProgress | None = None
+    usage: Mapping[str, float] = field(default_factory=dict)
+    resume_count: int = 0  # times it was resumed from a checkpoint
 
     def replace(self, **changes: Any) -> Run:
         """A copy with `changes` applied."""
@@ -133,6 +160,8 @@ class RunEvent:
     state: RunState | None = None
     error: RunFailure | None = None
     value: str | None = None
+    # On the RUNNING event of a run resumed from a checkpoint: the seq the checkpoint covers.
+    resumed_from_seq: int = 0
     # The event's encoded (wire) form, made once by the writer with the server's encoder
     # and shared by every subscriber. Opaque to the domain.
     wire: bytes | None = None
@@ -166,11 +195,13 @@ class RunFilter:
     agent: str = ""
     thread_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    waiting_for_input: bool = False  # True: only runs whose agent waits for input
 
     def matches(self, run: Run) -> bool:
         """True when `run` passes every part of the filter."""
         return (
             (not self.states or run.state in self.states)
+            and (not self.waiting_for_input or run.waiting_for_input)
             and (not self.agent or run.agent == self.agent)
             and (not self.thread_id or run.thread_id == self.thread_id)
             and all(run.labels.get(k) == v for k, v in self.labels.items())
@@ -237,6 +268,49 @@ class StartRequest:
     timeout: float | None = None
     retention: float | None = None  # None: the server's default
     webhook_url: str = ""  # the run's own webhook, checked against --webhook-allow
+
+
+@dataclass(frozen=True, slots=True)
+class InputReceipt:
+    """Stored with the `input` event at `seq`: SendInput's `request_id` was delivered."""
+
+    run_id: str
+    request_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The accumulated state of a run's output as of `seq` (`data`: JSON text)."""
+
+    run_id: str
+    seq: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A resumable agent's state as of `seq` (`state`: JSON text), with how many inputs
+    it had received and its snapshot state as of `seq` (JSON text, "" for none)."""
+
+    run_id: str
+    seq: int
+    state: str
+    inputs_used: int = 0
+    snapshot: str = ""
+
+
+Beside = InputReceipt | Snapshot | Checkpoint
+"""What is stored beside a run's log, committed with the events before it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInput:
+    """An input SendInput recorded that the run's executor has not appended yet."""
+
+    run_id: str
+    request_id: str
+    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

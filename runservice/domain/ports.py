@@ -6,7 +6,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Literal, Protocol, TypeVar
 
-from runservice.domain.model import EncodedEvent, Run, RunEvent, RunFilter, Scope
+from runservice.domain.model import (
+    Beside,
+    Checkpoint,
+    EncodedEvent,
+    PendingInput,
+    Run,
+    RunEvent,
+    RunFilter,
+    Scope,
+    Snapshot,
+)
 from runservice.domain.streams import ProducerState, StreamRecord
 
 T = TypeVar("T")
@@ -34,9 +44,14 @@ class RunStore(Protocol):
         ...
 
     async def commit(
-        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+        self,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+        beside: Sequence[Beside] = (),
     ) -> frozenset[str] | None:
-        """Commits new runs, appended events and updated run rows in one transaction.
+        """Commits new runs, appended events, updated run rows and what is stored beside
+        their logs (input receipts, snapshots, checkpoints) in one transaction.
 
         Returns the runs it left out because this server's lease on them is gone (fenced
         by another replica, see runtime/cluster.py): nothing of them was written. A store
@@ -97,6 +112,34 @@ class RunStore(Protocol):
         """Deletes up to `limit` finished runs whose retention ended by `now` (their own,
         else `default_retention` seconds after their end), with their logs; returns their
         ids."""
+        ...
+
+    async def offer_input(
+        self, run_id: str, request_id: str, digest: str, body: str, at_us: int
+    ) -> tuple[str, int | None] | None:
+        """Records SendInput's input for an active run unless `request_id` is there:
+        the request's (digest, seq of its `input` event or None while not appended), or
+        None when the run is not active and never took `request_id`."""
+        ...
+
+    async def input_receipt(self, run_id: str, request_id: str) -> tuple[str, int | None]:
+        """(digest, seq or None) of an offered input; KeyError if there is none."""
+        ...
+
+    async def pending_inputs(self, run_id: str) -> list[PendingInput]:
+        """The run's offered inputs not yet appended, in the order they were offered."""
+        ...
+
+    async def input_seqs(self, run_id: str) -> list[int]:
+        """The seqs of the run's `input` events, in order."""
+        ...
+
+    async def latest_snapshot(self, run_id: str) -> Snapshot | None:
+        """The run's latest snapshot, if any."""
+        ...
+
+    async def latest_checkpoint(self, run_id: str) -> Checkpoint | None:
+        """The run's latest checkpoint, if any."""
         ...
 
     async def unfinished_runs(self) -> list[Run]:

@@ -33,7 +33,7 @@ from runservice.domain.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from runservice.domain.model import Run, RunEvent
+from runservice.domain.model import Beside, Run, RunEvent
 from runservice.domain.ports import EventEncoder, NoMetrics, RunMetrics, RunStore
 from runservice.runtime.runlog import RunLog
 
@@ -56,6 +56,8 @@ class _Batch:
     # Each with the seq of the lifecycle event it was queued with (0: none), which it must
     # be committed with.
     updated_runs: list[tuple[Run, int]] = field(default_factory=list)
+    # What is stored beside the logs, each with the seq of the last event it follows.
+    beside: list[tuple[Beside, int]] = field(default_factory=list)
     # (run_id, seq as above, future resolved once that work is committed)
     waiters: list[tuple[str | None, int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -68,6 +70,8 @@ class _Batch:
             parts.setdefault(event.run_id, _Batch()).events.append((log, event))
         for update in self.updated_runs:
             parts.setdefault(update[0].run_id, _Batch()).updated_runs.append(update)
+        for record in self.beside:
+            parts.setdefault(record[0].run_id, _Batch()).beside.append(record)
         for waiter in self.waiters:
             parts.setdefault(waiter[0], _Batch()).waiters.append(waiter)
         return list(parts.values())
@@ -81,17 +85,20 @@ class _Batch:
         another run's row: every slice carries the rows that are ready.
         """
         first, rest = _Batch(events=self.events[:size]), _Batch(events=self.events[size:])
-        reached = {event.run_id: event.seq for _, event in first.events}
-        waiting = {event.run_id for _, event in rest.events}
+        waiting: dict[str, int] = {}  # each run's first seq left in the rest
+        for _, event in reversed(rest.events):
+            waiting[event.run_id] = event.seq
 
         def rides(run_id: str | None, seq: int) -> bool:
-            if seq:
-                return seq <= reached.get(run_id or "", 0)
+            if seq:  # its event is in this slice, or was committed before
+                return run_id is None or seq < waiting.get(run_id, seq + 1)
             return run_id is not None and run_id not in waiting
 
         first.new_runs = self.new_runs  # a run's events are queued after its row
         for update in self.updated_runs:
             (first if rides(update[0].run_id, update[1]) else rest).updated_runs.append(update)
+        for record in self.beside:
+            (first if rides(record[0].run_id, record[1]) else rest).beside.append(record)
         for waiter in self.waiters:
             (first if rides(waiter[0], waiter[1]) else rest).waiters.append(waiter)
         return first, rest
@@ -101,6 +108,7 @@ class _Batch:
         self.new_runs.extend(other.new_runs)
         self.events.extend(other.events)
         self.updated_runs.extend(other.updated_runs)
+        self.beside.extend(other.beside)
         self.waiters.extend(other.waiters)
 
     def take_runs(self, run_ids: set[str]) -> _Batch:
@@ -111,6 +119,7 @@ class _Batch:
             (taken if part_ids and set(part_ids) <= run_ids else kept).merge(part)
         self.new_runs, self.events = kept.new_runs, kept.events
         self.updated_runs, self.waiters = kept.updated_runs, kept.waiters
+        self.beside = kept.beside
         return taken
 
     def run_ids(self) -> list[str]:
@@ -119,11 +128,14 @@ class _Batch:
             {e.run_id for _, e in self.events}
             | {r.run_id for r in self.new_runs}
             | {r.run_id for r, _ in self.updated_runs}
+            | {b.run_id for b, _ in self.beside}
             | {w[0] for w in self.waiters if w[0] is not None}
         )
 
     def __bool__(self) -> bool:
-        return bool(self.new_runs or self.events or self.updated_runs or self.waiters)
+        return bool(
+            self.new_runs or self.events or self.updated_runs or self.beside or self.waiters
+        )
 
 
 RunCommitted = Callable[[Run, bool], None]
@@ -253,6 +265,21 @@ class Writer:
         self._wake.set()
         return waiter
 
+    def put_beside(self, log: RunLog, record: Beside) -> asyncio.Future[None]:
+        """Queues what is stored beside the run's log (an input's receipt, a snapshot, a
+        checkpoint), to commit with the events queued before it; resolves on commit.
+
+        The future fails with StoreError once the run's log has been given up."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if log.broken is not None:
+            waiter.set_exception(_closed_error(log))
+            return waiter
+        seq = log.last_assigned
+        self._pending.beside.append((record, seq))
+        self._pending.waiters.append((log.run_id, seq, waiter))
+        self._wake.set()
+        return waiter
+
     async def close(self, limit: float | None = None) -> None:
         """Commits what is pending, then stops the writer task.
 
@@ -333,6 +360,7 @@ class Writer:
                     batch.new_runs,
                     [event for _, event in batch.events],
                     [run for run, _ in batch.updated_runs],
+                    [record for record, _ in batch.beside],
                 )
             except StoreUnavailableError as exc:
                 self._metrics.store_retry("locked" if exc.contended else "unavailable")

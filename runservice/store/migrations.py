@@ -34,7 +34,17 @@ def _initial_schema(conn: Connection) -> None:
     runs_v1 = _as_created(
         conn,
         tables.runs,
-        without=("request_hash", "executor", "retention_s", "expire_us", "webhook_url"),
+        without=(
+            "request_hash",
+            "executor",
+            "retention_s",
+            "expire_us",
+            "webhook_url",
+            "waiting_for_input",
+            "progress",
+            "usage",
+            "resume_count",
+        ),
     )
     events_v1 = _as_created(conn, tables.events, without="wire")
     for table in (runs_v1, _as_created(conn, tables.run_labels), events_v1):
@@ -119,6 +129,18 @@ def _streams(conn: Connection) -> None:
     )
 
 
+def _interactive(conn: Connection) -> None:
+    for ddl in (
+        "ADD COLUMN waiting_for_input SMALLINT NOT NULL DEFAULT 0",
+        "ADD COLUMN progress TEXT",
+        "ADD COLUMN usage TEXT",
+        "ADD COLUMN resume_count INTEGER NOT NULL DEFAULT 0",
+    ):
+        conn.execute(text(f"ALTER TABLE runs {ddl}"))
+    for table in tables.RUN_SIDE_TABLES:
+        _as_created(conn, table).create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run labels and run events", _initial_schema),
     Migration(2, "idempotency keys and the retention index", _request_ids),
@@ -128,6 +150,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "per-run retention and the expiry index", _retention),
     Migration(7, "completion webhooks: runs' own URLs, deliveries and attempts", _webhooks),
     Migration(8, "external runs: streams, producers and append units", _streams),
+    Migration(9, "inputs, live progress and usage, snapshots and checkpoints", _interactive),
 )
 
 

@@ -33,20 +33,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import (
+    Beside,
+    Checkpoint,
     EncodedEvent,
     MultitaskStrategy,
+    PendingInput,
     Run,
     RunEvent,
     RunFailure,
     RunFilter,
+    RunProgress,
     RunState,
     Scope,
+    Snapshot,
     encoded_event,
 )
 from runservice.domain.ports import EventDecoder, EventEncoder
 from runservice.domain.replicas import deleted_notice
 from runservice.domain.streams import EXTERNAL_AGENT
 from runservice.store import migrations, tables
+from runservice.store.beside import BesideRows
 from runservice.store.cluster import ClusterSql
 from runservice.store.driver import RawSql, SaSql, Sql
 from runservice.store.engine import PG_CONNECT_TIMEOUT_S, make_engine, make_writer_engine
@@ -138,6 +144,8 @@ class SqlRunStore:
         self.streams = SqlStreams(self, sqlite=self.cluster is None)  # external runs
         # Completion webhooks: stored with the commit of each run's end (store/webhooks.py).
         self.webhook_rows = DeliveryRows(engine)
+        # Inputs, snapshots and checkpoints: beside the runs' logs (store/beside.py).
+        self.beside = BesideRows(engine)
 
     async def migrate(self) -> None:
         """Brings the schema up to date."""
@@ -181,25 +189,30 @@ class SqlRunStore:
         self._holder = holder
 
     async def commit(
-        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+        self,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+        beside: Sequence[Beside] = (),
     ) -> frozenset[str]:
-        """Commits runs, events and run updates in one transaction; returns the runs left
-        out because their lease is gone (fenced: nothing of them was written)."""
+        """Commits runs, events, run updates and what is stored beside their logs in one
+        transaction; returns the runs left out because their lease is gone (fenced:
+        nothing of them was written)."""
         writer = self._writer
         if writer is not None:
-            plan = self._commit_plan(new_runs, events, updated_runs)
+            plan = self._commit_plan(new_runs, events, updated_runs, beside)
             await _once(lambda: writer.run(plan))
             return frozenset()
         if self._pg_writer is not None:
             pg_writer = self._pg_writer
             return await pg_writer.run(
-                lambda sql: self._commit_in(sql, new_runs, events, updated_runs)
+                lambda sql: self._commit_in(sql, new_runs, events, updated_runs, beside)
             )
         fenced: frozenset[str] = frozenset()
 
         async def work(conn: AsyncConnection) -> None:
             nonlocal fenced
-            fenced = await self._commit_in(SaSql(conn), new_runs, events, updated_runs)
+            fenced = await self._commit_in(SaSql(conn), new_runs, events, updated_runs, beside)
 
         await self._write(work, retry=False)
         return fenced
@@ -210,6 +223,7 @@ class SqlRunStore:
         new_runs: Sequence[Run],
         events: Sequence[RunEvent],
         updated_runs: Sequence[Run],
+        beside: Sequence[Beside] = (),
     ) -> frozenset[str]:
         """A commit's statements in the caller's transaction: with leases, first the runs
         whose lease is gone are left out, and at the end the other replicas notified."""
@@ -217,12 +231,14 @@ class SqlRunStore:
         fenced: set[str] = set()
         if cluster is not None and holder is not None:
             run_ids = {e.run_id for e in events} | {r.run_id for r in updated_runs}
+            run_ids |= {b.run_id for b in beside}
             fenced = await cluster.fenced(sql, new_runs, run_ids)
             if fenced:
                 new_runs = [r for r in new_runs if r.run_id not in fenced]
                 events = [e for e in events if e.run_id not in fenced]
                 updated_runs = [r for r in updated_runs if r.run_id not in fenced]
-        await self.write(sql, new_runs, events, updated_runs)
+                beside = [b for b in beside if b.run_id not in fenced]
+        await self.write(sql, new_runs, events, updated_runs, beside)
         if cluster is not None and holder is not None:
             await cluster.after_commit(sql, holder, new_runs, events, updated_runs)
         return frozenset(fenced)
@@ -233,9 +249,10 @@ class SqlRunStore:
         new_runs: Sequence[Run],
         events: Sequence[RunEvent],
         updated_runs: Sequence[Run],
+        beside: Sequence[Beside] = (),
     ) -> None:
-        """Writes runs, events and run updates in the caller's transaction."""
-        for statement, values in self._commit_plan(new_runs, events, updated_runs):
+        """Writes runs, events, run updates and beside records in the caller's transaction."""
+        for statement, values in self._commit_plan(new_runs, events, updated_runs, beside):
             await sql.execute(statement, values)
 
     async def transaction(
@@ -277,7 +294,11 @@ class SqlRunStore:
         await self._write(work, retry=False)
 
     def _commit_plan(
-        self, new_runs: Sequence[Run], events: Sequence[RunEvent], updated_runs: Sequence[Run]
+        self,
+        new_runs: Sequence[Run],
+        events: Sequence[RunEvent],
+        updated_runs: Sequence[Run],
+        beside: Sequence[Beside] = (),
     ) -> _Plan:
         """The statements of one commit, in the driver's own SQL, many rows in each.
 
@@ -292,6 +313,7 @@ class SqlRunStore:
             *self._insert_labels.statements(labels),
             *self._insert_events.statements([_event_row(e) for e in events]),
             *self.webhook_rows.statements(latest.values()),
+            *self.beside.statements(beside),
         ]
 
     async def get_run(self, scope: Scope, run_id: str) -> Run | None:
@@ -318,6 +340,8 @@ class SqlRunStore:
             conditions.append(r.agent == run_filter.agent)
         if run_filter.thread_id:
             conditions.append(r.thread_id == run_filter.thread_id)
+        if run_filter.waiting_for_input:
+            conditions.append(r.waiting_for_input == 1)
         for key, value in sorted(run_filter.labels.items()):
             lab = tables.run_labels.alias()
             conditions.append(
@@ -408,6 +432,8 @@ class SqlRunStore:
             return False
         for table in (tables.events, tables.run_labels, tables.run_requests):
             await conn.execute(delete(table).where(table.c.run_id == run_id))
+        for table in tables.RUN_SIDE_TABLES:
+            await conn.execute(delete(table).where(table.c.run_id == run_id))
         for table in (tables.stream_producers, tables.stream_units):
             await conn.execute(delete(table).where(table.c.run_id == run_id))
         s = tables.streams.c
@@ -469,14 +495,54 @@ class SqlRunStore:
                 await conn.execute(
                     delete(tables.run_labels).where(tables.run_labels.c.run_id.in_(run_ids))
                 )
-                await conn.execute(
-                    delete(tables.run_requests).where(tables.run_requests.c.run_id.in_(run_ids))
-                )
+                for table in (tables.run_requests, *tables.RUN_SIDE_TABLES):
+                    await conn.execute(delete(table).where(table.c.run_id.in_(run_ids)))
                 await conn.execute(delete(tables.runs).where(r.run_id.in_(run_ids)))
             purged = run_ids
 
         await self._write(work)
         return purged
+
+    async def offer_input(
+        self, run_id: str, request_id: str, digest: str, body: str, at_us: int
+    ) -> tuple[str, int | None] | None:
+        """Records SendInput's input for an active run unless `request_id` is there
+        (store/beside.py); the request's (digest, seq or None), or None."""
+        offered: tuple[str, int | None] | None = None
+
+        async def work(conn: AsyncConnection) -> None:
+            nonlocal offered
+            offered = await self.beside.offer(
+                SaSql(conn), run_id, request_id, digest=digest, body=body, at_us=at_us
+            )
+
+        await self._write(work)
+        return offered
+
+    async def input_receipt(self, run_id: str, request_id: str) -> tuple[str, int | None]:
+        """(digest, seq or None) of an offered input; KeyError if there is none."""
+        async with self._connect() as conn:
+            return await self.beside.receipt(SaSql(conn), run_id, request_id)
+
+    async def pending_inputs(self, run_id: str) -> list[PendingInput]:
+        """The run's offered inputs not yet appended, in the order they were offered."""
+        async with self._connect() as conn:
+            return await self.beside.pending(SaSql(conn), run_id)
+
+    async def input_seqs(self, run_id: str) -> list[int]:
+        """The seqs of the run's `input` events, in order."""
+        async with self._connect() as conn:
+            return await self.beside.input_seqs(SaSql(conn), run_id)
+
+    async def latest_snapshot(self, run_id: str) -> Snapshot | None:
+        """The run's latest snapshot, if any."""
+        async with self._connect() as conn:
+            return await self.beside.snapshot(conn, run_id)
+
+    async def latest_checkpoint(self, run_id: str) -> Checkpoint | None:
+        """The run's latest checkpoint, if any."""
+        async with self._connect() as conn:
+            return await self.beside.checkpoint(conn, run_id)
 
     async def unfinished_runs(self) -> list[Run]:
         """Every run left PENDING or RUNNING, across owners (for reconciliation), with the
@@ -682,6 +748,10 @@ _RUN_MUTABLE = (
     "last_seq",
     "stop_reason",
     "expire_us",
+    "waiting_for_input",
+    "progress",
+    "usage",
+    "resume_count",
 )
 _LABEL_COLUMNS = ("run_id", "key", "value")
 
@@ -711,8 +781,25 @@ def _run_row(run: Run) -> tuple[Any, ...]:
         "retention_s": run.retention,
         "expire_us": _expire_us(run),
         "webhook_url": run.webhook_url,
+        "waiting_for_input": 1 if run.waiting_for_input else 0,
+        "progress": _progress_json(run.progress),
+        "usage": _json(run.usage) if run.usage else None,
+        "resume_count": run.resume_count,
     }
     return tuple(row[c] for c in _RUN_COLUMNS)
+
+
+def _progress_json(progress: RunProgress | None) -> str | None:
+    if progress is None:
+        return None
+    return _json({"done": progress.done, "total": progress.total, "message": progress.message})
+
+
+def _progress(text: str | None) -> RunProgress | None:
+    if text is None:
+        return None
+    raw = json.loads(text)
+    return RunProgress(float(raw["done"]), float(raw["total"]), str(raw["message"]))
 
 
 def _expire_us(run: Run) -> int | None:
@@ -749,6 +836,10 @@ def _run_from_row(row: Any, labels: dict[str, str]) -> Run:
         request_hash=row.request_hash,
         executor=row.executor,
         webhook_url=row.webhook_url,
+        waiting_for_input=bool(row.waiting_for_input),
+        progress=_progress(row.progress),
+        usage={} if row.usage is None else json.loads(row.usage),
+        resume_count=row.resume_count,
     )
 
 

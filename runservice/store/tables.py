@@ -57,6 +57,11 @@ runs = Table(
     Column("expire_us", BigInteger, nullable=True),
     # Added by migration 7: the run's own webhook (StartRunRequest.webhook_url), "" for none.
     Column("webhook_url", Text, nullable=False, default="", server_default=""),
+    # Added by migration 9: the live fields an agent moves, and its resumes.
+    Column("waiting_for_input", SmallInteger, nullable=False, default=0, server_default="0"),
+    Column("progress", Text, nullable=True),  # JSON {"done", "total", "message"}
+    Column("usage", Text, nullable=True),  # JSON {name: number}
+    Column("resume_count", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_runs_owner_run_id", "owner", "run_id"),
     Index("ix_runs_owner_thread", "owner", "thread_id"),
     Index("ix_runs_state", "state"),
@@ -188,3 +193,39 @@ webhook_attempts = Table(
     Column("status", Integer, nullable=True),  # the HTTP status; NULL: no answer
     Column("error", Text, nullable=False),  # why it failed, safe to show; "" on success
 )
+
+# Added by migration 9: SendInput's inputs. A row is written when the input is accepted
+# (seq NULL) and given the seq of its `input` event in the transaction that appends it.
+run_inputs = Table(
+    "run_inputs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("request_id", String(255), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("at_us", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=True),
+)
+
+# Added by migration 9: each run's latest snapshot (the state of its output as of seq).
+run_snapshots = Table(
+    "run_snapshots",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("data", Text, nullable=False),
+)
+
+# Added by migration 9: each resumable run's latest checkpoint.
+run_checkpoints = Table(
+    "run_checkpoints",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("inputs_used", Integer, nullable=False),
+    Column("snapshot", Text, nullable=False),
+)
+
+RUN_SIDE_TABLES = (run_inputs, run_snapshots, run_checkpoints)
+"""Tables of rows beside a run's log, deleted with the run."""

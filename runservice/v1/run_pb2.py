@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xbb\x05\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.runservice.v1.RunState\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12\x11\n\tthread_id\x18\x08 \x01(\t\x12.\n\x06labels\x18\t \x03(\x0b\x32\x1e.runservice.v1.Run.LabelsEntry\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\r \x01(\x03\x12\x13\n\x0bstop_reason\x18\x0e \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12<\n\x12multitask_strategy\x18\x10 \x01(\x0e\x32 .runservice.v1.MultitaskStrategy\x12*\n\x07timeout\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bwebhook_url\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x07 \x01(\x0cH\x00\x12\'\n\x05value\x18\n \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.runservice.v1.RunState\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.StatusB\t\n\x07payload\"*\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xcd\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x06\x12\x17\n\x13RUN_STATE_TIMED_OUT\x10\x07*\x98\x01\n\x11MultitaskStrategy\x12\"\n\x1eMULTITASK_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19MULTITASK_STRATEGY_REJECT\x10\x01\x12 \n\x1cMULTITASK_STRATEGY_INTERRUPT\x10\x02\x12\x1e\n\x1aMULTITASK_STRATEGY_ENQUEUE\x10\x03\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf6\x06\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.runservice.v1.RunState\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12\x11\n\tthread_id\x18\x08 \x01(\t\x12.\n\x06labels\x18\t \x03(\x0b\x32\x1e.runservice.v1.Run.LabelsEntry\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\r \x01(\x03\x12\x13\n\x0bstop_reason\x18\x0e \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12<\n\x12multitask_strategy\x18\x10 \x01(\x0e\x32 .runservice.v1.MultitaskStrategy\x12*\n\x07timeout\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bwebhook_url\x18\x13 \x01(\t\x12\x19\n\x11waiting_for_input\x18\x14 \x01(\x08\x12,\n\x08progress\x18\x15 \x01(\x0b\x32\x1a.runservice.v1.RunProgress\x12,\n\x05usage\x18\x16 \x03(\x0b\x32\x1d.runservice.v1.Run.UsageEntry\x12\x14\n\x0cresume_count\x18\x17 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nUsageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x0bRunProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"@\n\x0bRunSnapshot\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12$\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\xc3\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x07 \x01(\x0cH\x00\x12\'\n\x05value\x18\n \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.runservice.v1.RunState\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x12\x18\n\x10resumed_from_seq\x18\x0b \x01(\x03\x42\t\n\x07payload\"*\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xcd\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x06\x12\x17\n\x13RUN_STATE_TIMED_OUT\x10\x07*\x98\x01\n\x11MultitaskStrategy\x12\"\n\x1eMULTITASK_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19MULTITASK_STRATEGY_REJECT\x10\x01\x12 \n\x1cMULTITASK_STRATEGY_INTERRUPT\x10\x02\x12\x1e\n\x1aMULTITASK_STRATEGY_ENQUEUE\x10\x03\x42HZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,16 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1'
   _globals['_RUN_LABELSENTRY']._loaded_options = None
   _globals['_RUN_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1209
-  _globals['_RUNSTATE']._serialized_end=1414
-  _globals['_MULTITASKSTRATEGY']._serialized_start=1417
-  _globals['_MULTITASKSTRATEGY']._serialized_end=1569
+  _globals['_RUN_USAGEENTRY']._loaded_options = None
+  _globals['_RUN_USAGEENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSTATE']._serialized_start=1549
+  _globals['_RUNSTATE']._serialized_end=1754
+  _globals['_MULTITASKSTRATEGY']._serialized_start=1757
+  _globals['_MULTITASKSTRATEGY']._serialized_end=1909
   _globals['_RUN']._serialized_start=163
-  _globals['_RUN']._serialized_end=862
-  _globals['_RUN_LABELSENTRY']._serialized_start=817
-  _globals['_RUN_LABELSENTRY']._serialized_end=862
-  _globals['_RUNEVENT']._serialized_start=865
-  _globals['_RUNEVENT']._serialized_end=1162
-  _globals['_AGENT']._serialized_start=1164
-  _globals['_AGENT']._serialized_end=1206
+  _globals['_RUN']._serialized_end=1049
+  _globals['_RUN_LABELSENTRY']._serialized_start=958
+  _globals['_RUN_LABELSENTRY']._serialized_end=1003
+  _globals['_RUN_USAGEENTRY']._serialized_start=1005
+  _globals['_RUN_USAGEENTRY']._serialized_end=1049
+  _globals['_RUNPROGRESS']._serialized_start=1051
+  _globals['_RUNPROGRESS']._serialized_end=1110
+  _globals['_RUNSNAPSHOT']._serialized_start=1112
+  _globals['_RUNSNAPSHOT']._serialized_end=1176
+  _globals['_RUNEVENT']._serialized_start=1179
+  _globals['_RUNEVENT']._serialized_end=1502
+  _globals['_AGENT']._serialized_start=1504
+  _globals['_AGENT']._serialized_end=1546
 # @@protoc_insertion_point(module_scope)

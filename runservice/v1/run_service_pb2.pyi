@@ -22,12 +22,14 @@ class RunChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_CHANGE_CREATED: _ClassVar[RunChange]
     RUN_CHANGE_STATE_CHANGED: _ClassVar[RunChange]
     RUN_CHANGE_DELETED: _ClassVar[RunChange]
+    RUN_CHANGE_UPDATED: _ClassVar[RunChange]
 RUN_CHANGE_UNSPECIFIED: RunChange
 RUN_CHANGE_EXISTING: RunChange
 RUN_CHANGE_SNAPSHOT_END: RunChange
 RUN_CHANGE_CREATED: RunChange
 RUN_CHANGE_STATE_CHANGED: RunChange
 RUN_CHANGE_DELETED: RunChange
+RUN_CHANGE_UPDATED: RunChange
 
 class StartRunRequest(_message.Message):
     __slots__ = ("agent", "input", "thread_id", "multitask_strategy", "request_id", "labels", "timeout", "retention", "webhook_url")
@@ -77,7 +79,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "states", "agent", "thread_id", "labels", "all_users")
+    __slots__ = ("page_size", "page_token", "states", "agent", "thread_id", "labels", "all_users", "waiting_for_input")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class ListRunsRequest(_message.Message):
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ALL_USERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_INPUT_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     states: _containers.RepeatedScalarFieldContainer[_run_pb2.RunState]
@@ -99,7 +102,8 @@ class ListRunsRequest(_message.Message):
     thread_id: str
     labels: _containers.ScalarMap[str, str]
     all_users: bool
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_run_pb2.RunState, str]]] = ..., agent: _Optional[str] = ..., thread_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., all_users: _Optional[bool] = ...) -> None: ...
+    waiting_for_input: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_run_pb2.RunState, str]]] = ..., agent: _Optional[str] = ..., thread_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., all_users: _Optional[bool] = ..., waiting_for_input: _Optional[bool] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs", "next_page_token")
@@ -124,18 +128,22 @@ class StopRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("run_id", "from_seq")
+    __slots__ = ("run_id", "from_seq", "snapshot")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_seq: int
-    def __init__(self, run_id: _Optional[str] = ..., from_seq: _Optional[int] = ...) -> None: ...
+    snapshot: bool
+    def __init__(self, run_id: _Optional[str] = ..., from_seq: _Optional[int] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "snapshot")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_run_pb2.RunEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[_run_pb2.RunEvent, _Mapping]]] = ...) -> None: ...
+    snapshot: _run_pb2.RunSnapshot
+    def __init__(self, events: _Optional[_Iterable[_Union[_run_pb2.RunEvent, _Mapping]]] = ..., snapshot: _Optional[_Union[_run_pb2.RunSnapshot, _Mapping]] = ...) -> None: ...
 
 class DeleteRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -148,7 +156,7 @@ class DeleteRunResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchRunsRequest(_message.Message):
-    __slots__ = ("states", "agent", "thread_id", "labels", "all_users")
+    __slots__ = ("states", "agent", "thread_id", "labels", "all_users", "waiting_for_input")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,12 +169,14 @@ class WatchRunsRequest(_message.Message):
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ALL_USERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_INPUT_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_run_pb2.RunState]
     agent: str
     thread_id: str
     labels: _containers.ScalarMap[str, str]
     all_users: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[_run_pb2.RunState, str]]] = ..., agent: _Optional[str] = ..., thread_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., all_users: _Optional[bool] = ...) -> None: ...
+    waiting_for_input: bool
+    def __init__(self, states: _Optional[_Iterable[_Union[_run_pb2.RunState, str]]] = ..., agent: _Optional[str] = ..., thread_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., all_users: _Optional[bool] = ..., waiting_for_input: _Optional[bool] = ...) -> None: ...
 
 class WatchRunsResponse(_message.Message):
     __slots__ = ("change", "run")
@@ -317,3 +327,19 @@ class ListWebhookDeliveriesResponse(_message.Message):
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     deliveries: _containers.RepeatedCompositeFieldContainer[_webhook_pb2.WebhookDelivery]
     def __init__(self, deliveries: _Optional[_Iterable[_Union[_webhook_pb2.WebhookDelivery, _Mapping]]] = ...) -> None: ...
+
+class SendInputRequest(_message.Message):
+    __slots__ = ("run_id", "input", "request_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    input: _struct_pb2.Struct
+    request_id: str
+    def __init__(self, run_id: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SendInputResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: _run_pb2.RunEvent
+    def __init__(self, event: _Optional[_Union[_run_pb2.RunEvent, _Mapping]] = ...) -> None: ...

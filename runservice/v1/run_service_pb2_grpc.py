@@ -107,6 +107,11 @@ class RunServiceStub:
                 request_serializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
                 response_deserializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.SendInput = channel.unary_unary(
+                '/runservice.v1.RunService/SendInput',
+                request_serializer=runservice_dot_v1_dot_run__service__pb2.SendInputRequest.SerializeToString,
+                response_deserializer=runservice_dot_v1_dot_run__service__pb2.SendInputResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -252,6 +257,21 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendInput(self, request, context):
+        """Sends input to a run: it is appended to the run's log as an `input`
+        event (durable, in the order the server received it) and handed to the
+        agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+        whether they arrived before or after it asked. Input to a PENDING run
+        waits for it. Idempotent by `request_id`: a retry returns the event the
+        first call appended; the same `request_id` with another input is
+        ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+        FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+        (EXTERNAL_RUN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +339,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListWebhookDeliveries,
                     request_deserializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.FromString,
                     response_serializer=runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'SendInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendInput,
+                    request_deserializer=runservice_dot_v1_dot_run__service__pb2.SendInputRequest.FromString,
+                    response_serializer=runservice_dot_v1_dot_run__service__pb2.SendInputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -680,6 +705,33 @@ class RunService:
             '/runservice.v1.RunService/ListWebhookDeliveries',
             runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
             runservice_dot_v1_dot_run__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runservice.v1.RunService/SendInput',
+            runservice_dot_v1_dot_run__service__pb2.SendInputRequest.SerializeToString,
+            runservice_dot_v1_dot_run__service__pb2.SendInputResponse.FromString,
             options,
             channel_credentials,
             insecure,

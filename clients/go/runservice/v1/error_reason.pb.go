@@ -122,6 +122,12 @@ const (
 	// FAILED_PRECONDITION. Appends and CloseRun are for external runs (agent
 	// `external`); this run's events come from its agent.
 	ErrorReason_ERROR_REASON_NOT_EXTERNAL ErrorReason = 38
+	// FAILED_PRECONDITION. The run has ended: it takes no more input. Start a
+	// new run (for example on the same thread).
+	ErrorReason_ERROR_REASON_RUN_ENDED ErrorReason = 39
+	// FAILED_PRECONDITION. External runs are fed with AppendEvents; they have
+	// no agent to take input.
+	ErrorReason_ERROR_REASON_EXTERNAL_RUN ErrorReason = 40
 	// INVALID_ARGUMENT. StartRunRequest.webhook_url is not under any of the
 	// server's `--webhook-allow` prefixes (or the server allows none). Metadata
 	// `field` is `webhook_url`. Use a URL under an allowed prefix, or leave the
@@ -164,6 +170,8 @@ var (
 		36: "ERROR_REASON_TOO_MANY_OPEN_STREAMS",
 		37: "ERROR_REASON_STREAM_DELETED",
 		38: "ERROR_REASON_NOT_EXTERNAL",
+		39: "ERROR_REASON_RUN_ENDED",
+		40: "ERROR_REASON_EXTERNAL_RUN",
 		50: "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED",
 	}
 	ErrorReason_value = map[string]int32{
@@ -199,6 +207,8 @@ var (
 		"ERROR_REASON_TOO_MANY_OPEN_STREAMS":   36,
 		"ERROR_REASON_STREAM_DELETED":          37,
 		"ERROR_REASON_NOT_EXTERNAL":            38,
+		"ERROR_REASON_RUN_ENDED":               39,
+		"ERROR_REASON_EXTERNAL_RUN":            40,
 		"ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED": 50,
 	}
 )
@@ -234,7 +244,7 @@ var File_runservice_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xf9\b\n" +
+	" runservice/v1/error_reason.proto\x12\rrunservice.v1*\xb4\t\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_REASON_RUN_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -268,7 +278,9 @@ const file_runservice_v1_error_reason_proto_rawDesc = "" +
 	"\"ERROR_REASON_CONTENT_TYPE_MISMATCH\x10#\x12&\n" +
 	"\"ERROR_REASON_TOO_MANY_OPEN_STREAMS\x10$\x12\x1f\n" +
 	"\x1bERROR_REASON_STREAM_DELETED\x10%\x12\x1d\n" +
-	"\x19ERROR_REASON_NOT_EXTERNAL\x10&\x12(\n" +
+	"\x19ERROR_REASON_NOT_EXTERNAL\x10&\x12\x1a\n" +
+	"\x16ERROR_REASON_RUN_ENDED\x10'\x12\x1d\n" +
+	"\x19ERROR_REASON_EXTERNAL_RUN\x10(\x12(\n" +
 	"$ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED\x102BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (

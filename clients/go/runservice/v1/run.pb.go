@@ -213,7 +213,21 @@ type Run struct {
 	// The URL that receives a POST when the run ends, as StartRun was given it
 	// (StartRunRequest.webhook_url); empty when none was. The deployment's own
 	// webhook (`--webhook-url`) is not shown here.
-	WebhookUrl    string `protobuf:"bytes,19,opt,name=webhook_url,json=webhookUrl,proto3" json:"webhook_url,omitempty"`
+	WebhookUrl string `protobuf:"bytes,19,opt,name=webhook_url,json=webhookUrl,proto3" json:"webhook_url,omitempty"`
+	// Output only. True while the run's agent waits for input (SendInput),
+	// after an `input.requested` event or in a receive of its own.
+	WaitingForInput bool `protobuf:"varint,20,opt,name=waiting_for_input,json=waitingForInput,proto3" json:"waiting_for_input,omitempty"`
+	// Output only. The agent's last report of its progress; unset until it
+	// makes one. Live while the run is active (updated a few times a second
+	// at most), and kept with the run's final state.
+	Progress *RunProgress `protobuf:"bytes,21,opt,name=progress,proto3" json:"progress,omitempty"`
+	// Output only. The agent's running totals of what the run consumed (for
+	// example `input_tokens`, `output_tokens`, `cost_usd`): each key as the
+	// agent last reported it. Live and kept as `progress` is.
+	Usage map[string]float64 `protobuf:"bytes,22,rep,name=usage,proto3" json:"usage,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	// Output only. How many times the run was resumed from a checkpoint after
+	// the server executing it stopped (a resumable agent's run); 0 otherwise.
+	ResumeCount   int32 `protobuf:"varint,23,opt,name=resume_count,json=resumeCount,proto3" json:"resume_count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -381,6 +395,159 @@ func (x *Run) GetWebhookUrl() string {
 	return ""
 }
 
+func (x *Run) GetWaitingForInput() bool {
+	if x != nil {
+		return x.WaitingForInput
+	}
+	return false
+}
+
+func (x *Run) GetProgress() *RunProgress {
+	if x != nil {
+		return x.Progress
+	}
+	return nil
+}
+
+func (x *Run) GetUsage() map[string]float64 {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+func (x *Run) GetResumeCount() int32 {
+	if x != nil {
+		return x.ResumeCount
+	}
+	return 0
+}
+
+// How far a run's agent says it has come: `done` out of `total` (0 when the
+// total is unknown), with a message for people.
+type RunProgress struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Work done, in the agent's own unit.
+	Done float64 `protobuf:"fixed64,1,opt,name=done,proto3" json:"done,omitempty"`
+	// The total of work, in the same unit; 0 when unknown.
+	Total float64 `protobuf:"fixed64,2,opt,name=total,proto3" json:"total,omitempty"`
+	// A short human-readable description of the current step.
+	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunProgress) Reset() {
+	*x = RunProgress{}
+	mi := &file_runservice_v1_run_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunProgress) ProtoMessage() {}
+
+func (x *RunProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunProgress.ProtoReflect.Descriptor instead.
+func (*RunProgress) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RunProgress) GetDone() float64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *RunProgress) GetTotal() float64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *RunProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+// The accumulated state of a run's output as of one event: what a client
+// would have after applying every event up to and including `seq`. Stored
+// beside the log as the run goes (it takes no seq of its own); Subscribe
+// with `snapshot` sends it first, then the events after `seq`.
+type RunSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The last seq the snapshot covers; the events that follow start at
+	// `seq` + 1.
+	Seq int64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// The state: `{"text": ...}` from the built-in reducer of `token` text
+	// events, or whatever the agent recorded with `ctx.snapshot(data)`.
+	Data          *structpb.Value `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunSnapshot) Reset() {
+	*x = RunSnapshot{}
+	mi := &file_runservice_v1_run_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunSnapshot) ProtoMessage() {}
+
+func (x *RunSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunSnapshot.ProtoReflect.Descriptor instead.
+func (*RunSnapshot) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RunSnapshot) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *RunSnapshot) GetData() *structpb.Value {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 // One entry of a run's event log.
 type RunEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -394,7 +561,10 @@ type RunEvent struct {
 	// event.
 	Time *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
 	// The event's type. Agents choose their own (for example `token`,
-	// `tool_call`, `progress`); lifecycle events use `run.state`.
+	// `tool_call`, `progress`); lifecycle events use `run.state`. The server
+	// writes `input` (SendInput's input, in `data`), `input.requested` (the
+	// agent asks for input; `data` says for what) and `run.stop_requested`
+	// (a StopRun arrived; `data` has its `reason` and `by`).
 	Type string `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"`
 	// The event's payload, if any.
 	//
@@ -410,14 +580,20 @@ type RunEvent struct {
 	// Why the run did not succeed; set only on the terminal event of a run
 	// that ended in a state other than RUN_STATE_SUCCEEDED. That event's `data`
 	// then carries the agent's partial output, if it left any.
-	Error         *status.Status `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Error *status.Status `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
+	// Set only on the `run.state` RUNNING event of a run resumed from a
+	// checkpoint: the seq the checkpoint covers. The events between it and
+	// this event were superseded (the agent started again from the
+	// checkpoint); a client that applies events, or a snapshot reducer,
+	// restarts from its state as of this seq.
+	ResumedFromSeq int64 `protobuf:"varint,11,opt,name=resumed_from_seq,json=resumedFromSeq,proto3" json:"resumed_from_seq,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RunEvent) Reset() {
 	*x = RunEvent{}
-	mi := &file_runservice_v1_run_proto_msgTypes[1]
+	mi := &file_runservice_v1_run_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +605,7 @@ func (x *RunEvent) String() string {
 func (*RunEvent) ProtoMessage() {}
 
 func (x *RunEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_runservice_v1_run_proto_msgTypes[1]
+	mi := &file_runservice_v1_run_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +618,7 @@ func (x *RunEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunEvent.ProtoReflect.Descriptor instead.
 func (*RunEvent) Descriptor() ([]byte, []int) {
-	return file_runservice_v1_run_proto_rawDescGZIP(), []int{1}
+	return file_runservice_v1_run_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RunEvent) GetRunId() string {
@@ -530,6 +706,13 @@ func (x *RunEvent) GetError() *status.Status {
 	return nil
 }
 
+func (x *RunEvent) GetResumedFromSeq() int64 {
+	if x != nil {
+		return x.ResumedFromSeq
+	}
+	return 0
+}
+
 type isRunEvent_Payload interface {
 	isRunEvent_Payload()
 }
@@ -577,7 +760,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_runservice_v1_run_proto_msgTypes[2]
+	mi := &file_runservice_v1_run_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +772,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_runservice_v1_run_proto_msgTypes[2]
+	mi := &file_runservice_v1_run_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +785,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_runservice_v1_run_proto_rawDescGZIP(), []int{2}
+	return file_runservice_v1_run_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Agent) GetName() string {
@@ -623,7 +806,7 @@ var File_runservice_v1_run_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_proto_rawDesc = "" +
 	"\n" +
-	"\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xff\x06\n" +
+	"\x17runservice/v1/run.proto\x12\rrunservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf5\b\n" +
 	"\x03Run\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -650,10 +833,25 @@ const file_runservice_v1_run_proto_rawDesc = "" +
 	"\vexpire_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x1f\n" +
 	"\vwebhook_url\x18\x13 \x01(\tR\n" +
-	"webhookUrl\x1a9\n" +
+	"webhookUrl\x12*\n" +
+	"\x11waiting_for_input\x18\x14 \x01(\bR\x0fwaitingForInput\x126\n" +
+	"\bprogress\x18\x15 \x01(\v2\x1a.runservice.v1.RunProgressR\bprogress\x123\n" +
+	"\x05usage\x18\x16 \x03(\v2\x1d.runservice.v1.Run.UsageEntryR\x05usage\x12!\n" +
+	"\fresume_count\x18\x17 \x01(\x05R\vresumeCount\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xea\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a8\n" +
+	"\n" +
+	"UsageEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"Q\n" +
+	"\vRunProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x01R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x01R\x05total\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"K\n" +
+	"\vRunSnapshot\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x03R\x03seq\x12*\n" +
+	"\x04data\x18\x02 \x01(\v2\x16.google.protobuf.ValueR\x04data\"\x94\x03\n" +
 	"\bRunEvent\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12.\n" +
@@ -665,7 +863,8 @@ const file_runservice_v1_run_proto_rawDesc = "" +
 	"\x05value\x18\n" +
 	" \x01(\v2\x16.google.protobuf.ValueH\x00R\x05value\x12-\n" +
 	"\x05state\x18\b \x01(\x0e2\x17.runservice.v1.RunStateR\x05state\x12(\n" +
-	"\x05error\x18\t \x01(\v2\x12.google.rpc.StatusR\x05errorB\t\n" +
+	"\x05error\x18\t \x01(\v2\x12.google.rpc.StatusR\x05error\x12(\n" +
+	"\x10resumed_from_seq\x18\v \x01(\x03R\x0eresumedFromSeqB\t\n" +
 	"\apayload\"=\n" +
 	"\x05Agent\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
@@ -698,42 +897,48 @@ func file_runservice_v1_run_proto_rawDescGZIP() []byte {
 }
 
 var file_runservice_v1_run_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_runservice_v1_run_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_runservice_v1_run_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_runservice_v1_run_proto_goTypes = []any{
 	(RunState)(0),                 // 0: runservice.v1.RunState
 	(MultitaskStrategy)(0),        // 1: runservice.v1.MultitaskStrategy
 	(*Run)(nil),                   // 2: runservice.v1.Run
-	(*RunEvent)(nil),              // 3: runservice.v1.RunEvent
-	(*Agent)(nil),                 // 4: runservice.v1.Agent
-	nil,                           // 5: runservice.v1.Run.LabelsEntry
-	(*structpb.Struct)(nil),       // 6: google.protobuf.Struct
-	(*status.Status)(nil),         // 7: google.rpc.Status
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
-	(*structpb.Value)(nil),        // 10: google.protobuf.Value
+	(*RunProgress)(nil),           // 3: runservice.v1.RunProgress
+	(*RunSnapshot)(nil),           // 4: runservice.v1.RunSnapshot
+	(*RunEvent)(nil),              // 5: runservice.v1.RunEvent
+	(*Agent)(nil),                 // 6: runservice.v1.Agent
+	nil,                           // 7: runservice.v1.Run.LabelsEntry
+	nil,                           // 8: runservice.v1.Run.UsageEntry
+	(*structpb.Struct)(nil),       // 9: google.protobuf.Struct
+	(*status.Status)(nil),         // 10: google.rpc.Status
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
+	(*structpb.Value)(nil),        // 13: google.protobuf.Value
 }
 var file_runservice_v1_run_proto_depIdxs = []int32{
 	0,  // 0: runservice.v1.Run.state:type_name -> runservice.v1.RunState
-	6,  // 1: runservice.v1.Run.input:type_name -> google.protobuf.Struct
-	6,  // 2: runservice.v1.Run.result:type_name -> google.protobuf.Struct
-	7,  // 3: runservice.v1.Run.error:type_name -> google.rpc.Status
-	5,  // 4: runservice.v1.Run.labels:type_name -> runservice.v1.Run.LabelsEntry
-	8,  // 5: runservice.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	8,  // 6: runservice.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	8,  // 7: runservice.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	9,  // 1: runservice.v1.Run.input:type_name -> google.protobuf.Struct
+	9,  // 2: runservice.v1.Run.result:type_name -> google.protobuf.Struct
+	10, // 3: runservice.v1.Run.error:type_name -> google.rpc.Status
+	7,  // 4: runservice.v1.Run.labels:type_name -> runservice.v1.Run.LabelsEntry
+	11, // 5: runservice.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	11, // 6: runservice.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	11, // 7: runservice.v1.Run.end_time:type_name -> google.protobuf.Timestamp
 	1,  // 8: runservice.v1.Run.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
-	9,  // 9: runservice.v1.Run.timeout:type_name -> google.protobuf.Duration
-	8,  // 10: runservice.v1.Run.expire_time:type_name -> google.protobuf.Timestamp
-	8,  // 11: runservice.v1.RunEvent.time:type_name -> google.protobuf.Timestamp
-	6,  // 12: runservice.v1.RunEvent.data:type_name -> google.protobuf.Struct
-	10, // 13: runservice.v1.RunEvent.value:type_name -> google.protobuf.Value
-	0,  // 14: runservice.v1.RunEvent.state:type_name -> runservice.v1.RunState
-	7,  // 15: runservice.v1.RunEvent.error:type_name -> google.rpc.Status
-	16, // [16:16] is the sub-list for method output_type
-	16, // [16:16] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	12, // 9: runservice.v1.Run.timeout:type_name -> google.protobuf.Duration
+	11, // 10: runservice.v1.Run.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 11: runservice.v1.Run.progress:type_name -> runservice.v1.RunProgress
+	8,  // 12: runservice.v1.Run.usage:type_name -> runservice.v1.Run.UsageEntry
+	13, // 13: runservice.v1.RunSnapshot.data:type_name -> google.protobuf.Value
+	11, // 14: runservice.v1.RunEvent.time:type_name -> google.protobuf.Timestamp
+	9,  // 15: runservice.v1.RunEvent.data:type_name -> google.protobuf.Struct
+	13, // 16: runservice.v1.RunEvent.value:type_name -> google.protobuf.Value
+	0,  // 17: runservice.v1.RunEvent.state:type_name -> runservice.v1.RunState
+	10, // 18: runservice.v1.RunEvent.error:type_name -> google.rpc.Status
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_proto_init() }
@@ -741,7 +946,7 @@ func file_runservice_v1_run_proto_init() {
 	if File_runservice_v1_run_proto != nil {
 		return
 	}
-	file_runservice_v1_run_proto_msgTypes[1].OneofWrappers = []any{
+	file_runservice_v1_run_proto_msgTypes[3].OneofWrappers = []any{
 		(*RunEvent_Data)(nil),
 		(*RunEvent_Text)(nil),
 		(*RunEvent_Binary)(nil),
@@ -753,7 +958,7 @@ func file_runservice_v1_run_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runservice_v1_run_proto_rawDesc), len(file_runservice_v1_run_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   4,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -40,6 +40,9 @@ const (
 	RunChange_RUN_CHANGE_STATE_CHANGED RunChange = 4
 	// The run was deleted.
 	RunChange_RUN_CHANGE_DELETED RunChange = 5
+	// A live field of the run changed, its state did not: `waiting_for_input`,
+	// `progress` or `usage` (coalesced: a few changes a second at most).
+	RunChange_RUN_CHANGE_UPDATED RunChange = 6
 )
 
 // Enum value maps for RunChange.
@@ -51,6 +54,7 @@ var (
 		3: "RUN_CHANGE_CREATED",
 		4: "RUN_CHANGE_STATE_CHANGED",
 		5: "RUN_CHANGE_DELETED",
+		6: "RUN_CHANGE_UPDATED",
 	}
 	RunChange_value = map[string]int32{
 		"RUN_CHANGE_UNSPECIFIED":   0,
@@ -59,6 +63,7 @@ var (
 		"RUN_CHANGE_CREATED":       3,
 		"RUN_CHANGE_STATE_CHANGED": 4,
 		"RUN_CHANGE_DELETED":       5,
+		"RUN_CHANGE_UPDATED":       6,
 	}
 )
 
@@ -382,9 +387,11 @@ type ListRunsRequest struct {
 	Labels map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Optional. Lists every user's runs; needs the `admin` role
 	// (PERMISSION_DENIED otherwise).
-	AllUsers      bool `protobuf:"varint,7,opt,name=all_users,json=allUsers,proto3" json:"all_users,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AllUsers bool `protobuf:"varint,7,opt,name=all_users,json=allUsers,proto3" json:"all_users,omitempty"`
+	// Optional. Only runs whose agent waits for input now.
+	WaitingForInput bool `protobuf:"varint,8,opt,name=waiting_for_input,json=waitingForInput,proto3" json:"waiting_for_input,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ListRunsRequest) Reset() {
@@ -462,6 +469,13 @@ func (x *ListRunsRequest) GetLabels() map[string]string {
 func (x *ListRunsRequest) GetAllUsers() bool {
 	if x != nil {
 		return x.AllUsers
+	}
+	return false
+}
+
+func (x *ListRunsRequest) GetWaitingForInput() bool {
+	if x != nil {
+		return x.WaitingForInput
 	}
 	return false
 }
@@ -629,7 +643,12 @@ type SubscribeRequest struct {
 	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
 	// Optional. The first `seq` to deliver (inclusive); 0 or 1 means from the
 	// start. A value past the log's end plus one is OUT_OF_RANGE.
-	FromSeq       int64 `protobuf:"varint,2,opt,name=from_seq,json=fromSeq,proto3" json:"from_seq,omitempty"`
+	FromSeq int64 `protobuf:"varint,2,opt,name=from_seq,json=fromSeq,proto3" json:"from_seq,omitempty"`
+	// Optional. Starts with the run's latest snapshot (covering a seq at or
+	// after `from_seq` - 1): the first response carries it in `snapshot`, and
+	// the events that follow start right after its seq, gap-free. Without a
+	// snapshot that far, the stream is as without this flag.
+	Snapshot      bool `protobuf:"varint,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -678,12 +697,22 @@ func (x *SubscribeRequest) GetFromSeq() int64 {
 	return 0
 }
 
+func (x *SubscribeRequest) GetSnapshot() bool {
+	if x != nil {
+		return x.Snapshot
+	}
+	return false
+}
+
 // Response message for Subscribe.
 type SubscribeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Consecutive events of the run's log: one at a time when following live,
 	// batches (bounded in count and bytes) when catching up.
-	Events        []*RunEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	Events []*RunEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// Set only on the first response of a Subscribe with `snapshot`: the
+	// state as of `snapshot.seq`; `events` is then empty.
+	Snapshot      *RunSnapshot `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -721,6 +750,13 @@ func (*SubscribeResponse) Descriptor() ([]byte, []int) {
 func (x *SubscribeResponse) GetEvents() []*RunEvent {
 	if x != nil {
 		return x.Events
+	}
+	return nil
+}
+
+func (x *SubscribeResponse) GetSnapshot() *RunSnapshot {
+	if x != nil {
+		return x.Snapshot
 	}
 	return nil
 }
@@ -821,9 +857,12 @@ type WatchRunsRequest struct {
 	// Optional. Only runs that carry all of these labels with these values.
 	Labels map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Optional. Watches every user's runs; needs the `admin` role.
-	AllUsers      bool `protobuf:"varint,5,opt,name=all_users,json=allUsers,proto3" json:"all_users,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AllUsers bool `protobuf:"varint,5,opt,name=all_users,json=allUsers,proto3" json:"all_users,omitempty"`
+	// Optional. Only runs whose agent waits for input (a run that stops
+	// waiting is still reported once, with `waiting_for_input` false).
+	WaitingForInput bool `protobuf:"varint,6,opt,name=waiting_for_input,json=waitingForInput,proto3" json:"waiting_for_input,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *WatchRunsRequest) Reset() {
@@ -887,6 +926,13 @@ func (x *WatchRunsRequest) GetLabels() map[string]string {
 func (x *WatchRunsRequest) GetAllUsers() bool {
 	if x != nil {
 		return x.AllUsers
+	}
+	return false
+}
+
+func (x *WatchRunsRequest) GetWaitingForInput() bool {
+	if x != nil {
+		return x.WaitingForInput
 	}
 	return false
 }
@@ -1906,6 +1952,120 @@ func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
 	return nil
 }
 
+// Request message for SendInput.
+type SendInputRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The run's identifier.
+	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Required. The input, a JSON object; the `input` event's `data`. At most
+	// the server's `--max-event-size` once encoded.
+	Input *structpb.Struct `protobuf:"bytes,2,opt,name=input,proto3" json:"input,omitempty"`
+	// Optional. An idempotency key chosen by the client (AIP-155): a retry
+	// with the same key returns the event the first call appended instead of
+	// appending another.
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendInputRequest) Reset() {
+	*x = SendInputRequest{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendInputRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendInputRequest) ProtoMessage() {}
+
+func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
+func (*SendInputRequest) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SendInputRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *SendInputRequest) GetInput() *structpb.Struct {
+	if x != nil {
+		return x.Input
+	}
+	return nil
+}
+
+func (x *SendInputRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response message for SendInput.
+type SendInputResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The `input` event as appended to the run's log (for a retried
+	// `request_id`, the one the first call appended).
+	Event         *RunEvent `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendInputResponse) Reset() {
+	*x = SendInputResponse{}
+	mi := &file_runservice_v1_run_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendInputResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendInputResponse) ProtoMessage() {}
+
+func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runservice_v1_run_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
+func (*SendInputResponse) Descriptor() ([]byte, []int) {
+	return file_runservice_v1_run_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SendInputResponse) GetEvent() *RunEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 var File_runservice_v1_run_service_proto protoreflect.FileDescriptor
 
 const file_runservice_v1_run_service_proto_rawDesc = "" +
@@ -1931,7 +2091,7 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\rGetRunRequest\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\"6\n" +
 	"\x0eGetRunResponse\x12$\n" +
-	"\x03run\x18\x01 \x01(\v2\x12.runservice.v1.RunR\x03run\"\xcd\x02\n" +
+	"\x03run\x18\x01 \x01(\v2\x12.runservice.v1.RunR\x03run\"\xf9\x02\n" +
 	"\x0fListRunsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -1940,7 +2100,8 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x05agent\x18\x04 \x01(\tR\x05agent\x12\x1b\n" +
 	"\tthread_id\x18\x05 \x01(\tR\bthreadId\x12B\n" +
 	"\x06labels\x18\x06 \x03(\v2*.runservice.v1.ListRunsRequest.LabelsEntryR\x06labels\x12\x1b\n" +
-	"\tall_users\x18\a \x01(\bR\ballUsers\x1a9\n" +
+	"\tall_users\x18\a \x01(\bR\ballUsers\x12*\n" +
+	"\x11waiting_for_input\x18\b \x01(\bR\x0fwaitingForInput\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"b\n" +
@@ -1951,21 +2112,24 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"7\n" +
 	"\x0fStopRunResponse\x12$\n" +
-	"\x03run\x18\x01 \x01(\v2\x12.runservice.v1.RunR\x03run\"D\n" +
+	"\x03run\x18\x01 \x01(\v2\x12.runservice.v1.RunR\x03run\"`\n" +
 	"\x10SubscribeRequest\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x19\n" +
-	"\bfrom_seq\x18\x02 \x01(\x03R\afromSeq\"D\n" +
+	"\bfrom_seq\x18\x02 \x01(\x03R\afromSeq\x12\x1a\n" +
+	"\bsnapshot\x18\x03 \x01(\bR\bsnapshot\"|\n" +
 	"\x11SubscribeResponse\x12/\n" +
-	"\x06events\x18\x01 \x03(\v2\x17.runservice.v1.RunEventR\x06events\")\n" +
+	"\x06events\x18\x01 \x03(\v2\x17.runservice.v1.RunEventR\x06events\x126\n" +
+	"\bsnapshot\x18\x02 \x01(\v2\x1a.runservice.v1.RunSnapshotR\bsnapshot\")\n" +
 	"\x10DeleteRunRequest\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\"\x13\n" +
-	"\x11DeleteRunResponse\"\x93\x02\n" +
+	"\x11DeleteRunResponse\"\xbf\x02\n" +
 	"\x10WatchRunsRequest\x12/\n" +
 	"\x06states\x18\x01 \x03(\x0e2\x17.runservice.v1.RunStateR\x06states\x12\x14\n" +
 	"\x05agent\x18\x02 \x01(\tR\x05agent\x12\x1b\n" +
 	"\tthread_id\x18\x03 \x01(\tR\bthreadId\x12C\n" +
 	"\x06labels\x18\x04 \x03(\v2+.runservice.v1.WatchRunsRequest.LabelsEntryR\x06labels\x12\x1b\n" +
-	"\tall_users\x18\x05 \x01(\bR\ballUsers\x1a9\n" +
+	"\tall_users\x18\x05 \x01(\bR\ballUsers\x12*\n" +
+	"\x11waiting_for_input\x18\x06 \x01(\bR\x0fwaitingForInput\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"k\n" +
@@ -2039,14 +2203,22 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x1dListWebhookDeliveriesResponse\x12>\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x1e.runservice.v1.WebhookDeliveryR\n" +
-	"deliveries*\xab\x01\n" +
+	"deliveries\"w\n" +
+	"\x10SendInputRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12-\n" +
+	"\x05input\x18\x02 \x01(\v2\x17.google.protobuf.StructR\x05input\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"B\n" +
+	"\x11SendInputResponse\x12-\n" +
+	"\x05event\x18\x01 \x01(\v2\x17.runservice.v1.RunEventR\x05event*\xc3\x01\n" +
 	"\tRunChange\x12\x1a\n" +
 	"\x16RUN_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RUN_CHANGE_EXISTING\x10\x01\x12\x1b\n" +
 	"\x17RUN_CHANGE_SNAPSHOT_END\x10\x02\x12\x16\n" +
 	"\x12RUN_CHANGE_CREATED\x10\x03\x12\x1c\n" +
 	"\x18RUN_CHANGE_STATE_CHANGED\x10\x04\x12\x16\n" +
-	"\x12RUN_CHANGE_DELETED\x10\x052\x86\t\n" +
+	"\x12RUN_CHANGE_DELETED\x10\x05\x12\x16\n" +
+	"\x12RUN_CHANGE_UPDATED\x10\x062\xd6\t\n" +
 	"\n" +
 	"RunService\x12K\n" +
 	"\bStartRun\x12\x1e.runservice.v1.StartRunRequest\x1a\x1f.runservice.v1.StartRunResponse\x12J\n" +
@@ -2062,7 +2234,8 @@ const file_runservice_v1_run_service_proto_rawDesc = "" +
 	"\x0fCreateReadToken\x12%.runservice.v1.CreateReadTokenRequest\x1a&.runservice.v1.CreateReadTokenResponse\x12W\n" +
 	"\fAppendEvents\x12\".runservice.v1.AppendEventsRequest\x1a#.runservice.v1.AppendEventsResponse\x12K\n" +
 	"\bCloseRun\x12\x1e.runservice.v1.CloseRunRequest\x1a\x1f.runservice.v1.CloseRunResponse\x12w\n" +
-	"\x15ListWebhookDeliveries\x12+.runservice.v1.ListWebhookDeliveriesRequest\x1a,.runservice.v1.ListWebhookDeliveriesResponse\"\x03\x90\x02\x01BHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
+	"\x15ListWebhookDeliveries\x12+.runservice.v1.ListWebhookDeliveriesRequest\x1a,.runservice.v1.ListWebhookDeliveriesResponse\"\x03\x90\x02\x01\x12N\n" +
+	"\tSendInput\x12\x1f.runservice.v1.SendInputRequest\x1a .runservice.v1.SendInputResponseBHZFgithub.com/runservice/runservice/clients/go/runservice/v1;runservicev1b\x06proto3"
 
 var (
 	file_runservice_v1_run_service_proto_rawDescOnce sync.Once
@@ -2077,7 +2250,7 @@ func file_runservice_v1_run_service_proto_rawDescGZIP() []byte {
 }
 
 var file_runservice_v1_run_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_runservice_v1_run_service_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_runservice_v1_run_service_proto_goTypes = []any{
 	(RunChange)(0),                        // 0: runservice.v1.RunChange
 	(*StartRunRequest)(nil),               // 1: runservice.v1.StartRunRequest
@@ -2107,79 +2280,87 @@ var file_runservice_v1_run_service_proto_goTypes = []any{
 	(*CloseRunResponse)(nil),              // 25: runservice.v1.CloseRunResponse
 	(*ListWebhookDeliveriesRequest)(nil),  // 26: runservice.v1.ListWebhookDeliveriesRequest
 	(*ListWebhookDeliveriesResponse)(nil), // 27: runservice.v1.ListWebhookDeliveriesResponse
-	nil,                                   // 28: runservice.v1.StartRunRequest.LabelsEntry
-	nil,                                   // 29: runservice.v1.ListRunsRequest.LabelsEntry
-	nil,                                   // 30: runservice.v1.WatchRunsRequest.LabelsEntry
-	(*structpb.Struct)(nil),               // 31: google.protobuf.Struct
-	(MultitaskStrategy)(0),                // 32: runservice.v1.MultitaskStrategy
-	(*durationpb.Duration)(nil),           // 33: google.protobuf.Duration
-	(*Run)(nil),                           // 34: runservice.v1.Run
-	(RunState)(0),                         // 35: runservice.v1.RunState
-	(*RunEvent)(nil),                      // 36: runservice.v1.RunEvent
-	(*Agent)(nil),                         // 37: runservice.v1.Agent
-	(*timestamppb.Timestamp)(nil),         // 38: google.protobuf.Timestamp
-	(*structpb.Value)(nil),                // 39: google.protobuf.Value
-	(*WebhookDelivery)(nil),               // 40: runservice.v1.WebhookDelivery
+	(*SendInputRequest)(nil),              // 28: runservice.v1.SendInputRequest
+	(*SendInputResponse)(nil),             // 29: runservice.v1.SendInputResponse
+	nil,                                   // 30: runservice.v1.StartRunRequest.LabelsEntry
+	nil,                                   // 31: runservice.v1.ListRunsRequest.LabelsEntry
+	nil,                                   // 32: runservice.v1.WatchRunsRequest.LabelsEntry
+	(*structpb.Struct)(nil),               // 33: google.protobuf.Struct
+	(MultitaskStrategy)(0),                // 34: runservice.v1.MultitaskStrategy
+	(*durationpb.Duration)(nil),           // 35: google.protobuf.Duration
+	(*Run)(nil),                           // 36: runservice.v1.Run
+	(RunState)(0),                         // 37: runservice.v1.RunState
+	(*RunEvent)(nil),                      // 38: runservice.v1.RunEvent
+	(*RunSnapshot)(nil),                   // 39: runservice.v1.RunSnapshot
+	(*Agent)(nil),                         // 40: runservice.v1.Agent
+	(*timestamppb.Timestamp)(nil),         // 41: google.protobuf.Timestamp
+	(*structpb.Value)(nil),                // 42: google.protobuf.Value
+	(*WebhookDelivery)(nil),               // 43: runservice.v1.WebhookDelivery
 }
 var file_runservice_v1_run_service_proto_depIdxs = []int32{
-	31, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
-	32, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
-	28, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
-	33, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
-	33, // 4: runservice.v1.StartRunRequest.retention:type_name -> google.protobuf.Duration
-	34, // 5: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
-	34, // 6: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
-	35, // 7: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
-	29, // 8: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
-	34, // 9: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
-	34, // 10: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
-	36, // 11: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
-	35, // 12: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
-	30, // 13: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
-	0,  // 14: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
-	34, // 15: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
-	37, // 16: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
-	38, // 17: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
-	33, // 18: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
-	33, // 19: runservice.v1.CreateReadTokenRequest.ttl:type_name -> google.protobuf.Duration
-	38, // 20: runservice.v1.CreateReadTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	31, // 21: runservice.v1.EventInput.data:type_name -> google.protobuf.Struct
-	39, // 22: runservice.v1.EventInput.value:type_name -> google.protobuf.Value
-	21, // 23: runservice.v1.AppendEventsRequest.events:type_name -> runservice.v1.EventInput
-	31, // 24: runservice.v1.CloseRunRequest.result:type_name -> google.protobuf.Struct
-	34, // 25: runservice.v1.CloseRunResponse.run:type_name -> runservice.v1.Run
-	40, // 26: runservice.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> runservice.v1.WebhookDelivery
-	1,  // 27: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
-	3,  // 28: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
-	5,  // 29: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
-	7,  // 30: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
-	9,  // 31: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
-	11, // 32: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
-	13, // 33: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
-	15, // 34: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
-	17, // 35: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
-	19, // 36: runservice.v1.RunService.CreateReadToken:input_type -> runservice.v1.CreateReadTokenRequest
-	22, // 37: runservice.v1.RunService.AppendEvents:input_type -> runservice.v1.AppendEventsRequest
-	24, // 38: runservice.v1.RunService.CloseRun:input_type -> runservice.v1.CloseRunRequest
-	26, // 39: runservice.v1.RunService.ListWebhookDeliveries:input_type -> runservice.v1.ListWebhookDeliveriesRequest
-	2,  // 40: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
-	4,  // 41: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
-	6,  // 42: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
-	8,  // 43: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
-	10, // 44: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
-	12, // 45: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
-	14, // 46: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
-	16, // 47: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
-	18, // 48: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
-	20, // 49: runservice.v1.RunService.CreateReadToken:output_type -> runservice.v1.CreateReadTokenResponse
-	23, // 50: runservice.v1.RunService.AppendEvents:output_type -> runservice.v1.AppendEventsResponse
-	25, // 51: runservice.v1.RunService.CloseRun:output_type -> runservice.v1.CloseRunResponse
-	27, // 52: runservice.v1.RunService.ListWebhookDeliveries:output_type -> runservice.v1.ListWebhookDeliveriesResponse
-	40, // [40:53] is the sub-list for method output_type
-	27, // [27:40] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	33, // 0: runservice.v1.StartRunRequest.input:type_name -> google.protobuf.Struct
+	34, // 1: runservice.v1.StartRunRequest.multitask_strategy:type_name -> runservice.v1.MultitaskStrategy
+	30, // 2: runservice.v1.StartRunRequest.labels:type_name -> runservice.v1.StartRunRequest.LabelsEntry
+	35, // 3: runservice.v1.StartRunRequest.timeout:type_name -> google.protobuf.Duration
+	35, // 4: runservice.v1.StartRunRequest.retention:type_name -> google.protobuf.Duration
+	36, // 5: runservice.v1.StartRunResponse.run:type_name -> runservice.v1.Run
+	36, // 6: runservice.v1.GetRunResponse.run:type_name -> runservice.v1.Run
+	37, // 7: runservice.v1.ListRunsRequest.states:type_name -> runservice.v1.RunState
+	31, // 8: runservice.v1.ListRunsRequest.labels:type_name -> runservice.v1.ListRunsRequest.LabelsEntry
+	36, // 9: runservice.v1.ListRunsResponse.runs:type_name -> runservice.v1.Run
+	36, // 10: runservice.v1.StopRunResponse.run:type_name -> runservice.v1.Run
+	38, // 11: runservice.v1.SubscribeResponse.events:type_name -> runservice.v1.RunEvent
+	39, // 12: runservice.v1.SubscribeResponse.snapshot:type_name -> runservice.v1.RunSnapshot
+	37, // 13: runservice.v1.WatchRunsRequest.states:type_name -> runservice.v1.RunState
+	32, // 14: runservice.v1.WatchRunsRequest.labels:type_name -> runservice.v1.WatchRunsRequest.LabelsEntry
+	0,  // 15: runservice.v1.WatchRunsResponse.change:type_name -> runservice.v1.RunChange
+	36, // 16: runservice.v1.WatchRunsResponse.run:type_name -> runservice.v1.Run
+	40, // 17: runservice.v1.ListAgentsResponse.agents:type_name -> runservice.v1.Agent
+	41, // 18: runservice.v1.GetServerStatsResponse.start_time:type_name -> google.protobuf.Timestamp
+	35, // 19: runservice.v1.GetServerStatsResponse.uptime:type_name -> google.protobuf.Duration
+	35, // 20: runservice.v1.CreateReadTokenRequest.ttl:type_name -> google.protobuf.Duration
+	41, // 21: runservice.v1.CreateReadTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	33, // 22: runservice.v1.EventInput.data:type_name -> google.protobuf.Struct
+	42, // 23: runservice.v1.EventInput.value:type_name -> google.protobuf.Value
+	21, // 24: runservice.v1.AppendEventsRequest.events:type_name -> runservice.v1.EventInput
+	33, // 25: runservice.v1.CloseRunRequest.result:type_name -> google.protobuf.Struct
+	36, // 26: runservice.v1.CloseRunResponse.run:type_name -> runservice.v1.Run
+	43, // 27: runservice.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> runservice.v1.WebhookDelivery
+	33, // 28: runservice.v1.SendInputRequest.input:type_name -> google.protobuf.Struct
+	38, // 29: runservice.v1.SendInputResponse.event:type_name -> runservice.v1.RunEvent
+	1,  // 30: runservice.v1.RunService.StartRun:input_type -> runservice.v1.StartRunRequest
+	3,  // 31: runservice.v1.RunService.GetRun:input_type -> runservice.v1.GetRunRequest
+	5,  // 32: runservice.v1.RunService.ListRuns:input_type -> runservice.v1.ListRunsRequest
+	7,  // 33: runservice.v1.RunService.StopRun:input_type -> runservice.v1.StopRunRequest
+	9,  // 34: runservice.v1.RunService.Subscribe:input_type -> runservice.v1.SubscribeRequest
+	11, // 35: runservice.v1.RunService.DeleteRun:input_type -> runservice.v1.DeleteRunRequest
+	13, // 36: runservice.v1.RunService.WatchRuns:input_type -> runservice.v1.WatchRunsRequest
+	15, // 37: runservice.v1.RunService.ListAgents:input_type -> runservice.v1.ListAgentsRequest
+	17, // 38: runservice.v1.RunService.GetServerStats:input_type -> runservice.v1.GetServerStatsRequest
+	19, // 39: runservice.v1.RunService.CreateReadToken:input_type -> runservice.v1.CreateReadTokenRequest
+	22, // 40: runservice.v1.RunService.AppendEvents:input_type -> runservice.v1.AppendEventsRequest
+	24, // 41: runservice.v1.RunService.CloseRun:input_type -> runservice.v1.CloseRunRequest
+	26, // 42: runservice.v1.RunService.ListWebhookDeliveries:input_type -> runservice.v1.ListWebhookDeliveriesRequest
+	28, // 43: runservice.v1.RunService.SendInput:input_type -> runservice.v1.SendInputRequest
+	2,  // 44: runservice.v1.RunService.StartRun:output_type -> runservice.v1.StartRunResponse
+	4,  // 45: runservice.v1.RunService.GetRun:output_type -> runservice.v1.GetRunResponse
+	6,  // 46: runservice.v1.RunService.ListRuns:output_type -> runservice.v1.ListRunsResponse
+	8,  // 47: runservice.v1.RunService.StopRun:output_type -> runservice.v1.StopRunResponse
+	10, // 48: runservice.v1.RunService.Subscribe:output_type -> runservice.v1.SubscribeResponse
+	12, // 49: runservice.v1.RunService.DeleteRun:output_type -> runservice.v1.DeleteRunResponse
+	14, // 50: runservice.v1.RunService.WatchRuns:output_type -> runservice.v1.WatchRunsResponse
+	16, // 51: runservice.v1.RunService.ListAgents:output_type -> runservice.v1.ListAgentsResponse
+	18, // 52: runservice.v1.RunService.GetServerStats:output_type -> runservice.v1.GetServerStatsResponse
+	20, // 53: runservice.v1.RunService.CreateReadToken:output_type -> runservice.v1.CreateReadTokenResponse
+	23, // 54: runservice.v1.RunService.AppendEvents:output_type -> runservice.v1.AppendEventsResponse
+	25, // 55: runservice.v1.RunService.CloseRun:output_type -> runservice.v1.CloseRunResponse
+	27, // 56: runservice.v1.RunService.ListWebhookDeliveries:output_type -> runservice.v1.ListWebhookDeliveriesResponse
+	29, // 57: runservice.v1.RunService.SendInput:output_type -> runservice.v1.SendInputResponse
+	44, // [44:58] is the sub-list for method output_type
+	30, // [30:44] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_runservice_v1_run_service_proto_init() }
@@ -2201,7 +2382,7 @@ func file_runservice_v1_run_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runservice_v1_run_service_proto_rawDesc), len(file_runservice_v1_run_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	RunService_AppendEvents_FullMethodName          = "/runservice.v1.RunService/AppendEvents"
 	RunService_CloseRun_FullMethodName              = "/runservice.v1.RunService/CloseRun"
 	RunService_ListWebhookDeliveries_FullMethodName = "/runservice.v1.RunService/ListWebhookDeliveries"
+	RunService_SendInput_FullMethodName             = "/runservice.v1.RunService/SendInput"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -114,6 +115,16 @@ type RunServiceClient interface {
 	// active, and for a run no webhook was configured for. Another user's run
 	// is NOT_FOUND, as for GetRun.
 	ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error)
+	// Sends input to a run: it is appended to the run's log as an `input`
+	// event (durable, in the order the server received it) and handed to the
+	// agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+	// whether they arrived before or after it asked. Input to a PENDING run
+	// waits for it. Idempotent by `request_id`: a retry returns the event the
+	// first call appended; the same `request_id` with another input is
+	// ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+	// FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+	// (EXTERNAL_RUN).
+	SendInput(ctx context.Context, in *SendInputRequest, opts ...grpc.CallOption) (*SendInputResponse, error)
 }
 
 type runServiceClient struct {
@@ -272,6 +283,16 @@ func (c *runServiceClient) ListWebhookDeliveries(ctx context.Context, in *ListWe
 	return out, nil
 }
 
+func (c *runServiceClient) SendInput(ctx context.Context, in *SendInputRequest, opts ...grpc.CallOption) (*SendInputResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SendInputResponse)
+	err := c.cc.Invoke(ctx, RunService_SendInput_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -352,6 +373,16 @@ type RunServiceServer interface {
 	// active, and for a run no webhook was configured for. Another user's run
 	// is NOT_FOUND, as for GetRun.
 	ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error)
+	// Sends input to a run: it is appended to the run's log as an `input`
+	// event (durable, in the order the server received it) and handed to the
+	// agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+	// whether they arrived before or after it asked. Input to a PENDING run
+	// waits for it. Idempotent by `request_id`: a retry returns the event the
+	// first call appended; the same `request_id` with another input is
+	// ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+	// FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+	// (EXTERNAL_RUN).
+	SendInput(context.Context, *SendInputRequest) (*SendInputResponse, error)
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -400,6 +431,9 @@ func (UnimplementedRunServiceServer) CloseRun(context.Context, *CloseRunRequest)
 }
 func (UnimplementedRunServiceServer) ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListWebhookDeliveries not implemented")
+}
+func (UnimplementedRunServiceServer) SendInput(context.Context, *SendInputRequest) (*SendInputResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SendInput not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -642,6 +676,24 @@ func _RunService_ListWebhookDeliveries_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RunService_SendInput_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SendInputRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RunServiceServer).SendInput(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RunService_SendInput_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RunServiceServer).SendInput(ctx, req.(*SendInputRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -692,6 +744,10 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListWebhookDeliveries",
 			Handler:    _RunService_ListWebhookDeliveries_Handler,
+		},
+		{
+			MethodName: "SendInput",
+			Handler:    _RunService_SendInput_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -158,6 +158,16 @@ export enum ErrorReason {
    */
   ERROR_REASON_NOT_EXTERNAL = 38,
   /**
+   * ERROR_REASON_RUN_ENDED - FAILED_PRECONDITION. The run has ended: it takes no more input. Start a
+   * new run (for example on the same thread).
+   */
+  ERROR_REASON_RUN_ENDED = 39,
+  /**
+   * ERROR_REASON_EXTERNAL_RUN - FAILED_PRECONDITION. External runs are fed with AppendEvents; they have
+   * no agent to take input.
+   */
+  ERROR_REASON_EXTERNAL_RUN = 40,
+  /**
    * ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED - INVALID_ARGUMENT. StartRunRequest.webhook_url is not under any of the
    * server's `--webhook-allow` prefixes (or the server allows none). Metadata
    * `field` is `webhook_url`. Use a URL under an allowed prefix, or leave the
@@ -265,6 +275,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 38:
     case "ERROR_REASON_NOT_EXTERNAL":
       return ErrorReason.ERROR_REASON_NOT_EXTERNAL;
+    case 39:
+    case "ERROR_REASON_RUN_ENDED":
+      return ErrorReason.ERROR_REASON_RUN_ENDED;
+    case 40:
+    case "ERROR_REASON_EXTERNAL_RUN":
+      return ErrorReason.ERROR_REASON_EXTERNAL_RUN;
     case 50:
     case "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED":
       return ErrorReason.ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED;
@@ -341,6 +357,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_STREAM_DELETED";
     case ErrorReason.ERROR_REASON_NOT_EXTERNAL:
       return "ERROR_REASON_NOT_EXTERNAL";
+    case ErrorReason.ERROR_REASON_RUN_ENDED:
+      return "ERROR_REASON_RUN_ENDED";
+    case ErrorReason.ERROR_REASON_EXTERNAL_RUN:
+      return "ERROR_REASON_EXTERNAL_RUN";
     case ErrorReason.ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED:
       return "ERROR_REASON_WEBHOOK_URL_NOT_ALLOWED";
     case ErrorReason.UNRECOGNIZED:

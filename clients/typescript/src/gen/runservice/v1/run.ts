@@ -241,11 +241,72 @@ export interface Run {
    * webhook (`--webhook-url`) is not shown here.
    */
   webhookUrl: string;
+  /**
+   * Output only. True while the run's agent waits for input (SendInput),
+   * after an `input.requested` event or in a receive of its own.
+   */
+  waitingForInput: boolean;
+  /**
+   * Output only. The agent's last report of its progress; unset until it
+   * makes one. Live while the run is active (updated a few times a second
+   * at most), and kept with the run's final state.
+   */
+  progress:
+    | RunProgress
+    | undefined;
+  /**
+   * Output only. The agent's running totals of what the run consumed (for
+   * example `input_tokens`, `output_tokens`, `cost_usd`): each key as the
+   * agent last reported it. Live and kept as `progress` is.
+   */
+  usage: { [key: string]: number };
+  /**
+   * Output only. How many times the run was resumed from a checkpoint after
+   * the server executing it stopped (a resumable agent's run); 0 otherwise.
+   */
+  resumeCount: number;
 }
 
 export interface Run_LabelsEntry {
   key: string;
   value: string;
+}
+
+export interface Run_UsageEntry {
+  key: string;
+  value: number;
+}
+
+/**
+ * How far a run's agent says it has come: `done` out of `total` (0 when the
+ * total is unknown), with a message for people.
+ */
+export interface RunProgress {
+  /** Work done, in the agent's own unit. */
+  done: number;
+  /** The total of work, in the same unit; 0 when unknown. */
+  total: number;
+  /** A short human-readable description of the current step. */
+  message: string;
+}
+
+/**
+ * The accumulated state of a run's output as of one event: what a client
+ * would have after applying every event up to and including `seq`. Stored
+ * beside the log as the run goes (it takes no seq of its own); Subscribe
+ * with `snapshot` sends it first, then the events after `seq`.
+ */
+export interface RunSnapshot {
+  /**
+   * The last seq the snapshot covers; the events that follow start at
+   * `seq` + 1.
+   */
+  seq: bigint;
+  /**
+   * The state: `{"text": ...}` from the built-in reducer of `token` text
+   * events, or whatever the agent recorded with `ctx.snapshot(data)`.
+   */
+  data: any | undefined;
 }
 
 /** One entry of a run's event log. */
@@ -267,7 +328,10 @@ export interface RunEvent {
     | undefined;
   /**
    * The event's type. Agents choose their own (for example `token`,
-   * `tool_call`, `progress`); lifecycle events use `run.state`.
+   * `tool_call`, `progress`); lifecycle events use `run.state`. The server
+   * writes `input` (SendInput's input, in `data`), `input.requested` (the
+   * agent asks for input; `data` says for what) and `run.stop_requested`
+   * (a StopRun arrived; `data` has its `reason` and `by`).
    */
   type: string;
   /** A JSON object payload. */
@@ -296,7 +360,17 @@ export interface RunEvent {
    * that ended in a state other than RUN_STATE_SUCCEEDED. That event's `data`
    * then carries the agent's partial output, if it left any.
    */
-  error: Status | undefined;
+  error:
+    | Status
+    | undefined;
+  /**
+   * Set only on the `run.state` RUNNING event of a run resumed from a
+   * checkpoint: the seq the checkpoint covers. The events between it and
+   * this event were superseded (the agent started again from the
+   * checkpoint); a client that applies events, or a snapshot reducer,
+   * restarts from its state as of this seq.
+   */
+  resumedFromSeq: bigint;
 }
 
 /** An agent this server can run. */
@@ -331,6 +405,10 @@ function createBaseRun(): Run {
     timeout: undefined,
     expireTime: undefined,
     webhookUrl: "",
+    waitingForInput: false,
+    progress: undefined,
+    usage: {},
+    resumeCount: 0,
   };
 }
 
@@ -395,6 +473,18 @@ export const Run: MessageFns<Run> = {
     }
     if (message.webhookUrl !== "") {
       writer.uint32(154).string(message.webhookUrl);
+    }
+    if (message.waitingForInput !== false) {
+      writer.uint32(160).bool(message.waitingForInput);
+    }
+    if (message.progress !== undefined) {
+      RunProgress.encode(message.progress, writer.uint32(170).fork()).join();
+    }
+    globalThis.Object.entries(message.usage).forEach(([key, value]: [string, number]) => {
+      Run_UsageEntry.encode({ key: key as any, value }, writer.uint32(178).fork()).join();
+    });
+    if (message.resumeCount !== 0) {
+      writer.uint32(184).int32(message.resumeCount);
     }
     return writer;
   },
@@ -567,6 +657,41 @@ export const Run: MessageFns<Run> = {
             message.webhookUrl = reader.string();
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.waitingForInput = reader.bool();
+            continue;
+          }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.progress = RunProgress.decode(reader, reader.uint32());
+            continue;
+          }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            const entry22 = Run_UsageEntry.decode(reader, reader.uint32());
+            if (entry22.value !== undefined) {
+              message.usage[entry22.key] = entry22.value;
+            }
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.resumeCount = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -653,6 +778,31 @@ export const Run: MessageFns<Run> = {
         : isSet(object.webhook_url)
         ? globalThis.String(object.webhook_url)
         : "",
+      waitingForInput: isSet(object.waitingForInput)
+        ? globalThis.Boolean(object.waitingForInput)
+        : isSet(object.waiting_for_input)
+        ? globalThis.Boolean(object.waiting_for_input)
+        : false,
+      progress: isSet(object.progress) ? RunProgress.fromJSON(object.progress) : undefined,
+      usage: isObject(object.usage)
+        ? (globalThis.Object.entries(object.usage) as [string, any][]).reduce(
+          (acc: { [key: string]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      resumeCount: isSet(object.resumeCount)
+        ? globalThis.Number(object.resumeCount)
+        : isSet(object.resume_count)
+        ? globalThis.Number(object.resume_count)
+        : 0,
     };
   },
 
@@ -721,6 +871,24 @@ export const Run: MessageFns<Run> = {
     if (message.webhookUrl !== "") {
       obj.webhookUrl = message.webhookUrl;
     }
+    if (message.waitingForInput !== false) {
+      obj.waitingForInput = message.waitingForInput;
+    }
+    if (message.progress !== undefined) {
+      obj.progress = RunProgress.toJSON(message.progress);
+    }
+    if (message.usage) {
+      const entries = globalThis.Object.entries(message.usage) as [string, number][];
+      if (entries.length > 0) {
+        obj.usage = {};
+        entries.forEach(([k, v]) => {
+          obj.usage[k] = floatToJson(v);
+        });
+      }
+    }
+    if (message.resumeCount !== 0) {
+      obj.resumeCount = Math.round(message.resumeCount);
+    }
     return obj;
   },
 
@@ -760,6 +928,20 @@ export const Run: MessageFns<Run> = {
       : undefined;
     message.expireTime = object.expireTime ?? undefined;
     message.webhookUrl = object.webhookUrl ?? "";
+    message.waitingForInput = object.waitingForInput ?? false;
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? RunProgress.fromPartial(object.progress)
+      : undefined;
+    message.usage = (globalThis.Object.entries(object.usage ?? {}) as [string, number][]).reduce(
+      (acc: { [key: string]: number }, [key, value]: [string, number]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.Number(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.resumeCount = object.resumeCount ?? 0;
     return message;
   },
 };
@@ -849,6 +1031,277 @@ export const Run_LabelsEntry: MessageFns<Run_LabelsEntry> = {
   },
 };
 
+function createBaseRun_UsageEntry(): Run_UsageEntry {
+  return { key: "", value: 0 };
+}
+
+export const Run_UsageEntry: MessageFns<Run_UsageEntry> = {
+  encode(message: Run_UsageEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== 0) {
+      writer.uint32(17).double(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Run_UsageEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRun_UsageEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.value = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Run_UsageEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.Number(object.value) : 0,
+    };
+  },
+
+  toJSON(message: Run_UsageEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== 0) {
+      obj.value = floatToJson(message.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Run_UsageEntry>, I>>(base?: I): Run_UsageEntry {
+    return Run_UsageEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Run_UsageEntry>, I>>(object: I): Run_UsageEntry {
+    const message = createBaseRun_UsageEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseRunProgress(): RunProgress {
+  return { done: 0, total: 0, message: "" };
+}
+
+export const RunProgress: MessageFns<RunProgress> = {
+  encode(message: RunProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.done !== 0) {
+      writer.uint32(9).double(message.done);
+    }
+    if (message.total !== 0) {
+      writer.uint32(17).double(message.total);
+    }
+    if (message.message !== "") {
+      writer.uint32(26).string(message.message);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RunProgress {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRunProgress();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.done = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.total = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RunProgress {
+    return {
+      done: isSet(object.done) ? globalThis.Number(object.done) : 0,
+      total: isSet(object.total) ? globalThis.Number(object.total) : 0,
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+    };
+  },
+
+  toJSON(message: RunProgress): unknown {
+    const obj: any = {};
+    if (message.done !== 0) {
+      obj.done = floatToJson(message.done);
+    }
+    if (message.total !== 0) {
+      obj.total = floatToJson(message.total);
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<RunProgress>, I>>(base?: I): RunProgress {
+    return RunProgress.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RunProgress>, I>>(object: I): RunProgress {
+    const message = createBaseRunProgress();
+    message.done = object.done ?? 0;
+    message.total = object.total ?? 0;
+    message.message = object.message ?? "";
+    return message;
+  },
+};
+
+function createBaseRunSnapshot(): RunSnapshot {
+  return { seq: 0n, data: undefined };
+}
+
+export const RunSnapshot: MessageFns<RunSnapshot> = {
+  encode(message: RunSnapshot, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.seq !== 0n) {
+      if (BigInt.asIntN(64, message.seq) !== message.seq) {
+        throw new globalThis.Error("value provided for field message.seq of type int64 too large");
+      }
+      writer.uint32(8).int64(message.seq);
+    }
+    if (message.data !== undefined) {
+      Value.encode(Value.wrap(message.data), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RunSnapshot {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRunSnapshot();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.seq = reader.int64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Value.unwrap(Value.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RunSnapshot {
+    return { seq: isSet(object.seq) ? BigInt(object.seq) : 0n, data: isSet(object?.data) ? object.data : undefined };
+  },
+
+  toJSON(message: RunSnapshot): unknown {
+    const obj: any = {};
+    if (message.seq !== 0n) {
+      obj.seq = message.seq.toString();
+    }
+    if (message.data !== undefined) {
+      obj.data = message.data;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<RunSnapshot>, I>>(base?: I): RunSnapshot {
+    return RunSnapshot.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RunSnapshot>, I>>(object: I): RunSnapshot {
+    const message = createBaseRunSnapshot();
+    message.seq = (object.seq !== undefined && object.seq !== null) ? BigInt(object.seq) : 0n;
+    message.data = object.data === undefined ? undefined : object.data;
+    return message;
+  },
+};
+
 function createBaseRunEvent(): RunEvent {
   return {
     runId: "",
@@ -861,6 +1314,7 @@ function createBaseRunEvent(): RunEvent {
     value: undefined,
     state: 0,
     error: undefined,
+    resumedFromSeq: 0n,
   };
 }
 
@@ -898,6 +1352,12 @@ export const RunEvent: MessageFns<RunEvent> = {
     }
     if (message.error !== undefined) {
       Status.encode(message.error, writer.uint32(74).fork()).join();
+    }
+    if (message.resumedFromSeq !== 0n) {
+      if (BigInt.asIntN(64, message.resumedFromSeq) !== message.resumedFromSeq) {
+        throw new globalThis.Error("value provided for field message.resumedFromSeq of type int64 too large");
+      }
+      writer.uint32(88).int64(message.resumedFromSeq);
     }
     return writer;
   },
@@ -995,6 +1455,14 @@ export const RunEvent: MessageFns<RunEvent> = {
             message.error = Status.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.resumedFromSeq = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1023,6 +1491,11 @@ export const RunEvent: MessageFns<RunEvent> = {
       value: isSet(object?.value) ? object.value : undefined,
       state: isSet(object.state) ? runStateFromJSON(object.state) : 0,
       error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
+      resumedFromSeq: isSet(object.resumedFromSeq)
+        ? BigInt(object.resumedFromSeq)
+        : isSet(object.resumed_from_seq)
+        ? BigInt(object.resumed_from_seq)
+        : 0n,
     };
   },
 
@@ -1058,6 +1531,9 @@ export const RunEvent: MessageFns<RunEvent> = {
     if (message.error !== undefined) {
       obj.error = Status.toJSON(message.error);
     }
+    if (message.resumedFromSeq !== 0n) {
+      obj.resumedFromSeq = message.resumedFromSeq.toString();
+    }
     return obj;
   },
 
@@ -1078,6 +1554,9 @@ export const RunEvent: MessageFns<RunEvent> = {
     message.error = (object.error !== undefined && object.error !== null)
       ? Status.fromPartial(object.error)
       : undefined;
+    message.resumedFromSeq = (object.resumedFromSeq !== undefined && object.resumedFromSeq !== null)
+      ? BigInt(object.resumedFromSeq)
+      : 0n;
     return message;
   },
 };
@@ -1173,6 +1652,10 @@ function bytesFromBase64(b64: string): Uint8Array {
 
 function base64FromBytes(arr: Uint8Array): string {
   return globalThis.Buffer.from(arr).toString("base64");
+}
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

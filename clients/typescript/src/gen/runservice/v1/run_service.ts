@@ -30,6 +30,7 @@ import {
   multitaskStrategyToJSON,
   Run,
   RunEvent,
+  RunSnapshot,
   RunState,
   runStateFromJSON,
   runStateToJSON,
@@ -54,6 +55,11 @@ export enum RunChange {
   RUN_CHANGE_STATE_CHANGED = 4,
   /** RUN_CHANGE_DELETED - The run was deleted. */
   RUN_CHANGE_DELETED = 5,
+  /**
+   * RUN_CHANGE_UPDATED - A live field of the run changed, its state did not: `waiting_for_input`,
+   * `progress` or `usage` (coalesced: a few changes a second at most).
+   */
+  RUN_CHANGE_UPDATED = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -77,6 +83,9 @@ export function runChangeFromJSON(object: any): RunChange {
     case 5:
     case "RUN_CHANGE_DELETED":
       return RunChange.RUN_CHANGE_DELETED;
+    case 6:
+    case "RUN_CHANGE_UPDATED":
+      return RunChange.RUN_CHANGE_UPDATED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -98,6 +107,8 @@ export function runChangeToJSON(object: RunChange): string {
       return "RUN_CHANGE_STATE_CHANGED";
     case RunChange.RUN_CHANGE_DELETED:
       return "RUN_CHANGE_DELETED";
+    case RunChange.RUN_CHANGE_UPDATED:
+      return "RUN_CHANGE_UPDATED";
     case RunChange.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -214,6 +225,8 @@ export interface ListRunsRequest {
    * (PERMISSION_DENIED otherwise).
    */
   allUsers: boolean;
+  /** Optional. Only runs whose agent waits for input now. */
+  waitingForInput: boolean;
 }
 
 export interface ListRunsRequest_LabelsEntry {
@@ -252,6 +265,13 @@ export interface SubscribeRequest {
    * start. A value past the log's end plus one is OUT_OF_RANGE.
    */
   fromSeq: bigint;
+  /**
+   * Optional. Starts with the run's latest snapshot (covering a seq at or
+   * after `from_seq` - 1): the first response carries it in `snapshot`, and
+   * the events that follow start right after its seq, gap-free. Without a
+   * snapshot that far, the stream is as without this flag.
+   */
+  snapshot: boolean;
 }
 
 /** Response message for Subscribe. */
@@ -261,6 +281,11 @@ export interface SubscribeResponse {
    * batches (bounded in count and bytes) when catching up.
    */
   events: RunEvent[];
+  /**
+   * Set only on the first response of a Subscribe with `snapshot`: the
+   * state as of `snapshot.seq`; `events` is then empty.
+   */
+  snapshot: RunSnapshot | undefined;
 }
 
 /** Request message for DeleteRun. */
@@ -288,6 +313,11 @@ export interface WatchRunsRequest {
   labels: { [key: string]: string };
   /** Optional. Watches every user's runs; needs the `admin` role. */
   allUsers: boolean;
+  /**
+   * Optional. Only runs whose agent waits for input (a run that stops
+   * waiting is still reported once, with `waiting_for_input` false).
+   */
+  waitingForInput: boolean;
 }
 
 export interface WatchRunsRequest_LabelsEntry {
@@ -525,6 +555,34 @@ export interface ListWebhookDeliveriesRequest {
 export interface ListWebhookDeliveriesResponse {
   /** The run's deliveries, the deployment's first, then the run's own. */
   deliveries: WebhookDelivery[];
+}
+
+/** Request message for SendInput. */
+export interface SendInputRequest {
+  /** Required. The run's identifier. */
+  runId: string;
+  /**
+   * Required. The input, a JSON object; the `input` event's `data`. At most
+   * the server's `--max-event-size` once encoded.
+   */
+  input:
+    | { [key: string]: any }
+    | undefined;
+  /**
+   * Optional. An idempotency key chosen by the client (AIP-155): a retry
+   * with the same key returns the event the first call appended instead of
+   * appending another.
+   */
+  requestId: string;
+}
+
+/** Response message for SendInput. */
+export interface SendInputResponse {
+  /**
+   * The `input` event as appended to the run's log (for a retried
+   * `request_id`, the one the first call appended).
+   */
+  event: RunEvent | undefined;
 }
 
 function createBaseStartRunRequest(): StartRunRequest {
@@ -1077,7 +1135,16 @@ export const GetRunResponse: MessageFns<GetRunResponse> = {
 };
 
 function createBaseListRunsRequest(): ListRunsRequest {
-  return { pageSize: 0, pageToken: "", states: [], agent: "", threadId: "", labels: {}, allUsers: false };
+  return {
+    pageSize: 0,
+    pageToken: "",
+    states: [],
+    agent: "",
+    threadId: "",
+    labels: {},
+    allUsers: false,
+    waitingForInput: false,
+  };
 }
 
 export const ListRunsRequest: MessageFns<ListRunsRequest> = {
@@ -1106,6 +1173,9 @@ export const ListRunsRequest: MessageFns<ListRunsRequest> = {
     });
     if (message.allUsers !== false) {
       writer.uint32(56).bool(message.allUsers);
+    }
+    if (message.waitingForInput !== false) {
+      writer.uint32(64).bool(message.waitingForInput);
     }
     return writer;
   },
@@ -1192,6 +1262,14 @@ export const ListRunsRequest: MessageFns<ListRunsRequest> = {
             message.allUsers = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.waitingForInput = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1242,6 +1320,11 @@ export const ListRunsRequest: MessageFns<ListRunsRequest> = {
         : isSet(object.all_users)
         ? globalThis.Boolean(object.all_users)
         : false,
+      waitingForInput: isSet(object.waitingForInput)
+        ? globalThis.Boolean(object.waitingForInput)
+        : isSet(object.waiting_for_input)
+        ? globalThis.Boolean(object.waiting_for_input)
+        : false,
     };
   },
 
@@ -1274,6 +1357,9 @@ export const ListRunsRequest: MessageFns<ListRunsRequest> = {
     if (message.allUsers !== false) {
       obj.allUsers = message.allUsers;
     }
+    if (message.waitingForInput !== false) {
+      obj.waitingForInput = message.waitingForInput;
+    }
     return obj;
   },
 
@@ -1297,6 +1383,7 @@ export const ListRunsRequest: MessageFns<ListRunsRequest> = {
       {},
     );
     message.allUsers = object.allUsers ?? false;
+    message.waitingForInput = object.waitingForInput ?? false;
     return message;
   },
 };
@@ -1632,7 +1719,7 @@ export const StopRunResponse: MessageFns<StopRunResponse> = {
 };
 
 function createBaseSubscribeRequest(): SubscribeRequest {
-  return { runId: "", fromSeq: 0n };
+  return { runId: "", fromSeq: 0n, snapshot: false };
 }
 
 export const SubscribeRequest: MessageFns<SubscribeRequest> = {
@@ -1645,6 +1732,9 @@ export const SubscribeRequest: MessageFns<SubscribeRequest> = {
         throw new globalThis.Error("value provided for field message.fromSeq of type int64 too large");
       }
       writer.uint32(16).int64(message.fromSeq);
+    }
+    if (message.snapshot !== false) {
+      writer.uint32(24).bool(message.snapshot);
     }
     return writer;
   },
@@ -1678,6 +1768,14 @@ export const SubscribeRequest: MessageFns<SubscribeRequest> = {
             message.fromSeq = reader.int64() as bigint;
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.snapshot = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1698,6 +1796,7 @@ export const SubscribeRequest: MessageFns<SubscribeRequest> = {
         ? globalThis.String(object.run_id)
         : "",
       fromSeq: isSet(object.fromSeq) ? BigInt(object.fromSeq) : isSet(object.from_seq) ? BigInt(object.from_seq) : 0n,
+      snapshot: isSet(object.snapshot) ? globalThis.Boolean(object.snapshot) : false,
     };
   },
 
@@ -1709,6 +1808,9 @@ export const SubscribeRequest: MessageFns<SubscribeRequest> = {
     if (message.fromSeq !== 0n) {
       obj.fromSeq = message.fromSeq.toString();
     }
+    if (message.snapshot !== false) {
+      obj.snapshot = message.snapshot;
+    }
     return obj;
   },
 
@@ -1719,18 +1821,22 @@ export const SubscribeRequest: MessageFns<SubscribeRequest> = {
     const message = createBaseSubscribeRequest();
     message.runId = object.runId ?? "";
     message.fromSeq = (object.fromSeq !== undefined && object.fromSeq !== null) ? BigInt(object.fromSeq) : 0n;
+    message.snapshot = object.snapshot ?? false;
     return message;
   },
 };
 
 function createBaseSubscribeResponse(): SubscribeResponse {
-  return { events: [] };
+  return { events: [], snapshot: undefined };
 }
 
 export const SubscribeResponse: MessageFns<SubscribeResponse> = {
   encode(message: SubscribeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.events) {
       RunEvent.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.snapshot !== undefined) {
+      RunSnapshot.encode(message.snapshot, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -1756,6 +1862,14 @@ export const SubscribeResponse: MessageFns<SubscribeResponse> = {
             message.events.push(RunEvent.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.snapshot = RunSnapshot.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1771,6 +1885,7 @@ export const SubscribeResponse: MessageFns<SubscribeResponse> = {
   fromJSON(object: any): SubscribeResponse {
     return {
       events: globalThis.Array.isArray(object?.events) ? object.events.map((e: any) => RunEvent.fromJSON(e)) : [],
+      snapshot: isSet(object.snapshot) ? RunSnapshot.fromJSON(object.snapshot) : undefined,
     };
   },
 
@@ -1778,6 +1893,9 @@ export const SubscribeResponse: MessageFns<SubscribeResponse> = {
     const obj: any = {};
     if (message.events?.length) {
       obj.events = message.events.map((e) => RunEvent.toJSON(e));
+    }
+    if (message.snapshot !== undefined) {
+      obj.snapshot = RunSnapshot.toJSON(message.snapshot);
     }
     return obj;
   },
@@ -1788,6 +1906,9 @@ export const SubscribeResponse: MessageFns<SubscribeResponse> = {
   fromPartial<I extends Exact<DeepPartial<SubscribeResponse>, I>>(object: I): SubscribeResponse {
     const message = createBaseSubscribeResponse();
     message.events = object.events?.map((e) => RunEvent.fromPartial(e)) || [];
+    message.snapshot = (object.snapshot !== undefined && object.snapshot !== null)
+      ? RunSnapshot.fromPartial(object.snapshot)
+      : undefined;
     return message;
   },
 };
@@ -1918,7 +2039,7 @@ export const DeleteRunResponse: MessageFns<DeleteRunResponse> = {
 };
 
 function createBaseWatchRunsRequest(): WatchRunsRequest {
-  return { states: [], agent: "", threadId: "", labels: {}, allUsers: false };
+  return { states: [], agent: "", threadId: "", labels: {}, allUsers: false, waitingForInput: false };
 }
 
 export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
@@ -1941,6 +2062,9 @@ export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
     });
     if (message.allUsers !== false) {
       writer.uint32(40).bool(message.allUsers);
+    }
+    if (message.waitingForInput !== false) {
+      writer.uint32(48).bool(message.waitingForInput);
     }
     return writer;
   },
@@ -2011,6 +2135,14 @@ export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
             message.allUsers = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.waitingForInput = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2051,6 +2183,11 @@ export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
         : isSet(object.all_users)
         ? globalThis.Boolean(object.all_users)
         : false,
+      waitingForInput: isSet(object.waitingForInput)
+        ? globalThis.Boolean(object.waitingForInput)
+        : isSet(object.waiting_for_input)
+        ? globalThis.Boolean(object.waiting_for_input)
+        : false,
     };
   },
 
@@ -2077,6 +2214,9 @@ export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
     if (message.allUsers !== false) {
       obj.allUsers = message.allUsers;
     }
+    if (message.waitingForInput !== false) {
+      obj.waitingForInput = message.waitingForInput;
+    }
     return obj;
   },
 
@@ -2098,6 +2238,7 @@ export const WatchRunsRequest: MessageFns<WatchRunsRequest> = {
       {},
     );
     message.allUsers = object.allUsers ?? false;
+    message.waitingForInput = object.waitingForInput ?? false;
     return message;
   },
 };
@@ -3827,6 +3968,184 @@ export const ListWebhookDeliveriesResponse: MessageFns<ListWebhookDeliveriesResp
   },
 };
 
+function createBaseSendInputRequest(): SendInputRequest {
+  return { runId: "", input: undefined, requestId: "" };
+}
+
+export const SendInputRequest: MessageFns<SendInputRequest> = {
+  encode(message: SendInputRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.input !== undefined) {
+      Struct.encode(Struct.wrap(message.input), writer.uint32(18).fork()).join();
+    }
+    if (message.requestId !== "") {
+      writer.uint32(26).string(message.requestId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SendInputRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSendInputRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.input = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SendInputRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      input: isObject(object.input) ? object.input : undefined,
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+    };
+  },
+
+  toJSON(message: SendInputRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.input !== undefined) {
+      obj.input = message.input;
+    }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SendInputRequest>, I>>(base?: I): SendInputRequest {
+    return SendInputRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SendInputRequest>, I>>(object: I): SendInputRequest {
+    const message = createBaseSendInputRequest();
+    message.runId = object.runId ?? "";
+    message.input = object.input ?? undefined;
+    message.requestId = object.requestId ?? "";
+    return message;
+  },
+};
+
+function createBaseSendInputResponse(): SendInputResponse {
+  return { event: undefined };
+}
+
+export const SendInputResponse: MessageFns<SendInputResponse> = {
+  encode(message: SendInputResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.event !== undefined) {
+      RunEvent.encode(message.event, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SendInputResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSendInputResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.event = RunEvent.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SendInputResponse {
+    return { event: isSet(object.event) ? RunEvent.fromJSON(object.event) : undefined };
+  },
+
+  toJSON(message: SendInputResponse): unknown {
+    const obj: any = {};
+    if (message.event !== undefined) {
+      obj.event = RunEvent.toJSON(message.event);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SendInputResponse>, I>>(base?: I): SendInputResponse {
+    return SendInputResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SendInputResponse>, I>>(object: I): SendInputResponse {
+    const message = createBaseSendInputResponse();
+    message.event = (object.event !== undefined && object.event !== null)
+      ? RunEvent.fromPartial(object.event)
+      : undefined;
+    return message;
+  },
+};
+
 /**
  * RunService starts runs that execute on the server and outlive the RPC that
  * started them, and lets any number of callers follow their event logs.
@@ -4037,6 +4356,26 @@ export const RunServiceService = {
       Buffer.from(ListWebhookDeliveriesResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListWebhookDeliveriesResponse => ListWebhookDeliveriesResponse.decode(value),
   },
+  /**
+   * Sends input to a run: it is appended to the run's log as an `input`
+   * event (durable, in the order the server received it) and handed to the
+   * agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+   * whether they arrived before or after it asked. Input to a PENDING run
+   * waits for it. Idempotent by `request_id`: a retry returns the event the
+   * first call appended; the same `request_id` with another input is
+   * ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+   * FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+   * (EXTERNAL_RUN).
+   */
+  sendInput: {
+    path: "/runservice.v1.RunService/SendInput" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SendInputRequest): Buffer => Buffer.from(SendInputRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SendInputRequest => SendInputRequest.decode(value),
+    responseSerialize: (value: SendInputResponse): Buffer => Buffer.from(SendInputResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SendInputResponse => SendInputResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -4127,6 +4466,18 @@ export interface RunServiceServer extends UntypedServiceImplementation {
    * is NOT_FOUND, as for GetRun.
    */
   listWebhookDeliveries: handleUnaryCall<ListWebhookDeliveriesRequest, ListWebhookDeliveriesResponse>;
+  /**
+   * Sends input to a run: it is appended to the run's log as an `input`
+   * event (durable, in the order the server received it) and handed to the
+   * agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+   * whether they arrived before or after it asked. Input to a PENDING run
+   * waits for it. Idempotent by `request_id`: a retry returns the event the
+   * first call appended; the same `request_id` with another input is
+   * ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+   * FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+   * (EXTERNAL_RUN).
+   */
+  sendInput: handleUnaryCall<SendInputRequest, SendInputResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -4380,6 +4731,32 @@ export interface RunServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListWebhookDeliveriesResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Sends input to a run: it is appended to the run's log as an `input`
+   * event (durable, in the order the server received it) and handed to the
+   * agent, whose `ctx.receive()` and `ctx.ask()` return inputs in log order,
+   * whether they arrived before or after it asked. Input to a PENDING run
+   * waits for it. Idempotent by `request_id`: a retry returns the event the
+   * first call appended; the same `request_id` with another input is
+   * ALREADY_EXISTS (REQUEST_ID_REUSED). A run that has ended is
+   * FAILED_PRECONDITION (RUN_ENDED); an external run FAILED_PRECONDITION
+   * (EXTERNAL_RUN).
+   */
+  sendInput(
+    request: SendInputRequest,
+    callback: (error: ServiceError | null, response: SendInputResponse) => void,
+  ): ClientUnaryCall;
+  sendInput(
+    request: SendInputRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SendInputResponse) => void,
+  ): ClientUnaryCall;
+  sendInput(
+    request: SendInputRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SendInputResponse) => void,
   ): ClientUnaryCall;
 }
 
