@@ -188,6 +188,15 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument("run_id")
     stop.add_argument("--reason", default="", help="why; recorded on the run")
 
+    send = client_command("send", "send input to a running run (its agent receives it)", _send)
+    send.add_argument("run_id")
+    send.add_argument(
+        "--input", required=True, help="the input, a JSON object, e.g. '{\"approve\": true}'"
+    )
+    send.add_argument(
+        "--request-id", default="", help="idempotency key: a retry delivers the input once"
+    )
+
     rm = client_command("rm", "delete a finished run and its log", _rm)
     rm.add_argument("run_id")
 
@@ -545,6 +554,14 @@ def _print_run(run: Any, as_json: bool) -> None:
         table.add_row("thread", run.thread_id)
     table.add_row("created", run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z")
     table.add_row("last_seq", str(run.last_seq))
+    if run.waiting_for_input:
+        table.add_row("waiting", "for input (runservice send)")
+    if run.HasField("progress"):
+        p = run.progress
+        done = f"{p.done:g}" + (f" of {p.total:g}" if p.total else "")
+        table.add_row("progress", escape(f"{done} {p.message}".strip()))
+    if run.usage:
+        table.add_row("usage", " ".join(f"{k}={v:g}" for k, v in sorted(run.usage.items())))
     if run.HasField("result"):
         table.add_row("result", json.dumps(_as_dict(run)["result"]))
     if run.HasField("error"):
@@ -578,15 +595,30 @@ def _print_event(event: Any, as_json: bool) -> None:
     out.print(line, soft_wrap=True)
 
 
-async def _start(client: Any, args: argparse.Namespace) -> int:
-    from runservice.v1 import run_pb2
-
+def _json_object(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(args.input)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--input is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise UsageError("--input must be a JSON object")
+    return data
+
+
+async def _send(client: Any, args: argparse.Namespace) -> int:
+    data = _json_object(args.input)
+    event = await client.send_input(args.run_id, data, request_id=args.request_id or None)
+    if args.json:
+        print(json.dumps(_as_dict(event)), flush=True)
+    else:
+        err.print(f"sent input to {args.run_id} as event {event.seq}")
+    return 0
+
+
+async def _start(client: Any, args: argparse.Namespace) -> int:
+    from runservice.v1 import run_pb2
+
+    data = _json_object(args.input)
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     strategy = run_pb2.MultitaskStrategy.Value("MULTITASK_STRATEGY_" + args.strategy.upper())
     run = await client.start_run(

@@ -192,6 +192,7 @@ class Settings:
     max_receive_message_size: int = 4 * 1024**2
     max_send_message_size: int = 16 * 1024**2
     max_event_size: int = 1024**2
+    snapshot_every: int = 1000
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     keepalive_min_ping_interval: float = 10.0
@@ -382,6 +383,13 @@ OPTIONS: tuple[_Option, ...] = (
         "largest event an agent may emit (encoded) and largest result it may return",
         parse_size,
         "1MiB",
+    ),
+    _Option(
+        "snapshot-every",
+        "store a snapshot of a run's output every this many events (or 256 KiB of them, "
+        "whichever first) and at its end, for Subscribe with snapshot",
+        _count(1),
+        str(Settings.snapshot_every),
     ),
     _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),
     _Option("keepalive-timeout", "how long to wait for a keepalive ack", parse_duration, "20s"),

@@ -68,6 +68,8 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "stubborn=tests.fakes:stubborn",
             "poisoned=tests.fakes:poisoned",
             "traced=tests.fakes:traced",
+            "collector=tests.fakes:collector",
+            "worker=tests.fakes:worker",
         ),
         **overrides,
     )

@@ -143,3 +143,29 @@ async def traced(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, An
     if input.get("fail"):
         raise RunError("traced failure")
     return {"ok": True}
+
+
+async def collector(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Waits for its gate (if any), then receives `n` inputs, emitting each as `got`.
+
+    Result: {"inputs": [each input, in the order received]}.
+    """
+    if "gate" in input:
+        await gate(str(input["gate"])).wait()
+    received = []
+    for _ in range(int(input.get("n", 1))):
+        data = await ctx.receive()
+        await ctx.emit("got", data=dict(data))
+        received.append(dict(data))
+    return {"inputs": received}
+
+
+async def worker(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Works `steps` steps, each after its gate `<gate>-<k>` opens: reports progress k of
+    steps and usage tokens = 10 k, cost = k / 100. Result: {"steps": steps}."""
+    steps = int(input["steps"])
+    for k in range(1, steps + 1):
+        await gate(f"{input['gate']}-{k}").wait()
+        ctx.progress(k, steps, f"step {k}")
+        ctx.usage(tokens=10 * k, cost=k / 100)
+    return {"steps": steps}

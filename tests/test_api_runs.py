@@ -146,7 +146,8 @@ async def test_stop_ends_the_run_stopped_with_the_agents_cleanup(server: Harness
     again = (await alice.StopRun(pb.StopRunRequest(run_id=run.run_id))).run
     assert again == stopped
     events = await read_all(alice, run.run_id)
-    assert [e.type for e in events] == ["run.state", "step", "step", "cleanup", "run.state"]
+    types = [e.type for e in events]
+    assert types == ["run.state", "step", "step", "run.stop_requested", "cleanup", "run.state"]
     assert sum(1 for e in events if e.state in TERMINAL) == 1
 
 

@@ -83,6 +83,7 @@ ALLOWED: dict[str, set[Code]] = {
     "ListWebhookDeliveries": COMMON | {Code.NOT_FOUND},
     "AppendEvents": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
     "CloseRun": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
+    "SendInput": COMMON | {Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS},
 }
 
 # ErrorReason → the code the proto documents for it. A reason missing here (added later)
@@ -119,6 +120,8 @@ REASON_CODES: dict[str, Code] = {
     "TOO_MANY_OPEN_STREAMS": Code.RESOURCE_EXHAUSTED,
     "STREAM_DELETED": Code.NOT_FOUND,
     "NOT_EXTERNAL": Code.FAILED_PRECONDITION,
+    "RUN_ENDED": Code.FAILED_PRECONDITION,
+    "EXTERNAL_RUN": Code.FAILED_PRECONDITION,
 }
 AUTH_REASONS = {"CREDENTIALS_MISSING", "CREDENTIALS_INVALID", "TOKEN_EXPIRED"}
 

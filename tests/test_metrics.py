@@ -157,8 +157,9 @@ TICKS = (5, 10, 20)
 FAIL_AT = 2
 """A ticker run that fails after its second tick; its log: RUNNING, 2 ticks, FAILED."""
 GATED_BEFORE = 2
-"""A gated run stopped while it waits; its log: RUNNING, 2 steps, its cleanup, STOPPED."""
-EVENTS = sum(n + 2 for n in TICKS) + (FAIL_AT + 2) + (GATED_BEFORE + 3)
+"""A gated run stopped while it waits; its log: RUNNING, 2 steps, the stop request, its
+cleanup, STOPPED."""
+EVENTS = sum(n + 2 for n in TICKS) + (FAIL_AT + 2) + (GATED_BEFORE + 4)
 MISSING_RUN = "0190a0a0-0000-7000-8000-000000000000"
 
 

@@ -636,8 +636,19 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     gone = output('curl -s "$URL/v1/runs/$LONG" -H "authorization: Bearer $TOKEN"')
     assert '"reason":"RUN_NOT_FOUND"' in gone
     check_read_token_and_cors_examples(output, env, commands, run_id)
-    check_stream_examples(output)
-    check_unauthorized_example(output)
+    for check in (check_stream_examples, check_unauthorized_example, check_snapshot_example):
+        check(output)
+
+
+def check_snapshot_example(output: Printed) -> None:
+    """The "Snapshot, then tail" example prints what the page says: the 3 tokens of the
+    full read, then the snapshot (covering them) and the terminal event alone."""
+    assert output("wc -l").strip() == "3"
+    joined = output("snapshot=true")
+    assert joined.startswith("id: 0000000000000000_0000000000000004\nevent: snapshot\n")
+    assert 'data:{"seq":4,"data":{"text":"snapshotthentail"}}' in joined
+    assert joined.count("event: data") == 1 and '"streamClosed":true' in joined
+    assert '"type":"token"' not in joined
 
 
 def check_unauthorized_example(output: Printed) -> None:

@@ -1,4 +1,4 @@
-"""The built-in agents: `echo` and `ticker`, for demos, tests and benchmarks."""
+"""The built-in agents: `echo`, `ticker` and `approval`, for demos, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -64,4 +64,27 @@ async def ticker(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, An
     return {"count": count}
 
 
-BUILTINS: dict[str, Agent] = {"echo": echo, "ticker": ticker}
+async def approval(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Asks a person to approve something and waits for the answer (SendInput).
+
+    Input: {"question": str}. Emits `input.requested` with data {"prompt": question,
+    "question": question}, then waits for an input {"approve": bool, "note": str = ""}
+    (an input of another shape is answered with an `input.invalid` event and waited for
+    again). Result: {"approved": bool, "note": str}.
+    """
+    question = input.get("question", "")
+    if not isinstance(question, str) or not question.strip():
+        raise RunError("input.question must be a non-empty string")
+    answer = await ctx.ask(question, data={"question": question})
+    while True:
+        approve, note = answer.get("approve"), answer.get("note", "")
+        if isinstance(approve, bool) and isinstance(note, str):
+            return {"approved": approve, "note": note}
+        await ctx.emit(
+            "input.invalid",
+            data={"message": 'expected {"approve": true or false, "note": "optional text"}'},
+        )
+        answer = await ctx.receive()
+
+
+BUILTINS: dict[str, Agent] = {"echo": echo, "ticker": ticker, "approval": approval}

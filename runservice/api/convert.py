@@ -28,6 +28,7 @@ from runservice.domain.model import (
     RunFailure,
     RunFilter,
     RunState,
+    Snapshot,
     StartRequest,
     WatchUpdate,
 )
@@ -143,7 +144,11 @@ def ttl_from_proto(request: run_service_pb2.CreateReadTokenRequest) -> float | N
 
 
 def filter_from_proto(
-    states: Any, agent: str, thread_id: str, labels: Mapping[str, str]
+    states: Any,
+    agent: str,
+    thread_id: str,
+    labels: Mapping[str, str],
+    waiting_for_input: bool = False,
 ) -> RunFilter:
     """The validated filter of ListRuns or WatchRuns."""
     chosen = set()
@@ -160,6 +165,7 @@ def filter_from_proto(
         agent=agent,
         thread_id=_text(thread_id, "thread_id", 255),
         labels=labels_from_proto(labels),
+        waiting_for_input=waiting_for_input,
     )
 
 
@@ -174,6 +180,15 @@ def labels_from_proto(labels: Mapping[str, str]) -> dict[str, str]:
             )
         _text(value, f"labels[{key}]", 256)
     return dict(labels)
+
+
+def input_from_proto(request: run_service_pb2.SendInputRequest) -> tuple[str, dict[str, Any], str]:
+    """The run, the input and the request_id of a SendInputRequest."""
+    run_id = run_id_from_proto(request.run_id)
+    if not request.HasField("input"):
+        raise InvalidArgumentError("input", "is required: the input to send, a JSON object")
+    request_id = _text(request.request_id, "request_id", 255)
+    return run_id, struct_to_dict(request.input), request_id
 
 
 def reason_from_proto(value: str) -> str:
@@ -287,8 +302,16 @@ def run_to_proto(run: Run, default_retention: float) -> run_pb2.Run:
         request_id=run.request_id,
         multitask_strategy=STRATEGY_TO_PROTO[run.multitask_strategy],  # type: ignore[arg-type]
         webhook_url=run.webhook_url,
+        waiting_for_input=run.waiting_for_input,
+        usage=dict(run.usage),
+        resume_count=run.resume_count,
     )
     _set_time(msg.create_time, run.created_at)
+    if run.progress is not None:
+        progress = run.progress
+        msg.progress.CopyFrom(
+            run_pb2.RunProgress(done=progress.done, total=progress.total, message=progress.message)
+        )
     if run.result is not None:
         msg.result.CopyFrom(dict_to_struct(run.result))
     if run.error is not None:
@@ -323,6 +346,8 @@ def event_to_proto(event: RunEvent) -> run_pb2.RunEvent:
         msg.state = STATE_TO_PROTO[event.state]  # type: ignore[assignment]
     if event.error is not None:
         msg.error.CopyFrom(failure_to_proto(event.error))
+    if event.resumed_from_seq:
+        msg.resumed_from_seq = event.resumed_from_seq
     return msg
 
 
@@ -351,6 +376,7 @@ def decode_event(wire: bytes) -> RunEvent:
         state=STATE_FROM_PROTO[msg.state] if msg.state else None,
         error=failure_from_proto(msg.error) if msg.HasField("error") else None,
         value=_value_json(msg.value) if payload == "value" else None,
+        resumed_from_seq=msg.resumed_from_seq,
         wire=wire,
     )
 
@@ -392,6 +418,20 @@ def subscribe_response_bytes(batch: Sequence[EncodedEvent]) -> bytes:
     decoding or re-encoding a single event.
     """
     return b"".join([_EVENTS_TAG + _varint(len(event.wire)) + event.wire for event in batch])
+
+
+def snapshot_to_proto(snapshot: Snapshot) -> run_pb2.RunSnapshot:
+    """The proto form of a run's snapshot (its data, JSON text, as a google.protobuf.Value)."""
+    msg = run_pb2.RunSnapshot(seq=snapshot.seq)
+    json_format.Parse(snapshot.data, msg.data)
+    return msg
+
+
+def snapshot_response_bytes(snapshot: Snapshot) -> bytes:
+    """A serialized SubscribeResponse holding `snapshot` alone."""
+    response = run_service_pb2.SubscribeResponse(snapshot=snapshot_to_proto(snapshot))
+    wire: bytes = response.SerializeToString()
+    return wire
 
 
 def agent_to_proto(agent: AgentInfo) -> run_pb2.Agent:

@@ -27,6 +27,7 @@ def _query_digest(scope: Scope, run_filter: RunFilter) -> str:
         "a": run_filter.agent,
         "t": run_filter.thread_id,
         "l": sorted(run_filter.labels.items()),
+        "w": run_filter.waiting_for_input,
     }
     raw = json.dumps(query, separators=(",", ":"), sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()[:32]

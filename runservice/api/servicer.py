@@ -18,7 +18,7 @@ from runservice.api.auth import current_principal
 from runservice.api.page_token import PageTokens
 from runservice.api.read_token import ReadTokens
 from runservice.domain.errors import AdminOnlyError, InvalidArgumentError
-from runservice.domain.model import Run
+from runservice.domain.model import Run, Snapshot
 from runservice.domain.webhooks import WebhookLog, WebhookPolicy
 from runservice.runtime.manager import RunManager
 from runservice.runtime.streams import AppendAsk, ExternalRuns
@@ -93,7 +93,11 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         principal = current_principal()
         run_filter = convert.filter_from_proto(
-            request.states, request.agent, request.thread_id, request.labels
+            request.states,
+            request.agent,
+            request.thread_id,
+            request.labels,
+            request.waiting_for_input,
         )
         scope = principal.scope(all_users=request.all_users)
         before = (
@@ -124,11 +128,16 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         run_id = convert.run_id_from_proto(request.run_id)
         if request.from_seq < 0:
             raise InvalidArgumentError("from_seq", "must not be negative (0 or 1 = from the start)")
-        batches = await self._manager.subscribe(current_principal(), run_id, request.from_seq)
-        async for batch in batches:
+        items = await self._manager.subscribe(
+            current_principal(), run_id, request.from_seq, snapshot=request.snapshot
+        )
+        async for item in items:
+            if isinstance(item, Snapshot):  # first, if any: the events follow its seq
+                yield convert.snapshot_response_bytes(item)
+                continue
             # Events carry their wire form, encoded once at commit: concatenate, don't convert.
-            message = convert.subscribe_response_bytes(batch)
-            del batch  # a write the client is slow to take holds the message alone
+            message = convert.subscribe_response_bytes(item)
+            del item  # a write the client is slow to take holds the message alone
             yield message
 
     async def DeleteRun(
@@ -142,7 +151,11 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         self, request: pb.WatchRunsRequest, context: Context
     ) -> AsyncIterator[pb.WatchRunsResponse]:
         run_filter = convert.filter_from_proto(
-            request.states, request.agent, request.thread_id, request.labels
+            request.states,
+            request.agent,
+            request.thread_id,
+            request.labels,
+            request.waiting_for_input,
         )
         updates = await self._manager.watch(
             current_principal(), run_filter, all_users=request.all_users
@@ -181,6 +194,13 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
         run = await self._manager.get_run(current_principal(), run_id)
         token, expires_at = self._read_tokens.mint(run.owner, run.run_id, ttl)
         return convert.read_token_to_proto(token, expires_at, run.run_id)
+
+    async def SendInput(
+        self, request: pb.SendInputRequest, context: Context
+    ) -> pb.SendInputResponse:
+        run_id, data, request_id = convert.input_from_proto(request)
+        event = await self._manager.send_input(current_principal(), run_id, data, request_id)
+        return pb.SendInputResponse(event=convert.event_to_proto(event))
 
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: Context

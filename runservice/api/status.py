@@ -42,6 +42,8 @@ STATUS_TABLE: tuple[tuple[type[errors.RunServiceError], grpc.StatusCode], ...] =
     (errors.SeqOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (errors.ThreadBusyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RunActiveError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RunEndedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ExternalRunInputError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RequestIdReusedError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.TooManyActiveRunsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.TooManyStreamsError, grpc.StatusCode.RESOURCE_EXHAUSTED),

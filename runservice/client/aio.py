@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2
@@ -217,7 +218,8 @@ class AsyncRunClient:
     ) -> AsyncIterator[run_pb2.Run]:
         """Every matching run, newest first, fetching pages as needed.
 
-        `filters` are ListRunsRequest fields: states, agent, thread_id, labels, all_users.
+        `filters` are ListRunsRequest fields: states, agent, thread_id, labels, all_users,
+        waiting_for_input.
         """
         token, seen = "", 0
         while True:
@@ -236,6 +238,19 @@ class AsyncRunClient:
         """Stops the run; returns it terminal (idempotent, so retried on UNAVAILABLE)."""
         request = pb.StopRunRequest(run_id=run_id, reason=reason)
         return (await self._unary(self._stub.StopRun, request, retry=True)).run  # type: ignore[no-any-return]
+
+    async def send_input(
+        self, run_id: str, input: Mapping[str, Any], *, request_id: str | None = None
+    ) -> run_pb2.RunEvent:
+        """Sends input to the run (its agent receives it in log order); returns the `input`
+        event appended. Retried on UNAVAILABLE under one request_id (a new UUID unless
+        given), so a retry is never delivered twice."""
+        struct = struct_pb2.Struct()
+        struct.update(dict(input))
+        request = pb.SendInputRequest(
+            run_id=run_id, input=struct, request_id=request_id or str(uuid.uuid4())
+        )
+        return (await self._unary(self._stub.SendInput, request, retry=True)).event  # type: ignore[no-any-return]
 
     async def delete_run(self, run_id: str) -> None:
         """Deletes a finished run and its log."""
@@ -329,8 +344,25 @@ class AsyncRunClient:
                 pass
         return await self.get_run(run_id)
 
-    async def subscribe(self, run_id: str, from_seq: int = 1) -> AsyncIterator[run_pb2.RunEvent]:
+    @overload
+    def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: Literal[False] = False
+    ) -> AsyncIterator[run_pb2.RunEvent]: ...
+
+    @overload
+    def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: bool
+    ) -> AsyncIterator[run_pb2.RunSnapshot | run_pb2.RunEvent]: ...
+
+    async def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: bool = False
+    ) -> AsyncIterator[run_pb2.RunSnapshot | run_pb2.RunEvent]:
         """The run's events from `from_seq`, each exactly once, resuming after transient failures.
+
+        With `snapshot`, a RunSnapshot comes first when the run has one covering
+        `from_seq` - 1 or later: the state as of its `seq` (apply it in place of every
+        event up to there); the events then start at its seq + 1. Without one that far,
+        only events come, as without `snapshot`. A resumed stream never sends one again.
 
         Ends after the terminal event. Raises the typed error of a permanent failure, or
         UnavailableError once the retry policy gives up.
@@ -339,14 +371,21 @@ class AsyncRunClient:
         attempt = 0
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
+        ask_snapshot = snapshot
         while True:
             call = self._stub.Subscribe(
-                pb.SubscribeRequest(run_id=run_id, from_seq=cursor),
+                pb.SubscribeRequest(run_id=run_id, from_seq=cursor, snapshot=ask_snapshot),
                 metadata=await self._metadata(),
                 timeout=self._stream_timeout,
             )
             try:
                 async for response in call:
+                    ask_snapshot = False  # the caller has a state now: a resume needs the rest
+                    if response.HasField("snapshot"):
+                        cursor = response.snapshot.seq + 1
+                        attempt, last_progress = 0, loop.time()
+                        yield response.snapshot
+                        continue
                     for event in response.events:
                         if event.seq < cursor:
                             continue  # already delivered before the reconnect

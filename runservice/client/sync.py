@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from runservice.client.aio import AsyncRunClient
 from runservice.v1 import run_pb2
@@ -85,6 +85,12 @@ class RunClient:
         """Stops the run; returns it terminal."""
         return self._run(self._aio.stop_run(run_id, reason))
 
+    def send_input(
+        self, run_id: str, input: Mapping[str, Any], *, request_id: str | None = None
+    ) -> run_pb2.RunEvent:
+        """Sends input to the run; returns the `input` event appended."""
+        return self._run(self._aio.send_input(run_id, input, request_id=request_id))
+
     def delete_run(self, run_id: str) -> None:
         """Deletes a finished run."""
         self._run(self._aio.delete_run(run_id))
@@ -119,6 +125,20 @@ class RunClient:
         """The run once it is terminal."""
         return self._run(self._aio.wait(run_id))
 
-    def subscribe(self, run_id: str, from_seq: int = 1) -> Iterator[run_pb2.RunEvent]:
-        """The run's events from `from_seq`, each exactly once, resuming as needed."""
-        return self._iterate(self._aio.subscribe(run_id, from_seq))
+    @overload
+    def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: Literal[False] = False
+    ) -> Iterator[run_pb2.RunEvent]: ...
+
+    @overload
+    def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: bool
+    ) -> Iterator[run_pb2.RunSnapshot | run_pb2.RunEvent]: ...
+
+    def subscribe(
+        self, run_id: str, from_seq: int = 1, *, snapshot: bool = False
+    ) -> Iterator[run_pb2.RunSnapshot | run_pb2.RunEvent]:
+        """The run's events from `from_seq`, each exactly once, resuming as needed; with
+        `snapshot`, a RunSnapshot first when the run has one that far (see
+        AsyncRunClient.subscribe)."""
+        return self._iterate(self._aio.subscribe(run_id, from_seq, snapshot=snapshot))

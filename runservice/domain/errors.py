@@ -137,6 +137,45 @@ class RequestIdReusedError(RunServiceError):
         )
 
 
+class InputRequestIdReusedError(RequestIdReusedError):
+    """SendInput's idempotency key was already used for a different input to the run."""
+
+    def __init__(self, request_id: str, run_id: str) -> None:
+        RunServiceError.__init__(
+            self,
+            f"request_id {request_id!r} was already used for a different input to run "
+            f"{run_id}; use a new request_id for a new input",
+            request_id=request_id,
+            run_id=run_id,
+        )
+
+
+class RunEndedError(RunServiceError):
+    """The run has ended: it takes no more input."""
+
+    reason = "RUN_ENDED"
+
+    def __init__(self, run_id: str, state: str) -> None:
+        super().__init__(
+            f"run {run_id!r} has ended ({state}) and takes no more input; start a new run "
+            "(on the same thread_id to continue the conversation)",
+            run_id=run_id,
+        )
+
+
+class ExternalRunInputError(RunServiceError):
+    """External runs have no agent to take input."""
+
+    reason = "EXTERNAL_RUN"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} is an external run: it has no agent to take input; feed it with "
+            "AppendEvents",
+            run_id=run_id,
+        )
+
+
 class TooManyActiveRunsError(RunServiceError):
     """A per-user or global cap on active runs is reached."""
 

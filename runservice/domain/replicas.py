@@ -13,6 +13,10 @@ from runservice.domain.model import Run, RunEvent, RunState
 PAYLOAD_LIMIT = 7000  # bytes of one notification's payload; PostgreSQL's limit is 8,000
 
 
+INPUT_REQUEST = "input"
+"""The kind of the request that tells a run's executor inputs wait for it (SendInput)."""
+
+
 @dataclass
 class Notice:
     """What one commit changed, for the other replicas (see the module doc)."""

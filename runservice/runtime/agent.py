@@ -32,11 +32,11 @@ class RunError(Exception):
 
 
 class EventTooLargeError(RunError, ValueError):
-    """An event is larger than the server takes (--max-event-size). Uncaught, it fails the
-    run with this message: the client sees what was too large."""
+    """An event (or a snapshot's data) is larger than the server takes (--max-event-size).
+    Uncaught, it fails the run with this message: the client sees what was too large."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"an event of {size} bytes (encoded) {over_limit(limit)}")
+    def __init__(self, size: int, limit: int, what: str = "an event") -> None:
+        super().__init__(f"{what} of {size} bytes (encoded) {over_limit(limit)}")
         self.size = size
         self.limit = limit
 
@@ -102,6 +102,49 @@ class AgentContext(Protocol):
 
     def save_partial(self, result: Mapping[str, Any]) -> None:
         """Records output to keep if the run is stopped, interrupted or times out."""
+        ...
+
+    def snapshot(self, data: Any) -> None:
+        """Records the state of the run's output as of its last event: `data`, any JSON
+        value, is what a client would have after applying every event so far. Subscribe
+        with `snapshot` sends the latest one stored, then only the events after it.
+
+        Stored as the run goes (at most every --snapshot-every events or 256 KiB of them,
+        and at the run's end: the latest data wins), never as an event. From the first
+        call on, the run's snapshots are the agent's: the built-in reducer of `token`
+        text events makes none. Raises TypeError or ValueError for data that is not JSON,
+        EventTooLargeError for data over the server's --max-event-size (as JSON), and
+        RunClosedError once the run has ended.
+        """
+        ...
+
+    async def receive(self, timeout: float | None = None) -> Mapping[str, Any]:  # noqa: ASYNC109
+        """The next input sent to the run with SendInput, in the order of the run's log,
+        whether it arrived before or after this call; waits for one while there is none
+        (the run's `waiting_for_input` is true meanwhile). Raises TimeoutError after
+        `timeout` seconds (None: no limit)."""
+        ...
+
+    async def ask(
+        self,
+        prompt: str = "",
+        *,
+        data: Mapping[str, Any] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agent API's own deadline
+    ) -> Mapping[str, Any]:
+        """Appends an `input.requested` event, whose data is {"prompt": prompt} with
+        `data`'s fields, so that every subscriber sees the run waits and for what; then
+        returns the next input, as receive() does."""
+        ...
+
+    def progress(self, done: float, total: float = 0, message: str = "") -> None:
+        """Reports the run's progress: `done` of `total` (0: unknown), with a short message.
+        Updates the run's `progress` (GetRun, ListRuns, WatchRuns), not its log."""
+        ...
+
+    def usage(self, **counters: float) -> None:
+        """Reports running totals of what the run consumed, e.g. `input_tokens=1200,
+        cost_usd=0.03`: each counter as last reported. Updates the run's `usage`."""
         ...
 
 

@@ -52,6 +52,7 @@ class ClusterStore(Protocol):
     ) -> list[Run]: ...
     async def request(self, holder: str, run_id: str, kind: str, body: str, at_us: int) -> bool: ...
     async def requests_for(self, holder: str) -> list[tuple[str, str, str]]: ...
+    async def wake(self, holder: str, run_id: str) -> None: ...
     async def reached(self, run_ids: list[str]) -> dict[str, int]: ...
     async def decide_starts(
         self, holder: str, asks: Sequence[StartAsk]
@@ -164,6 +165,10 @@ class Replica:
     async def request_stop(self, run_id: str, reason: str, at_us: int) -> None:
         """Asks the run's executor, wherever it is, to stop it (the first request wins)."""
         await self.sql.request(self.holder, run_id, STOP, reason, at_us)
+
+    async def wake_executor(self, run_id: str) -> None:
+        """Tells the run's executor, wherever it is, that inputs wait for it."""
+        await self.sql.wake(self.holder, run_id)
 
     # -- notifications ---------------------------------------------------------------------
 

@@ -17,19 +17,26 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 from runservice.domain.errors import RunFencedError, StoreError, StoreUnavailableError
 from runservice.domain.model import (
+    INPUT_REQUESTED_EVENT,
+    SERVER_EVENTS,
     STATE_EVENT,
+    STOP_REQUESTED_EVENT,
     Run,
     RunEvent,
     RunFailure,
     RunState,
+    Snapshot,
 )
 from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
+from runservice.runtime.interaction import Inputs, LiveFields
 from runservice.runtime.runlog import RunLog
+from runservice.runtime.snapshots import Snapshots, encode_data
 from runservice.runtime.tracing import NO_SPAN, Context, Span, record_state, run_span
 from runservice.runtime.writer import Writer
 
@@ -52,6 +59,7 @@ class EndRequest:
 
     state: RunState
     reason: str
+    by: str = ""  # the user whose StopRun asked for it ("" for the server's own reasons)
 
 
 class Phase(enum.IntEnum):
@@ -84,9 +92,17 @@ class Predecessor(Protocol):
 class LiveRun:
     """A run this process owns: its committed view, its log, its tasks and its end request."""
 
-    def __init__(self, run: Run, log: RunLog, trace_parent: Context | None = None) -> None:
+    def __init__(
+        self,
+        run: Run,
+        log: RunLog,
+        trace_parent: Context | None = None,
+        snapshots: Snapshots | None = None,
+    ) -> None:
         self.run = run
         self.log = log
+        # The snapshots of its output, made as it goes, and the latest one committed.
+        self.snapshots = snapshots or Snapshots(run.run_id)
         # The trace of the call that started the run, and the run's own span while it runs.
         self.trace_parent = trace_parent
         self.span: Span = NO_SPAN
@@ -104,6 +120,17 @@ class LiveRun:
         self.committed: asyncio.Future[None] | None = None
         # Resolved by request_end; waited on with asyncio.wait (which never cancels it).
         self.end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.inputs = Inputs()  # SendInput's, in log order, and the agent's place in them
+        self.fields = LiveFields()  # waiting_for_input, progress and usage, live
+
+    def row(self) -> Run:
+        """The run's row as it is now: the committed one with its live fields."""
+        fields = self.fields
+        return self.run.replace(
+            waiting_for_input=fields.waiting and not self.closed,
+            progress=fields.progress,
+            usage=dict(fields.usage),
+        )
 
     @property
     def run_id(self) -> str:
@@ -119,13 +146,15 @@ class LiveRun:
         """Moves the run forward to `phase` (never back); ENDED wakes whoever waits."""
         self.phase = max(self.phase, phase)
         if phase is Phase.ENDED:
+            self.fields.on_change = None  # it refers to this run: no cycle outlives the run
             self.ended.set()
 
-    def request_end(self, state: RunState, reason: str) -> bool:
-        """Asks the supervisor to end the run; the first request wins. False if already asked."""
+    def request_end(self, state: RunState, reason: str, by: str = "") -> bool:
+        """Asks the supervisor to end the run; the first request wins. False if already asked.
+        `by` names the user of a StopRun: the log then records the request."""
         if self.end_request is not None or self.ended.is_set():
             return False
-        self.end_request = EndRequest(state, reason)
+        self.end_request = EndRequest(state, reason, by)
         self.end_requested.set_result(None)
         return True
 
@@ -176,10 +205,21 @@ class RunContext:
         at: datetime | None = None,
     ) -> int:
         """Appends an event to the run's log and returns its seq."""
+        if type in SERVER_EVENTS:
+            raise ValueError(f"event type {type!r} is reserved for the server's own events")
+        return await self._emit(type, data=data, text=text, binary=binary, at=at)
+
+    async def _emit(
+        self,
+        type: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        text: str | None = None,
+        binary: bytes | None = None,
+        at: datetime | None = None,
+    ) -> int:
         if self._live.closed:
             raise RunClosedError(f"run {self.run_id} has ended")
-        if type == STATE_EVENT:
-            raise ValueError(f"event type {STATE_EVENT!r} is reserved for lifecycle events")
         if sum(p is not None for p in (data, text, binary)) > 1:
             raise ValueError("an event carries at most one of data, text and binary")
         log = self._live.log
@@ -193,11 +233,65 @@ class RunContext:
             raise EventTooLargeError(len(wire), self._max_event_bytes)
         log.assign_seq()  # the seq is taken only by an event that will be stored
         await self._writer.append(log, event)
+        made = self._live.snapshots.observe(event)
+        if made is not None:
+            store_snapshot(self._live, self._writer, made)
         return event.seq
 
     def save_partial(self, result: Mapping[str, Any]) -> None:
         """Records output to keep if the run does not finish."""
         self._live.partial = dict(result)
+
+    def snapshot(self, data: Any) -> None:
+        """Records the state of the run's output as of its last event (see
+        AgentContext.snapshot)."""
+        live = self._live
+        if live.closed:
+            raise RunClosedError(f"run {self.run_id} has ended")
+        try:
+            text = encode_data(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ctx.snapshot takes a JSON value: {exc}") from None
+        size = len(text.encode())
+        if size > self._max_event_bytes:
+            raise EventTooLargeError(size, self._max_event_bytes, "a snapshot")
+        # As of the agent's last event queued (an event of another task of the agent that
+        # waits for room in the writer is not); before any, as of what is committed.
+        made = live.snapshots.record(live.snapshots.seen or live.log.committed_seq, text)
+        if made is not None:
+            store_snapshot(live, self._writer, made)
+
+    async def receive(self, timeout: float | None = None) -> Mapping[str, Any]:  # noqa: ASYNC109
+        """The next input sent to the run (SendInput), in log order; waits for one."""
+        live = self._live
+        if live.inputs.queued:
+            return await live.inputs.next(0)
+        live.fields.set_waiting(True)
+        try:
+            return await live.inputs.next(timeout)
+        finally:
+            live.fields.set_waiting(False)
+
+    async def ask(
+        self,
+        prompt: str = "",
+        *,
+        data: Mapping[str, Any] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agent API's own deadline
+    ) -> Mapping[str, Any]:
+        """Appends an `input.requested` event (data: `prompt` and `data`'s fields), then
+        returns the next input, as receive() does."""
+        requested = {"prompt": prompt, **(data or {})}
+        await self._emit(INPUT_REQUESTED_EVENT, data=requested)
+        return await self.receive(timeout)
+
+    def progress(self, done: float, total: float = 0, message: str = "") -> None:
+        """Reports how far the run has come (the run's `progress`, live)."""
+        self._live.fields.set_progress(done, total, message)
+
+    def usage(self, **counters: float) -> None:
+        """Reports running totals of what the run consumed (the run's `usage`, live)."""
+        self._live.fields.add_usage(counters)
 
 
 MAX_EVENT_BYTES = 1024 * 1024
@@ -297,6 +391,7 @@ async def _drive(
             if not started:
                 request = live.end_request
                 assert request is not None
+                note_stop(live, writer, clock)
                 await asyncio.shield(_finish(live, writer, clock, _ended_while_queued(request)))
                 return
         outcome = await _execute(live, agent, writer, clock, grace, limit=limit)
@@ -377,7 +472,24 @@ async def _execute(
         live.request_end(RunState.TIMED_OUT, f"time limit of {live.run.timeout:g}s exceeded")
     request = live.end_request
     assert request is not None
+    note_stop(live, writer, clock)
     return await _cancel_agent(live, agent_task, request, grace)
+
+
+def note_stop(live: LiveRun, writer: Writer, clock: Clock) -> None:
+    """Appends the `run.stop_requested` event of a StopRun (reason, by) before the run's
+    end, so its log tells why and when the stop arrived."""
+    request = live.end_request
+    if request is None or not request.by or live.log.broken is not None:
+        return
+    event = RunEvent(
+        run_id=live.run_id,
+        seq=live.log.assign_seq(),
+        at=clock.now(),
+        type=STOP_REQUESTED_EVENT,
+        data={"reason": request.reason, "by": request.by},
+    )
+    writer.commit_run(event=(live.log, event)).add_done_callback(_consume_result)
 
 
 async def _cancel_agent(
@@ -445,7 +557,7 @@ def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
     return _Outcome(RunState.FAILED, result=live.partial, failure=failure)
 
 
-def _consume_result(task: asyncio.Task[Any]) -> None:
+def _consume_result(task: asyncio.Future[Any]) -> None:
     with contextlib.suppress(BaseException):
         task.exception()
 
@@ -489,6 +601,13 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
     logger.info("run %s ended %s", live.run_id, outcome.state.value, extra=_end_fields(ended))
 
 
+def store_snapshot(live: LiveRun, writer: Writer, snapshot: Snapshot) -> None:
+    """Queues a snapshot of the run's output, to commit with the events it covers; once
+    committed it is the run's latest (what Subscribe with `snapshot` may start from)."""
+    done = writer.put_beside(live.log, snapshot)
+    done.add_done_callback(partial(live.snapshots.committed, snapshot))
+
+
 def _end_fields(ended: Run) -> dict[str, object]:
     """log_fields of a run's end line, with how long the run lived (queued time included)."""
     assert ended.ended_at is not None
@@ -498,7 +617,11 @@ def _end_fields(ended: Run) -> dict[str, object]:
 
 
 async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> Run:
-    """Commits the run's terminal event and its row's final state together; returns the row."""
+    """Commits the run's terminal event and its row's final state together; returns the row.
+    The run's last snapshot goes before it, covering the events before the terminal one."""
+    last = live.snapshots.final()
+    if last is not None:
+        store_snapshot(live, writer, last)
     now = clock.now()
     result = dict(outcome.result) if outcome.result is not None else None
     event = RunEvent(
@@ -510,14 +633,16 @@ async def _commit_end(live: LiveRun, writer: Writer, clock: Clock, outcome: _Out
         data=result,
         error=outcome.failure,
     )
-    updated = live.run.replace(
+    updated = live.row().replace(
         state=outcome.state,
+        waiting_for_input=False,
         result=result,
         error=outcome.failure,
         ended_at=now,
         stop_reason=outcome.reason,
         last_seq=event.seq,
     )
+    live.inputs.close(live.run_id, outcome.state.value)
     await writer.commit_run(event=(live.log, event), updated=updated)
     record_state(live.span, outcome.state, event.seq, outcome.failure)
     return updated

@@ -11,20 +11,27 @@ store afterwards, transparently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal, overload
 
 from uuid6 import uuid7
 
 from runservice.domain.errors import (
     AdminOnlyError,
     DatabaseUnavailableError,
+    ExternalRunInputError,
+    InputRequestIdReusedError,
+    InvalidInputError,
     RequestIdReusedError,
     RunActiveError,
+    RunEndedError,
     RunFencedError,
     RunNotFoundError,
     SeqOutOfRangeError,
@@ -34,9 +41,12 @@ from runservice.domain.errors import (
     ThreadBusyError,
 )
 from runservice.domain.model import (
+    INPUT_EVENT,
     AgentInfo,
     EncodedEvent,
+    InputReceipt,
     MultitaskStrategy,
+    PendingInput,
     Principal,
     Run,
     RunChange,
@@ -44,6 +54,7 @@ from runservice.domain.model import (
     RunFilter,
     RunState,
     Scope,
+    Snapshot,
     StartRequest,
     WatchUpdate,
 )
@@ -57,7 +68,7 @@ from runservice.domain.ports import (
 )
 from runservice.domain.replicas import StartAsk, StartFacts, StartWrite
 from runservice.domain.streams import EXTERNAL_AGENT, EXTERNAL_DESCRIPTION
-from runservice.runtime.agent import Agent, AgentRegistry
+from runservice.runtime.agent import Agent, AgentRegistry, over_limit
 from runservice.runtime.cluster import (
     ClusterStore,
     StartDecisions,
@@ -78,6 +89,7 @@ from runservice.runtime.peers import Peers
 from runservice.runtime.policies import Counts, Limits, check_caps, request_fingerprint
 from runservice.runtime.registry import Registry
 from runservice.runtime.runlog import WINDOW_BYTES, WINDOW_EVENTS, RunLog
+from runservice.runtime.snapshots import SNAPSHOT_BYTES, SNAPSHOT_EVERY, Snapshots
 from runservice.runtime.streams import ExternalRuns, StreamLimits
 from runservice.runtime.subscription import ReadLimits, Subscription
 from runservice.runtime.subscription import settle as subscription_settle
@@ -118,6 +130,8 @@ class RuntimeSettings:
     purge_batch: int = 500
     lease_ttl: float = 15.0  # replicas (PostgreSQL): how long a silent replica's runs stay its own
     stream_sweep_interval: float = 0.5  # how often expired external runs are deleted
+    snapshot_every: int = SNAPSHOT_EVERY  # events between two snapshots of a run, at most
+    snapshot_bytes: int = SNAPSHOT_BYTES  # bytes of events between two snapshots, at most
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,15 @@ class ServerStats:
     pending_events: int  # events waiting for the writer
     draining: bool
     store_problem: str  # why the store takes no writes now; empty while it does
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    with contextlib.suppress(BaseException):
+        future.exception()
+
+
+FIELDS_INTERVAL_S = 0.25
+"""The least time between two commits of a run's live fields (progress, usage, waiting)."""
 
 
 class RunManager:
@@ -198,6 +221,7 @@ class RunManager:
                 metrics=self._metrics,
             )
             self._decisions = StartDecisions(self._peers.replica)
+            self._peers.on_inputs = self._take_inputs_soon
         self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
         self._subscriptions: set[Subscription] = set()  # open ones
         # Runs fed from outside (agent `external`), when the store keeps them.
@@ -496,8 +520,15 @@ class RunManager:
             window_events=self._settings.window_events,
             window_bytes=self._settings.window_bytes,
         )
-        live = LiveRun(run, log, trace_parent)
+        snapshots = Snapshots(
+            run.run_id,
+            every=self._settings.snapshot_every,
+            max_bytes=self._settings.snapshot_bytes,
+            max_data=self._settings.max_event_bytes,
+        )
+        live = LiveRun(run, log, trace_parent, snapshots)
         log.on_fail = partial(live.request_end, RunState.FAILED, LOG_GIVEN_UP)
+        live.fields.on_change = partial(self._fields_changed, live)
         return live
 
     def _interrupts(self, live: LiveRun) -> bool:
@@ -556,7 +587,10 @@ class RunManager:
         views = []
         for run in await self._reached(runs):
             live = self._registry.get(run.run_id)
-            views.append(self._view(live) if live is not None else run)
+            view = self._view(live) if live is not None else run
+            if run_filter.waiting_for_input and not view.waiting_for_input:
+                continue  # it stopped waiting since its row was last written
+            views.append(view)
         return views
 
     async def stop_run(self, principal: Principal, run_id: str, reason: str) -> Run:
@@ -569,14 +603,14 @@ class RunManager:
         if run.agent == EXTERNAL_AGENT and self.external is not None:
             return await self.external.stop(principal, run_id, reason)
         if live is not None and not live.log.fenced:
-            live.request_end(RunState.STOPPED, reason)
+            live.request_end(RunState.STOPPED, reason, principal.user)
             await live.ended.wait()
             if not live.log.fenced:
                 return self._view(live)
         elif self._peers is None:
             return run
         else:  # another replica executes it: ask it through the database, wait for the end
-            await self._peers.request_stop(run_id, reason)
+            await self._peers.request_stop(run_id, reason, principal.user)
         assert self._peers is not None
 
         async def get() -> Run:
@@ -600,6 +634,133 @@ class RunManager:
             live.log.finished = True
         self._feed.publish(WatchUpdate(RunChange.DELETED, run))
 
+    async def send_input(
+        self, principal: Principal, run_id: str, data: Mapping[str, Any], request_id: str
+    ) -> RunEvent:
+        """Appends `data` to the run's log as an `input` event, for its agent to receive;
+        returns the event once committed. Idempotent by `request_id`."""
+        run = await self.get_run(principal, run_id)
+        if run.agent == EXTERNAL_AGENT:
+            raise ExternalRunInputError(run_id)
+        body = json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        limit = self._settings.max_event_bytes
+        if len(body.encode()) > limit:
+            raise InvalidInputError("input", f"{len(body.encode())} bytes {over_limit(limit)}")
+        request_id = request_id or str(uuid7())
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        now_us = int(self._clock.now().timestamp() * 1_000_000)
+        offered = await self._store.offer_input(run_id, request_id, digest, body, now_us)
+        if offered is None:
+            ended = await self.get_run(principal, run_id)
+            raise RunEndedError(run_id, ended.state.value)
+        if offered[0] != digest:
+            raise InputRequestIdReusedError(request_id, run_id)
+        if offered[1] is not None:
+            return await self._input_event(run_id, offered[1])
+        live = self._registry.get(run_id)
+        if live is not None and not live.log.fenced and live.run.executor == run.executor:
+            receipt = live.inputs.expect(request_id)
+            if live.closed:
+                live.inputs.close(run_id, live.run.state.value)
+            self._take_inputs_soon(live)
+            return await asyncio.shield(receipt)
+        return await self._input_elsewhere(principal, run_id, request_id)
+
+    async def _input_elsewhere(
+        self, principal: Principal, run_id: str, request_id: str
+    ) -> RunEvent:
+        """Waits for another replica (the run's executor) to append an offered input."""
+        if self._peers is None:  # nothing executes the run here: it is ending
+            run = await self.get_run(principal, run_id)
+            raise RunEndedError(run_id, run.state.value)
+        await self._peers.request_inputs(run_id)
+        with self._peers.follow(run_id) as heard:
+            while True:
+                _, seq = await self._store.input_receipt(run_id, request_id)
+                if seq is not None:
+                    return await self._input_event(run_id, seq)
+                run = await self.get_run(principal, run_id)
+                if run.state.terminal:
+                    _, seq = await self._store.input_receipt(run_id, request_id)
+                    if seq is not None:
+                        return await self._input_event(run_id, seq)
+                    raise RunEndedError(run_id, run.state.value)
+                await heard.wait_beyond(max(run.last_seq, heard.committed_seq))
+
+    async def _input_event(self, run_id: str, seq: int) -> RunEvent:
+        events = await self._store.read_events(run_id, seq, 1)
+        if not events or events[0].seq != seq:
+            raise RunNotFoundError(run_id)  # deleted meanwhile
+        return events[0]
+
+    def _take_inputs_soon(self, live: LiveRun) -> None:
+        """Appends the run's offered inputs in a task of its own (callers may leave)."""
+        self._registry.spawn(self._take_inputs(live), name=f"inputs:{live.run_id}")
+
+    async def _take_inputs(self, live: LiveRun) -> None:
+        inputs = live.inputs
+        async with inputs.lock:
+            if live.closed:
+                return
+            try:
+                pending = await self._store.pending_inputs(live.run_id)
+            except StoreError as exc:
+                logger.warning("run %s: reading its inputs failed (%s)", live.run_id, exc)
+                inputs.fail(DatabaseUnavailableError("the run's inputs could not be read"))
+                return
+            for offered in pending:
+                if offered.request_id in inputs.appended:
+                    continue
+                if live.closed or live.log.broken is not None:
+                    break
+                await self._append_input(live, offered)
+
+    async def _append_input(self, live: LiveRun, offered: PendingInput) -> None:
+        log = live.log
+        event = RunEvent(
+            live.run_id, log.last_assigned + 1, self._clock.now(), INPUT_EVENT, offered.data
+        )
+        event.wire = self._writer.encode(event)
+        log.assign_seq()
+        live.inputs.appended.add(offered.request_id)
+        try:
+            await self._writer.append(log, event)
+        except StoreError:
+            live.inputs.fail(DatabaseUnavailableError("the run's log could not be stored"))
+            return
+        live.inputs.add(offered.data)
+        receipt = InputReceipt(live.run_id, offered.request_id, event.seq)
+        committed = self._writer.put_beside(log, receipt)
+        committed.add_done_callback(partial(self._input_committed, live, offered.request_id, event))
+
+    @staticmethod
+    def _input_committed(
+        live: LiveRun, request_id: str, event: RunEvent, committed: asyncio.Future[None]
+    ) -> None:
+        if committed.exception() is None:
+            live.inputs.committed(request_id, event)
+        else:
+            live.inputs.fail(DatabaseUnavailableError("the run's log could not be stored"))
+
+    def _fields_changed(self, live: LiveRun) -> None:
+        """Coalesces changes of the run's live fields into a commit of its row at most
+        every FIELDS_INTERVAL_S (watchers hear of each commit)."""
+        fields = live.fields
+        if live.closed or fields.flush is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, fields.flushed_at + FIELDS_INTERVAL_S - loop.time())
+        fields.flush = loop.call_later(delay, self._flush_fields, live)
+
+    def _flush_fields(self, live: LiveRun) -> None:
+        fields = live.fields
+        fields.flush = None
+        if live.closed or live.log.broken is not None:
+            return  # its end writes its final fields
+        fields.flushed_at = asyncio.get_running_loop().time()
+        done = self._writer.commit_run(updated=self._view(live))
+        done.add_done_callback(_consume)
+
     def list_agents(self) -> list[AgentInfo]:
         """The agents this server can run (and `external`, when it keeps external runs)."""
         infos = self._agents.infos()
@@ -608,28 +769,52 @@ class RunManager:
             infos.sort(key=lambda info: info.name)
         return infos
 
+    @overload
     async def subscribe(
-        self, principal: Principal, run_id: str, from_seq: int
-    ) -> AsyncIterator[Sequence[EncodedEvent]]:
+        self, principal: Principal, run_id: str, from_seq: int, *, snapshot: Literal[False] = False
+    ) -> AsyncIterator[Sequence[EncodedEvent]]: ...
+
+    @overload
+    async def subscribe(
+        self, principal: Principal, run_id: str, from_seq: int, *, snapshot: bool
+    ) -> AsyncIterator[Snapshot | Sequence[EncodedEvent]]: ...
+
+    async def subscribe(
+        self, principal: Principal, run_id: str, from_seq: int, *, snapshot: bool = False
+    ) -> AsyncIterator[Snapshot | Sequence[EncodedEvent]]:
         """Batches of the run's events with `seq >= from_seq`, ending after the terminal event.
 
-        Raises RunNotFoundError or SeqOutOfRangeError before yielding anything.
+        With `snapshot`, the run's latest snapshot comes first if it covers `from_seq` - 1
+        or later, and the batches start right after its seq; without one that far, only
+        the batches. Raises RunNotFoundError or SeqOutOfRangeError before yielding anything.
         """
         run = await self.get_run(principal, run_id)
         cursor = max(from_seq, 1)
         if cursor > run.last_seq + 1:
             raise SeqOutOfRangeError(run_id, from_seq, run.last_seq)
+        live = self._registry.get(run_id)
+        external = run.agent == EXTERNAL_AGENT and self.external is not None
+        start = await self._latest_snapshot(run_id, live) if snapshot and not external else None
+        if start is not None and start.seq < cursor - 1:
+            start = None  # older than what the caller has
         subscription = Subscription(
             self._store,
             run_id,
-            self._registry.get(run_id),
-            cursor,
+            live,
+            cursor if start is None else start.seq + 1,
             limits=self._read_limits,
             clock=self._clock,
-            remote=self.external if run.agent == EXTERNAL_AGENT and self.external else self._peers,
+            remote=self.external if external else self._peers,
             opened=self._subscriptions,
         )
-        return subscription.batches()
+        return subscription.batches() if start is None else subscription.after(start)
+
+    async def _latest_snapshot(self, run_id: str, live: LiveRun | None) -> Snapshot | None:
+        """The run's latest committed snapshot: from memory while this process executes
+        the run and has committed one, else from the store."""
+        if live is not None and not live.log.fenced and live.snapshots.latest is not None:
+            return live.snapshots.latest
+        return await self._store.latest_snapshot(run_id)
 
     async def watch(
         self, principal: Principal, run_filter: RunFilter, *, all_users: bool
@@ -642,11 +827,8 @@ class RunManager:
         try:
             snapshot_filter = run_filter
             if not run_filter.states:
-                snapshot_filter = RunFilter(
-                    frozenset({RunState.PENDING, RunState.RUNNING}),
-                    run_filter.agent,
-                    run_filter.thread_id,
-                    run_filter.labels,
+                snapshot_filter = dataclasses.replace(
+                    run_filter, states=frozenset({RunState.PENDING, RunState.RUNNING})
                 )
             runs = await self._store.list_runs(scope, snapshot_filter, None, SNAPSHOT_LIMIT)
         except BaseException:
@@ -671,7 +853,7 @@ class RunManager:
         return principal.scope(all_users=all_users)
 
     def _view(self, live: LiveRun) -> Run:
-        return live.run.replace(last_seq=live.log.committed_seq)
+        return live.row().replace(last_seq=live.log.committed_seq)
 
     def _on_run_committed(self, run: Run, created: bool) -> None:
         if created:
@@ -679,13 +861,15 @@ class RunManager:
         elif run.state.terminal:  # only its supervisor commits a run's end (lifecycle)
             self._metrics.run_finished(run.agent, run.state.value)
         live = self._registry.get(run.run_id)
+        change = RunChange.CREATED if created else RunChange.STATE_CHANGED
         if live is not None:
+            if not created and live.run.state is run.state:
+                change = RunChange.UPDATED  # its live fields, written by _flush_fields
             live.run = run
             if run.state.terminal:
                 live.idle_since = run.ended_at
                 self._release(live)
         if self._feed.watched:
-            change = RunChange.CREATED if created else RunChange.STATE_CHANGED
             view = self._view(live) if live is not None else run
             self._feed.publish(WatchUpdate(change, view))
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 
 from runservice.domain.errors import RunFencedError, StoreError
 from runservice.domain.model import Run, RunChange, RunState, Scope, WatchUpdate
 from runservice.domain.ports import Clock, RunMetrics, RunStore
-from runservice.domain.replicas import Notice, deleted_run
+from runservice.domain.replicas import INPUT_REQUEST, Notice, deleted_run
 from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.lifecycle import LiveRun, Predecessor, lease_orphan_end
@@ -48,6 +49,8 @@ class Peers:
         self._feed = feed
         self._clock = clock
         self._notices: asyncio.Queue[Notice] = asyncio.Queue()
+        # Called for a run executed here that has inputs waiting (set by the manager).
+        self.on_inputs: Callable[[LiveRun], None] | None = None
         self.replica = Replica(
             sql,
             name,
@@ -97,9 +100,14 @@ class Peers:
         reached = await self.replica.sql.reached(active)
         return [run.replace(last_seq=max(run.last_seq, reached.get(run.run_id, 0))) for run in runs]
 
-    async def request_stop(self, run_id: str, reason: str) -> None:
+    async def request_stop(self, run_id: str, reason: str, by: str = "") -> None:
         """Asks the run's executor, wherever it is, to stop it."""
-        await self.replica.request_stop(run_id, reason, self._now_us())
+        body = json.dumps({"reason": reason, "by": by}) if by else reason
+        await self.replica.request_stop(run_id, body, self._now_us())
+
+    async def request_inputs(self, run_id: str) -> None:
+        """Tells the run's executor, wherever it is, that inputs wait for it."""
+        await self.replica.wake_executor(run_id)
 
     async def wait_end(self, run_id: str, get: Callable[[], Awaitable[Run]]) -> Run:
         """The run (as `get` reads it) once it is terminal, as another replica ends it."""
@@ -161,11 +169,18 @@ class Peers:
             self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
 
     def _apply_requests(self, requests: list[tuple[str, str, str]]) -> None:
-        """Requests other replicas recorded for runs executed here (a stop, today)."""
-        for run_id, _kind, body in requests:
+        """Requests other replicas recorded for runs executed here: stops, and inputs
+        waiting to be appended."""
+        for run_id, kind, body in requests:
             live = self._registry.get(run_id)
-            if live is not None:
-                live.request_end(RunState.STOPPED, body)
+            if live is None:
+                continue
+            if kind == INPUT_REQUEST:
+                if self.on_inputs is not None:
+                    self.on_inputs(live)
+                continue
+            reason, by = _stop_body(body)
+            live.request_end(RunState.STOPPED, reason, by)
 
     def runs_fenced(self, run_ids: frozenset[str]) -> None:
         """The database refused runs' writes: another replica ended them. They leave."""
@@ -185,6 +200,17 @@ class Peers:
         if self._feed.watched:
             for run in runs:
                 self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
+
+
+def _stop_body(body: str) -> tuple[str, str]:
+    """A stop request's (reason, by): JSON {"reason", "by"}, or the reason alone."""
+    if body.startswith("{"):
+        try:
+            parsed = json.loads(body)
+            return str(parsed["reason"]), str(parsed.get("by", ""))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return body, ""
 
 
 def _drop_fenced(live: LiveRun) -> None:

@@ -9,6 +9,9 @@ seconds without the reader asking for the next (its write waits on the client's
 flow-control window), the read-ahead is dropped and the page size falls back to one
 batch. A stalled subscriber therefore holds the batch being written and nothing more;
 when it reads again its pages grow back (doubling) to `page_max_bytes`.
+
+A subscription that starts from a snapshot of the run (`after`) yields it first, then
+the batches from the seq after it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from runservice.domain.errors import DatabaseUnavailableError
-from runservice.domain.model import EncodedEvent
+from runservice.domain.model import EncodedEvent, Snapshot
 from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.cluster import RemoteLog
 from runservice.runtime.lifecycle import LiveRun
@@ -87,7 +90,7 @@ class Subscription:
         self._shed_timer: asyncio.TimerHandle | None = None
         self.sheds = 0  # read-aheads dropped (for tests and metrics)
 
-    async def batches(self) -> AsyncIterator[Sequence[EncodedEvent]]:
+    async def batches(self) -> AsyncGenerator[Sequence[EncodedEvent], None]:
         """Batches of consecutive events from the cursor, ending after the terminal event
         (or at the end of a finished log). Raises DatabaseUnavailableError if the run's end
         could not be stored."""
@@ -114,6 +117,13 @@ class Subscription:
             if live is not None:
                 live.subscribers -= 1
                 live.idle_since = self._clock.now()
+
+    async def after(self, snapshot: Snapshot) -> AsyncIterator[Snapshot | Sequence[EncodedEvent]]:
+        """`snapshot`, then batches() (the cursor being the seq right after the snapshot's)."""
+        yield snapshot
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                yield batch
 
     @property
     def lag(self) -> int:

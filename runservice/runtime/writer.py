@@ -267,14 +267,15 @@ class Writer:
 
     def put_beside(self, log: RunLog, record: Beside) -> asyncio.Future[None]:
         """Queues what is stored beside the run's log (an input's receipt, a snapshot, a
-        checkpoint), to commit with the events queued before it; resolves on commit.
+        checkpoint), to commit with the event at its seq (queued before it) or after;
+        resolves on commit.
 
         The future fails with StoreError once the run's log has been given up."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if log.broken is not None:
             waiter.set_exception(_closed_error(log))
             return waiter
-        seq = log.last_assigned
+        seq = record.seq  # the last event it follows, queued before it
         self._pending.beside.append((record, seq))
         self._pending.waiters.append((log.run_id, seq, waiter))
         self._wake.set()

@@ -37,7 +37,7 @@ class BesideRows:
         self._pg = pg
 
         def p(i: int) -> str:
-            return f"${i}" if pg else "?"
+            return f"${i}" if pg else f"?{i}"
 
         self._receipt = (
             f"UPDATE run_inputs SET seq = {p(1)} WHERE run_id = {p(2)} AND request_id = {p(3)}"

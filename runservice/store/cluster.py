@@ -30,7 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import RunFencedError
 from runservice.domain.model import Run, RunEvent, RunState
-from runservice.domain.replicas import Notice, StartAsk, StartFacts, StartWrite, commit_notice
+from runservice.domain.replicas import (
+    INPUT_REQUEST,
+    Notice,
+    StartAsk,
+    StartFacts,
+    StartWrite,
+    commit_notice,
+)
 from runservice.store.driver import SaSql, Sql
 
 if TYPE_CHECKING:
@@ -216,7 +223,8 @@ class ClusterSql:
         return recorded
 
     async def requests_for(self, holder: str) -> list[tuple[str, str, str]]:
-        """(run_id, kind, body) of every request waiting for a run executed under `holder`."""
+        """(run_id, kind, body) of every request waiting for a run executed under `holder`:
+        stops, then one (run_id, "input", "") per run with inputs not yet appended."""
         async with self._store.connection() as conn:
             result = await conn.exec_driver_sql(
                 "SELECT q.run_id, q.kind, q.body FROM run_requests q JOIN runs r"
@@ -225,7 +233,22 @@ class ClusterSql:
                 + " ORDER BY q.at_us",
                 (holder,),
             )
-            return [(row[0], row[1], row[2]) for row in _rows(result)]
+            requests = [(row[0], row[1], row[2]) for row in _rows(result)]
+            result = await conn.exec_driver_sql(
+                "SELECT DISTINCT i.run_id FROM run_inputs i JOIN runs r ON r.run_id = i.run_id"
+                " WHERE i.seq IS NULL AND r.executor = $1 AND r.state IN " + _ACTIVE,
+                (holder,),
+            )
+            requests += [(row[0], INPUT_REQUEST, "") for row in _rows(result)]
+            return requests
+
+    async def wake(self, holder: str, run_id: str) -> None:
+        """Tells the replica executing the run that it has requests (inputs) waiting."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await self.notify(SaSql(conn), holder, Notice(requests=[run_id]))
+
+        await self._store.transaction(work)
 
     async def _drop_requests(self, sql: Sql, run_ids: Sequence[str]) -> None:
         await sql.execute(

@@ -139,6 +139,10 @@ def _interactive(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE runs {ddl}"))
     for table in tables.RUN_SIDE_TABLES:
         _as_created(conn, table).create(conn)
+    # The inputs not yet appended (few at any time, however many there were).
+    conn.execute(
+        text("CREATE INDEX ix_run_inputs_pending ON run_inputs (run_id) WHERE seq IS NULL")
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -10,6 +10,9 @@ proto field names kept), over RunManager.subscribe: the same cursor, the same ru
 - `live=sse`: catch-up, then live, as `data` events (a JSON array, `id:` = the offset
   after it) each followed by a `control` event; heartbeats while idle; the stream ends
   after the terminal event, or after the SSE time bound (the client resumes by offset).
+  With `snapshot=true` (SSE only) and no `Last-Event-ID`, a `snapshot` event comes first
+  when the run has one at or after the offset: `{"seq": N, "data": ...}`, `id:` = the
+  offset after seq N, where the events that follow it start.
 
 Offsets are protocol.py's: position = the seq of the last event before it. An offset past
 the tail is refused by subscribe's own rule (SEQ_OUT_OF_RANGE, HTTP 400).
@@ -32,7 +35,7 @@ from runservice.api.auth import current_principal
 from runservice.api.limits import StreamLimiter
 from runservice.api.status import describe, until_expiry
 from runservice.domain.errors import InvalidArgumentError, RunServiceError
-from runservice.domain.model import EncodedEvent, Principal, Run
+from runservice.domain.model import EncodedEvent, Principal, Run, Snapshot
 from runservice.runtime.manager import RunManager
 from runservice.v1 import run_pb2
 from runservice.web import protocol, sse
@@ -183,8 +186,13 @@ class RunEvents:
     async def get(self, request: web.Request) -> web.StreamResponse:
         """A read in the mode the query asks for."""
         mode = self.mode(request)
+        snapshot = _snapshot_param(request)
         if mode == "sse":
-            return await self._sse(request)
+            return await self._sse(request, snapshot=snapshot)
+        if snapshot:
+            raise InvalidArgumentError(
+                "snapshot", "is only for live=sse (catch-up and long-poll answer events alone)"
+            )
         response = await self._get(request, mode)
         response.headers.update(STREAM_HEADERS)
         return response
@@ -265,11 +273,13 @@ class RunEvents:
 
     # -- SSE ---------------------------------------------------------------------------
 
-    async def _sse(self, request: web.Request) -> web.StreamResponse:
+    async def _sse(self, request: web.Request, *, snapshot: bool) -> web.StreamResponse:
         """Catch-up then live as SSE, until the terminal event or the time bound. A
         browser's EventSource reconnects with `Last-Event-ID` (the offset of the last data
         event it got), which wins over the URL's offset; at the end of a finished run the
-        answer is 204, which tells EventSource to stop reconnecting."""
+        answer is 204, which tells EventSource to stop reconnecting. With `snapshot`, the
+        run's latest snapshot comes first if it reaches the offset, unless the request
+        resumes (Last-Event-ID): a client that resumes has the state, and needs the rest."""
         resume = request.headers.get("Last-Event-ID", "").strip()
         if resume:
             offset = protocol.parse_offset(resume, "Last-Event-ID")
@@ -287,7 +297,9 @@ class RunEvents:
             return web.Response(status=204, headers=headers)
         principal = current_principal()
         with self._streams.hold(principal.user):
-            batches = await self._manager.subscribe(principal, run.run_id, after + 1)
+            batches = await self._manager.subscribe(
+                principal, run.run_id, after + 1, snapshot=snapshot and not resume
+            )
             async with _closing(batches):
                 stream = await sse.Stream.open(
                     request, STREAM_HEADERS, self._settings.stall_timeout
@@ -320,7 +332,7 @@ class _Follower:
     async def serve(
         self,
         stream: sse.Stream,
-        batches: AsyncIterator[Sequence[EncodedEvent]],
+        batches: AsyncIterator[Snapshot | Sequence[EncodedEvent]],
         request: web.Request,
     ) -> None:
         """Writes until the end; every way out closes `batches` (and its subscription).
@@ -337,7 +349,9 @@ class _Follower:
         finally:
             await paced.aclose()
 
-    async def _follow(self, stream: sse.Stream, paced: sse.Paced[Sequence[EncodedEvent]]) -> None:
+    async def _follow(
+        self, stream: sse.Stream, paced: sse.Paced[Snapshot | Sequence[EncodedEvent]]
+    ) -> None:
         settings = self._settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.sse_max_duration
@@ -350,6 +364,9 @@ class _Follower:
             if isinstance(batch, sse.Idle):
                 await stream.send(sse.HEARTBEAT)
                 continue
+            if isinstance(batch, Snapshot):
+                await self._send_snapshot(stream, batch)
+                continue
             chunk = Chunk(self._position)
             chunk.add(batch, self._json)
             self._position = chunk.last
@@ -358,6 +375,15 @@ class _Follower:
             await stream.send(data + self._control(up_to_date=up_to_date, closed=chunk.terminal))
             if chunk.terminal:
                 return
+
+    async def _send_snapshot(self, stream: sse.Stream, snapshot: Snapshot) -> None:
+        """A `snapshot` event, `id:` the offset after its seq (where the events that follow
+        start), and a control event."""
+        self._position = snapshot.seq
+        up_to_date = await self._reached_tail()
+        data = f'{{"seq":{snapshot.seq},"data":{snapshot.data}}}'
+        event = sse.event("snapshot", data, protocol.format_offset(snapshot.seq))
+        await stream.send(event + self._control(up_to_date=up_to_date, closed=False))
 
     async def _reached_tail(self) -> bool:
         """Whether the position is the committed tail. Read again (from memory) while the
@@ -385,6 +411,16 @@ def _read_headers(chunk: Chunk, *, up_to_date: bool, closed: bool) -> dict[str, 
     if closed:
         headers[protocol.CLOSED] = "true"
     return headers
+
+
+def _snapshot_param(request: web.Request) -> bool:
+    """The `snapshot` query parameter: true or false (absent: false)."""
+    values = request.query.getall("snapshot", [])
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise InvalidArgumentError("snapshot", "must be true or false, given once")
+    return values[0] == "true"
 
 
 def _wait_for(request: web.Request, settings: StreamSettings) -> float:

@@ -40,7 +40,9 @@ NO_CONTEXT: Any = None
 """What the HTTP edge passes as the gRPC context: the servicer's unary methods (StartRun,
 GetRun, ListRuns, StopRun, DeleteRun, ListAgents) and WatchRuns never use theirs."""
 
-FILTER_PARAMS = frozenset({"state", "agent", "thread_id", "label", "all_users"})
+FILTER_PARAMS = frozenset(
+    {"state", "agent", "thread_id", "label", "all_users", "waiting_for_input"}
+)
 LIST_PARAMS = FILTER_PARAMS | {"page_size", "page_token"}
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -134,6 +136,7 @@ def _filter(query: MultiMapping[str], message: pb.ListRunsRequest | pb.WatchRuns
     message.thread_id = _one(query, "thread_id")
     message.labels.update(_labels(query.getall("label", [])))
     message.all_users = _boolean(query, "all_users")
+    message.waiting_for_input = _boolean(query, "waiting_for_input")
 
 
 def list_request(query: MultiMapping[str]) -> pb.ListRunsRequest:
@@ -190,6 +193,15 @@ class RunRoutes:
             raise InvalidArgumentError("run_id", "goes in the path, not the body")
         message.run_id = request.match_info["run_id"]
         return _answer(await self._servicer.StopRun(message, NO_CONTEXT))
+
+    async def send_input(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/runs/{run_id}:input: the body is a SendInputRequest without run_id,
+        `{"input": {...}, "request_id": "..."}`; answers the SendInputResponse."""
+        message = await _body(request, pb.SendInputRequest())
+        if message.run_id:
+            raise InvalidArgumentError("run_id", "goes in the path, not the body")
+        message.run_id = request.match_info["run_id"]
+        return _answer(await self._servicer.SendInput(message, NO_CONTEXT))
 
     async def delete_run(self, request: web.Request) -> web.StreamResponse:
         """DELETE /v1/runs/{run_id}: answers `{}` (an empty DeleteRunResponse)."""

@@ -136,6 +136,7 @@ class WebEdge:
             {"GET": (runs.get_run, "GetRun"), "DELETE": (runs.delete_run, "DeleteRun")},
         )
         self._route(app, f"/v1/runs/{RUN_ID}:stop", {"POST": (runs.stop_run, "StopRun")})
+        self._route(app, f"/v1/runs/{RUN_ID}:input", {"POST": (runs.send_input, "SendInput")})
         self._route(
             app,
             f"/v1/runs/{RUN_ID}:readToken",
