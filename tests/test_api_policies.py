@@ -115,7 +115,11 @@ async def test_stopping_a_queued_run_ends_it_before_it_starts(server: Harness) -
     ).run
     assert stopped.state == run_pb2.RUN_STATE_STOPPED and not stopped.HasField("start_time")
     events = await read_all(alice, second.run_id)
-    assert [e.state for e in events] == [run_pb2.RUN_STATE_PENDING, run_pb2.RUN_STATE_STOPPED]
+    assert [e.type for e in events] == ["run.state", "run.stop_requested", "run.state"]
+    assert [e.state for e in events if e.type == "run.state"] == [
+        run_pb2.RUN_STATE_PENDING,
+        run_pb2.RUN_STATE_STOPPED,
+    ]
     gate("q").set()
     assert (await read_all(alice, first.run_id))[-1].state == run_pb2.RUN_STATE_SUCCEEDED
 
@@ -296,7 +300,7 @@ async def test_an_agent_that_ignores_cancellation_is_abandoned_after_the_grace(
     stopped = (await alice.StopRun(pb.StopRunRequest(run_id=run.run_id))).run
     assert stopped.state == run_pb2.RUN_STATE_STOPPED
     events = await read_all(alice, run.run_id)
-    assert [e.type for e in events] == ["run.state", "started", "run.state"]
+    assert [e.type for e in events] == ["run.state", "started", "run.stop_requested", "run.state"]
 
 
 async def read_until_type(caller: Any, run_id: str, event_type: str) -> None:

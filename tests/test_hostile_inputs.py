@@ -1581,6 +1581,8 @@ def _bases(live: Live) -> dict[str, bytes]:
             run_id=own, events=[pb.EventInput(type="t", text="raw")], producer_id="p"
         ),
         "CloseRun": pb.CloseRunRequest(run_id=own),
+        # A finished run: refused (RUN_ENDED) whatever the mutation leaves of the rest.
+        "SendInput": pb.SendInputRequest(run_id=own, input={"raw": 1}, request_id="raw"),
     }
     return {m: messages[m].SerializeToString() for m in METHODS}
 

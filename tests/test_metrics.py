@@ -210,9 +210,9 @@ async def test_a_scrape_after_a_scripted_workload_shows_the_exact_counts(
     server = await make_server(metrics_listen="127.0.0.1:0")
     logs = await workload(server)
     assert sorted(len(log) for log in logs) == sorted(
-        [n + 2 for n in TICKS] + [FAIL_AT + 2, GATED_BEFORE + 3]
+        [n + 2 for n in TICKS] + [FAIL_AT + 2, GATED_BEFORE + 4]
     )
-    assert sum(len(log) for log in logs) == EVENTS == 50
+    assert sum(len(log) for log in logs) == EVENTS == 51
 
     s = await scrape_until(metrics_url(server), _cancelled_stream_counted)
     assert value(s, "runservice_runs_started_total", agent="ticker") == 4
@@ -222,8 +222,8 @@ async def test_a_scrape_after_a_scripted_workload_shows_the_exact_counts(
     assert value(s, finished, agent="ticker", state="FAILED") == 1
     assert value(s, finished, agent="gated", state="STOPPED") == 1
     assert total(s, finished) == 5
-    assert value(s, "runservice_events_committed_total") == 50
-    assert value(s, "runservice_commit_batch_events_sum") == 50
+    assert value(s, "runservice_events_committed_total") == 51
+    assert value(s, "runservice_commit_batch_events_sum") == 51
     commits = value(s, "runservice_commit_batch_events_count")
     assert 1 <= commits == value(s, "runservice_commit_duration_seconds_count")
     rpcs = "runservice_rpcs_total"
