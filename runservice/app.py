@@ -504,6 +504,7 @@ async def _build_locked(
             max_retention=settings.max_retention,
             max_event_bytes=max_event_bytes,
             snapshot_every=settings.snapshot_every,
+            max_resumes=settings.max_resumes,
             purge_interval=settings.purge_interval,
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,

@@ -193,6 +193,7 @@ class Settings:
     max_send_message_size: int = 16 * 1024**2
     max_event_size: int = 1024**2
     snapshot_every: int = 1000
+    max_resumes: int = 3
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     keepalive_min_ping_interval: float = 10.0
@@ -390,6 +391,13 @@ OPTIONS: tuple[_Option, ...] = (
         "whichever first) and at its end, for Subscribe with snapshot",
         _count(1),
         str(Settings.snapshot_every),
+    ),
+    _Option(
+        "max-resumes",
+        "times a resumable agent's run is resumed from its checkpoint after the server "
+        "executing it stopped, at most (then it ends INTERRUPTED); 0 never resumes",
+        _count(0),
+        str(Settings.max_resumes),
     ),
     _Option("keepalive-time", "interval of server keepalive pings", parse_duration, "60s"),
     _Option("keepalive-timeout", "how long to wait for a keepalive ack", parse_duration, "20s"),

@@ -70,6 +70,7 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "traced=tests.fakes:traced",
             "collector=tests.fakes:collector",
             "worker=tests.fakes:worker",
+            "fragile=tests.fakes:fragile",
         ),
         **overrides,
     )

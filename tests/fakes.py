@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 from opentelemetry import trace
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
-from runservice.runtime.agent import AgentContext, RunError
+from runservice.runtime.agent import AgentContext, RunError, resumable
 
 
 class FakeClock:
@@ -169,3 +171,23 @@ async def worker(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, An
         ctx.progress(k, steps, f"step {k}")
         ctx.usage(tokens=10 * k, cost=k / 100)
     return {"steps": steps}
+
+
+@resumable
+async def crasher(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits a `tick`, checkpoints, then kills its own server process (SIGKILL): every
+    attempt, first run and resumes alike. For --max-resumes."""
+    attempt = 0 if ctx.resumed_from is None else int(ctx.resumed_from["attempt"]) + 1
+    await ctx.emit("tick", data={"attempt": attempt})
+    await ctx.checkpoint({"attempt": attempt})
+    await asyncio.sleep(0.2)  # the StartRun call that started it has its answer
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+async def fragile(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Not resumable: checkpoints, then waits for ever (a crash interrupts it)."""
+    await ctx.emit("tick", data={"i": 1})
+    await ctx.checkpoint({"i": 1})
+    await asyncio.Event().wait()
+    return {}

@@ -51,9 +51,10 @@ async def test_runs_queued_on_a_thread_that_never_idles_leave_memory_when_evicte
     assert _live_runs_held() <= 2  # the last run, and the one before while it is freed
 
 
-def _live_runs_tracked() -> int:
-    """LiveRun objects the collector knows of, garbage not yet collected included."""
-    return sum(isinstance(o, LiveRun) for o in gc.get_objects())
+def _live_runs_tracked(run_ids: set[str]) -> int:
+    """LiveRun objects of `run_ids` the collector knows of, garbage not yet collected
+    included (other tests' servers may be held by library caches: not counted)."""
+    return sum(isinstance(o, LiveRun) and o.run_id in run_ids for o in gc.get_objects())
 
 
 async def test_evicted_runs_are_freed_at_once_not_at_the_next_full_collection(
@@ -70,6 +71,7 @@ async def test_evicted_runs_are_freed_at_once_not_at_the_next_full_collection(
             await read_all(alice, run.run_id)
         server.clock.advance(301)
         assert server.app.manager.sweep() == RUNS
-        await wait_for(lambda: _live_runs_tracked() == 0, limit=5)
+        ids = {run.run_id for run in runs}
+        await wait_for(lambda: _live_runs_tracked(ids) == 0, limit=5)
     finally:
         gc.enable()

@@ -203,6 +203,38 @@ async def test_a_killed_replica_s_runs_are_interrupted_by_a_survivor(
         assert took < LEASE_TTL * 2 + 5, took
 
 
+async def test_a_killed_replica_s_resumable_run_resumes_on_a_survivor(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """SIGKILL A while it executes a counter: B's sweep takes the run over and resumes it
+    from its checkpoint; a reader on B follows it gap-free to SUCCEEDED, every tick from
+    1 to count present around the resume."""
+    async with cluster(tmp_path, postgres) as c:
+        a, b = c.stubs
+        count = 80
+        struct = struct_pb2.Struct()
+        struct.update({"count": count, "interval": 0.05, "checkpoint_every": 5})
+        request = pb.StartRunRequest(agent="counter", input=struct)
+        run = (await a.StartRun(request, metadata=c.md)).run
+        await wait_for(lambda: reached(b, c.md, run.run_id, 14), limit=20)
+        reader = asyncio.create_task(read_log(b, c.md, run.run_id, deadline=90))
+        await c.servers[0].kill()
+        log = await reader
+        one_terminal(log)
+        assert log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+        resumes = [e for e in log if e.type == "run.state" and e.resumed_from_seq]
+        assert len(resumes) == 1
+        resumed = resumes[0]
+        ticks = [
+            int(e.data["i"])
+            for e in log
+            if e.type == "tick" and (e.seq <= resumed.resumed_from_seq or e.seq > resumed.seq)
+        ]
+        assert ticks == list(range(1, count + 1))
+        final = await get(b, c.md, run.run_id)
+        assert final.resume_count == 1 and final.state == run_pb2.RUN_STATE_SUCCEEDED
+
+
 async def test_a_replica_paused_past_its_lease_is_fenced(
     tmp_path: Path, postgres: PgServer
 ) -> None:

@@ -288,7 +288,7 @@ async def test_reconciliation_at_start_waits_out_a_lock_held_by_another_process(
     holder.execute("BEGIN IMMEDIATE")
     release = asyncio.get_running_loop().call_later(0.6, holder.execute, "COMMIT")
     try:
-        assert await reconcile_orphans(store, FakeClock()) == 1
+        assert await reconcile_orphans(store, FakeClock()) == (1, [])
     finally:
         release.cancel()
         holder.close()

@@ -1,4 +1,5 @@
-"""The built-in agents: `echo`, `ticker` and `approval`, for demos, tests and benchmarks."""
+"""The built-in agents: `echo`, `ticker`, `approval` and `counter`, for demos, tests and
+benchmarks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from runservice.runtime.agent import Agent, AgentContext, RunError
+from runservice.runtime.agent import Agent, AgentContext, RunError, resumable
 
 
 def _number(value: Any, name: str, *, integer: bool = False, default: float = 0) -> float:
@@ -87,4 +88,35 @@ async def approval(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, 
         answer = await ctx.receive()
 
 
-BUILTINS: dict[str, Agent] = {"echo": echo, "ticker": ticker, "approval": approval}
+@resumable
+async def counter(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Counts to `count`, one `tick` event {"i": k} every `interval` seconds, and survives
+    a crash: it checkpoints every `checkpoint_every` ticks and resumes from the last one.
+
+    Input: {"count": int, "interval": float = 0, "checkpoint_every": int = 10}.
+    Result: {"count": count}.
+    """
+    count = int(_number(input.get("count"), "count", integer=True))
+    interval = _number(input.get("interval"), "interval")
+    every = int(
+        _number(input.get("checkpoint_every"), "checkpoint_every", integer=True, default=10)
+    )
+    done = 0
+    if ctx.resumed_from is not None:
+        done = int(ctx.resumed_from["i"])
+    for k in range(done + 1, count + 1):
+        if k > done + 1 and interval:
+            await asyncio.sleep(interval)
+        await ctx.emit("tick", data={"i": k})
+        ctx.progress(k, count)
+        if every and k % every == 0:
+            await ctx.checkpoint({"i": k})
+    return {"count": count}
+
+
+BUILTINS: dict[str, Agent] = {
+    "echo": echo,
+    "ticker": ticker,
+    "approval": approval,
+    "counter": counter,
+}

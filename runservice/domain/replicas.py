@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from runservice.domain.model import Run, RunEvent, RunState
+from runservice.domain.model import Checkpoint, Run, RunEvent, RunState, Snapshot
 
 PAYLOAD_LIMIT = 7000  # bytes of one notification's payload; PostgreSQL's limit is 8,000
 
+
+OrphanFate = Callable[[Run, Checkpoint | None], tuple[RunEvent, Run, Snapshot | None]]
+"""What becomes of a run no lease covers, given its latest checkpoint: its event (a
+terminal one, or a resumed RUNNING one), its row and the snapshot to store (if any)."""
 
 INPUT_REQUEST = "input"
 """The kind of the request that tells a run's executor inputs wait for it (SendInput)."""

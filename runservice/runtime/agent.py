@@ -16,7 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from runservice.domain.errors import UnknownAgentError
 from runservice.domain.model import AgentInfo
@@ -47,6 +47,25 @@ def over_limit(limit: int) -> str:
         f"exceeds this server's limit of {limit} bytes (--max-event-size); split it into "
         "smaller events, or store large data elsewhere and emit a reference"
     )
+
+
+A = TypeVar("A")
+
+
+def resumable(agent: A) -> A:
+    """Declares an agent resumable: a run of it that the server stopped executing (a crash,
+    a drain that had to interrupt it, a replica that died) is resumed from its last
+    `ctx.checkpoint` instead of interrupted, the agent called again with
+    `ctx.resumed_from` holding that checkpoint's state. The same as setting the agent's
+    `resumable` attribute to True (so `--agent NAME=module:attr` registrations can be
+    resumable too)."""
+    agent.resumable = True  # type: ignore[attr-defined]
+    return agent
+
+
+def is_resumable(agent: object) -> bool:
+    """True for an agent declared resumable (its `resumable` attribute is True)."""
+    return getattr(agent, "resumable", False) is True
 
 
 class RunClosedError(RuntimeError):
@@ -145,6 +164,18 @@ class AgentContext(Protocol):
     def usage(self, **counters: float) -> None:
         """Reports running totals of what the run consumed, e.g. `input_tokens=1200,
         cost_usd=0.03`: each counter as last reported. Updates the run's `usage`."""
+        ...
+
+    async def checkpoint(self, state: Any) -> None:
+        """Stores `state` (any JSON value) beside the run's log, as of the last event the
+        agent emitted and with its place in the inputs, committed with the events before
+        it; returns once committed. A resumable agent's run that the server stopped
+        executing resumes from its latest checkpoint."""
+        ...
+
+    @property
+    def resumed_from(self) -> Any:
+        """The state of the checkpoint this execution resumes from; None on a first run."""
         ...
 
 

@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Protocol
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
-from runservice.domain.model import Run, RunEvent, RunState
+from runservice.domain.model import Run, RunState
 from runservice.domain.ports import LeaseRenewal, NoMetrics, OrphanCause, RunMetrics
-from runservice.domain.replicas import Notice, StartAsk
+from runservice.domain.replicas import Notice, OrphanFate, StartAsk
 from runservice.runtime.signal import Signal
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class ClusterStore(Protocol):
     async def renew(self, holder: str, ttl: float) -> bool | None: ...
     async def end_lease(self, holder: str) -> None: ...
     async def expire_leases(self) -> list[str]: ...
-    async def end_orphans(
-        self, holder: str, end: Callable[[Run], tuple[RunEvent, Run]], limit: int = ...
-    ) -> list[Run]: ...
+    async def end_orphans(self, holder: str, end: OrphanFate, limit: int = ...) -> list[Run]: ...
     async def request(self, holder: str, run_id: str, kind: str, body: str, at_us: int) -> bool: ...
     async def requests_for(self, holder: str) -> list[tuple[str, str, str]]: ...
     async def wake(self, holder: str, run_id: str) -> None: ...
@@ -98,7 +96,7 @@ class Replica:
         replica: str,
         lease_ttl: float,
         *,
-        end_orphan: Callable[[Run], tuple[RunEvent, Run]],
+        end_orphan: OrphanFate,
         on_notice: Callable[[Notice], None],
         on_requests: Callable[[list[tuple[str, str, str]]], None],
         on_fenced: Callable[[str], None],
@@ -313,9 +311,16 @@ class Replica:
     async def _end_orphans(self, cause: OrphanCause) -> None:
         while True:
             ended = await self.sql.end_orphans(self.holder, self._end_orphan, SWEEP_BATCH)
+            interrupted = sum(1 for run in ended if run.state.terminal)
+            if interrupted:
+                logger.warning("interrupted %d runs no replica holds", interrupted)
+                self._metrics.orphans_interrupted(cause, interrupted)
+            if len(ended) > interrupted:
+                logger.warning(
+                    "took over %d runs no replica holds, to resume them from their checkpoints",
+                    len(ended) - interrupted,
+                )
             if ended:
-                logger.warning("interrupted %d runs no replica holds", len(ended))
-                self._metrics.orphans_interrupted(cause, len(ended))
                 self._on_swept(ended)
             if len(ended) < SWEEP_BATCH:
                 return

@@ -20,12 +20,18 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
-from runservice.domain.errors import RunFencedError, StoreError, StoreUnavailableError
+from runservice.domain.errors import (
+    RunEndedError,
+    RunFencedError,
+    StoreError,
+    StoreUnavailableError,
+)
 from runservice.domain.model import (
     INPUT_REQUESTED_EVENT,
     SERVER_EVENTS,
     STATE_EVENT,
     STOP_REQUESTED_EVENT,
+    Checkpoint,
     Run,
     RunEvent,
     RunFailure,
@@ -41,6 +47,9 @@ from runservice.runtime.tracing import NO_SPAN, Context, Span, record_state, run
 from runservice.runtime.writer import Writer
 
 logger = logging.getLogger(__name__)
+
+SHUTDOWN = "server shutdown"
+"""The reason of a run the server's shutdown interrupted."""
 
 LOG_GIVEN_UP = "the server could not store its events; see the server log"
 """The reason of a run whose log the store refused for good."""
@@ -122,6 +131,11 @@ class LiveRun:
         self.end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.inputs = Inputs()  # SendInput's, in log order, and the agent's place in them
         self.fields = LiveFields()  # waiting_for_input, progress and usage, live
+        # Resumable agents: whether it may resume from a checkpoint, whether it made one,
+        # and the state of the checkpoint this execution resumed from (None: a first run).
+        self.resumable = False
+        self.checkpointed = False
+        self.resumed_from: Any = None
 
     def row(self) -> Run:
         """The run's row as it is now: the committed one with its live fields."""
@@ -260,6 +274,27 @@ class RunContext:
         made = live.snapshots.record(live.snapshots.seen or live.log.committed_seq, text)
         if made is not None:
             store_snapshot(live, self._writer, made)
+
+    async def checkpoint(self, state: Any) -> None:
+        """Stores `state` beside the log as of the agent's last event; waits for its commit."""
+        live = self._live
+        if live.closed:
+            raise RunClosedError(f"run {self.run_id} has ended")
+        try:
+            text = encode_data(state)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ctx.checkpoint takes a JSON value: {exc}") from None
+        if len(text.encode()) > self._max_event_bytes:
+            raise EventTooLargeError(len(text.encode()), self._max_event_bytes, "a checkpoint")
+        seq = live.log.last_assigned
+        record = Checkpoint(self.run_id, seq, text, live.inputs.used, live.snapshots.state())
+        await self._writer.put_beside(live.log, record)
+        live.checkpointed = True
+
+    @property
+    def resumed_from(self) -> Any:
+        """The state of the checkpoint this execution resumed from; None on a first run."""
+        return self._live.resumed_from
 
     async def receive(self, timeout: float | None = None) -> Mapping[str, Any]:  # noqa: ASYNC109
         """The next input sent to the run (SendInput), in log order; waits for one."""
@@ -401,7 +436,7 @@ async def _drive(
             RunState.INTERRUPTED,
             result=live.partial,
             failure=RunFailure("UNAVAILABLE", "interrupted: server shutdown"),
-            reason="server shutdown",
+            reason=SHUTDOWN,
         )
     await asyncio.shield(_finish(live, writer, clock, outcome))
 
@@ -457,7 +492,7 @@ async def _execute(
             return_when=asyncio.FIRST_COMPLETED,
         )
     except asyncio.CancelledError:
-        live.request_end(RunState.INTERRUPTED, "server shutdown")
+        live.request_end(RunState.INTERRUPTED, SHUTDOWN)
         raise
     if agent_task in done and live.log.broken is None:
         return _outcome_of(live, agent_task, limit)
@@ -586,6 +621,17 @@ def start_now(live: LiveRun, writer: Writer, clock: Clock) -> asyncio.Future[Non
 
 async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome) -> None:
     live.advance(Phase.CLOSING)
+    if outcome.reason == SHUTDOWN and live.resumable and live.checkpointed:
+        # Left unfinished, as a crash leaves it: the next start resumes it (or, with
+        # replicas, a survivor whose sweep finds it without a lease).
+        live.inputs.fail(RunEndedError(live.run_id, "resuming elsewhere"))
+        live.advance(Phase.ENDED)
+        logger.warning(
+            "run %s left unfinished at shutdown: it resumes from its checkpoint",
+            live.run_id,
+            extra=log_fields(live.run),
+        )
+        return
     try:
         ended = await _commit_end(live, writer, clock, outcome)
     except StoreError:
@@ -655,16 +701,84 @@ RECONCILE_ATTEMPTS = 40  # with RECONCILE_PAUSE_S: a lock held by another proces
 RECONCILE_PAUSE_S = 0.25
 
 
-async def reconcile_orphans(store: RunStore, clock: Clock) -> int:
-    """Ends every run a previous server left unfinished: INTERRUPTED, with its terminal
-    event right after the last event its log really reached. Returns how many.
+@dataclass(frozen=True)
+class Resumes:
+    """How runs no server executes any more are resumed: which may be (their agent is here
+    and resumable), how often at most (--max-resumes), and how their events are encoded."""
+
+    allowed: Callable[[Run], bool]
+    max_resumes: int
+    encode: Callable[[RunEvent], bytes]
+
+
+NO_RESUMES = Resumes(lambda run: False, 0, lambda event: b"")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run taken up again from its checkpoint: its row, RUNNING after its resumed event."""
+
+    run: Run
+    checkpoint: Checkpoint
+
+
+def orphan_fate(
+    run: Run,
+    checkpoint: Checkpoint | None,
+    clock: Clock,
+    resumes: Resumes,
+    *,
+    reason: str = "server restarted",
+    failure: RunFailure | None = None,
+    executor: str | None = None,
+) -> tuple[RunEvent, Run, Snapshot | None]:
+    """What becomes of a run no server executes any more (`run.last_seq` is the last seq
+    its log really reached): with a checkpoint and resumes left, a RUNNING event carrying
+    `resumed_from_seq` and its row (resume_count + 1, under `executor` if given), and the
+    snapshot as of the checkpoint ("" data: none); otherwise orphan_end's INTERRUPTED end."""
+    failure = failure or ORPHAN_FAILURE
+    if checkpoint is not None and run.resume_count < resumes.max_resumes:
+        event = RunEvent(
+            run_id=run.run_id,
+            seq=run.last_seq + 1,
+            at=clock.now(),
+            type=STATE_EVENT,
+            state=RunState.RUNNING,
+            resumed_from_seq=checkpoint.seq,
+        )
+        event.wire = resumes.encode(event)
+        row = run.replace(
+            state=RunState.RUNNING,
+            last_seq=event.seq,
+            resume_count=run.resume_count + 1,
+            waiting_for_input=False,
+            executor=run.executor if executor is None else executor,
+        )
+        return event, row, Snapshot(run.run_id, event.seq, checkpoint.snapshot)
+    if checkpoint is not None:
+        failure = RunFailure(
+            failure.code,
+            f"{failure.message}; it was resumed {run.resume_count} times, the most "
+            "--max-resumes allows",
+        )
+    end, row = orphan_end(run, clock, reason, failure)
+    return end, row, None
+
+
+async def reconcile_orphans(
+    store: RunStore, clock: Clock, resumes: Resumes = NO_RESUMES
+) -> tuple[int, list[Resumed]]:
+    """Takes up every run a previous server left unfinished: a resumable one with a
+    checkpoint (and resumes left) is resumed, its log going on with a RUNNING event
+    carrying `resumed_from_seq`; every other one ends INTERRUPTED, its terminal event right
+    after the last event its log really reached. Returns how many ended, and the resumed.
 
     A lock another process holds on the database is waited out for about 10 s; any other
     StoreUnavailableError is raised (the server cannot start).
     """
     for attempt in range(1, RECONCILE_ATTEMPTS + 1):
         try:
-            return await _reconcile_once(store, clock)
+            return await _reconcile_once(store, clock, resumes)
         except StoreUnavailableError as exc:
             if not exc.contended or attempt == RECONCILE_ATTEMPTS:
                 raise
@@ -707,11 +821,27 @@ def lease_orphan_end(clock: Clock) -> Callable[[Run], tuple[RunEvent, Run]]:
     return lambda run: orphan_end(run, clock, LEASE_LOST, LEASE_FAILURE)
 
 
-async def _reconcile_once(store: RunStore, clock: Clock) -> int:
+async def _reconcile_once(
+    store: RunStore, clock: Clock, resumes: Resumes
+) -> tuple[int, list[Resumed]]:
     orphans = await store.unfinished_runs()
     if not orphans:
-        return 0
-    ends = [orphan_end(run, clock) for run in orphans]
-    await store.commit([], [event for event, _ in ends], [row for _, row in ends])
-    logger.warning("marked %d runs orphaned by the previous process INTERRUPTED", len(orphans))
-    return len(orphans)
+        return 0, []
+    events, rows, snapshots, resumed = [], [], [], []
+    for run in orphans:
+        checkpoint = await store.latest_checkpoint(run.run_id) if resumes.allowed(run) else None
+        event, row, snapshot = orphan_fate(run, checkpoint, clock, resumes)
+        events.append(event)
+        rows.append(row)
+        if snapshot is not None and checkpoint is not None:
+            snapshots.append(snapshot)
+            resumed.append(Resumed(row, checkpoint))
+    await store.commit([], events, rows, snapshots)
+    if len(resumed) < len(orphans):
+        logger.warning(
+            "marked %d runs orphaned by the previous process INTERRUPTED",
+            len(orphans) - len(resumed),
+        )
+    if resumed:
+        logger.warning("resuming %d runs from their checkpoints", len(resumed))
+    return len(orphans) - len(resumed), resumed

@@ -68,7 +68,7 @@ from runservice.domain.ports import (
 )
 from runservice.domain.replicas import StartAsk, StartFacts, StartWrite
 from runservice.domain.streams import EXTERNAL_AGENT, EXTERNAL_DESCRIPTION
-from runservice.runtime.agent import Agent, AgentRegistry, over_limit
+from runservice.runtime.agent import Agent, AgentRegistry, is_resumable, over_limit
 from runservice.runtime.cluster import (
     ClusterStore,
     StartDecisions,
@@ -80,7 +80,10 @@ from runservice.runtime.lifecycle import (
     MAX_EVENT_BYTES,
     LiveRun,
     Phase,
+    Resumed,
+    Resumes,
     drive_run,
+    log_fields,
     reconcile_orphans,
     running_change,
     start_now,
@@ -130,6 +133,7 @@ class RuntimeSettings:
     purge_batch: int = 500
     lease_ttl: float = 15.0  # replicas (PostgreSQL): how long a silent replica's runs stay its own
     stream_sweep_interval: float = 0.5  # how often expired external runs are deleted
+    max_resumes: int = 3  # resumes of one run from its checkpoints, at most
     snapshot_every: int = SNAPSHOT_EVERY  # events between two snapshots of a run, at most
     snapshot_bytes: int = SNAPSHOT_BYTES  # bytes of events between two snapshots, at most
 
@@ -219,9 +223,11 @@ class RunManager:
                 feed=self._feed,
                 clock=clock,
                 metrics=self._metrics,
+                resumes=self.resumes(),
             )
             self._decisions = StartDecisions(self._peers.replica)
             self._peers.on_inputs = self._take_inputs_soon
+            self._peers.on_resumed = self._take_over
         self._admitting: dict[str, LiveRun] = {}  # decided in the store, not yet settled
         self._subscriptions: set[Subscription] = set()  # open ones
         # Runs fed from outside (agent `external`), when the store keeps them.
@@ -247,10 +253,13 @@ class RunManager:
             await self._peers.start()
             assert self._decisions is not None
             self._decisions.start()
-        else:
-            ended = await reconcile_orphans(self._store, self._clock)
+        resumed: list[Resumed] = []
+        if self._peers is None:
+            ended, resumed = await reconcile_orphans(self._store, self._clock, self.resumes())
             self._metrics.orphans_interrupted("startup", ended)
         self._writer.start()
+        for taken in resumed:
+            await self.resume(taken)
         self._registry.spawn(self._sweep_loop(), name="runservice-sweeper")
         if self.external is not None:
             self._registry.spawn(
@@ -452,6 +461,63 @@ class RunManager:
         live = self._registry.get(run.run_id)
         return self._view(live) if live is not None else run
 
+    def resumes(self) -> Resumes:
+        """How this server resumes runs no server executes any more (their agent is here
+        and resumable; --max-resumes)."""
+
+        def allowed(run: Run) -> bool:
+            return run.agent in self._agents and is_resumable(self._agents.get(run.agent))
+
+        return Resumes(allowed, self._settings.max_resumes, self._writer.encode)
+
+    def _take_over(self, run: Run) -> None:
+        """A run of a replica that died, taken over here to resume from its checkpoint."""
+
+        async def take_over() -> None:
+            checkpoint = await self._store.latest_checkpoint(run.run_id)
+            assert checkpoint is not None  # what the sweep resumed it from
+            await self.resume(Resumed(run, checkpoint))
+
+        self._registry.spawn(take_over(), name=f"resume:{run.run_id}")
+
+    async def resume(self, taken: Resumed) -> None:
+        """Executes here a run resumed from its checkpoint (its RUNNING event committed):
+        the agent is called again with `ctx.resumed_from`, its inputs in place."""
+        run, checkpoint = taken.run, taken.checkpoint
+        agent = self._agents.get(run.agent)
+        inputs = []
+        for seq in await self._store.input_seqs(run.run_id):
+            events = await self._store.read_events(run.run_id, seq, 1)
+            inputs.append(dict(events[0].data or {}) if events else {})
+        live = self._live_run(run, None)
+        live.resumable = live.checkpointed = True
+        live.resumed_from = json.loads(checkpoint.state)
+        for data in inputs:
+            live.inputs.add(data)
+        live.inputs.used = min(checkpoint.inputs_used, len(inputs))
+        live.snapshots.restore(run.last_seq, checkpoint.snapshot)
+        if checkpoint.snapshot:
+            live.snapshots.latest = Snapshot(run.run_id, run.last_seq, checkpoint.snapshot)
+        live.advance(Phase.RUNNING)
+        self._gate.register(live, [])
+        self._registry.add(live)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        live.committed = done
+        live.task = self._registry.spawn(self._supervise(live, agent), name=f"run:{run.run_id}")
+        self._metrics.run_started(run.agent)
+        logger.warning(
+            "run %s resumed from its checkpoint at seq %d (resume %d of at most %d)",
+            run.run_id,
+            checkpoint.seq,
+            run.resume_count,
+            self._settings.max_resumes,
+            extra=log_fields(run),
+        )
+        if self._feed.watched:
+            self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, self._view(live)))
+        self._take_inputs_soon(live)
+
     def _runs_fenced(self, run_ids: frozenset[str]) -> None:
         if self._peers is not None:
             self._peers.runs_fenced(run_ids)
@@ -466,6 +532,7 @@ class RunManager:
             return
         for predecessor in live.predecessors if self._interrupts(live) else ():
             predecessor.request_end(RunState.STOPPED, f"interrupted by run {live.run_id}")
+        live.resumable = is_resumable(agent)
         await drive_run(
             live,
             agent,
@@ -498,6 +565,9 @@ class RunManager:
         self, user: str, request: StartRequest, fingerprint: str, trace_parent: Context
     ) -> LiveRun:
         """The admitted run, PENDING, with its log; not yet registered or committed."""
+        return self._live_run(self._new_run(user, request, fingerprint), trace_parent)
+
+    def _new_run(self, user: str, request: StartRequest, fingerprint: str) -> Run:
         run = Run(
             run_id=str(uuid7()),
             owner=user,
@@ -515,8 +585,13 @@ class RunManager:
             request_hash=fingerprint if request.request_id else "",
             executor=self._peers.holder if self._peers is not None else "",
         )
+        return run
+
+    def _live_run(self, run: Run, trace_parent: Context | None) -> LiveRun:
+        """A LiveRun of `run`, its log going on after `run.last_seq`."""
         log = RunLog(
             run.run_id,
+            run.last_seq,
             window_events=self._settings.window_events,
             window_bytes=self._settings.window_bytes,
         )

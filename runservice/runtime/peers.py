@@ -16,12 +16,29 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 
 from runservice.domain.errors import RunFencedError, StoreError
-from runservice.domain.model import Run, RunChange, RunState, Scope, WatchUpdate
+from runservice.domain.model import (
+    Checkpoint,
+    Run,
+    RunChange,
+    RunEvent,
+    RunState,
+    Scope,
+    Snapshot,
+    WatchUpdate,
+)
 from runservice.domain.ports import Clock, RunMetrics, RunStore
 from runservice.domain.replicas import INPUT_REQUEST, Notice, deleted_run
 from runservice.runtime.cluster import ClusterStore, RemoteLog, RemoteRun, Replica
 from runservice.runtime.feed import ChangeFeed
-from runservice.runtime.lifecycle import LiveRun, Predecessor, lease_orphan_end
+from runservice.runtime.lifecycle import (
+    LEASE_FAILURE,
+    LEASE_LOST,
+    NO_RESUMES,
+    LiveRun,
+    Predecessor,
+    Resumes,
+    orphan_fate,
+)
 from runservice.runtime.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -43,8 +60,12 @@ class Peers:
         feed: ChangeFeed,
         clock: Clock,
         metrics: RunMetrics | None = None,
+        resumes: Resumes = NO_RESUMES,
     ) -> None:
         self._store = store
+        self._resumes = resumes
+        # Called with each run this replica took over to resume (set by the manager).
+        self.on_resumed: Callable[[Run], None] | None = None
         self._registry = registry
         self._feed = feed
         self._clock = clock
@@ -55,7 +76,7 @@ class Peers:
             sql,
             name,
             lease_ttl,
-            end_orphan=lease_orphan_end(clock),
+            end_orphan=self._orphan_fate,
             on_notice=self._queue_notice,
             on_requests=self._apply_requests,
             on_fenced=self._lease_lost,
@@ -195,11 +216,30 @@ class Peers:
             if live.run.executor == holder:
                 _drop_fenced(live)
 
+    def _orphan_fate(
+        self, run: Run, checkpoint: Checkpoint | None
+    ) -> tuple[RunEvent, Run, Snapshot | None]:
+        """A run no lease covers: resumed here from its checkpoint when its agent is here
+        and resumable (and resumes are left), else interrupted."""
+        return orphan_fate(
+            run,
+            checkpoint if self._resumes.allowed(run) else None,
+            self._clock,
+            self._resumes,
+            reason=LEASE_LOST,
+            failure=LEASE_FAILURE,
+            executor=self.replica.holder,
+        )
+
     def _swept(self, runs: list[Run]) -> None:
-        """This replica ended runs no lease covered: its own watchers hear of it here."""
+        """This replica ended (or took over) runs no lease covered: its own watchers hear
+        of it here, and the runs it took over resume here."""
         if self._feed.watched:
             for run in runs:
                 self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
+        for run in runs:
+            if not run.state.terminal and self.on_resumed is not None:
+                self.on_resumed(run)
 
 
 def _stop_body(body: str) -> tuple[str, str]:

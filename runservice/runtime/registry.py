@@ -16,11 +16,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from runservice.domain.model import RunState
-from runservice.runtime.lifecycle import LiveRun, Phase
+from runservice.runtime.lifecycle import SHUTDOWN, LiveRun, Phase
 
 logger = logging.getLogger(__name__)
-
-SHUTDOWN = "server shutdown"
 
 
 class Registry:

@@ -46,6 +46,7 @@ class BesideRows:
             f"INSERT INTO run_snapshots (run_id, seq, data) VALUES ({p(1)}, {p(2)}, {p(3)})"
             " ON CONFLICT (run_id) DO UPDATE SET seq = excluded.seq, data = excluded.data"
         )
+        self._no_snapshot = f"DELETE FROM run_snapshots WHERE run_id = {p(1)}"
         self._checkpoint = (
             "INSERT INTO run_checkpoints (run_id, seq, state, inputs_used, snapshot)"
             f" VALUES ({p(1)}, {p(2)}, {p(3)}, {p(4)}, {p(5)}) ON CONFLICT (run_id) DO UPDATE"
@@ -75,6 +76,8 @@ class BesideRows:
         for record in records:
             if isinstance(record, InputReceipt):
                 out.append((self._receipt, (record.seq, record.run_id, record.request_id)))
+            elif isinstance(record, Snapshot) and not record.data:  # none (a resume's)
+                out.append((self._no_snapshot, (record.run_id,)))
             elif isinstance(record, Snapshot):
                 out.append((self._snapshot, (record.run_id, record.seq, record.data)))
             elif isinstance(record, Checkpoint):

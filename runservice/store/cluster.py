@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import RunFencedError
-from runservice.domain.model import Run, RunEvent, RunState
+from runservice.domain.model import Checkpoint, Run, RunEvent, RunState
 from runservice.domain.replicas import (
     INPUT_REQUEST,
     Notice,
+    OrphanFate,
     StartAsk,
     StartFacts,
     StartWrite,
@@ -124,12 +125,11 @@ class ClusterSql:
         await self._store.transaction(work, retry=False)
         return gone
 
-    async def end_orphans(
-        self, holder: str, end: Callable[[Run], tuple[RunEvent, Run]], limit: int = 500
-    ) -> list[Run]:
-        """Ends up to `limit` unfinished runs whose executor holds no lease, each with the
-        terminal event and row that `end` makes of it (given the run with the last seq its
-        log reached), under the run rows' locks; returns them as ended."""
+    async def end_orphans(self, holder: str, end: OrphanFate, limit: int = 500) -> list[Run]:
+        """Ends (or takes over) up to `limit` unfinished runs whose executor holds no lease,
+        each with the event, row and snapshot that `end` makes of it (given the run with
+        the last seq its log reached, and its latest checkpoint), under the run rows' locks;
+        returns their rows as written (terminal, or RUNNING under `holder` when resumed)."""
         ended: list[Run] = []
 
         async def work(conn: AsyncConnection) -> None:
@@ -146,15 +146,32 @@ class ClusterSql:
             if not run_ids:
                 return
             orphans = await self._store.runs_reached(conn, run_ids)
-            events, rows = zip(*(end(run) for run in orphans), strict=True)
+            checkpoints = await self._checkpoints(conn, run_ids)
+            fates = [end(run, checkpoints.get(run.run_id)) for run in orphans]
+            events = [event for event, _, _ in fates]
+            rows = [row for _, row, _ in fates]
+            snapshots = [snapshot for _, _, snapshot in fates if snapshot is not None]
             sql = SaSql(conn)
-            await self._store.write(sql, [], list(events), list(rows))
+            await self._store.write(sql, [], events, rows, snapshots)
             await self._drop_requests(sql, run_ids)
             await self.notify(sql, holder, commit_notice([], list(events), list(rows)))
             ended.extend(rows)
 
         await self._store.transaction(work, retry=False)
         return ended
+
+    async def _checkpoints(
+        self, conn: AsyncConnection, run_ids: list[str]
+    ) -> dict[str, Checkpoint]:
+        result = await conn.exec_driver_sql(
+            "SELECT run_id, seq, state, inputs_used, snapshot FROM run_checkpoints"
+            " WHERE run_id = ANY($1::text[])",
+            (run_ids,),
+        )
+        return {
+            row[0]: Checkpoint(row[0], int(row[1]), row[2], int(row[3]), row[4])
+            for row in _rows(result)
+        }
 
     # -- fencing, inside the writer's commit ----------------------------------------------
 

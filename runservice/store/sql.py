@@ -752,6 +752,7 @@ _RUN_MUTABLE = (
     "progress",
     "usage",
     "resume_count",
+    "executor",  # a survivor takes over a dead replica's run to resume it
 )
 _LABEL_COLUMNS = ("run_id", "key", "value")
 
