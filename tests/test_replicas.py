@@ -235,6 +235,51 @@ async def test_a_killed_replica_s_resumable_run_resumes_on_a_survivor(
         assert final.resume_count == 1 and final.state == run_pb2.RUN_STATE_SUCCEEDED
 
 
+async def test_input_and_stops_reach_a_run_through_any_replica(
+    tmp_path: Path, postgres: PgServer
+) -> None:
+    """A run A executes waits for input: B's GetRun and WatchRuns show it waiting;
+    SendInput on B appends the input (a retry on B answers the same event) and the run
+    finishes; a StopRun on B of another waiting run is in its log, with who sent it."""
+    async with cluster(tmp_path, postgres) as c:
+        a, b = c.stubs
+        question = struct_pb2.Struct()
+        question.update({"question": "ship it?"})
+        request = pb.StartRunRequest(agent="approval", input=question)
+        watch = b.WatchRuns(pb.WatchRunsRequest(waiting_for_input=True), metadata=c.md)
+        run = (await a.StartRun(request, metadata=c.md)).run
+        async for update in watch:
+            if update.run.run_id == run.run_id and update.run.waiting_for_input:
+                assert update.change == pb.RUN_CHANGE_UPDATED
+                break
+        watch.cancel()
+        assert (await get(b, c.md, run.run_id)).waiting_for_input
+        answer = struct_pb2.Struct()
+        answer.update({"approve": True, "note": "from b"})
+        send = pb.SendInputRequest(run_id=run.run_id, input=answer, request_id="k1")
+        first = (await b.SendInput(send, metadata=c.md)).event
+        again = (await b.SendInput(send, metadata=c.md)).event
+        assert first.type == "input" and again.seq == first.seq
+        log = await read_log(b, c.md, run.run_id)
+        one_terminal(log)
+        assert log[-1].state == run_pb2.RUN_STATE_SUCCEEDED
+        assert [e.type for e in log].count("input") == 1
+
+        other = (await a.StartRun(request, metadata=c.md)).run
+        await wait_for(lambda: waiting(b, c.md, other.run_id), limit=10)
+        stop = pb.StopRunRequest(run_id=other.run_id, reason="from b")
+        stopped = (await b.StopRun(stop, metadata=c.md)).run
+        assert stopped.state == run_pb2.RUN_STATE_STOPPED
+        log = await read_log(b, c.md, other.run_id)
+        one_terminal(log)
+        assert log[-2].type == "run.stop_requested"
+        assert dict(log[-2].data) == {"reason": "from b", "by": "alice"}
+
+
+async def waiting(stub: Any, md: Any, run_id: str) -> bool:
+    return (await get(stub, md, run_id)).waiting_for_input
+
+
 async def test_a_replica_paused_past_its_lease_is_fenced(
     tmp_path: Path, postgres: PgServer
 ) -> None:

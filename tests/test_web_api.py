@@ -636,8 +636,19 @@ async def test_every_curl_example_of_the_http_docs_runs(tmp_path: Path) -> None:
     gone = output('curl -s "$URL/v1/runs/$LONG" -H "authorization: Bearer $TOKEN"')
     assert '"reason":"RUN_NOT_FOUND"' in gone
     check_read_token_and_cors_examples(output, env, commands, run_id)
-    for check in (check_stream_examples, check_unauthorized_example, check_snapshot_example):
+    for check in (
+        check_stream_examples,
+        check_unauthorized_example,
+        check_snapshot_example,
+        check_input_example,
+    ):
         check(output)
+
+
+def check_input_example(output: Printed) -> None:
+    """The "Input to a running run" example answers the input event it shows."""
+    event = json.loads(output(":input"))["event"]
+    assert event["type"] == "input" and event["data"] == {"approve": True, "note": "go"}
 
 
 def check_snapshot_example(output: Printed) -> None:

@@ -28,6 +28,8 @@ class Notice:
     seqs: dict[str, int] = field(default_factory=dict)
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    # Runs whose row changed but not their state (live fields: progress, usage, waiting).
+    updated: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     # Deleted runs: what WatchRuns tells of them (owner, agent, state, thread, times).
     deleted: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -38,6 +40,7 @@ class Notice:
             *(("e", kv) for kv in self.seqs.items()),
             *(("n", run_id) for run_id in self.new),
             *(("c", run_id) for run_id in self.changed),
+            *(("u", run_id) for run_id in self.updated),
             *(("q", run_id) for run_id in self.requests),
             *(("d", kv) for kv in self.deleted.items()),
         ]
@@ -66,6 +69,7 @@ class Notice:
             seqs={str(k): int(v) for k, v in raw.get("e", {}).items()},
             new=[str(r) for r in raw.get("n", ())],
             changed=[str(r) for r in raw.get("c", ())],
+            updated=[str(r) for r in raw.get("u", ())],
             requests=[str(r) for r in raw.get("q", ())],
             deleted={str(k): dict(v) for k, v in raw.get("d", {}).items()},
         )
@@ -84,8 +88,13 @@ def commit_notice(
         seqs[event.run_id] = event.seq
     new = [run.run_id for run in new_runs]
     fresh = set(new)
-    changed = list(dict.fromkeys(r.run_id for r in updated_runs if r.run_id not in fresh))
-    return Notice(seqs=seqs, new=new, changed=changed)
+    # A state changes with its run.state event in the same commit; a row written without
+    # one changed only its live fields.
+    stated = {event.run_id for event in events if event.state is not None}
+    rows = list(dict.fromkeys(r.run_id for r in updated_runs if r.run_id not in fresh))
+    changed = [run_id for run_id in rows if run_id in stated]
+    updated = [run_id for run_id in rows if run_id not in stated]
+    return Notice(seqs=seqs, new=new, changed=changed, updated=updated)
 
 
 @dataclass(frozen=True)

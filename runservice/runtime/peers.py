@@ -175,9 +175,9 @@ class Peers:
         for run_id, told in notice.deleted.items():
             self._registry.evict(run_id)
             self._feed.publish_deleted(deleted_run(run_id, told))
-        if not self._feed.watched or not (notice.new or notice.changed):
+        if not self._feed.watched or not (notice.new or notice.changed or notice.updated):
             return
-        for run_id in (*notice.new, *notice.changed):
+        for run_id in (*notice.new, *notice.changed, *notice.updated):
             found = await self._store.get_run(EVERYONE, run_id)
             if found is None:
                 continue
@@ -187,7 +187,9 @@ class Peers:
                 self._feed.publish(WatchUpdate(RunChange.CREATED, queued))
                 if run.state is RunState.PENDING:
                     continue
-            self._feed.publish(WatchUpdate(RunChange.STATE_CHANGED, run))
+            updated = run_id in notice.updated and run_id not in notice.changed
+            change = RunChange.UPDATED if updated else RunChange.STATE_CHANGED
+            self._feed.publish(WatchUpdate(change, run))
 
     def _apply_requests(self, requests: list[tuple[str, str, str]]) -> None:
         """Requests other replicas recorded for runs executed here: stops, and inputs
