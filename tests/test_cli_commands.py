@@ -22,7 +22,7 @@ from rich.console import Console
 
 from runservice import cli
 from runservice.tokens import add_token, hash_token, list_tokens
-from tests.serverproc import free_port, running_server, start_server
+from tests.serverproc import free_port, running_server, start_server, wait_for
 from tests.test_process_cli import (
     CLI_LIMIT_S,
     Result,
@@ -288,3 +288,29 @@ async def test_json_makes_every_output_json_and_piped_tables_are_plain(setup: Se
     assert agents.splitlines()[0] == "agent\tdescription"
     assert any(line.startswith("echo\t") for line in agents.splitlines())
     assert [a["name"] for a in json.loads(ok(await run_cli("agents", "--json", env=env)).out)]
+
+
+async def test_send_answers_a_run_that_asks_and_get_shows_it_waiting(setup: Setup) -> None:
+    """`start approval`, `get` shows it waiting for input, `send` appends the answer (a
+    retry with the same --request-id delivers it once), and the run ends with it; `send`
+    to the ended run fails in one line saying so."""
+    env = setup.env
+    question = '{"question": "Deploy?"}'
+    run_id = ok(await run_cli("start", "approval", "--input", question, env=env)).out.strip()
+
+    async def waiting() -> bool:
+        shown = json.loads(ok(await run_cli("get", run_id, "--json", env=env)).out)
+        return bool(shown.get("waiting_for_input"))
+
+    await wait_for(waiting, limit=CLI_LIMIT_S)
+    assert "waiting" in ok(await run_cli("get", run_id, env=env)).out
+    answer = ["send", run_id, "--input", '{"approve": false, "note": "not today"}']
+    sent = json.loads(ok(await run_cli(*answer, "--request-id", "a1", "--json", env=env)).out)
+    again = json.loads(ok(await run_cli(*answer, "--request-id", "a1", "--json", env=env)).out)
+    assert sent["type"] == "input" and again["seq"] == sent["seq"]
+    lines = event_lines(ok(await run_cli("tail", run_id, env=env)).out)
+    assert [kind for _, kind, _ in lines] == ["run.state", "input.requested", "input", "run.state"]
+    assert '"approved": false' in lines[-1][2] and "SUCCEEDED" in lines[-1][2]
+    late = await run_cli("send", run_id, "--input", '{"approve": true}', env=env)
+    assert late.code == 1 and len(err_lines(late)) == 1
+    assert "FAILED_PRECONDITION" in late.err and "has ended (SUCCEEDED)" in late.err
