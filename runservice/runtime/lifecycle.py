@@ -21,8 +21,8 @@ from functools import partial
 from typing import Any, Protocol
 
 from runservice.domain.errors import (
-    RunEndedError,
     RunFencedError,
+    ServerDrainingError,
     StoreError,
     StoreUnavailableError,
 )
@@ -624,7 +624,7 @@ async def _finish(live: LiveRun, writer: Writer, clock: Clock, outcome: _Outcome
     if outcome.reason == SHUTDOWN and live.resumable and live.checkpointed:
         # Left unfinished, as a crash leaves it: the next start resumes it (or, with
         # replicas, a survivor whose sweep finds it without a lease).
-        live.inputs.fail(RunEndedError(live.run_id, "resuming elsewhere"))
+        live.inputs.fail(ServerDrainingError())  # a retry finds it appended once resumed
         live.advance(Phase.ENDED)
         logger.warning(
             "run %s left unfinished at shutdown: it resumes from its checkpoint",
@@ -806,6 +806,7 @@ def orphan_end(
         ended_at=now,
         stop_reason=reason,
         last_seq=end.seq,
+        waiting_for_input=False,
     )
     return end, row
 

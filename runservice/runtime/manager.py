@@ -735,8 +735,8 @@ class RunManager:
         live = self._registry.get(run_id)
         if live is not None and not live.log.fenced and live.run.executor == run.executor:
             receipt = live.inputs.expect(request_id)
-            if live.closed:
-                live.inputs.close(run_id, live.run.state.value)
+            if live.closed:  # ending: its state is not known yet
+                live.inputs.close(run_id, "ending")
             self._take_inputs_soon(live)
             return await asyncio.shield(receipt)
         return await self._input_elsewhere(principal, run_id, request_id)
