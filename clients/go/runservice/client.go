@@ -4,8 +4,10 @@
 //
 // A Client wraps the generated RunService stub (package runservicev1) with
 // bearer-token credentials, typed errors (*Error, and sentinels such as
-// ErrRunNotFound for errors.Is) and a Subscribe that resumes by itself across
-// dropped connections and server restarts without gaps or duplicates.
+// ErrRunNotFound for errors.Is), a Subscribe that resumes by itself across
+// dropped connections and server restarts without gaps or duplicates (and
+// can start from the run's snapshot, WithSnapshot), and a SendInput that
+// retries under one request id, so an input is never delivered twice.
 //
 //	c, err := runservice.Dial(ctx, "127.0.0.1:50051", runservice.WithToken(token))
 //	if err != nil { ... }
@@ -20,6 +22,7 @@ package runservice
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"iter"
 	"time"
@@ -28,6 +31,8 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	runservicev1 "github.com/runservice/runservice/clients/go/runservice/v1"
 )
@@ -76,7 +81,8 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) { o.dialOpts = append(o.dialOpts, opts...) }
 }
 
-// WithResumePolicy sets the default ResumePolicy of Subscribe.
+// WithResumePolicy sets the default ResumePolicy of Subscribe, and the
+// bounds within which SendInput retries UNAVAILABLE.
 func WithResumePolicy(p ResumePolicy) Option {
 	return func(o *options) { o.resume = p }
 }
@@ -187,9 +193,11 @@ func (c *Client) GetRun(ctx context.Context, runID string, opts ...grpc.CallOpti
 	return resp.GetRun(), nil
 }
 
-// ListRuns returns one page of the caller's runs, newest first. Pass the
-// response's NextPageToken as the next request's PageToken (same filters) to
-// get the next page; it is empty on the last page. AllRuns pages for you.
+// ListRuns returns one page of the caller's runs, newest first, filtered by
+// req (States, Agent, ThreadId, Labels, AllUsers, and WaitingForInput for
+// the runs whose agent waits for input now). Pass the response's
+// NextPageToken as the next request's PageToken (same filters) to get the
+// next page; it is empty on the last page. AllRuns pages for you.
 func (c *Client) ListRuns(ctx context.Context, req *runservicev1.ListRunsRequest, opts ...grpc.CallOption) (*runservicev1.ListRunsResponse, error) {
 	resp, err := c.rpc.ListRuns(ctx, req, c.callOptions(opts)...)
 	if err != nil {
@@ -223,19 +231,13 @@ func (c *Client) AllRuns(ctx context.Context, req *runservicev1.ListRunsRequest,
 	}
 }
 
+// cloneListRequest copies req whole, so that every filter (WaitingForInput
+// and any added later) carries over to the next pages.
 func cloneListRequest(req *runservicev1.ListRunsRequest) *runservicev1.ListRunsRequest {
 	if req == nil {
 		return &runservicev1.ListRunsRequest{}
 	}
-	return &runservicev1.ListRunsRequest{
-		PageSize:  req.GetPageSize(),
-		PageToken: req.GetPageToken(),
-		States:    req.GetStates(),
-		Agent:     req.GetAgent(),
-		ThreadId:  req.GetThreadId(),
-		Labels:    req.GetLabels(),
-		AllUsers:  req.GetAllUsers(),
-	}
+	return proto.Clone(req).(*runservicev1.ListRunsRequest)
 }
 
 // StopRun stops a run and returns it once it is terminal (at most the
@@ -246,6 +248,54 @@ func (c *Client) StopRun(ctx context.Context, runID, reason string, opts ...grpc
 		return nil, toError(ctx, err)
 	}
 	return resp.GetRun(), nil
+}
+
+// AppendEvents appends req.Events to an external run (agent "external") as
+// one unit, at the next seqs, and returns the run's last seq after it. With
+// req.ProducerId the append is idempotent (a retry of an accepted
+// ProducerSeq is answered with Duplicate set and writes nothing); a newer
+// ProducerEpoch fences older instances (ErrProducerEpochStale), and a
+// ProducerSeq that is not the next one is ErrProducerSeqGap. req.Close ends
+// the run SUCCEEDED after the events. A closed run is ErrStreamClosed; a run
+// with an agent ErrNotExternal.
+func (c *Client) AppendEvents(ctx context.Context, req *runservicev1.AppendEventsRequest, opts ...grpc.CallOption) (*runservicev1.AppendEventsResponse, error) {
+	resp, err := c.rpc.AppendEvents(ctx, req, c.callOptions(opts)...)
+	if err != nil {
+		return nil, toError(ctx, err)
+	}
+	return resp, nil
+}
+
+// CloseRun ends an external run SUCCEEDED, with result when it is not nil
+// (a JSON object; see structpb.NewValue for the Go types allowed), and
+// returns it. A run already closed is returned as it is; a run with an
+// agent is ErrNotExternal.
+func (c *Client) CloseRun(ctx context.Context, runID string, result map[string]any, opts ...grpc.CallOption) (*runservicev1.Run, error) {
+	req := &runservicev1.CloseRunRequest{RunId: runID}
+	if result != nil {
+		s, err := structpb.NewStruct(result)
+		if err != nil {
+			return nil, fmt.Errorf("runservice: result of run %s: %w", runID, err)
+		}
+		req.Result = s
+	}
+	resp, err := c.rpc.CloseRun(ctx, req, c.callOptions(opts)...)
+	if err != nil {
+		return nil, toError(ctx, err)
+	}
+	return resp.GetRun(), nil
+}
+
+// ListWebhookDeliveries returns the webhook deliveries of a run that ended,
+// the deployment's first, then the run's own, each with its attempts so far.
+// It is empty while the run is active and when no webhook applies to it.
+func (c *Client) ListWebhookDeliveries(ctx context.Context, runID string, opts ...grpc.CallOption) ([]*runservicev1.WebhookDelivery, error) {
+	req := &runservicev1.ListWebhookDeliveriesRequest{RunId: runID}
+	resp, err := c.rpc.ListWebhookDeliveries(ctx, req, c.callOptions(opts)...)
+	if err != nil {
+		return nil, toError(ctx, err)
+	}
+	return resp.GetDeliveries(), nil
 }
 
 // DeleteRun deletes a finished run and its event log (ErrRunActive while it
@@ -267,10 +317,13 @@ func (c *Client) ListAgents(ctx context.Context, opts ...grpc.CallOption) ([]*ru
 }
 
 // WatchRuns iterates over the caller's runs matching req: first a snapshot
-// (RUN_CHANGE_EXISTING), then RUN_CHANGE_SNAPSHOT_END, then every change. It
-// does not resume: on an error (including ErrWatchLagged) it yields (nil, err)
-// once and stops; open a new watch, which starts with a fresh snapshot.
-// Breaking out of the loop closes the stream.
+// (RUN_CHANGE_EXISTING), then RUN_CHANGE_SNAPSHOT_END, then every change
+// (RUN_CHANGE_UPDATED when only WaitingForInput, Progress or Usage changed).
+// With req.WaitingForInput, a run that stops waiting is reported once more,
+// with WaitingForInput false. It does not resume: on an error (including
+// ErrWatchLagged) it yields (nil, err) once and stops; open a new watch,
+// which starts with a fresh snapshot. Breaking out of the loop closes the
+// stream.
 func (c *Client) WatchRuns(ctx context.Context, req *runservicev1.WatchRunsRequest, opts ...grpc.CallOption) iter.Seq2[*runservicev1.WatchRunsResponse, error] {
 	return func(yield func(*runservicev1.WatchRunsResponse, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)

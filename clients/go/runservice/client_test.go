@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -82,6 +83,12 @@ func TestErrorMappingTable(t *testing.T) {
 		{codes.Unauthenticated, "CREDENTIALS_INVALID", ErrCredentialsInvalid},
 		{codes.Internal, "INTERNAL_ERROR", ErrInternal},
 		{codes.Aborted, "WATCH_LAGGED", ErrWatchLagged},
+		{codes.FailedPrecondition, "RUN_ENDED", ErrRunEnded},
+		{codes.FailedPrecondition, "EXTERNAL_RUN", ErrExternalRun},
+		{codes.FailedPrecondition, "NOT_EXTERNAL", ErrNotExternal},
+		{codes.FailedPrecondition, "STREAM_CLOSED", ErrStreamClosed},
+		{codes.FailedPrecondition, "PRODUCER_EPOCH_STALE", ErrProducerEpochStale},
+		{codes.FailedPrecondition, "PRODUCER_SEQ_GAP", ErrProducerSeqGap},
 	} {
 		err := toError(context.Background(), richError(tc.code, "m", tc.reason, nil))
 		if !errors.Is(err, tc.sentinel) {
@@ -229,7 +236,7 @@ func TestAllRunsPages(t *testing.T) {
 	}}
 	c := serveBufconn(t, f)
 	var ids []string
-	for run, err := range c.AllRuns(context.Background(), &runservicev1.ListRunsRequest{PageSize: 2, Agent: "ticker"}) {
+	for run, err := range c.AllRuns(context.Background(), &runservicev1.ListRunsRequest{PageSize: 2, Agent: "ticker", WaitingForInput: true}) {
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -238,7 +245,7 @@ func TestAllRunsPages(t *testing.T) {
 	if !slices.Equal(ids, []string{"run-0", "run-1", "run-2", "run-3", "run-4"}) {
 		t.Fatalf("ids %v", ids)
 	}
-	if len(requests) != 3 || requests[2].GetPageToken() != "p4" || requests[2].GetAgent() != "ticker" {
+	if len(requests) != 3 || requests[2].GetPageToken() != "p4" || requests[2].GetAgent() != "ticker" || !requests[2].GetWaitingForInput() {
 		t.Fatalf("requests %v", requests)
 	}
 
@@ -277,5 +284,90 @@ func TestStateHelpers(t *testing.T) {
 	}
 	if IsTerminalEvent(&runservicev1.RunEvent{Type: "tick", State: runservicev1.RunState_RUN_STATE_SUCCEEDED}) {
 		t.Fatal("only run.state events end a log")
+	}
+}
+
+var uuidPattern = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
+
+// SendInput retries UNAVAILABLE under one request id: a new UUID per call,
+// or the caller's.
+func TestSendInputRetriesUnderOneRequestID(t *testing.T) {
+	var requests []*runservicev1.SendInputRequest
+	f := &fakeService{sendInput: func(req *runservicev1.SendInputRequest) (*runservicev1.SendInputResponse, error) {
+		requests = append(requests, req)
+		if len(requests)%3 != 0 {
+			return nil, status.Error(codes.Unavailable, "restarting")
+		}
+		return &runservicev1.SendInputResponse{Event: &runservicev1.RunEvent{RunId: req.GetRunId(), Seq: 3, Type: InputEventType}}, nil
+	}}
+	c := serveBufconn(t, f)
+	ev, err := c.SendInput(context.Background(), runID, map[string]any{"approve": true})
+	if err != nil || ev.GetSeq() != 3 || ev.GetType() != InputEventType {
+		t.Fatalf("SendInput = %v, %v", ev, err)
+	}
+	if _, err := c.SendInput(context.Background(), runID, map[string]any{"approve": false}, WithRequestID("mine")); err != nil {
+		t.Fatal(err)
+	}
+	if len(requests) != 6 {
+		t.Fatalf("%d attempts, want 3 per call", len(requests))
+	}
+	first := requests[0].GetRequestId()
+	if !uuidPattern.MatchString(first) {
+		t.Fatalf("request id %q is not a UUID", first)
+	}
+	for i, req := range requests {
+		want := first
+		if i >= 3 {
+			want = "mine"
+		}
+		if req.GetRequestId() != want || req.GetRunId() != runID {
+			t.Fatalf("attempt %d: run %q request id %q, want %q", i, req.GetRunId(), req.GetRequestId(), want)
+		}
+	}
+	if !requests[0].GetInput().GetFields()["approve"].GetBoolValue() {
+		t.Fatalf("input %v", requests[0].GetInput())
+	}
+	again, _ := c.SendInput(context.Background(), runID, map[string]any{"approve": true})
+	if again == nil || requests[6].GetRequestId() == first {
+		t.Fatal("a new call reused the previous call's request id")
+	}
+}
+
+// SendInput returns other failures at once, and sends once when retries are
+// disabled.
+func TestSendInputDoesNotRetryOtherFailures(t *testing.T) {
+	calls := 0
+	f := &fakeService{sendInput: func(*runservicev1.SendInputRequest) (*runservicev1.SendInputResponse, error) {
+		calls++
+		return nil, richError(codes.FailedPrecondition, "the run has ended", "RUN_ENDED", nil)
+	}}
+	c := serveBufconn(t, f)
+	_, err := c.SendInput(context.Background(), runID, nil)
+	if !errors.Is(err, ErrRunEnded) || calls != 1 {
+		t.Fatalf("err = %v after %d calls, want ErrRunEnded after 1", err, calls)
+	}
+
+	calls = 0
+	f.sendInput = func(*runservicev1.SendInputRequest) (*runservicev1.SendInputResponse, error) {
+		calls++
+		return nil, status.Error(codes.Unavailable, "down")
+	}
+	_, err = c.SendInput(context.Background(), runID, nil, WithInputRetry(ResumePolicy{Disabled: true}))
+	if !errors.Is(err, ErrUnavailable) || calls != 1 {
+		t.Fatalf("err = %v after %d calls, want UNAVAILABLE after 1", err, calls)
+	}
+	policy := fastPolicy()
+	policy.MaxRetries = 2
+	_, err = c.SendInput(context.Background(), runID, nil, WithInputRetry(policy))
+	if !errors.Is(err, ErrGaveUp) || !errors.Is(err, ErrUnavailable) || calls != 4 {
+		t.Fatalf("err = %v after %d calls, want ErrGaveUp after 1 + 3", err, calls)
+	}
+}
+
+// An input that is no JSON object fails before anything is sent.
+func TestSendInputRefusesAValueStructpbCannotHold(t *testing.T) {
+	c := serveBufconn(t, &fakeService{})
+	if _, err := c.SendInput(context.Background(), runID, map[string]any{"ch": make(chan int)}); err == nil {
+		t.Fatal("a channel was accepted as input")
 	}
 }

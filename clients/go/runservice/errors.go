@@ -130,6 +130,21 @@ var (
 	ErrCredentialsInvalid = reasonSentinel(codes.Unauthenticated, runservicev1.ErrorReason_ERROR_REASON_CREDENTIALS_INVALID)
 	ErrInternal           = reasonSentinel(codes.Internal, runservicev1.ErrorReason_ERROR_REASON_INTERNAL_ERROR)
 	ErrWatchLagged        = reasonSentinel(codes.Aborted, runservicev1.ErrorReason_ERROR_REASON_WATCH_LAGGED)
+	// ErrRunEnded: SendInput to a run that has ended (it takes no more input).
+	ErrRunEnded = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_RUN_ENDED)
+	// ErrExternalRun: SendInput to an external run, which has no agent to take it.
+	ErrExternalRun = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_EXTERNAL_RUN)
+	// ErrNotExternal: AppendEvents or CloseRun on a run that has an agent.
+	ErrNotExternal = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_NOT_EXTERNAL)
+	// ErrStreamClosed: AppendEvents to an external run that is closed
+	// (Metadata "last_seq" is its final position).
+	ErrStreamClosed = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_STREAM_CLOSED)
+	// ErrProducerEpochStale: a newer instance of the producer took over
+	// (Metadata "epoch" is the current epoch).
+	ErrProducerEpochStale = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_PRODUCER_EPOCH_STALE)
+	// ErrProducerSeqGap: the producer's seq is not the next one (Metadata
+	// "expected_seq" and "received_seq").
+	ErrProducerSeqGap = reasonSentinel(codes.FailedPrecondition, runservicev1.ErrorReason_ERROR_REASON_PRODUCER_SEQ_GAP)
 	// ErrRunFailed matches the error of a run whose agent failed unexpectedly
 	// (not a call status; see RunError).
 	ErrRunFailed = &Error{Reason: "RUN_FAILED"}

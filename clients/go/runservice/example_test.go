@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"strings"
 
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -127,4 +128,61 @@ func ExampleError() {
 			fmt.Println(e.Code, e.Reason, e.Metadata, e.Message)
 		}
 	}
+}
+
+func ExampleClient_SendInput() {
+	ctx := context.Background()
+	c, _ := runservice.Dial(ctx, "127.0.0.1:50051", runservice.WithToken(os.Getenv("RUNSERVICE_TOKEN")))
+	defer c.Close()
+
+	// The approval agent asks its question (an input.requested event), then waits.
+	question, _ := structpb.NewStruct(map[string]any{"question": "Deploy to production?"})
+	run, err := c.StartRun(ctx, &runservicev1.StartRunRequest{Agent: "approval", Input: question})
+	if err != nil {
+		log.Fatal(err)
+	}
+	for ev, err := range c.Subscribe(ctx, run.GetRunId(), 1) {
+		if err != nil {
+			log.Fatal(err)
+		}
+		if ev.GetType() == runservice.InputRequestedEventType {
+			break // run.GetWaitingForInput() is true from now on
+		}
+	}
+
+	// Retried on UNAVAILABLE under one request id: the agent gets it once.
+	ev, err := c.SendInput(ctx, run.GetRunId(), map[string]any{"approve": true, "note": "go ahead"})
+	switch {
+	case errors.Is(err, runservice.ErrRunEnded):
+		log.Fatal("the run ended before the answer arrived")
+	case err != nil:
+		log.Fatal(err)
+	}
+	fmt.Println("input at seq", ev.GetSeq())
+
+	run, err = c.Wait(ctx, run.GetRunId())
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(runservice.StateName(run.GetState()), run.GetResult().AsMap())
+}
+
+func ExampleWithSnapshot() {
+	ctx := context.Background()
+	c, _ := runservice.Dial(ctx, "127.0.0.1:50051", runservice.WithToken(os.Getenv("RUNSERVICE_TOKEN")))
+	defer c.Close()
+
+	// The echo agent's output so far in one message, then only the tokens after it.
+	var text strings.Builder
+	err := c.SubscribeFunc(ctx, "01a1ffdf-0742-7dc2-9567-13071562e9f8", 1, func(ev *runservicev1.RunEvent) error {
+		text.WriteString(ev.GetText())
+		return nil
+	}, runservice.WithSnapshot(func(s *runservicev1.RunSnapshot) error {
+		text.WriteString(s.GetData().GetStructValue().GetFields()["text"].GetStringValue())
+		return nil
+	}))
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(text.String())
 }

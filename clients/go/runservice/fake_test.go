@@ -39,6 +39,10 @@ type fakeService struct {
 	auth     []string      // authorization metadata of every call
 	getRun   func(*runservicev1.GetRunRequest) (*runservicev1.GetRunResponse, error)
 	listRuns func(*runservicev1.ListRunsRequest) (*runservicev1.ListRunsResponse, error)
+
+	snapshot  *runservicev1.RunSnapshot // sent first to a Subscribe that asks for it (and covers its from_seq-1)
+	asked     []bool                    // the snapshot flag of every Subscribe, in order
+	sendInput func(*runservicev1.SendInputRequest) (*runservicev1.SendInputResponse, error)
 }
 
 // tickLog is a ticker run's log: RUNNING, n ticks, then the terminal state.
@@ -65,6 +69,7 @@ func (f *fakeService) Subscribe(req *runservicev1.SubscribeRequest, stream grpc.
 	f.mu.Lock()
 	attempt := len(f.fromSeqs)
 	f.fromSeqs = append(f.fromSeqs, req.GetFromSeq())
+	f.asked = append(f.asked, req.GetSnapshot())
 	cut := -1
 	if attempt < len(f.cuts) {
 		cut = f.cuts[attempt]
@@ -73,7 +78,7 @@ func (f *fakeService) Subscribe(req *runservicev1.SubscribeRequest, stream grpc.
 	if attempt < len(f.failWith) {
 		fail = f.failWith[attempt]
 	}
-	events, batch, pace, hold := f.events, max(f.batch, 1), f.pace, f.hold
+	events, batch, pace, hold, snap := f.events, max(f.batch, 1), f.pace, f.hold, f.snapshot
 	start := max(req.GetFromSeq(), 1) - f.overlap
 	f.mu.Unlock()
 
@@ -82,6 +87,12 @@ func (f *fakeService) Subscribe(req *runservicev1.SubscribeRequest, stream grpc.
 	}
 	if req.GetFromSeq() > int64(len(events))+1 {
 		return richError(codes.OutOfRange, "from_seq is past the end", "SEQ_OUT_OF_RANGE", nil)
+	}
+	if req.GetSnapshot() && snap != nil && snap.GetSeq() >= max(req.GetFromSeq(), 1)-1 {
+		if err := stream.Send(&runservicev1.SubscribeResponse{Snapshot: snap}); err != nil {
+			return err
+		}
+		start = snap.GetSeq() + 1
 	}
 	sent := 0
 	var buf []*runservicev1.RunEvent
@@ -142,6 +153,21 @@ func (f *fakeService) ListRuns(ctx context.Context, req *runservicev1.ListRunsRe
 		return f.listRuns(req)
 	}
 	return nil, status.Error(codes.Unimplemented, "no ListRuns")
+}
+
+func (f *fakeService) SendInput(ctx context.Context, req *runservicev1.SendInputRequest) (*runservicev1.SendInputResponse, error) {
+	f.recordAuth(ctx)
+	if f.sendInput != nil {
+		return f.sendInput(req)
+	}
+	return nil, status.Error(codes.Unimplemented, "no SendInput")
+}
+
+// snapshotsAsked returns the snapshot flag of every Subscribe, in order.
+func (f *fakeService) snapshotsAsked() []bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]bool(nil), f.asked...)
 }
 
 func (f *fakeService) attempts() []int64 {

@@ -44,6 +44,9 @@ var ErrSequenceGap = errors.New("runservice: gap in the event sequence")
 //
 // A failure streak ends when a new event arrives, or when an attempt stayed
 // open for at least MaxDelay before failing (it was a working connection).
+//
+// SendInput retries UNAVAILABLE with the same delays and bounds (its streak
+// is the whole call), under one request id.
 type ResumePolicy struct {
 	// Disabled turns resuming off: the first failure ends the subscription.
 	Disabled bool
@@ -66,10 +69,11 @@ type ResumePolicy struct {
 	OnRetry func(RetryInfo)
 }
 
-// RetryInfo describes a reconnect of a resuming Subscribe.
+// RetryInfo describes a reconnect of a resuming Subscribe, or a retry of
+// SendInput.
 type RetryInfo struct {
 	Attempt int           // failures in the current streak, from 1
-	FromSeq int64         // the from_seq of the reconnect
+	FromSeq int64         // the from_seq of the reconnect (0 for SendInput)
 	Err     error         // the failure
 	Delay   time.Duration // the wait before reconnecting
 }
@@ -111,8 +115,9 @@ func (p ResumePolicy) delay(n int) time.Duration {
 type SubscribeOption func(*subscribeConfig)
 
 type subscribeConfig struct {
-	policy   ResumePolicy
-	callOpts []grpc.CallOption
+	policy     ResumePolicy
+	callOpts   []grpc.CallOption
+	onSnapshot func(*runservicev1.RunSnapshot) error
 }
 
 // WithResume sets the ResumePolicy of this Subscribe (default: the Client's,
@@ -130,6 +135,19 @@ func WithoutResume() SubscribeOption {
 // WithCallOptions adds gRPC call options to every attempt of this Subscribe.
 func WithCallOptions(opts ...grpc.CallOption) SubscribeOption {
 	return func(c *subscribeConfig) { c.callOpts = append(c.callOpts, opts...) }
+}
+
+// WithSnapshot asks the server to start with the run's latest snapshot (see
+// RunSnapshot): when it has one covering fromSeq-1 or later, fn receives it
+// before any event, and the events then start at its Seq+1 (apply the
+// snapshot's Data in place of every event up to its Seq). Without a
+// snapshot that far, fn is not called and the events start at fromSeq, as
+// without this option. Once the first response has arrived, reconnects
+// resume from the last seq seen + 1 and never ask for a snapshot again, so
+// fn is called at most once. An error from fn ends the subscription with
+// that error, as the event handler's does.
+func WithSnapshot(fn func(*runservicev1.RunSnapshot) error) SubscribeOption {
+	return func(c *subscribeConfig) { c.onSnapshot = fn }
 }
 
 // IsTerminalEvent reports whether ev is the last event of a run's log: a
@@ -181,15 +199,20 @@ func (c *Client) SubscribeFunc(ctx context.Context, runID string, fromSeq int64,
 		opt(&cfg)
 	}
 	policy := cfg.policy.withDefaults()
-	callOpts := c.callOptions(cfg.callOpts)
-
-	cursor := max(fromSeq, 1)
+	st := &subscribeState{
+		runID:       runID,
+		cursor:      max(fromSeq, 1),
+		askSnapshot: cfg.onSnapshot != nil,
+		onSnapshot:  cfg.onSnapshot,
+		onEvent:     fn,
+		callOpts:    c.callOptions(cfg.callOpts),
+	}
 	failures := 0
 	var streakStart time.Time
 	for {
 		started := time.Now()
-		before := cursor
-		err := c.subscribeAttempt(ctx, runID, &cursor, fn, callOpts)
+		before := st.cursor
+		err := c.subscribeAttempt(ctx, st)
 		if err == nil {
 			return nil
 		}
@@ -203,40 +226,72 @@ func (c *Client) SubscribeFunc(ctx context.Context, runID string, fromSeq int64,
 		if errors.Is(err, ErrSequenceGap) || policy.Disabled || !c.retryable(policy, err) {
 			return err
 		}
-		if cursor > before || time.Since(started) >= policy.MaxDelay {
+		if st.cursor > before || time.Since(started) >= policy.MaxDelay {
 			failures, streakStart = 0, time.Time{}
 		}
 		failures++
 		if streakStart.IsZero() {
 			streakStart = started
 		}
-		if policy.MaxRetries > 0 && failures > policy.MaxRetries {
-			return fmt.Errorf("%w after %d retries at seq %d: %w", ErrGaveUp, failures-1, cursor, err)
-		}
-		if policy.GiveUpAfter > 0 && time.Since(streakStart) >= policy.GiveUpAfter {
-			return fmt.Errorf("%w after %s without progress at seq %d: %w",
-				ErrGaveUp, time.Since(streakStart).Round(time.Millisecond), cursor, err)
+		if err := policy.giveUp(failures, streakStart, fmt.Sprintf("at seq %d", st.cursor), err); err != nil {
+			return err
 		}
 		wait := policy.delay(failures)
 		if policy.OnRetry != nil {
-			policy.OnRetry(RetryInfo{Attempt: failures, FromSeq: cursor, Err: err, Delay: wait})
+			policy.OnRetry(RetryInfo{Attempt: failures, FromSeq: st.cursor, Err: err, Delay: wait})
 		}
-		timer := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			timer.Stop()
-			return ctx.Err()
-		case <-timer.C:
+		if err := sleep(ctx, wait); err != nil {
+			return err
 		}
 	}
 }
 
-// subscribeAttempt runs one Subscribe stream from *cursor, advancing it past
-// every delivered event. It returns nil when the subscription is complete.
-func (c *Client) subscribeAttempt(ctx context.Context, runID string, cursor *int64, fn func(*runservicev1.RunEvent) error, callOpts []grpc.CallOption) error {
+// giveUp returns the error that ends a streak of n failures which began at
+// start (it wraps ErrGaveUp and err; where says what was being retried), or
+// nil while the policy allows another attempt.
+func (p ResumePolicy) giveUp(n int, start time.Time, where string, err error) error {
+	if p.MaxRetries > 0 && n > p.MaxRetries {
+		return fmt.Errorf("%w after %d retries %s: %w", ErrGaveUp, n-1, where, err)
+	}
+	if p.GiveUpAfter > 0 && time.Since(start) >= p.GiveUpAfter {
+		return fmt.Errorf("%w after %s without progress %s: %w",
+			ErrGaveUp, time.Since(start).Round(time.Millisecond), where, err)
+	}
+	return nil
+}
+
+// sleep waits for d, or returns ctx's error as soon as ctx is done.
+func sleep(ctx context.Context, d time.Duration) error {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timer.C:
+		return nil
+	}
+}
+
+// subscribeState is what a resuming Subscribe carries from one attempt to
+// the next: the cursor (the seq to deliver next) and whether a snapshot is
+// still wanted.
+type subscribeState struct {
+	runID       string
+	cursor      int64
+	askSnapshot bool // until the first response: a resume must not replace delivered state
+	onSnapshot  func(*runservicev1.RunSnapshot) error
+	onEvent     func(*runservicev1.RunEvent) error
+	callOpts    []grpc.CallOption
+}
+
+// subscribeAttempt runs one Subscribe stream from st.cursor, advancing it
+// past the snapshot and every delivered event. It returns nil when the
+// subscription is complete.
+func (c *Client) subscribeAttempt(ctx context.Context, st *subscribeState) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := c.rpc.Subscribe(ctx, &runservicev1.SubscribeRequest{RunId: runID, FromSeq: *cursor}, callOpts...)
+	req := &runservicev1.SubscribeRequest{RunId: st.runID, FromSeq: st.cursor, Snapshot: st.askSnapshot}
+	stream, err := c.rpc.Subscribe(ctx, req, st.callOpts...)
 	if err != nil {
 		return toError(ctx, err)
 	}
@@ -248,22 +303,40 @@ func (c *Client) subscribeAttempt(ctx context.Context, runID string, cursor *int
 		if err != nil {
 			return toError(ctx, err)
 		}
-		for _, ev := range resp.GetEvents() {
-			switch seq := ev.GetSeq(); {
-			case seq < *cursor:
-				continue // already delivered before a reconnect
-			case seq > *cursor:
-				return fmt.Errorf("%w: run %s: expected seq %d, got %d", ErrSequenceGap, runID, *cursor, seq)
-			}
-			*cursor = ev.GetSeq() + 1
-			if err := fn(ev); err != nil {
+		asked := st.askSnapshot
+		st.askSnapshot = false
+		if snap := resp.GetSnapshot(); snap != nil && asked {
+			st.cursor = snap.GetSeq() + 1
+			if err := st.onSnapshot(snap); err != nil {
 				return &handlerError{err}
 			}
-			if IsTerminalEvent(ev) {
-				return nil
-			}
+		}
+		done, err := st.deliver(resp.GetEvents())
+		if done || err != nil {
+			return err
 		}
 	}
+}
+
+// deliver hands the events at or past the cursor to the handler, in order.
+// done is true after the terminal event.
+func (st *subscribeState) deliver(events []*runservicev1.RunEvent) (done bool, err error) {
+	for _, ev := range events {
+		switch seq := ev.GetSeq(); {
+		case seq < st.cursor:
+			continue // already delivered before a reconnect
+		case seq > st.cursor:
+			return false, fmt.Errorf("%w: run %s: expected seq %d, got %d", ErrSequenceGap, st.runID, st.cursor, seq)
+		}
+		st.cursor = ev.GetSeq() + 1
+		if err := st.onEvent(ev); err != nil {
+			return false, &handlerError{err}
+		}
+		if IsTerminalEvent(ev) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func (c *Client) retryable(p ResumePolicy, err error) bool {

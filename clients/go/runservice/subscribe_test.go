@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	runservicev1 "github.com/runservice/runservice/clients/go/runservice/v1"
 )
@@ -378,4 +379,68 @@ func canceledCtx() context.Context {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	return ctx
+}
+
+// A snapshot subscription delivers the snapshot first, then the events after
+// it; its reconnects resume from the last seq + 1 and never ask again.
+func TestSubscribeWithSnapshotResumesWithoutAskingAgain(t *testing.T) {
+	f := &fakeService{
+		events:   tickLog(runID, 100, runservicev1.RunState_RUN_STATE_SUCCEEDED),
+		snapshot: &runservicev1.RunSnapshot{Seq: 60, Data: structpb.NewStringValue("state as of 60")},
+		cuts:     []int{0, 10, 5},
+	}
+	c := serveBufconn(t, f)
+	var snaps []*runservicev1.RunSnapshot
+	got, err := collect(t, c, context.Background(), 1, WithSnapshot(func(s *runservicev1.RunSnapshot) error {
+		snaps = append(snaps, s)
+		return nil
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snaps) != 1 || snaps[0].GetSeq() != 60 || snaps[0].GetData().GetStringValue() != "state as of 60" {
+		t.Fatalf("snapshots %v, want the one at seq 60", snaps)
+	}
+	checkRange(t, seqs(got), 61, 102)
+	if a := f.attempts(); !slices.Equal(a, []int64{1, 61, 71, 76}) {
+		t.Fatalf("from_seq of the attempts = %v", a)
+	}
+	if a := f.snapshotsAsked(); !slices.Equal(a, []bool{true, false, false, false}) {
+		t.Fatalf("snapshot asked per attempt = %v, want only by the first", a)
+	}
+}
+
+// Without a snapshot that far, a snapshot subscription is a plain one.
+func TestSubscribeWithSnapshotWhenThereIsNone(t *testing.T) {
+	f := &fakeService{events: tickLog(runID, 20, runservicev1.RunState_RUN_STATE_SUCCEEDED), cuts: []int{4}}
+	c := serveBufconn(t, f)
+	called := false
+	got, err := collect(t, c, context.Background(), 1, WithSnapshot(func(*runservicev1.RunSnapshot) error {
+		called = true
+		return nil
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRange(t, seqs(got), 1, 22)
+	if called || !slices.Equal(f.snapshotsAsked(), []bool{true, false}) {
+		t.Fatalf("snapshot handler called: %v; asked per attempt %v", called, f.snapshotsAsked())
+	}
+}
+
+// An error from the snapshot handler ends the subscription with that error.
+func TestSubscribeSnapshotHandlerErrorIsReturnedAsIs(t *testing.T) {
+	f := &fakeService{
+		events:   tickLog(runID, 20, runservicev1.RunState_RUN_STATE_SUCCEEDED),
+		snapshot: &runservicev1.RunSnapshot{Seq: 5},
+	}
+	c := serveBufconn(t, f)
+	mine := errors.New("cannot apply it")
+	err := c.SubscribeFunc(context.Background(), runID, 1, func(*runservicev1.RunEvent) error {
+		t.Fatal("an event came after the snapshot handler failed")
+		return nil
+	}, WithSnapshot(func(*runservicev1.RunSnapshot) error { return mine }))
+	if err != mine {
+		t.Fatalf("err = %v, want the handler's error as is", err)
+	}
 }

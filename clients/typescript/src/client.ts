@@ -6,8 +6,14 @@
  * breaks for a transient reason (the server restarts, a proxy cuts the connection, a
  * per-attempt deadline passes) it reconnects from `lastSeen + 1` with jittered
  * exponential backoff, and drops anything it has already delivered, so the caller sees
- * each seq exactly once, in order, until the run's terminal event.
+ * each seq exactly once, in order, until the run's terminal event. With `onSnapshot` it
+ * starts from the run's latest snapshot instead of replaying the events it covers.
+ *
+ * `sendInput()` sends input to a run's agent under one request id per call (a new UUID
+ * unless the caller gives one), so its retries on UNAVAILABLE never deliver it twice.
  */
+import { randomUUID } from "node:crypto";
+
 import {
   credentials as grpcCredentials,
   Metadata,
@@ -29,14 +35,27 @@ import {
   statusDetails,
 } from "./errors";
 import { backoffMs, retryPolicy, shouldGiveUp, sleep, type RetryPolicy } from "./retry";
-import { type Agent, MultitaskStrategy, type Run, type RunEvent, RunState } from "./gen/runservice/v1/run";
 import {
+  type Agent,
+  MultitaskStrategy,
+  type Run,
+  type RunEvent,
+  type RunSnapshot,
+  RunState,
+} from "./gen/runservice/v1/run";
+import {
+  AppendEventsRequest,
+  type AppendEventsResponse,
+  CloseRunRequest,
   DeleteRunRequest,
+  type EventInput,
   GetRunRequest,
   ListAgentsRequest,
   ListRunsRequest,
   type ListRunsResponse,
+  ListWebhookDeliveriesRequest,
   RunServiceClient,
+  SendInputRequest,
   StartRunRequest,
   StopRunRequest,
   SubscribeRequest,
@@ -44,6 +63,7 @@ import {
   WatchRunsRequest,
   type WatchRunsResponse,
 } from "./gen/runservice/v1/run_service";
+import { type WebhookDelivery } from "./gen/runservice/v1/webhook";
 
 /** Returns the bearer token to send; called before every call and every reconnect. */
 export type TokenProvider = () => string | Promise<string>;
@@ -95,6 +115,11 @@ export interface RunFilter {
   labels?: Record<string, string>;
   /** Every user's runs (admins only). */
   allUsers?: boolean;
+  /**
+   * Only runs whose agent waits for input now (`Run.waitingForInput`). A watch reports a
+   * run that stops waiting once more, with `waitingForInput` false.
+   */
+  waitingForInput?: boolean;
 }
 
 /** One ListRuns page request. */
@@ -139,6 +164,38 @@ export interface SubscribeOptions {
   retry?: Partial<RetryPolicy>;
   /** Called before each reconnect, e.g. to log it. */
   onRetry?: (info: RetryInfo) => void;
+  /**
+   * Asks for the run's latest snapshot (`RunSnapshot { seq, data }`: the state a client
+   * would have after applying every event up to `seq`). When the run has one covering
+   * `fromSeq - 1` or later, it is passed here (and awaited) before any event, and the
+   * events then start at its `seq + 1`; otherwise it is not called and the events start at
+   * `fromSeq`. Once the first response has arrived, reconnects resume from the last seq
+   * seen + 1 without asking again, so it is called at most once. If it throws, the
+   * subscription rejects with that error.
+   */
+  onSnapshot?: (snapshot: RunSnapshot) => unknown;
+}
+
+/** Options of sendInput. */
+export interface SendInputOptions {
+  /**
+   * Idempotency key: calls with the same key and input append one `input` event (each
+   * returns it); the same key with another input is ALREADY_EXISTS (REQUEST_ID_REUSED).
+   * Default: a new random UUID per call.
+   */
+  requestId?: string;
+}
+
+/** Options of appendEvents. */
+export interface AppendEventsOptions {
+  /** Makes the append idempotent (and retried on UNAVAILABLE): the producer's name in the run. */
+  producerId?: string;
+  /** The producer's epoch: a new instance uses a higher one, fencing the older (PRODUCER_EPOCH_STALE). */
+  producerEpoch?: number | bigint;
+  /** The producer's seq in its epoch: 0, 1, 2, … (a gap is PRODUCER_SEQ_GAP). */
+  producerSeq?: number | bigint;
+  /** End the run SUCCEEDED after the events. */
+  close?: boolean;
 }
 
 /** What `onRetry` is told before a reconnect. */
@@ -316,6 +373,64 @@ export class RunClient {
     return mustHaveRun(response.run);
   }
 
+  /**
+   * Sends input (a JSON object) to the run, for its agent to receive in log order, and
+   * returns the `input` event appended to its log. Retried on UNAVAILABLE under one
+   * `requestId` (a new UUID unless given), so the agent never receives it twice. A run that
+   * has ended rejects with FailedPreconditionError, reason `RUN_ENDED`; an external run
+   * with reason `EXTERNAL_RUN`.
+   */
+  async sendInput(runId: string, input: Record<string, unknown>, options: SendInputOptions = {}): Promise<RunEvent> {
+    const requestId = options.requestId || randomUUID();
+    const request = SendInputRequest.fromPartial({ runId, input, requestId });
+    const response = await this.unary(this.stub.sendInput, request, true);
+    if (!response.event) {
+      throw makeError("the server's response carries no event", { code: Status.INTERNAL });
+    }
+    return response.event;
+  }
+
+  /**
+   * Appends `events` to an external run (agent `external`) as one unit and returns the
+   * run's `lastSeq` after it (`duplicate` when a producer's retry was already taken).
+   * Retried on UNAVAILABLE only with `producerId`, which makes it idempotent. A closed run
+   * rejects with reason `STREAM_CLOSED`; a run with an agent with `NOT_EXTERNAL`.
+   */
+  async appendEvents(
+    runId: string,
+    events: Array<Partial<EventInput>>,
+    options: AppendEventsOptions = {},
+  ): Promise<AppendEventsResponse> {
+    const request = AppendEventsRequest.fromPartial({
+      runId,
+      events,
+      producerId: options.producerId ?? "",
+      producerEpoch: BigInt(options.producerEpoch ?? 0),
+      producerSeq: BigInt(options.producerSeq ?? 0),
+      close: options.close ?? false,
+    });
+    return this.unary(this.stub.appendEvents, request, Boolean(options.producerId));
+  }
+
+  /**
+   * Ends an external run SUCCEEDED, with `result` if given, and returns it; a run already
+   * closed is returned as it is (so it is retried on UNAVAILABLE).
+   */
+  async closeRun(runId: string, result?: Record<string, unknown>): Promise<Run> {
+    const response = await this.unary(this.stub.closeRun, CloseRunRequest.fromPartial({ runId, result }), true);
+    return mustHaveRun(response.run);
+  }
+
+  /**
+   * The webhook deliveries of a run that ended, each with its attempts (retried on
+   * UNAVAILABLE); empty while it is active and when no webhook applies to it.
+   */
+  async listWebhookDeliveries(runId: string): Promise<WebhookDelivery[]> {
+    const request = ListWebhookDeliveriesRequest.fromPartial({ runId });
+    const response = await this.unary(this.stub.listWebhookDeliveries, request, true);
+    return response.deliveries;
+  }
+
   /** Deletes a finished run and its log. */
   async deleteRun(runId: string): Promise<void> {
     await this.unary(this.stub.deleteRun, DeleteRunRequest.fromPartial({ runId }), false);
@@ -340,7 +455,8 @@ export class RunClient {
 
   /**
    * The snapshot of the caller's matching runs, the RUN_CHANGE_SNAPSHOT_END marker, then
-   * every change. Not resumed: after a failure, open a new watch (it starts with a fresh
+   * every change (RUN_CHANGE_UPDATED when only `waitingForInput`, `progress` or `usage`
+   * changed). Not resumed: after a failure, open a new watch (it starts with a fresh
    * snapshot).
    */
   async *watchRuns(options: WatchRunsOptions = {}): AsyncGenerator<WatchRunsResponse, void, undefined> {
@@ -361,7 +477,7 @@ export class RunClient {
    * seq already delivered is dropped. It gives up with UnavailableError after the retry
    * policy's bounds. Other failures throw their typed RunServiceError. Aborting `signal`
    * cancels the stream and rejects the iteration with the signal's reason; breaking out
-   * of a `for await` loop cancels it too.
+   * of a `for await` loop cancels it too. With `onSnapshot`, see SubscribeOptions.
    */
   async *subscribe(runId: string, options: SubscribeOptions = {}): AsyncGenerator<RunEvent, void, undefined> {
     const { signal, resume = true } = options;
@@ -369,9 +485,10 @@ export class RunClient {
     let cursor = toSeq(options.fromSeq);
     let attempt = 0;
     let lastProgress = Date.now();
+    let askSnapshot = options.onSnapshot !== undefined;
     for (;;) {
       signal?.throwIfAborted();
-      const request = SubscribeRequest.fromPartial({ runId, fromSeq: cursor });
+      const request = SubscribeRequest.fromPartial({ runId, fromSeq: cursor, snapshot: askSnapshot });
       const callOptions: Partial<CallOptions> = {};
       if (this.streamTimeoutMs) callOptions.deadline = Date.now() + this.streamTimeoutMs;
       let call: ClientReadableStream<SubscribeResponse>;
@@ -382,6 +499,14 @@ export class RunClient {
       }
       try {
         for await (const response of this.readStream<SubscribeResponse>(call, signal)) {
+          const asked = askSnapshot;
+          askSnapshot = false; // the caller has state now: a resume must only add to it
+          if (asked && response.snapshot && options.onSnapshot) {
+            cursor = response.snapshot.seq + 1n;
+            attempt = 0;
+            lastProgress = Date.now();
+            await handOver(options.onSnapshot, response.snapshot);
+          }
           for (const event of response.events) {
             if (event.seq < cursor) continue; // already delivered before the reconnect
             if (event.seq > cursor) {
@@ -398,6 +523,7 @@ export class RunClient {
         }
         return; // ended OK: the log has nothing after `cursor`
       } catch (err) {
+        if (err instanceof HandlerFailure) throw err.error;
         if (signal?.aborted) throw signal.reason;
         const cause = err instanceof RunServiceError ? err.cause : undefined;
         if (!resume || !isServiceError(cause) || !(isTransient(cause) || this.refreshable(cause))) throw err;
@@ -498,6 +624,20 @@ export class RunClient {
   }
 }
 
+/** Carries an error thrown by a caller's handler through the resume logic untouched. */
+class HandlerFailure {
+  constructor(readonly error: unknown) {}
+}
+
+/** Calls a caller's handler, marking what it throws as the caller's own. */
+async function handOver<T>(handler: (value: T) => unknown, value: T): Promise<void> {
+  try {
+    await handler(value);
+  } catch (err) {
+    throw new HandlerFailure(err);
+  }
+}
+
 function giveUp(error: RunServiceError, attempt: number, idleMs: number): RunServiceError {
   return makeError(
     `gave up resuming after ${attempt} attempts and ${(idleMs / 1000).toFixed(1)}s without progress: ${error.details}`,
@@ -529,6 +669,7 @@ function filterFields(filter: RunFilter): {
   threadId: string;
   labels: Record<string, string>;
   allUsers: boolean;
+  waitingForInput: boolean;
 } {
   return {
     states: filter.states ?? [],
@@ -536,6 +677,7 @@ function filterFields(filter: RunFilter): {
     threadId: filter.threadId ?? "",
     labels: filter.labels ?? {},
     allUsers: filter.allUsers ?? false,
+    waitingForInput: filter.waitingForInput ?? false,
   };
 }
 

@@ -2,7 +2,8 @@
  * @runservice/client: the TypeScript (Node.js) client of runservice.
  *
  * `RunClient` wraps every RunService call, pages through ListRuns, follows a run with a
- * Subscribe that resumes itself, and turns failures into typed `RunServiceError`s. The
+ * Subscribe that resumes itself (optionally from the run's snapshot), sends input to a
+ * run's agent with safe retries, and turns failures into typed `RunServiceError`s. The
  * generated messages are re-exported; int64 fields (`seq`, `lastSeq`, `fromSeq`) are
  * `bigint`s.
  */
@@ -13,11 +14,13 @@ export {
   isTerminalEvent,
   isLoopbackAddress,
   stateName,
+  type AppendEventsOptions,
   type ListAllRunsOptions,
   type ListRunsOptions,
   type RunClientOptions,
   type RetryInfo,
   type RunFilter,
+  type SendInputOptions,
   type StartRunOptions,
   type SubscribeOptions,
   type TlsOptions,
@@ -52,20 +55,33 @@ export {
   MultitaskStrategy,
   Run,
   RunEvent,
+  RunProgress,
+  RunSnapshot,
   RunState,
   multitaskStrategyToJSON,
   runStateToJSON,
 } from "./gen/runservice/v1/run";
 export { ErrorReason, errorReasonToJSON } from "./gen/runservice/v1/error_reason";
 export {
+  AppendEventsResponse,
+  EventInput,
   ListRunsResponse,
   RunChange,
   RunServiceClient,
   RunServiceService,
+  SendInputResponse,
   SubscribeRequest,
   SubscribeResponse,
   WatchRunsResponse,
   runChangeToJSON,
   type RunServiceServer,
 } from "./gen/runservice/v1/run_service";
+export {
+  WebhookAttempt,
+  WebhookDelivery,
+  WebhookDeliveryState,
+  WebhookTarget,
+  webhookDeliveryStateToJSON,
+  webhookTargetToJSON,
+} from "./gen/runservice/v1/webhook";
 export { status } from "@grpc/grpc-js";

@@ -23,6 +23,8 @@ import {
   RunState,
   UnauthenticatedError,
   UnavailableError,
+  WebhookDelivery,
+  WebhookDeliveryState,
   backoffMs,
   fromServiceError,
   isLoopbackAddress,
@@ -131,11 +133,14 @@ describe("unary calls", () => {
     });
     const c = client(server);
     const ids: string[] = [];
-    for await (const r of c.listAllRuns({ pageSize: 3, agent: "ticker", states: [RunState.RUN_STATE_RUNNING] })) ids.push(r.runId);
+    const filter = { agent: "ticker", states: [RunState.RUN_STATE_RUNNING], waitingForInput: true };
+    for await (const r of c.listAllRuns({ pageSize: 3, ...filter })) ids.push(r.runId);
     assert.deepEqual(ids, ["r7", "r6", "r5", "r4", "r3", "r2", "r1"]);
-    const requests = server.unaryCalls.map((u) => u.request as { pageToken: string; agent: string; states: RunState[] });
+    const requests = server.unaryCalls.map(
+      (u) => u.request as { pageToken: string; agent: string; states: RunState[]; waitingForInput: boolean },
+    );
     assert.deepEqual(requests.map((r) => r.pageToken), ["", "3", "6"]);
-    assert.ok(requests.every((r) => r.agent === "ticker" && r.states[0] === RunState.RUN_STATE_RUNNING));
+    assert.ok(requests.every((r) => r.agent === "ticker" && r.states[0] === RunState.RUN_STATE_RUNNING && r.waitingForInput));
 
     const limited: string[] = [];
     for await (const r of c.listAllRuns({ pageSize: 3, limit: 4 })) limited.push(r.runId);
@@ -211,6 +216,96 @@ describe("unary calls", () => {
     const done = await client(server).wait("run-1");
     assert.equal(done.state, RunState.RUN_STATE_SUCCEEDED);
     assert.deepEqual(server.subscribes.map((s) => s.fromSeq), [5n]);
+  });
+});
+
+describe("input and external runs", () => {
+  const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+  it("sendInput retries UNAVAILABLE under one request id: a new UUID per call, or the caller's", async () => {
+    let calls = 0;
+    const server = await fake({
+      unary: {
+        sendInput: (req: { runId: string; requestId: string }) => {
+          calls += 1;
+          if (calls % 3 !== 0) throw statusError(Status.UNAVAILABLE, "restarting");
+          return { event: makeEvent(3, 5, req.runId) };
+        },
+      },
+    });
+    const c = client(server);
+    const event = await c.sendInput("r1", { approve: true, note: "ok" });
+    assert.equal(event.seq, 3n);
+    await c.sendInput("r1", { approve: false }, { requestId: "mine" });
+    await c.sendInput("r1", { approve: true });
+    const requests = server.unaryCalls.map((u) => u.request as { runId: string; input: unknown; requestId: string });
+    assert.equal(requests.length, 9);
+    const ids = requests.map((r) => r.requestId);
+    assert.match(ids[0]!, UUID);
+    assert.deepEqual(ids.slice(0, 6), [ids[0], ids[0], ids[0], "mine", "mine", "mine"]);
+    assert.match(ids[6]!, UUID);
+    assert.notEqual(ids[6], ids[0]);
+    assert.deepEqual(requests[0], { runId: "r1", input: { approve: true, note: "ok" }, requestId: ids[0] });
+  });
+
+  it("sendInput rejects at once with the typed error of a refusal", async () => {
+    const server = await fake({
+      unary: {
+        sendInput: () => {
+          throw statusError(Status.FAILED_PRECONDITION, "the run has ended", { reason: "RUN_ENDED" });
+        },
+      },
+    });
+    await assert.rejects(client(server).sendInput("r1", {}), (err: unknown) => {
+      assert.ok(err instanceof FailedPreconditionError);
+      assert.equal(err.reason, "RUN_ENDED");
+      return true;
+    });
+    assert.equal(server.unaryCalls.length, 1);
+  });
+
+  it("appendEvents, closeRun and listWebhookDeliveries send their fields; appends retry only with a producer", async () => {
+    let appends = 0;
+    const server = await fake({
+      unary: {
+        appendEvents: () => {
+          appends += 1;
+          if (appends === 1 || appends === 2) throw statusError(Status.UNAVAILABLE, "restarting");
+          return { lastSeq: 4n, duplicate: false, closed: false, producerEpoch: 1n, producerSeq: 2n };
+        },
+        closeRun: (req: { runId: string }) => ({ run: run(req.runId, { state: RunState.RUN_STATE_SUCCEEDED }) }),
+        listWebhookDeliveries: () => ({
+          deliveries: [
+            WebhookDelivery.fromPartial({ deliveryId: "d1", state: WebhookDeliveryState.WEBHOOK_DELIVERY_STATE_DELIVERED }),
+          ],
+        }),
+      },
+    });
+    const c = client(server);
+    await assert.rejects(c.appendEvents("r1", [{ text: "x" }]), UnavailableError);
+    const appended = await c.appendEvents("r1", [{ type: "token", text: "hi" }, { value: [1, 2] }], {
+      producerId: "p",
+      producerEpoch: 1,
+      producerSeq: 2n,
+    });
+    assert.equal(appended.lastSeq, 4n);
+    assert.deepEqual(server.unaryCalls[2]!.request, {
+      runId: "r1",
+      events: [
+        { type: "token", data: undefined, text: "hi", binary: undefined, value: undefined },
+        { type: "", data: undefined, text: undefined, binary: undefined, value: [1, 2] },
+      ],
+      producerId: "p",
+      producerEpoch: 1n,
+      producerSeq: 2n,
+      close: false,
+    });
+    const closed = await c.closeRun("r1", { total: 3 });
+    assert.equal(closed.state, RunState.RUN_STATE_SUCCEEDED);
+    assert.deepEqual(server.unaryCalls[3]!.request, { runId: "r1", result: { total: 3 } });
+    const deliveries = await c.listWebhookDeliveries("r1");
+    assert.deepEqual(deliveries.map((d) => [d.deliveryId, d.state]), [["d1", WebhookDeliveryState.WEBHOOK_DELIVERY_STATE_DELIVERED]]);
+    assert.deepEqual(server.unaryCalls.map((u) => u.method), ["appendEvents", "appendEvents", "appendEvents", "closeRun", "listWebhookDeliveries"]);
   });
 });
 

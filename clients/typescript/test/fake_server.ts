@@ -42,6 +42,7 @@ export function makeEvent(seq: number, total: number, runId = "run-1"): RunEvent
     type: "tick",
     state: RunState.RUN_STATE_UNSPECIFIED,
     error: undefined,
+    resumedFromSeq: 0n,
   };
   if (seq === 1) return { ...base, type: "run.state", state: RunState.RUN_STATE_RUNNING };
   if (seq === total) return { ...base, type: "run.state", state: RunState.RUN_STATE_SUCCEEDED, data: { count: total - 2 } };
@@ -77,10 +78,18 @@ export async function sendEvents(call: SubscribeCall, from: number, to: number, 
     const events: RunEvent[] = [];
     for (let s = seq; s <= Math.min(to, seq + batch - 1); s++) events.push(makeEvent(s, total));
     await new Promise<void>((resolve) => {
-      if (call.write({ events })) resolve();
+      if (call.write({ events, snapshot: undefined })) resolve();
       else call.once("drain", () => resolve());
     });
   }
+}
+
+/** Writes a response carrying only a snapshot as of `seq`, waiting for the write. */
+export async function sendSnapshot(call: SubscribeCall, seq: number, data: unknown): Promise<void> {
+  await new Promise<void>((resolve) => {
+    if (call.write({ events: [], snapshot: { seq: BigInt(seq), data } })) resolve();
+    else call.once("drain", () => resolve());
+  });
 }
 
 /** Ends the call with a non-OK status. */
@@ -103,9 +112,9 @@ export interface FakeOptions {
   unary?: Record<string, UnaryScript>;
 }
 
-/** The fake server. `requests` records every Subscribe's from_seq and authorization. */
+/** The fake server. `subscribes` records every Subscribe's from_seq, snapshot flag and authorization. */
 export class FakeRunService {
-  readonly subscribes: Array<{ fromSeq: bigint; authorization: string | undefined }> = [];
+  readonly subscribes: Array<{ fromSeq: bigint; snapshot: boolean; authorization: string | undefined }> = [];
   readonly unaryCalls: Array<{ method: string; request: unknown; authorization: string | undefined }> = [];
   readonly cancelled: number[] = [];
   server: Server | undefined;
@@ -144,7 +153,11 @@ export class FakeRunService {
   private async handleSubscribe(call: SubscribeCall): Promise<void> {
     const attempt = this.subscribes.length;
     const fromSeq = call.request.fromSeq;
-    this.subscribes.push({ fromSeq, authorization: call.metadata.get("authorization")[0] as string | undefined });
+    this.subscribes.push({
+      fromSeq,
+      snapshot: call.request.snapshot,
+      authorization: call.metadata.get("authorization")[0] as string | undefined,
+    });
     call.on("cancelled", () => this.cancelled.push(attempt));
     const scripts = this.options.subscribe ?? [serveAll(10)];
     const script = scripts[Math.min(attempt, scripts.length - 1)]!;

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { afterEach, describe, it } from "node:test";
 import { setTimeout as delay } from "node:timers/promises";
 
-import { status as Status } from "@grpc/grpc-js";
+import { Metadata, status as Status } from "@grpc/grpc-js";
 
 import {
   DeadlineExceededError,
@@ -15,6 +15,7 @@ import {
   UnavailableError,
   type RunEvent,
   type RunClientOptions,
+  type RunSnapshot,
   type SubscribeOptions,
 } from "../src/index";
 import {
@@ -22,6 +23,7 @@ import {
   FakeRunService,
   fail,
   sendEvents,
+  sendSnapshot,
   serveAll,
   statusError,
   type SubscribeScript,
@@ -387,3 +389,59 @@ describe("subscribe", () => {
   });
 });
 
+
+describe("subscribe with a snapshot", () => {
+  /** Serves the snapshot at `snapSeq` when asked, then the events after it, cut at `cut` with UNAVAILABLE. */
+  function snapshotThenCut(snapSeq: number, cut: number, total: number): SubscribeScript {
+    return async (call, fromSeq) => {
+      let from = Number(fromSeq);
+      if (call.request.snapshot) {
+        await sendSnapshot(call, snapSeq, { text: `as of ${snapSeq}` });
+        from = snapSeq + 1;
+      }
+      await sendEvents(call, from, cut, total);
+      fail(call, statusError(Status.UNAVAILABLE, "cut"));
+    };
+  }
+
+  it("delivers the snapshot first, then resumes from lastSeen+1 without asking again", async () => {
+    const N = 30;
+    const server = await fake([snapshotThenCut(20, 20, N), snapshotThenCut(20, 25, N), serveAll(N)]);
+    const snapshots: RunSnapshot[] = [];
+    const seqs = await collect(client(server.address), { onSnapshot: (s) => snapshots.push(s) });
+    assert.deepEqual(snapshots, [{ seq: 20n, data: { text: "as of 20" } }]);
+    assert.deepEqual(seqs, range(21, N));
+    assert.deepEqual(server.subscribes.map((s) => [s.fromSeq, s.snapshot]), [[1n, true], [21n, false], [26n, false]]);
+  });
+
+  it("without a snapshot that far, it is a plain subscription", async () => {
+    const server = await fake([cutAt(4, 10, statusError(Status.UNAVAILABLE, "cut")), serveAll(10)]);
+    let called = false;
+    const seqs = await collect(client(server.address), { onSnapshot: () => (called = true) });
+    assert.equal(called, false);
+    assert.deepEqual(seqs, range(1, 10));
+    assert.deepEqual(server.subscribes.map((s) => s.snapshot), [true, false]);
+  });
+
+  it("a subscription without onSnapshot does not ask for one", async () => {
+    const server = await fake([serveAll(5)]);
+    assert.deepEqual(await collect(client(server.address)), range(1, 5));
+    assert.deepEqual(server.subscribes.map((s) => s.snapshot), [false]);
+  });
+
+  it("an error thrown by onSnapshot rejects the subscription as is, without a retry", async () => {
+    const server = await fake([snapshotThenCut(3, 10, 10)]);
+    // A transient-looking error (say, from a call the handler made) must not be retried.
+    const cause = Object.assign(new Error("14 UNAVAILABLE: down"), { code: Status.UNAVAILABLE, details: "down", metadata: new Metadata() });
+    const failing = new UnavailableError("down", { code: Status.UNAVAILABLE, cause });
+    await assert.rejects(
+      collect(client(server.address), {
+        onSnapshot: () => {
+          throw failing;
+        },
+      }),
+      (err: unknown) => err === failing,
+    );
+    assert.equal(server.subscribes.length, 1);
+  });
+});
