@@ -202,9 +202,11 @@ class Subscription:
         assert heard is not None and self._remote is not None
         seen = self._cursor - 1
         if heard.committed_seq > seen:
-            # Heard of events that the store just did not show: the run was deleted (an
-            # external run may be, while open); otherwise read again.
-            return not await _whole(self._remote.finished(self._run_id))
+            # Heard of events that the store did not show: the read raced the notice of
+            # their commit (they are there now), or the run was deleted (an external run
+            # may be, while open).
+            events = await _whole(self._store.read_encoded(self._run_id, self._cursor, 1))
+            return bool(events) or not await _whole(self._remote.finished(self._run_id))
         await heard.wait_beyond(seen)
         if heard.committed_seq > seen:
             return True
