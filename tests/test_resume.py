@@ -7,41 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from google.protobuf import json_format
 
-from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
+from tests import test_process_restart as restart
 from tests.serverproc import assert_gap_free, running_server, start_server, wait_for
 from tests.test_process_restart import Client, connect
 
 TEST_AGENTS = ["--agent", "crasher=tests.fakes:crasher", "--agent", "fragile=tests.fakes:fragile"]
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A fresh data directory."""
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def token(data_dir: Path) -> str:
-    """A token for user alice."""
-    return add_token(data_dir / "tokens.toml", "alice", [])
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    """Closes every client a test registers here."""
-    opened: list[Client] = []
-    yield opened
-    for client in opened:
-        await client.close()
+# The process tests' fixtures: a data directory, alice's token in it, clients closed after.
+data_dir = restart.data_dir
+token = restart.token
+clients = restart.clients
 
 
 def data(event: run_pb2.RunEvent) -> dict[str, Any]:
