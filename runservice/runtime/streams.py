@@ -490,14 +490,7 @@ class ExternalRuns:
         now_us = self._now_us()
 
         async def work(tx: StreamTx) -> tuple[Outcome, bool]:
-            if path is not None:
-                record = await self._live_record(tx, principal.user, path, now_us)
-            else:
-                assert run_id is not None
-                record = await self._record_by_run(tx, principal, run_id)
-            run = await tx.run(record.run_id)
-            if run is None:
-                raise RunNotFoundError(path or run_id or "")
+            record, run = await self._stream_and_run(tx, principal, path, run_id, now_us)
             return await self._append(tx, record, run, ask, now_us)
 
         outcome, ended = await self._whole(work)
@@ -596,14 +589,7 @@ class ExternalRuns:
         now_us = self._now_us()
 
         async def work(tx: StreamTx) -> Run:
-            if path is not None:
-                record = await self._live_record(tx, principal.user, path, now_us)
-            else:
-                assert run_id is not None
-                record = await self._record_by_run(tx, principal, run_id)
-            run = await tx.run(record.run_id)
-            if run is None:
-                raise RunNotFoundError(path or run_id or "")
+            record, run = await self._stream_and_run(tx, principal, path, run_id, now_us)
             await self._delete(tx, record)
             return run
 
@@ -667,6 +653,25 @@ class ExternalRuns:
         if record.deleted:
             raise StreamDeletedError(path)
         return record
+
+    async def _stream_and_run(
+        self,
+        tx: StreamTx,
+        principal: Principal,
+        path: str | None,
+        run_id: str | None,
+        now_us: int,
+    ) -> tuple[StreamRecord, Run]:
+        """The caller's live stream at `path` (else of `run_id`) and its run."""
+        if path is not None:
+            record = await self._live_record(tx, principal.user, path, now_us)
+        else:
+            assert run_id is not None
+            record = await self._record_by_run(tx, principal, run_id)
+        run = await tx.run(record.run_id)
+        if run is None:
+            raise RunNotFoundError(path or run_id or "")
+        return record, run
 
     async def _record_by_run(self, tx: StreamTx, principal: Principal, run_id: str) -> StreamRecord:
         record = await tx.stream_of(run_id)
