@@ -130,8 +130,8 @@ class RunStore(Protocol):
         """The run's offered inputs not yet appended, in the order they were offered."""
         ...
 
-    async def input_seqs(self, run_id: str) -> list[int]:
-        """The seqs of the run's `input` events, in order."""
+    async def input_events(self, run_id: str) -> list[RunEvent]:
+        """The run's `input` events, in log order."""
         ...
 
     async def latest_snapshot(self, run_id: str) -> Snapshot | None:

@@ -485,10 +485,7 @@ class RunManager:
         the agent is called again with `ctx.resumed_from`, its inputs in place."""
         run, checkpoint = taken.run, taken.checkpoint
         agent = self._agents.get(run.agent)
-        inputs = []
-        for seq in await self._store.input_seqs(run.run_id):
-            events = await self._store.read_events(run.run_id, seq, 1)
-            inputs.append(dict(events[0].data or {}) if events else {})
+        inputs = [dict(e.data or {}) for e in await self._store.input_events(run.run_id)]
         live = self._live_run(run, None)
         live.resumable = live.checkpointed = True
         live.resumed_from = json.loads(checkpoint.state)

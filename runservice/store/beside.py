@@ -15,7 +15,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.model import (
-    INPUT_EVENT,
     Beside,
     Checkpoint,
     InputReceipt,
@@ -65,10 +64,6 @@ class BesideRows:
             "SELECT run_id, request_id, body FROM run_inputs"
             f" WHERE run_id = {p(1)} AND seq IS NULL ORDER BY at_us, request_id"
         )
-        self._inputs = (
-            f"SELECT seq FROM run_events WHERE run_id = {p(1)} AND type = '{INPUT_EVENT}'"
-            " ORDER BY seq"
-        )
 
     def statements(self, records: Sequence[Beside]) -> _Statements:
         """The writes of `records`, in order (the latest snapshot or checkpoint wins)."""
@@ -92,10 +87,10 @@ class BesideRows:
         request's (digest, seq or None while not appended), or None when the run is not
         active and never took that request_id."""
         await sql.execute(self._offer, (run_id, request_id, digest, body, at_us))
-        rows = await sql.fetch(self._receipt_of, (run_id, request_id))
-        if not rows:
+        try:
+            return await self.receipt(sql, run_id, request_id)
+        except KeyError:
             return None
-        return str(rows[0][0]), None if rows[0][1] is None else int(rows[0][1])
 
     async def receipt(self, sql: Sql, run_id: str, request_id: str) -> tuple[str, int | None]:
         """(digest, seq or None) of an offered input; KeyError if there is none."""
@@ -108,10 +103,6 @@ class BesideRows:
         """The run's inputs not yet appended, in the order they were offered."""
         rows = await sql.fetch(self._pending, (run_id,))
         return [PendingInput(row[0], row[1], json.loads(row[2])) for row in rows]
-
-    async def input_seqs(self, sql: Sql, run_id: str) -> list[int]:
-        """The seqs of the run's `input` events, in order."""
-        return [int(row[0]) for row in await sql.fetch(self._inputs, (run_id,))]
 
     async def snapshot(self, conn: AsyncConnection, run_id: str) -> Snapshot | None:
         """The run's latest snapshot, if any."""

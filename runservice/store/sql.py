@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
 from runservice.domain.model import (
+    INPUT_EVENT,
     Beside,
     Checkpoint,
     EncodedEvent,
@@ -529,10 +530,15 @@ class SqlRunStore:
         async with self._connect() as conn:
             return await self.beside.pending(SaSql(conn), run_id)
 
-    async def input_seqs(self, run_id: str) -> list[int]:
-        """The seqs of the run's `input` events, in order."""
+    async def input_events(self, run_id: str) -> list[RunEvent]:
+        """The run's `input` events, in log order."""
+        e = tables.events.c
+        query = (
+            select(tables.events).where(e.run_id == run_id, e.type == INPUT_EVENT).order_by(e.seq)
+        )
         async with self._connect() as conn:
-            return await self.beside.input_seqs(SaSql(conn), run_id)
+            rows = (await self._read(conn, query)).all()
+        return [self._event_from_row(row) for row in rows]
 
     async def latest_snapshot(self, run_id: str) -> Snapshot | None:
         """The run's latest snapshot, if any."""

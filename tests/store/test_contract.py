@@ -363,6 +363,24 @@ async def test_reads_start_at_from_seq_and_stop_at_limit(store: SqlRunStore) -> 
     assert await store.read_encoded("unknown", 1, 10) == []
 
 
+async def test_input_events_are_the_run_s_inputs_in_log_order(store: SqlRunStore) -> None:
+    """input_events reads the run's `input` events alone, oldest first, with their data."""
+    await store.commit([make_run("r"), make_run("other")], [], [])
+    kinds = ["input", "token", "input", "input.requested", "input"]
+    events = wired(
+        *(RunEvent("r", seq, at(seq), kind, data={"n": seq}) for seq, kind in enumerate(kinds, 1)),
+        RunEvent("other", 1, at(1), "input", data={"n": 99}),
+    )
+    await store.commit([], list(reversed(events)), [])
+    inputs = await store.input_events("r")
+    assert [(e.seq, e.type, e.data) for e in inputs] == [
+        (1, "input", {"n": 1}),
+        (3, "input", {"n": 3}),
+        (5, "input", {"n": 5}),
+    ]
+    assert await store.input_events("unknown") == []
+
+
 async def test_read_encoded_flags_the_terminal_event(store: SqlRunStore) -> None:
     """read_encoded gives each event's wire form as committed, and marks only the terminal
     event, whatever its state (a failure carrying its error included)."""
