@@ -39,7 +39,6 @@ from runservice.domain.model import (
     Snapshot,
 )
 from runservice.domain.ports import Clock, RunStore
-from runservice.domain.replicas import OrphanFate
 from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
 from runservice.runtime.interaction import Inputs, LiveFields
 from runservice.runtime.runlog import RunLog
@@ -816,17 +815,6 @@ LEASE_FAILURE = RunFailure(
     "UNAVAILABLE", "interrupted: the server executing the run stopped answering"
 )
 LEASE_LOST = "its server's lease expired"
-
-
-def lease_orphan_end(clock: Clock) -> OrphanFate:
-    """The fate of runs whose replica's lease expired, never resumed: orphan_end's
-    INTERRUPTED end (a peer ends them)."""
-
-    def end(run: Run, checkpoint: Checkpoint | None) -> tuple[RunEvent, Run, Snapshot | None]:
-        event, row = orphan_end(run, clock, LEASE_LOST, LEASE_FAILURE)
-        return event, row, None
-
-    return end
 
 
 async def _reconcile_once(

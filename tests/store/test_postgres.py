@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -16,7 +17,7 @@ from runservice.domain.errors import StoreUnavailableError
 from runservice.domain.model import RunEvent, RunFilter, RunState, Scope
 from runservice.domain.replicas import PAYLOAD_LIMIT, Notice, commit_notice
 from runservice.runtime.clock import SystemClock
-from runservice.runtime.lifecycle import lease_orphan_end
+from runservice.runtime.lifecycle import LEASE_FAILURE, LEASE_LOST, NO_RESUMES, orphan_fate
 from runservice.store import SqlRunStore, open_store
 from runservice.store.driver import SaSql
 from runservice.store.engine import check_url
@@ -218,7 +219,14 @@ async def test_a_run_whose_lease_is_gone_is_fenced_alone(postgres: PgServer) -> 
         assert await a.cluster.renew("a1", 30) is True
         postgres.psql("UPDATE runservice_leases SET expires_us = 0 WHERE holder = 'a1'", name)
         assert await b.cluster.expire_leases() == ["a1"]
-        ended = await b.cluster.end_orphans("b1", lease_orphan_end(SystemClock()))
+        fate = partial(
+            orphan_fate,
+            clock=SystemClock(),
+            resumes=NO_RESUMES,
+            reason=LEASE_LOST,
+            failure=LEASE_FAILURE,
+        )
+        ended = await b.cluster.end_orphans("b1", fate)
         assert [(r.run_id, r.state, r.last_seq) for r in ended] == [("r1", RunState.INTERRUPTED, 2)]
         assert await a.cluster.renew("a1", 30) is None  # gone: a peer ended it
         await a.cluster.begin_lease("replica-a", "a2", 30)
