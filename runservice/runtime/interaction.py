@@ -78,7 +78,7 @@ class Inputs:
         for future in receipts.values():
             if not future.done():
                 future.set_exception(exc)
-                future.add_done_callback(_consume)
+                future.add_done_callback(consume_outcome)
 
     def close(self, run_id: str, state: str) -> None:
         """The run ended: inputs expected but not appended will not be (those appended
@@ -89,10 +89,12 @@ class Inputs:
             del self._receipts[request_id]
             if not future.done():
                 future.set_exception(RunEndedError(run_id, state))
-                future.add_done_callback(_consume)
+                future.add_done_callback(consume_outcome)
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
+def consume_outcome(future: asyncio.Future[Any]) -> None:
+    """A done-callback that retrieves the future's outcome, so that an exception nobody
+    awaits is not reported as never retrieved."""
     with contextlib.suppress(BaseException):
         future.exception()
 

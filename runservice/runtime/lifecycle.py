@@ -9,7 +9,6 @@ Why a run is being ended is recorded on the LiveRun before anything is cancelled
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -40,7 +39,7 @@ from runservice.domain.model import (
 )
 from runservice.domain.ports import Clock, RunStore
 from runservice.runtime.agent import Agent, EventTooLargeError, RunClosedError, RunError, over_limit
-from runservice.runtime.interaction import Inputs, LiveFields
+from runservice.runtime.interaction import Inputs, LiveFields, consume_outcome
 from runservice.runtime.runlog import RunLog
 from runservice.runtime.snapshots import Snapshots, encode_data
 from runservice.runtime.tracing import NO_SPAN, Context, Span, record_state, run_span
@@ -256,19 +255,25 @@ class RunContext:
         """Records output to keep if the run does not finish."""
         self._live.partial = dict(result)
 
+    def _stored_json(self, value: Any, what: str) -> str:
+        """`value` as the JSON text of a snapshot or checkpoint of the open run; TypeError
+        or ValueError if it is no JSON value, EventTooLargeError over --max-event-size."""
+        if self._live.closed:
+            raise RunClosedError(f"run {self.run_id} has ended")
+        try:
+            text = encode_data(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ctx.{what} takes a JSON value: {exc}") from None
+        size = len(text.encode())
+        if size > self._max_event_bytes:
+            raise EventTooLargeError(size, self._max_event_bytes, f"a {what}")
+        return text
+
     def snapshot(self, data: Any) -> None:
         """Records the state of the run's output as of its last event (see
         AgentContext.snapshot)."""
         live = self._live
-        if live.closed:
-            raise RunClosedError(f"run {self.run_id} has ended")
-        try:
-            text = encode_data(data)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"ctx.snapshot takes a JSON value: {exc}") from None
-        size = len(text.encode())
-        if size > self._max_event_bytes:
-            raise EventTooLargeError(size, self._max_event_bytes, "a snapshot")
+        text = self._stored_json(data, "snapshot")
         # As of the agent's last event queued (an event of another task of the agent that
         # waits for room in the writer is not); before any, as of what is committed.
         made = live.snapshots.record(live.snapshots.seen or live.log.committed_seq, text)
@@ -278,14 +283,7 @@ class RunContext:
     async def checkpoint(self, state: Any) -> None:
         """Stores `state` beside the log as of the agent's last event; waits for its commit."""
         live = self._live
-        if live.closed:
-            raise RunClosedError(f"run {self.run_id} has ended")
-        try:
-            text = encode_data(state)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"ctx.checkpoint takes a JSON value: {exc}") from None
-        if len(text.encode()) > self._max_event_bytes:
-            raise EventTooLargeError(len(text.encode()), self._max_event_bytes, "a checkpoint")
+        text = self._stored_json(state, "checkpoint")
         seq = live.log.last_assigned
         record = Checkpoint(self.run_id, seq, text, live.inputs.used, live.snapshots.state())
         await self._writer.put_beside(live.log, record)
@@ -497,7 +495,7 @@ async def _execute(
     if agent_task in done and live.log.broken is None:
         return _outcome_of(live, agent_task, limit)
     if agent_task in done:  # it ended on the error of its log, given up meanwhile
-        _consume_result(agent_task)
+        consume_outcome(agent_task)
         request = live.end_request
         assert request is not None
         live.advance(Phase.CLOSING)
@@ -524,7 +522,7 @@ def note_stop(live: LiveRun, writer: Writer, clock: Clock) -> None:
         type=STOP_REQUESTED_EVENT,
         data={"reason": request.reason, "by": request.by},
     )
-    writer.commit_run(event=(live.log, event)).add_done_callback(_consume_result)
+    writer.commit_run(event=(live.log, event)).add_done_callback(consume_outcome)
 
 
 async def _cancel_agent(
@@ -544,7 +542,7 @@ async def _cancel_agent(
             grace,
             extra=log_fields(live.run, request.state),
         )
-        agent_task.add_done_callback(_consume_result)
+        agent_task.add_done_callback(consume_outcome)
     elif not agent_task.cancelled() and agent_task.exception() is not None:
         logger.info(
             "run %s: agent raised during cleanup",
@@ -590,11 +588,6 @@ def _failed(live: LiveRun, exc: BaseException) -> _Outcome:
             "INTERNAL", f"the agent failed unexpectedly (error id {error_id})", error_id
         )
     return _Outcome(RunState.FAILED, result=live.partial, failure=failure)
-
-
-def _consume_result(task: asyncio.Future[Any]) -> None:
-    with contextlib.suppress(BaseException):
-        task.exception()
 
 
 def running_change(live: LiveRun, clock: Clock) -> tuple[RunEvent, Run]:

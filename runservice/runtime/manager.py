@@ -11,7 +11,6 @@ store afterwards, transparently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -75,6 +74,7 @@ from runservice.runtime.cluster import (
 )
 from runservice.runtime.feed import ChangeFeed
 from runservice.runtime.gate import StartGate
+from runservice.runtime.interaction import consume_outcome
 from runservice.runtime.lifecycle import (
     LOG_GIVEN_UP,
     MAX_EVENT_BYTES,
@@ -155,11 +155,6 @@ class ServerStats:
     pending_events: int  # events waiting for the writer
     draining: bool
     store_problem: str  # why the store takes no writes now; empty while it does
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    with contextlib.suppress(BaseException):
-        future.exception()
 
 
 FIELDS_INTERVAL_S = 0.25
@@ -715,11 +710,11 @@ class RunManager:
         if run.agent == EXTERNAL_AGENT:
             raise ExternalRunInputError(run_id)
         body = json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-        limit = self._settings.max_event_bytes
-        if len(body.encode()) > limit:
-            raise InvalidInputError("input", f"{len(body.encode())} bytes {over_limit(limit)}")
+        encoded, limit = body.encode(), self._settings.max_event_bytes
+        if len(encoded) > limit:
+            raise InvalidInputError("input", f"{len(encoded)} bytes {over_limit(limit)}")
         request_id = request_id or str(uuid7())
-        digest = hashlib.sha256(body.encode()).hexdigest()
+        digest = hashlib.sha256(encoded).hexdigest()
         now_us = int(self._clock.now().timestamp() * 1_000_000)
         offered = await self._store.offer_input(run_id, request_id, digest, body, now_us)
         if offered is None:
@@ -831,7 +826,7 @@ class RunManager:
             return  # its end writes its final fields
         fields.flushed_at = asyncio.get_running_loop().time()
         done = self._writer.commit_run(updated=self._view(live))
-        done.add_done_callback(_consume)
+        done.add_done_callback(consume_outcome)
 
     def list_agents(self) -> list[AgentInfo]:
         """The agents this server can run (and `external`, when it keeps external runs)."""
