@@ -28,6 +28,8 @@ class Inputs:
         self.appended: set[str] = set()  # request_ids this process appended
         self.lock = asyncio.Lock()  # one taker of offered inputs at a time
         self._arrived = asyncio.Event()
+        # By request_id: the `input` event once committed. A committed one stays, so that a
+        # caller whose offer was read before that commit still finds its event.
         self._receipts: dict[str, asyncio.Future[RunEvent]] = {}
 
     def add(self, data: Mapping[str, Any]) -> None:
@@ -68,15 +70,16 @@ class Inputs:
 
     def committed(self, request_id: str, event: RunEvent) -> None:
         """The `input` event of `request_id` is committed."""
-        future = self._receipts.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_result(event)
+        future = self._receipts.get(request_id)
+        if future is None or future.done():
+            future = self._receipts[request_id] = asyncio.get_running_loop().create_future()
+        future.set_result(event)
 
     def fail(self, exc: BaseException) -> None:
         """Inputs still expected cannot be appended now (`exc` says why)."""
-        receipts, self._receipts = self._receipts, {}
-        for future in receipts.values():
+        for request_id, future in list(self._receipts.items()):
             if not future.done():
+                del self._receipts[request_id]
                 future.set_exception(exc)
                 future.add_done_callback(consume_outcome)
 
