@@ -71,6 +71,8 @@ async def start_harness(data_dir: Path, clock: FakeClock, **overrides: Any) -> H
             "collector=tests.fakes:collector",
             "worker=tests.fakes:worker",
             "fragile=tests.fakes:fragile",
+            "talker=tests.fakes:talker",
+            "noting=tests.fakes:noting",
         ),
         **overrides,
     )
@@ -112,24 +114,28 @@ async def make_server(
 ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     """Starts servers with settings overrides; stops them (runs drained briefly) afterwards.
 
-    With `--store postgresql`, each server gets a database of its own on the session's
-    private PostgreSQL server, unless the test chose its own `db`.
+    A server given the `name` of one started before is that server restarted: the same
+    data directory (and database). With `--store postgresql`, each named server gets a
+    database of its own on the session's private PostgreSQL server, unless the test chose
+    its own `db`.
     """
     GATES.clear()
     TIMELINE.clear()
     started: list[Harness] = []
-    databases: list[str] = []
+    db_of: dict[str, str] = {}  # each named server's database
     pg: PgServer | None = None
     if request.config.getoption("--store") == "postgresql":
         pg = request.getfixturevalue("postgres")
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(name: str | None = None, **overrides: Any) -> Harness:
         settings = {"stop_grace": 2.0, "drain_timeout": 0.5, **overrides}
+        name = name or f"server{len(started)}"
         if pg is not None and "db" not in overrides:
-            databases.append(pg.create_database())
-            settings["db"] = pg.url(databases[-1])
-        data_dir = tmp_path / f"server{len(started)}"
-        data_dir.mkdir()
+            if name not in db_of:
+                db_of[name] = pg.create_database()
+            settings["db"] = pg.url(db_of[name])
+        data_dir = tmp_path / name
+        data_dir.mkdir(exist_ok=True)
         harness = await start_harness(data_dir, clock, **settings)
         started.append(harness)
         return harness
@@ -142,9 +148,9 @@ async def make_server(
         for harness in started:
             await harness.channel.close()
             await harness.app.stop()
-        for name in databases:
+        for database in db_of.values():
             assert pg is not None
-            pg.drop_database(name)
+            pg.drop_database(database)
 
 
 @pytest.fixture

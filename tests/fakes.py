@@ -12,7 +12,7 @@ from typing import Any
 from opentelemetry import trace
 
 from runservice.domain.errors import StoreError, StoreUnavailableError
-from runservice.runtime.agent import AgentContext, RunError, resumable
+from runservice.runtime.agent import AgentContext, EventTooLargeError, RunError, resumable
 
 
 class FakeClock:
@@ -191,3 +191,34 @@ async def fragile(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, A
     await ctx.checkpoint({"i": 1})
     await asyncio.Event().wait()
     return {}
+
+
+async def talker(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits `before` tokens (`t0 `, `t1 `, ...), waits for its gate if it names one, then
+    emits `after` more, letting the loop run after each of those."""
+    before, after = int(input.get("before", 0)), int(input.get("after", 0))
+    for i in range(before):
+        await ctx.emit("token", text=f"t{i} ")
+    if "gate" in input:
+        await gate(str(input["gate"])).wait()
+    for i in range(before, before + after):
+        await ctx.emit("token", text=f"t{i} ")
+        await asyncio.sleep(0)
+    return {}
+
+
+async def noting(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Emits `count` tokens and, after token number `at`, records a snapshot of its own,
+    {"tokens": at}; first it tries data that is not JSON, and data too large, and returns
+    what each attempt raised."""
+    refused = []
+    for bad in ({1, 2}, "x" * int(input.get("too_large", 0))):
+        try:
+            ctx.snapshot(bad)
+        except (TypeError, EventTooLargeError) as exc:
+            refused.append(f"{type(exc).__name__}: {exc}")
+    for i in range(1, int(input["count"]) + 1):
+        await ctx.emit("token", text=f"n{i} ")
+        if i == int(input["at"]):
+            ctx.snapshot({"tokens": i})
+    return {"refused": refused}

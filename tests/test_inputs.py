@@ -5,8 +5,7 @@ live progress and usage, through a real server and a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ from google.protobuf import json_format
 
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
-from tests.conftest import Harness, start_harness
+from tests.conftest import Harness
 from tests.fakes import gate
 from tests.helpers import error_info, read_all, start, struct
 from tests.serverproc import wait_for
@@ -175,39 +174,33 @@ async def test_a_stop_is_recorded_in_the_log_before_the_end(server: Harness) -> 
 
 
 async def test_progress_and_usage_move_live_in_watch_runs_and_survive_a_restart(
-    tmp_path: Path, clock: Any
+    make_server: Callable[..., Awaitable[Harness]],
 ) -> None:
     """Each step's progress and usage reach a watcher as UPDATED changes while the run
     works; the run keeps its last ones after it ends and after the server restarts."""
-    server = await start_harness(tmp_path, clock)
-    try:
-        alice = server.caller("alice")
-        watch = alice.WatchRuns(pb.WatchRunsRequest(agent="worker"))
-        run = await start(alice, "worker", steps=3, gate="w")
-        seen: list[tuple[int, float]] = []
-        for k in (1, 2, 3):
-            gate(f"w-{k}").set()
-            async for update in watch:
-                progress = update.run.progress
-                if update.run.run_id == run.run_id and progress.done == k:
-                    assert progress.total == 3 and progress.message == f"step {k}"
-                    assert update.run.usage["tokens"] == 10 * k
-                    seen.append((update.change, progress.done))
-                    break
-        watch.cancel()
-        # The last step's change rides with the run's end: the agent returned at once.
-        assert seen[:2] == [(pb.RUN_CHANGE_UPDATED, 1), (pb.RUN_CHANGE_UPDATED, 2)]
-        assert seen[2][1] == 3
-        done = await ended(alice, run.run_id)
-        assert done.progress.done == 3 and dict(done.usage) == {"tokens": 30, "cost": 0.03}
-    finally:
-        await server.channel.close()
-        await server.app.stop()
-    again = await start_harness(tmp_path, clock)
-    try:
-        kept = await get(again.caller("alice"), run.run_id)
-        assert kept.progress.done == 3 and kept.progress.message == "step 3"
-        assert dict(kept.usage) == {"tokens": 30, "cost": 0.03}
-    finally:
-        await again.channel.close()
-        await again.app.stop()
+    server = await make_server("worked")
+    alice = server.caller("alice")
+    watch = alice.WatchRuns(pb.WatchRunsRequest(agent="worker"))
+    run = await start(alice, "worker", steps=3, gate="w")
+    seen: list[tuple[int, float]] = []
+    for k in (1, 2, 3):
+        gate(f"w-{k}").set()
+        async for update in watch:
+            progress = update.run.progress
+            if update.run.run_id == run.run_id and progress.done == k:
+                assert progress.total == 3 and progress.message == f"step {k}"
+                assert update.run.usage["tokens"] == 10 * k
+                seen.append((update.change, progress.done))
+                break
+    watch.cancel()
+    # The last step's change rides with the run's end: the agent returned at once.
+    assert seen[:2] == [(pb.RUN_CHANGE_UPDATED, 1), (pb.RUN_CHANGE_UPDATED, 2)]
+    assert seen[2][1] == 3
+    done = await ended(alice, run.run_id)
+    assert done.progress.done == 3 and dict(done.usage) == {"tokens": 30, "cost": 0.03}
+    await server.channel.close()
+    await server.app.stop()
+    again = await make_server("worked")
+    kept = await get(again.caller("alice"), run.run_id)
+    assert kept.progress.done == 3 and kept.progress.message == "step 3"
+    assert dict(kept.usage) == {"tokens": 30, "cost": 0.03}

@@ -7,110 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 from google.protobuf import json_format
 
-from runservice.app import build
 from runservice.client import AsyncRunClient
-from runservice.config import Settings
 from runservice.domain.errors import StoreError
 from runservice.domain.model import RunEvent, Snapshot
-from runservice.runtime.agent import AgentContext, EventTooLargeError
 from runservice.runtime.snapshots import Snapshots
-from runservice.tokens import add_token
 from runservice.v1 import run_pb2
 from runservice.v1 import run_service_pb2 as pb
-from tests.conftest import USERS, Harness, wait_for
-from tests.fakes import GATES, FakeClock, gate
+from tests.conftest import Harness, wait_for
+from tests.fakes import FakeClock, gate
 from tests.helpers import TERMINAL, start
 from tests.test_read_tokens import mint
 from tests.test_web_api import Http
 from tests.test_web_events import Event, Reading, offset, sse_events, sse_url
 
-Serve = Callable[..., Awaitable[Harness]]
-TALKER = "talker=tests.test_snapshots:talker"
-NOTING = "noting=tests.test_snapshots:noting"
-
-
-# -- agents ---------------------------------------------------------------------------------
-
-
-async def talker(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Emits `before` tokens (`t0 `, `t1 `, ...), waits for its gate if it names one, then
-    emits `after` more, letting the loop run after each of those."""
-    before, after = int(input.get("before", 0)), int(input.get("after", 0))
-    for i in range(before):
-        await ctx.emit("token", text=f"t{i} ")
-    if "gate" in input:
-        await gate(str(input["gate"])).wait()
-    for i in range(before, before + after):
-        await ctx.emit("token", text=f"t{i} ")
-        await asyncio.sleep(0)
-    return {}
-
-
-async def noting(ctx: AgentContext, input: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Emits `count` tokens and, after token number `at`, records a snapshot of its own,
-    {"tokens": at}; first it tries data that is not JSON, and data too large, and returns
-    what each attempt raised."""
-    refused = []
-    for bad in ({1, 2}, "x" * int(input.get("too_large", 0))):
-        try:
-            ctx.snapshot(bad)
-        except (TypeError, EventTooLargeError) as exc:
-            refused.append(f"{type(exc).__name__}: {exc}")
-    for i in range(1, int(input["count"]) + 1):
-        await ctx.emit("token", text=f"n{i} ")
-        if i == int(input["at"]):
-            ctx.snapshot({"tokens": i})
-    return {"refused": refused}
+MakeServer = Callable[..., Awaitable[Harness]]
 
 
 # -- servers and readers --------------------------------------------------------------------
-
-
-@pytest.fixture
-async def serve(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Serve]:
-    """Starts servers with the test agents (a server named as one before reuses its data
-    directory and tokens: a restart); stops them afterwards."""
-    started: list[Harness] = []
-    tokens: dict[str, dict[str, str]] = {}
-
-    async def make(name: str = "server", **overrides: Any) -> Harness:
-        data_dir = tmp_path / name
-        data_dir.mkdir(exist_ok=True)
-        if name not in tokens:
-            path = data_dir / "tokens.toml"
-            tokens[name] = {u: add_token(path, u, roles) for u, roles in USERS.items()}
-        settings = Settings(
-            listen="127.0.0.1:0",
-            data_dir=data_dir,
-            agents=(TALKER, NOTING),
-            stop_grace=2.0,
-            drain_timeout=0.5,
-            **overrides,
-        )
-        app = await build(settings, clock=clock)
-        address = f"127.0.0.1:{app.port}"
-        harness = Harness(app, address, clock, grpc.aio.insecure_channel(address), tokens[name])
-        started.append(harness)
-        return harness
-
-    try:
-        yield make
-    finally:
-        for event in GATES.values():
-            event.set()
-        for harness in started:
-            await harness.channel.close()
-            await harness.app.stop()
-        GATES.clear()
 
 
 async def subscribe(
@@ -194,12 +114,12 @@ async def paused_talker(server: Harness, before: int, name: str, after: int = 0)
 
 
 async def test_a_late_subscriber_gets_one_snapshot_and_the_tail_of_a_20000_token_run(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """A finished 20,000-token echo run: Subscribe with snapshot sends one snapshot
     ({"text": every token so far}) and then the events after it, in a small fraction of
     the messages of a full replay, and the text rebuilt from them equals the replay's."""
-    server = await serve()
+    server = await make_server()
     run_id, replay = await finished_echo(server, 20_000)
     full = await subscribe(server.caller("alice"), run_id)
     joined = await subscribe(server.caller("alice"), run_id, snapshot=True)
@@ -211,12 +131,12 @@ async def test_a_late_subscriber_gets_one_snapshot_and_the_tail_of_a_20000_token
 
 
 async def test_the_python_client_and_a_read_token_start_from_the_snapshot_too(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """AsyncRunClient.subscribe(snapshot=True) yields the RunSnapshot first, then the
     events after it; the bearer of a read token of the run gets the same stream; without
     snapshot the client yields events only, as before."""
-    server = await serve(snapshot_every=100)
+    server = await make_server(snapshot_every=100)
     run_id, replay = await finished_echo(server, 450)
     expected = await subscribe(server.caller("alice"), run_id, snapshot=True)
     snapshot, tail = snapshot_then_tail(expected)
@@ -231,13 +151,13 @@ async def test_the_python_client_and_a_read_token_start_from_the_snapshot_too(
 
 
 async def test_a_subscriber_joining_mid_run_with_snapshot_follows_live_gap_free_to_the_end(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """A run paused after 1,050 tokens (snapshots every 100): a subscriber with snapshot
     gets the one of token 1,000 and the 50 after it, then follows the run live as it
     emits 2,000 more (snapshots being made meanwhile) to its terminal event, without a
     gap; the text it rebuilds equals the full replay's."""
-    server = await serve(snapshot_every=100)
+    server = await make_server(snapshot_every=100)
     caller = server.caller("alice")
     run_id = await paused_talker(server, 1050, "mid-run", after=2000)
     stream = aiter(caller.Subscribe(pb.SubscribeRequest(run_id=run_id, snapshot=True)))
@@ -254,12 +174,12 @@ async def test_a_subscriber_joining_mid_run_with_snapshot_follows_live_gap_free_
     assert tokens_text(replay) == "".join(f"t{i} " for i in range(3050))
 
 
-async def test_an_agent_s_own_snapshots_replace_the_reducer_s(serve: Serve) -> None:
+async def test_an_agent_s_own_snapshots_replace_the_reducer_s(make_server: MakeServer) -> None:
     """An agent that calls ctx.snapshot after its 25th token (snapshots every 10
     events): its data is the run's snapshot from then on, written at the next due point
     as of the seq of its call, and the reducer makes none after it; ctx.snapshot refuses
     data that is not JSON and data over --max-event-size, naming the limit."""
-    server = await serve(snapshot_every=10, max_event_size=2048)
+    server = await make_server(snapshot_every=10, max_event_size=2048)
     caller = server.caller("alice")
     run = await start(caller, "noting", count=35, at=25, too_large=3000)
     replay = events_of(await subscribe(caller, run.run_id))
@@ -277,11 +197,11 @@ async def test_an_agent_s_own_snapshots_replace_the_reducer_s(serve: Serve) -> N
 
 
 async def test_without_a_snapshot_subscribe_with_snapshot_is_a_plain_subscribe(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """Runs that have no snapshot (a ticker's events are not tokens; an echo of nothing
     emits none): Subscribe with snapshot answers exactly what a plain Subscribe does."""
-    server = await serve(snapshot_every=2)
+    server = await make_server(snapshot_every=2)
     caller = server.caller("alice")
     ticking = await start(caller, "ticker", count=5)
     silent = await start(caller, "echo", text="")
@@ -293,12 +213,12 @@ async def test_without_a_snapshot_subscribe_with_snapshot_is_a_plain_subscribe(
 
 
 async def test_a_from_seq_beyond_the_snapshot_gets_plain_events_from_from_seq(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """A snapshot is used only if it covers from_seq - 1 or later: on a live run (its
     snapshot in memory) and on a finished one read from the store, from_seq past it
     gives the events from from_seq, and from_seq at or before it the snapshot first."""
-    server = await serve(snapshot_every=10)
+    server = await make_server(snapshot_every=10)
     caller = server.caller("alice")
     run_id = await paused_talker(server, 25, "beyond")  # snapshots at seq 11 and 21
     beyond = await subscribe_until(caller, run_id, 26, 24, snapshot=True)
@@ -331,16 +251,16 @@ def evicted(server: Harness, run_id: str) -> bool:
     return not server.app.manager.in_memory(run_id)
 
 
-async def test_snapshots_survive_a_restart(serve: Serve) -> None:
+async def test_snapshots_survive_a_restart(make_server: MakeServer) -> None:
     """Snapshots are stored: after the server stops (a finished run; a run interrupted
     by the shutdown, whose snapshot covers its last token) another server on the same
     SQLite file starts both from their snapshots, and the texts rebuilt equal the logs'."""
-    first = await serve("restarted", snapshot_every=100)
+    first = await make_server("restarted", snapshot_every=100)
     finished, _ = await finished_echo(first, 1000)
     interrupted = await paused_talker(first, 250, "never")
     await first.channel.close()
     await first.app.stop()
-    second = await serve("restarted", snapshot_every=100)
+    second = await make_server("restarted", snapshot_every=100)
     caller = second.caller("alice")
     for run_id, last_token in ((finished, 1001), (interrupted, 251)):
         replay = events_of(await subscribe(caller, run_id))
@@ -373,14 +293,14 @@ def sse_text(messages: Sequence[dict[str, Any]]) -> str:
 
 
 async def test_over_sse_a_late_reader_gets_a_snapshot_event_then_the_tail(
-    serve: Serve,
+    make_server: MakeServer,
 ) -> None:
     """The same 20,000-token run read over SSE with snapshot=true: an `event: snapshot`
     first ({"seq", "data"}, its id the offset after its seq), then the events after it,
     in a small fraction of the data events of a full read; the text rebuilt is the full
     read's. A reconnect with that id as Last-Event-ID resumes right after it (no snapshot
     again), and the reads that answer JSON arrays refuse snapshot=true."""
-    server = await serve(http_listen="127.0.0.1:0")
+    server = await make_server(http_listen="127.0.0.1:0")
     run_id, _ = await finished_echo(server, 20_000)
     async with aiohttp.ClientSession() as session:
         http = Http(server, session)
